@@ -1,0 +1,77 @@
+"""Test session set-up: an offline, temporary Hugging Face home, and shared model fixtures.
+
+The hub reads its paths when ``huggingface_hub`` is first imported, so HF_HOME and the offline
+flags are set here, before any test module imports TransformerLens.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+_HF_HOME = tempfile.mkdtemp(prefix="tlm-hf-home-")
+os.environ["HF_HOME"] = _HF_HOME
+os.environ["HF_HUB_OFFLINE"] = "1"
+os.environ["HF_DATASETS_OFFLINE"] = "1"
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+#: The real GPT-2 tokenizer files shipped beside the project.
+GPT2_TOKENIZER_DIR = Path(
+    os.environ.get("TLM_GPT2_TOKENIZER", Path(__file__).resolve().parents[1].parent
+                   / "shared" / "data" / "gpt2-tokenizer")
+)
+
+
+def pytest_sessionfinish(session, exitstatus):
+    shutil.rmtree(_HF_HOME, ignore_errors=True)
+
+
+@pytest.fixture(scope="session")
+def hf_home() -> Path:
+    """The session's temporary Hugging Face home (tests may add hub-cache entries)."""
+    return Path(_HF_HOME)
+
+
+@pytest.fixture(scope="session")
+def gpt2_tokenizer_dir() -> Path:
+    if not (GPT2_TOKENIZER_DIR / "vocab.json").exists():
+        pytest.skip(f"GPT-2 tokenizer files not found at {GPT2_TOKENIZER_DIR}; "
+                    "set TLM_GPT2_TOKENIZER to the folder holding vocab.json and merges.txt")
+    return GPT2_TOKENIZER_DIR
+
+
+@pytest.fixture(scope="session")
+def gpt2_tokenizer(gpt2_tokenizer_dir):
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(str(gpt2_tokenizer_dir), add_bos_token=True)
+
+
+@pytest.fixture(scope="session")
+def bridge(gpt2_tokenizer):
+    """A TransformerBridge in compatibility mode around a random 2-layer GPT-2."""
+    from tl_modular.testing import offline_bridge
+
+    return offline_bridge(gpt2_tokenizer)
+
+
+@pytest.fixture(scope="session")
+def gpt2_small(gpt2_tokenizer_dir, hf_home):
+    """GPT-2 small's architecture with random weights, through from_pretrained("gpt2")."""
+    from transformer_lens import HookedTransformer
+
+    from tl_modular.testing import write_offline_gpt2_hub
+
+    write_offline_gpt2_hub(gpt2_tokenizer_dir)
+    return HookedTransformer.from_pretrained("gpt2", device="cpu").eval()
+
+
+@pytest.fixture()
+def tokens() -> torch.Tensor:
+    """A [batch, pos] batch of token ids valid for every tiny model (d_vocab = 50)."""
+    return torch.randint(0, 50, (3, 7), generator=torch.Generator().manual_seed(0))
