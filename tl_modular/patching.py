@@ -1,0 +1,297 @@
+"""Activation patching and route (path) patching on channels, by hooks only.
+
+A *route* is a direct edge of the residual stream from a sender channel to a receiver *port*:
+a head's query, key or value input (``"L1.H3:q"``, ``":k"``, ``":v"``), an MLP's input
+(``"L1.MLP"``) or the unembedding (``"unembed"``). Patching a route runs the model on its
+tokens while that receiver port sees the sender's write replaced by a source value (the
+sender's write on corrupted tokens, its mean, zero); every other reader sees the real write,
+and the receiver's changed output flows on downstream. This is edge patching as in ACDC: a
+set of routes patched together carries the source values on exactly those edges, whatever
+else changed upstream. Patching *all* routes out of a channel equals activation patching it.
+
+>>> channels = tlm.segment(model)                                            # doctest: +SKIP
+>>> corrupt = capture_writes(model, channels, task.corrupted, ["L0.H3"])     # doctest: +SKIP
+>>> logits = patch_routes(model, channels, task.clean, [("L0.H3", "L1.H6:k")], corrupt)  # doctest: +SKIP
+>>> route_effect(model, task, [("L0.H3", "L1.H6:k")]).fraction            # doctest: +SKIP
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Mapping, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import Any, Literal
+
+import torch
+from jaxtyping import Float, Int
+
+from tl_modular.segmentation import Channel, ChannelSet, segment
+from tl_modular.task import Task
+
+__all__ = [
+    "PatchEffect",
+    "Route",
+    "capture_writes",
+    "channel_effect",
+    "mean_writes",
+    "patch_channels",
+    "patch_routes",
+    "ports",
+    "route_effect",
+    "split_inputs",
+    "valid_route",
+]
+
+Route = tuple[str, str]
+Baseline = Literal["corrupted", "mean", "zero"]
+
+
+# --- ports and the order of the residual stream -----------------------------------------
+
+def _stream_index(hook: str, n_layers: int) -> int:
+    """Position of a residual hook in the stream: resid_pre of layer l is 2l, resid_mid 2l+1."""
+    if hook == "hook_pos_embed":
+        return 0
+    parts = hook.split(".")
+    layer, kind = int(parts[1]), parts[2]
+    return {"hook_resid_pre": 2 * layer, "hook_resid_mid": 2 * layer + 1,
+            "hook_resid_post": 2 * layer + 2}[kind]
+
+
+def ports(channels: ChannelSet) -> list[str]:
+    """Every receiver port of the model, in forward order: heads' ``:q``, ``:k``, ``:v``,
+    MLPs, and ``unembed``."""
+    out = []
+    for c in channels:
+        if c.kind == "head":
+            out += [f"{c.name}:q", f"{c.name}:k", f"{c.name}:v"]
+        elif c.kind == "mlp":
+            out.append(c.name)
+    return out + ["unembed"]
+
+
+def _port(channels: ChannelSet, port: str) -> tuple[str, int | None, int]:
+    """(hook name, head index into that hook or None, stream index read) of a port."""
+    n_layers = channels.model.cfg.n_layers
+    if port == "unembed":
+        return channels.final_hook, None, 2 * n_layers
+    name, _, path = port.partition(":")
+    if name not in channels:
+        raise KeyError(f"unknown port {port!r}: no channel {name!r}; ports look like 'L1.H3:k', "
+                       "'L1.MLP' or 'unembed'")
+    c = channels[name]
+    read = _stream_index(c.reads[0], n_layers)
+    if c.kind == "head" and path in ("q", "k", "v"):
+        index = c.head if path == "q" else c.kv_head
+        return f"blocks.{c.layer}.hook_{path}_input", index, read
+    if c.kind == "mlp" and not path:
+        return f"blocks.{c.layer}.hook_mlp_in", None, read
+    raise KeyError(f"unknown port {port!r}: heads have ports ':q', ':k', ':v'; an MLP's port is its "
+                   "channel name; the logits' port is 'unembed'")
+
+
+def valid_route(channels: ChannelSet, sender: str, port: str) -> bool:
+    """Whether ``sender`` writes into the residual stream before ``port`` reads it."""
+    c = channels[sender]
+    return _stream_index(c.writes, channels.model.cfg.n_layers) <= _port(channels, port)[2]
+
+
+# --- writes --------------------------------------------------------------------------------
+
+def _write(channel: Channel, activation: torch.Tensor | None, like: torch.Tensor) -> torch.Tensor:
+    """A channel's write into the residual stream from its source activation."""
+    if channel.kind == "bias":
+        return channel.weights["b_O"].detach().to(like).expand_as(like)
+    if channel.kind == "head":
+        w_o = channel.weights["W_O"].detach().to(activation)
+        return activation[..., channel.head, :] @ w_o
+    return activation
+
+
+@torch.no_grad()
+def capture_writes(model: Any, channels: ChannelSet, tokens: Int[torch.Tensor, "batch pos"],
+                   names: Sequence[str] | None = None) -> dict[str, Float[torch.Tensor, "batch pos d_model"]]:
+    """Each named channel's write into the residual stream on ``tokens`` (all channels by default)."""
+    names = list(channels.names if names is None else names)
+    _, cache = channels.run_with_cache(tokens)
+    parts = channels.contributions(cache, channels=names)
+    return dict(zip(names, parts, strict=True))
+
+
+@torch.no_grad()
+def mean_writes(model: Any, channels: ChannelSet, tokens: Int[torch.Tensor, "batch pos"],
+                names: Sequence[str] | None = None, *, per_position: bool = True
+                ) -> dict[str, torch.Tensor]:
+    """Each channel's mean write over ``tokens``: ``[pos, d_model]`` per position (for prompts of a
+    fixed template), or ``[d_model]`` over all positions but the first (whose residual is an
+    outlier in trained models)."""
+    writes = capture_writes(model, channels, tokens, names)
+    if per_position:
+        return {k: v.mean(0) for k, v in writes.items()}
+    return {k: v[:, 1:].reshape(-1, v.shape[-1]).mean(0) for k, v in writes.items()}
+
+
+# --- the hook machinery ------------------------------------------------------------------
+
+@contextmanager
+def split_inputs(model: Any) -> Iterator[None]:
+    """Run ``model`` with separate query/key/value inputs per head (``hook_q_input`` ...) and a
+    separate MLP input (``hook_mlp_in``); the flags are restored on exit, also on errors."""
+    cfg = model.cfg
+    saved = {k: getattr(cfg, k, False) for k in ("use_attn_in", "use_split_qkv_input", "use_hook_mlp_in")}
+    try:
+        if saved["use_attn_in"]:
+            model.set_use_attn_in(False)
+        model.set_use_split_qkv_input(True)
+        if not cfg.attn_only:
+            model.set_use_hook_mlp_in(True)
+        yield
+    finally:
+        model.set_use_split_qkv_input(saved["use_split_qkv_input"])
+        if not cfg.attn_only:
+            model.set_use_hook_mlp_in(saved["use_hook_mlp_in"])
+        if saved["use_attn_in"]:
+            model.set_use_attn_in(True)
+
+
+def _check_source(source: Mapping[str, torch.Tensor], names: set[str]) -> None:
+    missing = sorted(names - set(source))
+    if missing:
+        raise KeyError(f"no source value for channel(s) {missing}; pass their writes from "
+                       "capture_writes(...) or mean_writes(...)")
+
+
+def patch_routes(model: Any, channels: ChannelSet, tokens: Int[torch.Tensor, "batch pos"],
+                 routes: Sequence[Route], source: Mapping[str, torch.Tensor],
+                 **forward_kwargs: Any) -> torch.Tensor:
+    """Run ``tokens`` with each route ``(sender, port)`` carrying ``source[sender]``.
+
+    Args:
+        routes: ``(sender channel, receiver port)`` pairs; see :func:`ports`.
+        source: Replacement writes per sender, broadcastable to ``[batch, pos, d_model]``.
+        **forward_kwargs: Passed to the model's forward (default ``return_type="logits"``).
+
+    Returns:
+        What the model's forward returns (the logits by default).
+    """
+    by_port: dict[str, list[Channel]] = {}
+    for sender, port in routes:
+        if not valid_route(channels, sender, port):
+            raise ValueError(f"route {sender} -> {port} does not exist: {sender} writes after "
+                             f"{port} reads the residual stream")
+        by_port.setdefault(port, []).append(channels[sender])
+    _check_source(source, {s for s, _ in routes})
+    senders = {c.name: c for cs in by_port.values() for c in cs}
+    current: dict[str, torch.Tensor] = {}
+
+    def remember(activation: torch.Tensor, hook: Any) -> None:
+        current[hook.name] = activation
+
+    def receive(port_senders: list[Channel], index: int | None):
+        def hook_fn(activation: torch.Tensor, hook: Any) -> torch.Tensor:
+            like = activation if index is None else activation[..., index, :]
+            delta = sum(source[c.name].to(like) - _write(c, current.get(c.source_hook), like)
+                        for c in port_senders)
+            activation = activation.clone()
+            if index is None:
+                activation += delta
+            else:
+                activation[..., index, :] += delta
+            return activation
+        return hook_fn
+
+    fwd_hooks = [(h, remember) for h in sorted({c.source_hook for c in senders.values() if c.source_hook})]
+    for port, port_senders in by_port.items():
+        hook, index, _ = _port(channels, port)
+        fwd_hooks.append((hook, receive(port_senders, index)))
+    with split_inputs(model), model.hooks(fwd_hooks=fwd_hooks):
+        return model(tokens, **forward_kwargs)
+
+
+def patch_channels(model: Any, channels: ChannelSet, tokens: Int[torch.Tensor, "batch pos"],
+                   names: Sequence[str], source: Mapping[str, torch.Tensor],
+                   **forward_kwargs: Any) -> torch.Tensor:
+    """Activation patching: run ``tokens`` with each named channel's write replaced by
+    ``source[name]`` for every reader downstream."""
+    _check_source(source, set(names))
+    by_layer_bias: dict[str, torch.Tensor] = {}
+    fwd_hooks = []
+    for name in names:
+        c = channels[name]
+        if c.kind == "bias":
+            # A bias is a constant: patch it where it enters, as a shift of the attention output.
+            by_layer_bias[f"blocks.{c.layer}.hook_attn_out"] = source[name] - c.weights["b_O"].detach()
+            continue
+
+        def hook_fn(activation: torch.Tensor, hook: Any, c: Channel = c) -> torch.Tensor:
+            activation = activation.clone()
+            new = source[c.name].to(activation)
+            if c.kind == "head":
+                # Replace z so that z @ W_O equals the new write: add the write difference's
+                # pre-image through W_O's pseudo-inverse (exact when the write lies in W_O's
+                # row space, as every head write does).
+                w_o = c.weights["W_O"].detach().to(activation)
+                delta = new - activation[..., c.head, :] @ w_o
+                activation[..., c.head, :] += delta @ torch.linalg.pinv(w_o)
+            else:
+                activation[...] = new.expand_as(activation)
+            return activation
+        fwd_hooks.append((c.source_hook, hook_fn))
+    for hook, shift in by_layer_bias.items():
+        fwd_hooks.append((hook, lambda act, hook, shift=shift: act + shift.to(act)))
+    with model.hooks(fwd_hooks=fwd_hooks):
+        return model(tokens, **forward_kwargs)
+
+
+# --- effects on a task's metric -----------------------------------------------------------
+
+@dataclass(frozen=True)
+class PatchEffect:
+    """Metric of the clean run, the corrupted run and the patched run, and the fraction of the
+    clean-minus-corrupted gap that the patch removes: ``(clean - patched) / (clean - corrupted)``."""
+
+    clean: float
+    corrupted: float
+    patched: float
+
+    @property
+    def fraction(self) -> float:
+        gap = self.clean - self.corrupted
+        return float("nan") if gap == 0 else (self.clean - self.patched) / gap
+
+
+def _source(model: Any, channels: ChannelSet, task: Task, names: Sequence[str],
+            baseline: Baseline) -> dict[str, torch.Tensor]:
+    if baseline == "corrupted":
+        return capture_writes(model, channels, task.corrupted, names)
+    if baseline == "mean":
+        return mean_writes(model, channels, task.clean, names)
+    if baseline == "zero":
+        return {n: torch.zeros(model.cfg.d_model) for n in names}
+    raise ValueError(f"baseline must be 'corrupted', 'mean' or 'zero', got {baseline!r}")
+
+
+@torch.no_grad()
+def route_effect(model: Any, task: Task, routes: Sequence[Route], *, baseline: Baseline = "corrupted",
+                 channels: ChannelSet | None = None) -> PatchEffect:
+    """How much of the task's metric the routes carry (path patching of clean vs ``baseline``).
+
+    >>> route_effect(model, tlm.toy.induction(256), [("L0.H3", "L1.H6:k")]).fraction  # doctest: +SKIP
+    0.8...
+    """
+    channels = channels or segment(model)
+    source = _source(model, channels, task, sorted({s for s, _ in routes}), baseline)
+    patched = patch_routes(model, channels, task.clean, routes, source)
+    return PatchEffect(float(task.metric(model(task.clean))), float(task.metric(model(task.corrupted))),
+                       float(task.metric(patched)))
+
+
+@torch.no_grad()
+def channel_effect(model: Any, task: Task, names: Sequence[str], *, baseline: Baseline = "corrupted",
+                   channels: ChannelSet | None = None) -> PatchEffect:
+    """How much of the task's metric the channels carry (activation patching vs ``baseline``)."""
+    channels = channels or segment(model)
+    source = _source(model, channels, task, list(names), baseline)
+    patched = patch_channels(model, channels, task.clean, names, source)
+    return PatchEffect(float(task.metric(model(task.clean))), float(task.metric(model(task.corrupted))),
+                       float(task.metric(patched)))

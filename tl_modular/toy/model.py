@@ -1,0 +1,71 @@
+"""The bundled checkpoint: saving a workbench model and loading the shipped one offline.
+
+>>> model = tlm.toy.load_model()   # doctest: +SKIP
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from tl_modular._io import read_json, read_safetensors, write_json, write_safetensors
+from tl_modular.toy.vocab import VOCAB
+
+__all__ = ["BUNDLED_DIR", "load_model", "save_model"]
+
+#: Folder of the shipped checkpoint (``model.safetensors`` + ``config.json``).
+BUNDLED_DIR = Path(__file__).with_name("checkpoint")
+
+# HookedTransformerConfig fields that are derived in __post_init__ or hold objects, so they are
+# not written to config.json (they are recomputed on load).
+_DERIVED = {"device", "dtype", "n_params", "tokenizer_prepends_bos", "d_vocab_out", "rotary_base"}
+
+
+def save_model(model: Any, directory: str | os.PathLike, *, info: dict[str, Any] | None = None) -> Path:
+    """Write ``model`` as ``model.safetensors`` + ``config.json`` (with ``info``, e.g. training
+    facts) into ``directory``; both files are written atomically."""
+    directory = Path(directory)
+    cfg = {k: v for k, v in dataclasses.asdict(model.cfg).items()
+           if k not in _DERIVED and _jsonable(v)}
+    write_safetensors(directory / "model.safetensors", model.state_dict(), {"kind": "toy_model"})
+    write_json(directory / "config.json", {"config": cfg, "vocab": VOCAB, "info": info or {}})
+    return directory
+
+
+def load_model(directory: str | os.PathLike | None = None, *, device: str | torch.device = "cpu") -> Any:
+    """The bundled multi-task ``HookedTransformer`` (or one saved with :func:`save_model`).
+
+    Offline and fast: no hub, just the shipped safetensors file. The model comes in eval mode.
+
+    Raises:
+        FileNotFoundError: the folder holds no checkpoint.
+        ValueError: the checkpoint's vocabulary differs from this version's toy vocabulary.
+    """
+    from transformer_lens import HookedTransformer, HookedTransformerConfig
+
+    directory = BUNDLED_DIR if directory is None else Path(directory)
+    if not (directory / "config.json").exists():
+        raise FileNotFoundError(f"no toy checkpoint in {directory} (expected config.json and "
+                                "model.safetensors); train one with tlm.toy.train and save_model")
+    spec = read_json(directory / "config.json")
+    if spec.get("vocab") != VOCAB:
+        raise ValueError(f"the checkpoint in {directory} was trained on another toy vocabulary")
+    cfg = HookedTransformerConfig(**{**spec["config"], "device": str(device)})
+    model = HookedTransformer(cfg, move_to_device=False)
+    state, _ = read_safetensors(directory / "model.safetensors", device=device)
+    model.load_state_dict(state, strict=True)
+    return model.to(device).eval()
+
+
+def info(directory: str | os.PathLike | None = None) -> dict[str, Any]:
+    """The training facts stored with a checkpoint (steps, seed, accuracies, ...)."""
+    directory = BUNDLED_DIR if directory is None else Path(directory)
+    return read_json(directory / "config.json").get("info", {})
+
+
+def _jsonable(value: Any) -> bool:
+    return value is None or isinstance(value, (bool, int, float, str, list, dict, tuple))

@@ -1,0 +1,257 @@
+"""The workbench's training loop: from scratch on the task mix, or continuing a model on given data.
+
+Later stages reuse it rather than write another: model diffing fine-tunes the bundled model on
+one task, and modularity training adds its penalty through ``extra_loss``.
+
+>>> result = train(steps=6000, checkpoint_dir="runs/toy")      # doctest: +SKIP
+>>> result.model, result.history[-1]["accuracy"]                # doctest: +SKIP
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from tqdm.auto import tqdm
+
+from tl_modular._io import read_safetensors, write_safetensors
+from tl_modular.task import Task
+from tl_modular.toy.generators import GENERATORS, modular_addition
+from tl_modular.toy.vocab import VOCAB
+
+__all__ = ["TrainConfig", "TrainResult", "default_config", "evaluate", "eval_tasks", "train",
+           "training_tasks"]
+
+_CHECKPOINT = "train_state.safetensors"
+
+
+def default_config(seed: int = 0) -> Any:
+    """The bundled model's architecture: 2 layers, d_model 128, 8 heads of 16, d_mlp 512, GELU."""
+    from transformer_lens import HookedTransformerConfig
+
+    return HookedTransformerConfig(
+        n_layers=2, d_model=128, n_heads=8, d_head=16, d_mlp=512, d_vocab=len(VOCAB), n_ctx=24,
+        act_fn="gelu", normalization_type="LN", positional_embedding_type="standard",
+        default_prepend_bos=False, seed=seed, model_name="tl-modular-toy",
+    )
+
+
+@dataclass(kw_only=True)
+class TrainConfig:
+    """Hyper-parameters of :func:`train` (validated; saved with every checkpoint)."""
+
+    steps: int = 6000
+    batch_size: int = 64          # examples per task per step
+    lr: float = 1e-3
+    weight_decay: float = 0.5     # weight decay is what makes modular addition generalise
+    warmup: int = 200
+    min_lr_ratio: float = 0.1     # cosine decay to lr * min_lr_ratio
+    betas: tuple[float, float] = (0.9, 0.98)
+    grad_clip: float = 1.0
+    pool_size: int = 20_000       # training examples generated per task (default data only)
+    eval_every: int = 250
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        for name in ("steps", "batch_size", "pool_size", "eval_every"):
+            if getattr(self, name) <= 0:
+                raise ValueError(f"TrainConfig.{name} must be positive, got {getattr(self, name)}")
+        if self.lr <= 0 or self.weight_decay < 0 or self.warmup < 0 or not 0 <= self.min_lr_ratio <= 1:
+            raise ValueError("TrainConfig needs lr > 0, weight_decay >= 0, warmup >= 0 and "
+                             f"0 <= min_lr_ratio <= 1; got {self}")
+        self.betas = tuple(self.betas)
+
+
+@dataclass
+class TrainResult:
+    """What :func:`train` returns: the trained model and one record per evaluation."""
+
+    model: Any
+    history: list[dict[str, Any]] = field(default_factory=list)
+    step: int = 0
+
+
+def training_tasks(pool_size: int = 20_000, seed: int = 0) -> list[Task]:
+    """The default training data: a pool of each task (modular addition from its train split)."""
+    return [gen(pool_size, seed=seed * 1000 + i) if name != "modular_addition"
+            else modular_addition(pool_size, seed=seed * 1000 + i, split="train")
+            for i, (name, gen) in enumerate(GENERATORS.items())]
+
+
+def eval_tasks(n: int = 512, seed: int = 10_000) -> dict[str, Task]:
+    """Fresh evaluation sets (seeds no training pool uses); modular addition on every held-out
+    pair (``modular_addition_heldout``) and on the training pairs."""
+    tasks = {name: gen(n, seed=seed + i) for i, (name, gen) in enumerate(GENERATORS.items())
+             if name != "modular_addition"}
+    tasks["modular_addition"] = modular_addition(None, split="train")
+    tasks["modular_addition_heldout"] = modular_addition(None, split="test")
+    return tasks
+
+
+@torch.no_grad()
+def evaluate(model: Any, tasks: Mapping[str, Task] | None = None, batch_size: int = 512) -> dict[str, float]:
+    """Accuracy (argmax at every scored position) per task; defaults to :func:`eval_tasks`."""
+    tasks = eval_tasks() if tasks is None else tasks
+    device = next(model.parameters()).device
+    out = {}
+    for name, task in tasks.items():
+        hits = 0.0
+        for start in range(0, len(task), batch_size):
+            part = task[start:start + batch_size].to(device)
+            hits += part.accuracy(model(part.clean)) * len(part)
+        out[name] = hits / len(task)
+    return out
+
+
+def _loss(model: Any, task: Task) -> torch.Tensor:
+    logits = task.scored_logits(model(task.clean))
+    return torch.nn.functional.cross_entropy(logits.flatten(0, 1), task.answers.flatten())
+
+
+def _lr_factor(step: int, cfg: TrainConfig) -> float:
+    if step < cfg.warmup:
+        return (step + 1) / cfg.warmup
+    progress = (step - cfg.warmup) / max(1, cfg.steps - cfg.warmup)
+    return cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
+
+
+def train(
+    model: Any = None,
+    data: Task | Sequence[Task] | Mapping[str, Task] | None = None,
+    *,
+    extra_loss: Callable[[Any], torch.Tensor] | None = None,
+    callback: Callable[[int, Any, dict[str, Any]], bool | None] | None = None,
+    checkpoint_dir: str | os.PathLike | None = None,
+    checkpoint_every: int = 500,
+    eval_sets: Mapping[str, Task] | None = None,
+    progress: bool = True,
+    **config: Any,
+) -> TrainResult:
+    """Train a ``HookedTransformer`` on next-token prediction at the tasks' scored positions.
+
+    Args:
+        model: The model to continue; ``None`` builds :func:`default_config` from scratch.
+        data: Tasks to train on (their ``clean`` tokens, ``answers`` at ``positions``); each
+            step draws ``batch_size`` examples from every task. ``None``: the four-task mix
+            (:func:`training_tasks`).
+        extra_loss: ``extra_loss(model) -> scalar`` added to the loss every step (e.g. a
+            modularity penalty).
+        callback: ``callback(step, model, record)`` after every evaluation; return ``True``
+            to stop early.
+        checkpoint_dir: Save a resumable checkpoint here every ``checkpoint_every`` steps and
+            at the end; if it already holds one, training resumes from it.
+        eval_sets: Tasks evaluated every ``eval_every`` steps; default :func:`eval_tasks`
+            when ``data`` is ``None``, else ``data`` itself.
+        progress: Show a progress bar.
+        **config: Fields of :class:`TrainConfig` (``steps``, ``lr``, ``seed``, ...).
+
+    Returns:
+        :class:`TrainResult` with the model (in eval mode) and the evaluation history.
+    """
+    cfg = TrainConfig(**config)
+    if model is None:
+        from transformer_lens import HookedTransformer
+
+        model = HookedTransformer(default_config(cfg.seed))
+    tasks = _as_tasks(data, cfg)
+    if eval_sets is None:
+        eval_sets = eval_tasks() if data is None else {t.name: t[:512] for t in tasks}
+    device = next(model.parameters()).device
+    tasks = [t.to(device) for t in tasks]
+
+    optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, betas=cfg.betas,
+                                  weight_decay=cfg.weight_decay)
+    gen = torch.Generator().manual_seed(cfg.seed)
+    result = TrainResult(model=model)
+    path = Path(checkpoint_dir) / _CHECKPOINT if checkpoint_dir is not None else None
+    if path is not None and path.exists():
+        result.step, result.history = _load_checkpoint(path, model, optimizer, gen, cfg)
+    # Built after a resume so that it starts from the resumed step's learning rate.
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: _lr_factor(s, cfg),
+                                                  last_epoch=result.step - 1)
+
+    model.train()
+    bar = tqdm(total=cfg.steps, initial=result.step, disable=not progress, desc="train", leave=False)
+    stop = False
+    try:
+        while result.step < cfg.steps and not stop:
+            optimizer.zero_grad(set_to_none=True)
+            losses = {t.name: _loss(model, t[torch.randint(len(t), (cfg.batch_size,), generator=gen)])
+                      for t in tasks}
+            loss = torch.stack(list(losses.values())).mean()
+            extra = extra_loss(model) if extra_loss is not None else None
+            total = loss if extra is None else loss + extra
+            total.backward()
+            torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+            optimizer.step()
+            scheduler.step()
+            result.step += 1
+            bar.update(1)
+            if result.step % cfg.eval_every == 0 or result.step == cfg.steps:
+                model.eval()
+                record = {"step": result.step, "loss": float(loss.detach()),
+                          "task_loss": {k: float(v.detach()) for k, v in losses.items()},
+                          "accuracy": evaluate(model, eval_sets), "lr": scheduler.get_last_lr()[0]}
+                if extra is not None:
+                    record["extra_loss"] = float(extra.detach())
+                result.history.append(record)
+                worst = min(record["accuracy"].values())
+                bar.set_postfix(loss=f"{record['loss']:.3f}", min_acc=f"{worst:.3f}")
+                stop = bool(callback(result.step, model, record)) if callback is not None else False
+                model.train()
+            if path is not None and (result.step % checkpoint_every == 0 or result.step == cfg.steps or stop):
+                _save_checkpoint(path, model, optimizer, gen, cfg, result)
+    finally:
+        bar.close()
+        model.eval()
+    return result
+
+
+def _as_tasks(data: Any, cfg: TrainConfig) -> list[Task]:
+    if data is None:
+        return training_tasks(cfg.pool_size, cfg.seed)
+    if isinstance(data, Task):
+        return [data]
+    tasks = list(data.values()) if isinstance(data, Mapping) else list(data)
+    if not tasks or not all(isinstance(t, Task) for t in tasks):
+        raise TypeError("data must be a Task, a non-empty sequence or mapping of Tasks, or None for "
+                        f"the default task mix; got {type(data).__name__}")
+    return tasks
+
+
+def _save_checkpoint(path: Path, model: Any, optimizer: torch.optim.Optimizer, gen: torch.Generator,
+                     cfg: TrainConfig, result: TrainResult) -> None:
+    tensors = {f"model.{k}": v for k, v in model.state_dict().items()}
+    opt = optimizer.state_dict()
+    for idx, state in opt["state"].items():
+        for key, value in state.items():
+            tensors[f"optim.{idx}.{key}"] = value if torch.is_tensor(value) else torch.tensor(value)
+    tensors["rng"] = gen.get_state()
+    meta = {"kind": "toy_train_state", "step": result.step, "config": asdict(cfg),
+            "param_groups": opt["param_groups"], "history": result.history}
+    write_safetensors(path, tensors, meta)
+
+
+def _load_checkpoint(path: Path, model: Any, optimizer: torch.optim.Optimizer, gen: torch.Generator,
+                     cfg: TrainConfig) -> tuple[int, list[dict[str, Any]]]:
+    tensors, meta = read_safetensors(path)
+    saved = {k: v for k, v in meta.get("config", {}).items() if k != "steps"}
+    mine = {k: (list(v) if isinstance(v, tuple) else v) for k, v in asdict(cfg).items() if k != "steps"}
+    if meta.get("kind") != "toy_train_state" or saved != mine:
+        raise ValueError(f"{path} holds a checkpoint of a different run (config {saved}); resume with "
+                         "the same settings (only `steps` may change) or use another checkpoint_dir")
+    device = next(model.parameters()).device
+    model.load_state_dict({k[6:]: v.to(device) for k, v in tensors.items() if k.startswith("model.")})
+    state: dict[int, dict[str, torch.Tensor]] = {}
+    for key, value in tensors.items():
+        if key.startswith("optim."):
+            _, idx, name = key.split(".", 2)
+            state.setdefault(int(idx), {})[name] = value.to(device) if name != "step" else value
+    optimizer.load_state_dict({"state": state, "param_groups": meta["param_groups"]})
+    gen.set_state(tensors["rng"])
+    return int(meta["step"]), list(meta.get("history", []))
