@@ -74,6 +74,7 @@ def test_bridge_matches_hooked_transformer_names_and_reference(bridge, gpt2_toke
     assert channels.names == hooked_names
     torch.testing.assert_close(parts.sum(0), channels.residual(cache), atol=ATOL, rtol=0)
     _check_against_reference(bridge, tokens, channels, parts)
+    assert set(channels["L0.MLP"].weights) == {"W_in", "b_in", "W_out", "b_out", "ln2.w", "ln2.b"}
     assert count_hooks(bridge) == 0
 
 

@@ -9,7 +9,11 @@ functions, so that ``import tl_modular`` stays cheap.
 
 from __future__ import annotations
 
+import hashlib
+import json
 from typing import Any
+
+import torch
 
 from tl_modular.errors import UnsupportedModelError
 
@@ -126,3 +130,16 @@ def count_hooks(model: Any) -> int:
             total += len(module._forward_hooks) + len(module._forward_pre_hooks)
             total += len(module._backward_hooks) + len(module._backward_pre_hooks)
     return total
+
+
+def fingerprint(model: Any) -> str:
+    """A content hash of the model's configuration and weights (hex), to tie artifacts to it."""
+    h = hashlib.blake2b(digest_size=16)
+    cfg = model.cfg
+    keys = ("n_layers", "d_model", "n_heads", "d_head", "d_mlp", "d_vocab", "n_ctx", "act_fn",
+            "normalization_type", "positional_embedding_type", "attn_only", "parallel_attn_mlp", "gated_mlp")
+    h.update(json.dumps({k: str(getattr(cfg, k, None)) for k in keys}, sort_keys=True).encode())
+    for name, tensor in sorted(model.state_dict().items()):
+        h.update(name.encode())
+        h.update(tensor.detach().to("cpu").contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()

@@ -90,8 +90,9 @@ class Channel:
             return out
         mlp = block.mlp
         out = {n: getattr(mlp, n) for n in ("W_in", "b_in", "W_out", "b_out")}
-        if hasattr(mlp, "W_gate"):
-            out["W_gate"] = mlp.W_gate
+        gate = getattr(mlp, "W_gate", None)  # a TransformerBridge MLP answers None
+        if isinstance(gate, torch.Tensor):
+            out["W_gate"] = gate
         out.update(_norm_weights(block, "ln2"))
         return out
 

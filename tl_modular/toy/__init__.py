@@ -19,6 +19,7 @@ from tl_modular.toy.generators import (
     addition_pairs,
     brackets,
     induction,
+    mixed_tokens,
     modular_addition,
     sorting,
 )
@@ -37,6 +38,7 @@ from tl_modular.toy.vocab import N_NUMBERS, TASK_TOKENS, VOCAB, decode, encode, 
 __all__ = [
     "BUNDLED_DIR", "GENERATORS", "HELD_OUT_FRACTION", "MODULUS", "N_NUMBERS", "TASK_TOKENS", "VOCAB",
     "TrainConfig", "TrainResult", "addition_pairs", "brackets", "decode", "default_config", "encode",
-    "eval_tasks", "evaluate", "induction", "info", "load_model", "modular_addition", "save_model",
+    "eval_tasks", "evaluate", "induction", "info", "load_model", "mixed_tokens", "modular_addition",
+    "save_model",
     "sorting", "token_id", "train", "training_tasks",
 ]

@@ -21,7 +21,7 @@ corrupted prompts' answers as ``wrong_answers``, and the logit-difference metric
 from __future__ import annotations
 
 import random
-from collections.abc import Callable
+from collections.abc import Callable, Mapping, Sequence
 
 import torch
 
@@ -35,6 +35,7 @@ __all__ = [
     "addition_pairs",
     "brackets",
     "induction",
+    "mixed_tokens",
     "modular_addition",
     "sorting",
 ]
@@ -215,3 +216,25 @@ GENERATORS: dict[str, Callable[..., Task]] = {
     "brackets": brackets,
     "sorting": sorting,
 }
+
+
+def mixed_tokens(tasks: Mapping[str, Task] | Sequence[Task] | None = None, *, n_per_task: int = 256,
+                 seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """Clean prompts of several tasks in one ``[batch, pos]`` tensor, for statistics over the mix.
+
+    Shorter sequences are right-padded with ``PAD``; the returned attention mask is 1 on real
+    tokens (causal attention means padding never affects them). Rows are shuffled
+    deterministically. Default: ``n_per_task`` fresh prompts of every task.
+    """
+    if tasks is None:
+        tasks = [gen(n_per_task, seed=seed + i) for i, gen in enumerate(GENERATORS.values())]
+    tasks = list(tasks.values()) if isinstance(tasks, Mapping) else list(tasks)
+    if not tasks:
+        raise ValueError("mixed_tokens needs at least one task")
+    rows = [t.clean[:n_per_task] for t in tasks]
+    length = max(r.shape[1] for r in rows)
+    tokens = torch.cat([torch.nn.functional.pad(r, (0, length - r.shape[1]), value=token_id("PAD"))
+                        for r in rows])
+    mask = torch.cat([torch.nn.functional.pad(torch.ones_like(r), (0, length - r.shape[1])) for r in rows])
+    order = torch.randperm(tokens.shape[0], generator=torch.Generator().manual_seed(seed))
+    return tokens[order], mask[order]

@@ -15,7 +15,7 @@ import torch
 from tl_modular._io import read_json, read_safetensors, write_json, write_safetensors
 from tl_modular.toy.vocab import VOCAB
 
-__all__ = ["BUNDLED_DIR", "load_model", "save_model"]
+__all__ = ["BUNDLED_DIR", "info", "load_model", "save_model", "tokenizer"]
 
 #: Folder of the shipped checkpoint (``model.safetensors`` + ``config.json``).
 BUNDLED_DIR = Path(__file__).with_name("checkpoint")
@@ -25,14 +25,35 @@ BUNDLED_DIR = Path(__file__).with_name("checkpoint")
 _DERIVED = {"device", "dtype", "n_params", "tokenizer_prepends_bos", "d_vocab_out", "rotary_base"}
 
 
+def tokenizer() -> Any:
+    """A Hugging Face tokenizer of the toy vocabulary (space-separated tokens, no BOS added).
+
+    With it, TransformerLens' string utilities work on toy models: ``model.to_tokens("ADD 3 + 4
+    =")``, ``to_str_tokens``, and ``transformer_lens.head_detector.detect_head``.
+    """
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    core = Tokenizer(models.WordLevel(vocab={t: i for i, t in enumerate(VOCAB)}, unk_token="PAD"))
+    core.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    return PreTrainedTokenizerFast(tokenizer_object=core, pad_token="PAD", unk_token="PAD",
+                                   eos_token="PAD", bos_token="PAD")
+
+
 def save_model(model: Any, directory: str | os.PathLike, *, info: dict[str, Any] | None = None) -> Path:
     """Write ``model`` as ``model.safetensors`` + ``config.json`` (with ``info``, e.g. training
-    facts) into ``directory``; both files are written atomically."""
+    facts) and the toy tokenizer's files into ``directory``; each file is written atomically."""
     directory = Path(directory)
     cfg = {k: v for k, v in dataclasses.asdict(model.cfg).items()
            if k not in _DERIVED and _jsonable(v)}
     write_safetensors(directory / "model.safetensors", model.state_dict(), {"kind": "toy_model"})
     write_json(directory / "config.json", {"config": cfg, "vocab": VOCAB, "info": info or {}})
+    tok = tokenizer()
+    tok.backend_tokenizer.save(str(directory / "tokenizer.json.tmp"))
+    os.replace(directory / "tokenizer.json.tmp", directory / "tokenizer.json")
+    write_json(directory / "tokenizer_config.json", {
+        "tokenizer_class": "PreTrainedTokenizerFast", "pad_token": "PAD", "unk_token": "PAD",
+        "eos_token": "PAD", "bos_token": "PAD", "model_max_length": model.cfg.n_ctx})
     return directory
 
 
@@ -58,7 +79,11 @@ def load_model(directory: str | os.PathLike | None = None, *, device: str | torc
     model = HookedTransformer(cfg, move_to_device=False)
     state, _ = read_safetensors(directory / "model.safetensors", device=device)
     model.load_state_dict(state, strict=True)
-    return model.to(device).eval()
+    if (directory / "tokenizer.json").exists():
+        from transformers import AutoTokenizer
+
+        model.set_tokenizer(AutoTokenizer.from_pretrained(str(directory)), default_padding_side="right")
+    return model.to(device, print_details=False).eval()
 
 
 def info(directory: str | os.PathLike | None = None) -> dict[str, Any]:

@@ -31,12 +31,18 @@ _CHECKPOINT = "train_state.safetensors"
 
 
 def default_config(seed: int = 0) -> Any:
-    """The bundled model's architecture: 2 layers, d_model 128, 8 heads of 16, d_mlp 512, GELU."""
+    """The bundled model's architecture: 2 layers, d_model 128, 8 heads of 16, d_mlp 512, GELU,
+    LayerNorm, rotary positions.
+
+    Rotary positions keep absolute positions out of the residual stream, so induction is
+    learned by the textbook circuit (a previous-token head feeding an induction head's keys);
+    with learned absolute positions the model found a positional workaround instead.
+    """
     from transformer_lens import HookedTransformerConfig
 
     return HookedTransformerConfig(
         n_layers=2, d_model=128, n_heads=8, d_head=16, d_mlp=512, d_vocab=len(VOCAB), n_ctx=24,
-        act_fn="gelu", normalization_type="LN", positional_embedding_type="standard",
+        act_fn="gelu", normalization_type="LN", positional_embedding_type="rotary", rotary_dim=16,
         default_prepend_bos=False, seed=seed, model_name="tl-modular-toy",
     )
 
@@ -48,7 +54,7 @@ class TrainConfig:
     steps: int = 6000
     batch_size: int = 64          # examples per task per step
     lr: float = 1e-3
-    weight_decay: float = 0.5     # weight decay is what makes modular addition generalise
+    weight_decay: float = 1.0     # weight decay is what makes modular addition generalise
     warmup: int = 200
     min_lr_ratio: float = 0.1     # cosine decay to lr * min_lr_ratio
     betas: tuple[float, float] = (0.9, 0.98)

@@ -1,0 +1,94 @@
+"""The hooks behind ``Compression.applied``: each channel restricted to its subspaces.
+
+Read sides act where the channel reads its own input: a head's ``hook_q`` / ``hook_k`` /
+``hook_v`` and an MLP's ``hook_pre`` (and ``hook_pre_linear``), shifted by the discarded part
+of the normalized input mapped through the port (``q' = q - disc(ŷ) @ diag(w) W_Q``), so
+every other reader of the layer's input is untouched and LayerNorm stays exact. Write sides act
+on ``hook_attn_out`` (each head's write ``z_h W_O[h]`` projected) and ``hook_mlp_out``.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from tl_modular.segmentation import segment
+from tl_modular.statistics import read_map
+
+
+def restriction_hooks(model: Any, comp: Any, names: list[str], *, restrict_first: bool) -> list:
+    channels = segment(model)
+    dtype = next(model.parameters()).dtype
+    device = model.cfg.device
+    cast = lambda t: t.to(device=device, dtype=dtype)  # noqa: E731
+    captured: dict[str, torch.Tensor] = {}
+    hooks: list = []
+    inputs: set[str] = set()
+
+    def first_mask(act: torch.Tensor) -> torch.Tensor:
+        mask = torch.ones(act.shape[1], device=act.device, dtype=act.dtype)
+        if not restrict_first:
+            mask[0] = 0
+        return mask.view(1, -1, *([1] * (act.ndim - 2)))
+
+    def capture(name: str):
+        def fn(act: torch.Tensor, hook: Any) -> None:
+            captured[name] = act
+        return fn
+
+    def disc_fn(side: Any):
+        mu, enc, dec = cast(side.mean), cast(side.encoder), cast(side.decoder)
+        return lambda x: (x - mu) - ((x - mu) @ enc) @ dec.T
+
+    def shift_port(index: int, pairs: list):
+        """Subtract disc(ŷ) @ map for each (input hook, disc, map) pair at head/unit ``index``."""
+        def fn(act: torch.Tensor, hook: Any) -> torch.Tensor:
+            act = act.clone()
+            for inp, disc, w in pairs:
+                delta = disc(captured[inp]) @ w
+                if index is None:
+                    act -= delta * first_mask(act)
+                else:
+                    act[:, :, index] -= delta * first_mask(delta)
+            return act
+        return fn
+
+    by_hook: dict[tuple[str, int | None], list] = {}
+    head_writes: dict[int, list] = {}
+    for name in names:
+        c, cc = channels[name], comp[name]
+        inputs.add(c.input_hook)
+        if c.kind == "head":
+            for p in "qkv":
+                index = c.head if p == "q" else c.kv_head
+                key = (f"blocks.{c.layer}.attn.hook_{p}", index)
+                by_hook.setdefault(key, []).append((c.input_hook, disc_fn(cc.read[p]), cast(read_map(c, p))))
+            head_writes.setdefault(c.layer, []).append((c.head, cast(c.weights["W_O"].detach()), disc_fn(cc.write)))
+        else:
+            side = cc.read["in"]
+            by_hook.setdefault((f"blocks.{c.layer}.mlp.hook_pre", None), []).append(
+                (c.input_hook, disc_fn(side), cast(read_map(c, "gate" if "W_gate" in c.weights else "in"))))
+            if "W_gate" in c.weights:
+                by_hook.setdefault((f"blocks.{c.layer}.mlp.hook_pre_linear", None), []).append(
+                    (c.input_hook, disc_fn(side), cast(read_map(c, "in"))))
+            hooks.append((f"blocks.{c.layer}.hook_mlp_out", _write_hook(disc_fn(cc.write), first_mask)))
+    hooks = [(h, capture(h)) for h in sorted(inputs)] + hooks
+    for (hook, index), pairs in by_hook.items():
+        hooks.append((hook, shift_port(index, pairs)))
+    for layer, writes in head_writes.items():
+        z_name = f"blocks.{layer}.attn.hook_z"
+        hooks.append((z_name, capture(z_name)))
+
+        def attn_out(act: torch.Tensor, hook: Any, writes: list = writes, z_name: str = z_name) -> torch.Tensor:
+            z = captured[z_name]
+            delta = sum(disc(z[:, :, h] @ w_o) for h, w_o, disc in writes)
+            return act - delta * first_mask(act)
+        hooks.append((f"blocks.{layer}.hook_attn_out", attn_out))
+    return hooks
+
+
+def _write_hook(disc, first_mask):
+    def fn(act: torch.Tensor, hook: Any) -> torch.Tensor:
+        return act - disc(act) * first_mask(act)
+    return fn

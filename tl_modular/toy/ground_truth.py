@@ -1,0 +1,97 @@
+"""Verified ground truth about a workbench model: its known heads, routes and per-task needs.
+
+These are the facts later stages are tested against (module and circuit finding):
+
+- :func:`head_scores`: TransformerLens' ``head_detector`` scores for previous-token and
+  induction heads, on periodic random sequences of the toy vocabulary;
+- :func:`known_heads`: the best previous-token head (layer 0) and induction head (a later
+  layer), and :func:`induction_route_fraction`: the share of the induction task's logit
+  difference that the previous-token head -> induction head key route carries (path patching);
+- :func:`ablation_accuracy`: accuracy per task with each head or MLP mean-ablated.
+
+>>> model = tlm.toy.load_model()                   # doctest: +SKIP
+>>> known_heads(model)                             # doctest: +SKIP
+{'previous_token': 'L0.H3', 'induction': 'L1.H6'}
+"""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Mapping
+from typing import Any
+
+import torch
+
+from tl_modular.patching import mean_writes, patch_channels, route_effect
+from tl_modular.segmentation import segment
+from tl_modular.task import Task
+from tl_modular.toy.generators import GENERATORS, induction
+from tl_modular.toy.vocab import N_NUMBERS, TASK_TOKENS, VOCAB
+
+__all__ = ["ablation_accuracy", "detection_sequences", "head_scores", "induction_route_fraction",
+           "known_heads"]
+
+
+def detection_sequences(n: int = 32, *, seed: int = 0, period: int = 6, length: int = 23) -> list[str]:
+    """Periodic random sequences ``IND x1..xk x1..xk x1..`` for TransformerLens' head detector.
+
+    Most rows of such a sequence have an earlier occurrence of their token, so a perfect
+    induction head scores ``(length - 1 - period) / length`` (0.70 by default) under the
+    detector's ``"mul"`` measure and a perfect previous-token head ``(length - 1) / length``.
+    """
+    rng = random.Random(seed)
+    out = []
+    for _ in range(n):
+        x = [VOCAB[i] for i in rng.sample(range(N_NUMBERS), period)]
+        body = (x * (length // period + 1))[:length - 1]
+        out.append(" ".join([TASK_TOKENS["induction"], *body]))
+    return out
+
+
+@torch.no_grad()
+def head_scores(model: Any, sequences: list[str] | None = None) -> dict[str, torch.Tensor]:
+    """``head_detector`` scores ``[n_layers, n_heads]`` for previous-token and induction heads.
+
+    The model needs the toy tokenizer (``load_model`` sets it).
+    """
+    from transformer_lens.head_detector import detect_head
+
+    sequences = detection_sequences() if sequences is None else sequences
+    return {kind: detect_head(model, sequences, f"{kind}_head")
+            for kind in ("previous_token", "induction")}
+
+
+def known_heads(model: Any, scores: Mapping[str, torch.Tensor] | None = None) -> dict[str, str]:
+    """The strongest previous-token head of layer 0 and induction head of the later layers."""
+    scores = head_scores(model) if scores is None else scores
+    prev = int(scores["previous_token"][0].argmax())
+    later = scores["induction"][1:]
+    layer, head = divmod(int(later.argmax()), later.shape[1])
+    return {"previous_token": f"L0.H{prev}", "induction": f"L{layer + 1}.H{head}"}
+
+
+@torch.no_grad()
+def induction_route_fraction(model: Any, heads: Mapping[str, str] | None = None, *, n: int = 512,
+                             seed: int = 123) -> float:
+    """Fraction of the induction task's logit difference carried by the previous-token head ->
+    induction head key route (path patching from clean to corrupted)."""
+    heads = known_heads(model) if heads is None else heads
+    task = induction(n, seed=seed)
+    route = (heads["previous_token"], heads["induction"] + ":k")
+    return route_effect(model, task, [route]).fraction
+
+
+@torch.no_grad()
+def ablation_accuracy(model: Any, tasks: Mapping[str, Task] | None = None, *, n: int = 512,
+                      seed: int = 321) -> dict[str, dict[str, float]]:
+    """Accuracy per task with each head and MLP mean-ablated (its write replaced by its mean
+    per position over the task's clean prompts). Key ``"none"`` is the intact model."""
+    tasks = tasks or {name: gen(n, seed=seed) for name, gen in GENERATORS.items()}
+    channels = segment(model)
+    names = [c.name for c in channels.of_kind("head", "mlp")]
+    out: dict[str, dict[str, float]] = {"none": {t: task.accuracy(model(task.clean)) for t, task in tasks.items()}}
+    means = {t: mean_writes(model, channels, task.clean, names) for t, task in tasks.items()}
+    for name in names:
+        out[name] = {t: task.accuracy(patch_channels(model, channels, task.clean, [name], means[t]))
+                     for t, task in tasks.items()}
+    return out
