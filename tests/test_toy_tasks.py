@@ -48,7 +48,7 @@ def test_answers_follow_the_algorithms():
     task = toy.induction(200, seed=1)
     for row, bad in zip(task.clean.tolist(), task.corrupted.tolist(), strict=True):
         body = row[1:]
-        k = next(k for k in range(5, 10) if body[-k:] == body[-2 * k:-k])
+        k = next(k for k in range(8, 12) if body[-k:] == body[-2 * k:-k])
         assert len(set(body[:-k])) == len(body[:-k])        # one earlier occurrence each
         assert not set(bad[-2 * k:-k]) & set(body[-k:])      # corrupted first copy is fresh
 
@@ -141,3 +141,17 @@ def test_train_rejects_bad_data_and_config():
         toy.train(_small(), [torch.zeros(3)], steps=1, progress=False)
     with pytest.raises(ValueError, match="steps"):
         toy.train(_small(), toy.sorting(8), steps=0, progress=False)
+
+
+def test_mixed_tokens_pad_on_the_right_and_mask_padding():
+    tasks = {"s": toy.sorting(5, seed=0), "a": toy.modular_addition(7, seed=0)}
+    tokens, mask = toy.mixed_tokens(tasks, n_per_task=4, seed=3)
+    assert tokens.shape == (8, 12) and mask.shape == tokens.shape
+    assert sorted(mask.sum(1).tolist()) == [6] * 4 + [12] * 4
+    pad = toy.token_id("PAD")
+    assert ((tokens == pad) == (mask == 0)).all()
+    assert torch.equal(mask, mask.cummin(1).values)  # padding only at the end
+    again, _ = toy.mixed_tokens(tasks, n_per_task=4, seed=3)
+    assert torch.equal(tokens, again)
+    with pytest.raises(ValueError, match="at least one task"):
+        toy.mixed_tokens([])

@@ -5,18 +5,43 @@ each to the residual-stream subspaces it reads and writes, map them into a graph
 and circuits, unfold polysemantic parts with SAEs, and label every part with a language model.
 
 >>> import tl_modular as tlm
->>> channels = tlm.segment(model)  # doctest: +SKIP
+>>> model = tlm.toy.load_model()                  # the bundled multi-task model, offline
+>>> channels = tlm.segment(model)                 # ChannelSet
+>>> comp = tlm.compress(model, tokens)            # doctest: +SKIP
+
+Submodules load on first use: ``tlm.toy`` (the ground-truth workbench), ``tlm.tasks`` (GPT-2
+prompt sets), ``tlm.patching``, ``tlm.statistics``, ``tlm.fidelity``, ``tlm.testing``.
 """
 
+import importlib
+from typing import Any
+
+from tl_modular.compression import ChannelCompression, Compression, ReadSpace, Side, compress
 from tl_modular.errors import UnsupportedModelError
 from tl_modular.segmentation import Channel, ChannelSet, segment
+from tl_modular.task import Task
 
 __version__ = "0.1.0.dev0"
 
+_SUBMODULES = {"toy", "tasks", "patching", "statistics", "fidelity", "testing"}
+
 __all__ = [
     "Channel",
+    "ChannelCompression",
     "ChannelSet",
+    "Compression",
+    "ReadSpace",
+    "Side",
+    "Task",
     "UnsupportedModelError",
     "__version__",
+    "compress",
     "segment",
+    *sorted(_SUBMODULES),
 ]
+
+
+def __getattr__(name: str) -> Any:
+    if name in _SUBMODULES:
+        return importlib.import_module(f"tl_modular.{name}")
+    raise AttributeError(f"module 'tl_modular' has no attribute {name!r}")

@@ -406,8 +406,12 @@ def _choose_ranks(sides: Mapping[tuple[str, str], Side], *, energy: float | None
         return {key: min(rank, s.max_rank) for key, s in sides.items()}
     if budget < 0:
         raise ValueError(f"budget must be non-negative, got {budget}")
-    # Spectra are in squared output units (comparable across sides): keep the directions worth most.
-    values = [(float(v), key) for key, s in sides.items() for v in s.spectrum]
+    # Give the budget to the directions worth most relative to their side's total: a channel's
+    # small-variance directions can carry what a task needs (bracket depth at one position),
+    # and relative spectra allocate like a per-side energy threshold, which measured better on
+    # the bundled model than comparing raw squared-output units across channels.
+    values = [(float(v / s.spectrum.sum()), key) for key, s in sides.items() if s.spectrum.sum() > 0
+              for v in s.spectrum]
     values.sort(key=lambda t: -t[0])
     out = {key: 0 for key in sides}
     for _, key in values[:budget]:
@@ -454,17 +458,18 @@ def compress(
     if read not in ("jacobian", "whitened", "rrr") or write not in ("output", "jacobian"):
         raise ValueError(f"read must be 'jacobian', 'whitened' or 'rrr' and write 'output' or 'jacobian'; "
                          f"got read={read!r}, write={write!r}")
-    if statistics is None:
-        if tokens is None:
-            raise ValueError("pass tokens (or precomputed statistics=)")
-        statistics = collect_statistics(model, tokens, chans, attention_mask=attention_mask,
-                                        batch_size=batch_size, method=method, progress=progress)
+    if statistics is None and tokens is None:
+        raise ValueError("pass tokens (or precomputed statistics=)")
     names = [c.name for c in chans.of_kind("head", "mlp")] if channels is None else list(channels)
+    for name in names:
+        if chans[name].kind not in ("head", "mlp"):
+            raise ValueError(f"{name} is a {chans[name].kind} channel; only heads and MLPs are compressed")
+    if statistics is None:
+        statistics = collect_statistics(model, tokens, chans, names=names, attention_mask=attention_mask,
+                                        batch_size=batch_size, method=method, progress=progress)
     out = {}
     for name in names:
         c = chans[name]
-        if c.kind not in ("head", "mlp"):
-            raise ValueError(f"{name} is a {c.kind} channel; only heads and MLPs are compressed")
         if name not in statistics.reads:
             raise ValueError(f"the statistics hold no channel {name!r}")
         sides = _read_sides(c, statistics, read, model)

@@ -223,16 +223,17 @@ def patch_channels(model: Any, channels: ChannelSet, tokens: Int[torch.Tensor, "
             by_layer_bias[f"blocks.{c.layer}.hook_attn_out"] = source[name] - c.weights["b_O"].detach()
             continue
 
-        def hook_fn(activation: torch.Tensor, hook: Any, c: Channel = c) -> torch.Tensor:
+        w_o = c.weights["W_O"].detach() if c.kind == "head" else None
+        # A head's write is z @ W_O: change z by the write difference's pre-image through W_O's
+        # pseudo-inverse (exact, since every head write lies in W_O's row space).
+        w_o_pinv = torch.linalg.pinv(w_o.double()).to(w_o.dtype) if w_o is not None else None
+
+        def hook_fn(activation: torch.Tensor, hook: Any, c: Channel = c, w_o=w_o, w_o_pinv=w_o_pinv) -> torch.Tensor:
             activation = activation.clone()
             new = source[c.name].to(activation)
             if c.kind == "head":
-                # Replace z so that z @ W_O equals the new write: add the write difference's
-                # pre-image through W_O's pseudo-inverse (exact when the write lies in W_O's
-                # row space, as every head write does).
-                w_o = c.weights["W_O"].detach().to(activation)
-                delta = new - activation[..., c.head, :] @ w_o
-                activation[..., c.head, :] += delta @ torch.linalg.pinv(w_o)
+                delta = new - activation[..., c.head, :] @ w_o.to(activation)
+                activation[..., c.head, :] += delta @ w_o_pinv.to(activation)
             else:
                 activation[...] = new.expand_as(activation)
             return activation

@@ -24,6 +24,7 @@ positions are excluded from every statistic (as inputs and as outputs).
 
 from __future__ import annotations
 
+import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal
@@ -119,6 +120,8 @@ class Statistics:
     n_tokens: int
     method: str
     channel_names: list[str] = field(default_factory=list)
+    #: Seconds spent in the forward passes, input moments, head and MLP statistics.
+    timings: dict[str, float] = field(default_factory=dict)
 
 
 # --- helpers --------------------------------------------------------------------------------
@@ -222,6 +225,7 @@ def collect_statistics(
     tokens: Int[torch.Tensor, "batch pos"],
     channels: ChannelSet | None = None,
     *,
+    names: Sequence[str] | None = None,
     attention_mask: Int[torch.Tensor, "batch pos"] | None = None,
     batch_size: int = 16,
     method: Method = "closed_form",
@@ -235,6 +239,7 @@ def collect_statistics(
         model: A HookedTransformer or TransformerBridge (compatibility mode).
         tokens: ``[batch, pos]`` token ids; processed ``batch_size`` rows at a time.
         channels: From :func:`~tl_modular.segment` (built if omitted).
+        names: Only these heads and MLPs (all by default).
         attention_mask: ``[batch, pos]``, 1 for real tokens; padded positions are excluded and
             passed to the model.
         method: ``"closed_form"`` (exact; falls back to matrix-free per channel where no closed
@@ -248,7 +253,7 @@ def collect_statistics(
     tokens, attention_mask = _check_tokens(model, tokens, attention_mask)
     if method not in ("closed_form", "matrix_free"):
         raise ValueError(f"method must be 'closed_form' or 'matrix_free', got {method!r}")
-    acc = _Accumulator(model, channels, method, n_probes, seed)
+    acc = _Accumulator(model, channels, method, n_probes, seed, names)
     n_batches = -(-tokens.shape[0] // batch_size)
     bar = tqdm(_batches(tokens, attention_mask, batch_size), total=n_batches, disable=not progress,
                desc="statistics", leave=False)
@@ -259,10 +264,16 @@ def collect_statistics(
 
 
 class _Accumulator:
-    def __init__(self, model: Any, channels: ChannelSet, method: Method, n_probes: int, seed: int) -> None:
+    def __init__(self, model: Any, channels: ChannelSet, method: Method, n_probes: int, seed: int,
+                 names: Sequence[str] | None = None) -> None:
         self.model, self.channels, self.cfg = model, channels, model.cfg
-        self.heads = channels.of_kind("head")
-        self.mlps = channels.of_kind("mlp")
+        chosen = [channels[n] for n in names] if names is not None else channels.of_kind("head", "mlp")
+        bad = [c.name for c in chosen if c.kind not in ("head", "mlp")]
+        if bad:
+            raise ValueError(f"statistics exist for heads and MLPs only, not {bad}")
+        self.heads = [c for c in chosen if c.kind == "head"]
+        self.mlps = [c for c in chosen if c.kind == "mlp"]
+        self.timings = {"forward": 0.0, "inputs": 0.0, "heads": 0.0, "mlps": 0.0}
         head_reason = _closed_form_heads_ok(model)
         mlp_reason = _closed_form_mlp_ok(model)
         self.head_method = "matrix_free" if method == "matrix_free" or head_reason else "closed_form"
@@ -300,16 +311,26 @@ class _Accumulator:
     def add(self, batch: torch.Tensor, mask: torch.Tensor | None) -> None:
         names = set(self.hook_names())
         kwargs = {} if mask is None else {"attention_mask": mask}
+        clock = time.perf_counter()
         _, cache = self.model.run_with_cache(batch, names_filter=lambda n: n in names, **kwargs)
+        clock = self._tick("forward", clock)
         w = _weights(batch, mask)
         valid = w > 0
         self.n_tokens += int(valid.sum())
         for hook in {c.input_hook for c in self.heads + self.mlps}:
             self.inputs.setdefault(hook, _Sum()).add(cache[hook][valid])
+        clock = self._tick("inputs", clock)
         for layer in sorted({c.layer for c in self.heads}):
             self._add_heads(layer, cache, w, mask)
+        clock = self._tick("heads", clock)
         for c in self.mlps:
             self._add_mlp(c, cache, valid)
+        self._tick("mlps", clock)
+
+    def _tick(self, key: str, since: float) -> float:
+        now = time.perf_counter()
+        self.timings[key] += now - since
+        return now
 
     # --- heads ----------------------------------------------------------------------------
     def _add_heads(self, layer: int, cache: Any, w: torch.Tensor, mask: torch.Tensor | None) -> None:
@@ -435,6 +456,7 @@ class _Accumulator:
 
     # --- results --------------------------------------------------------------------------
     def finish(self) -> Statistics:
+        start = time.perf_counter()
         if self.n_tokens == 0:
             raise ValueError("no tokens left after excluding position 0 and padding; pass longer sequences")
         inputs = {h: InputStats(h, s.mean(), s.cov(), int(s.n)) for h, s in self.inputs.items()}
@@ -457,9 +479,10 @@ class _Accumulator:
                 read, write = self.port[(c.name, "in")] / n, self.mlp_write[c.name] / n
             reads[c.name] = {"in": PortStats(c.input_hook, read)}
             writes[c.name] = WriteStats(s.mean(), s.cov(), None, write, cross)
-        return Statistics(inputs, reads, writes, self.n_tokens,
-                          f"heads: {self.head_method}, mlps: {self.mlp_method}",
-                          [c.name for c in self.heads + self.mlps])
+        stats = Statistics(inputs, reads, writes, self.n_tokens, f"heads: {self.head_method}, mlps: {self.mlp_method}",
+                           [c.name for c in self.heads + self.mlps], self.timings)
+        self.timings["finish"] = time.perf_counter() - start
+        return stats
 
     def _mlp_closed_form(self, c: Channel, m: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         w_out = c.weights["W_out"].detach().to(torch.float64)

@@ -19,6 +19,7 @@ from pathlib import Path
 import torch
 
 from tl_modular import toy
+from tl_modular.patching import channel_effect
 from tl_modular.toy import ground_truth as gt
 
 
@@ -45,6 +46,8 @@ def main() -> int:
         scores = gt.head_scores(model)
         heads = gt.known_heads(model, scores)
         fraction = gt.induction_route_fraction(model, heads)
+        composition = gt.key_composition_fraction(model, heads)
+        prev_effect = channel_effect(model, toy.induction(512, seed=123), [heads["previous_token"]]).fraction
         ablation = gt.ablation_accuracy(model)
     facts = {
         "steps": args.steps, "seed": args.seed, "train_minutes": round(minutes, 1),
@@ -52,16 +55,20 @@ def main() -> int:
         "heads": heads,
         "head_scores": {k: [[round(x, 3) for x in row] for row in v.tolist()] for k, v in scores.items()},
         "induction_route_fraction": round(fraction, 3),
+        "key_composition_fraction": round(composition, 3),
+        "previous_token_head_effect": round(prev_effect, 3),
         "ablation_accuracy": {c: {t: round(a, 3) for t, a in row.items()} for c, row in ablation.items()},
     }
     print(f"trained {args.steps} steps in {minutes:.1f} min")
     print("accuracy:", facts["accuracy"])
     print("heads:", heads, "scores:", {k: round(float(v.max()), 3) for k, v in scores.items()})
-    print("previous-token -> induction key route carries", round(fraction, 3), "of the logit difference")
+    print("of the induction logit difference: previous-token head (all paths)", round(prev_effect, 3),
+          "| its writes into later keys, directly and via its layer's MLP", round(composition, 3),
+          "| the direct route to the induction head's key alone", round(fraction, 3))
     problems = [f"{t} accuracy {a:.3f} < 0.95" for t, a in accuracy.items() if a < 0.95]
     problems += [f"{k} head score {float(scores[k].max()):.3f} < 0.5" for k in scores if scores[k].max() < 0.5]
-    if fraction < 0.5:
-        problems.append(f"induction route fraction {fraction:.3f} < 0.5")
+    if composition < 0.5:
+        problems.append(f"key composition fraction {composition:.3f} < 0.5")
     if problems:
         print("NOT written:", "; ".join(problems), file=sys.stderr)
         return 1

@@ -16,12 +16,11 @@ import matplotlib.pyplot as plt
 import torch
 
 import tl_modular as tlm
-from tl_modular.testing import tiny_model
 
-# A small seeded GPT-2-style model built from a config (no download). Any HookedTransformer —
-# e.g. HookedTransformer.from_pretrained("gpt2") — or a TransformerBridge in compatibility
-# mode works the same way.
-model = tiny_model("gpt2", n_layers=3, d_model=64, n_heads=4, d_head=16, d_mlp=256, d_vocab=100)
+# The bundled multi-task model (no download). Any HookedTransformer — e.g.
+# HookedTransformer.from_pretrained("gpt2") — or a TransformerBridge in compatibility mode works
+# the same way. It uses rotary positions, so it has no pos_embed channel.
+model = tlm.toy.load_model()
 channels = tlm.segment(model)
 print(channels)
 print(channels.names[:8], "...")
@@ -40,7 +39,7 @@ print({name: tuple(w.shape) for name, w in head.weights.items()})
 # channel's write: `[channel, batch, pos, d_model]`. The rows sum to the final residual stream.
 
 # %%
-tokens = torch.randint(0, model.cfg.d_vocab, (8, 24), generator=torch.Generator().manual_seed(0))
+tokens = tlm.toy.sorting(64, seed=0).clean          # e.g. "SRT 9 2 7 1 5 > 1 2 5 7 9"
 _, cache = channels.run_with_cache(tokens)
 parts = channels.contributions(cache)
 residual = channels.residual(cache)
@@ -50,12 +49,12 @@ print("max |sum - residual| =", (parts.sum(0) - residual).abs().max().item())
 # %% [markdown]
 # ## Each channel's share of the final residual norm
 # Projecting each write onto the final residual direction splits the squared norm exactly:
-# `sum_c <part_c, resid> = |resid|^2`. Averaged over tokens (position 0 excluded: its residual
-# is an outlier in trained models), this says which channels the final stream is made of.
+# `sum_c <part_c, resid> = |resid|^2`. Averaged over the sorted half of the sequence (where the
+# answers are produced), this says which channels the final stream is made of.
 
 # %%
-resid = residual[:, 1:]
-share = (parts[:, :, 1:] * resid).sum(-1) / resid.pow(2).sum(-1)   # [channel, batch, pos]
+resid = residual[:, 6:]
+share = (parts[:, :, 6:] * resid).sum(-1) / resid.pow(2).sum(-1)   # [channel, batch, pos]
 share = share.mean(dim=(1, 2))
 assert torch.isclose(share.sum(), torch.tensor(1.0), atol=1e-4)
 for name, s in sorted(zip(channels.names, share.tolist(), strict=True), key=lambda t: -abs(t[1]))[:5]:

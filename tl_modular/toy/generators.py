@@ -3,7 +3,7 @@
 =================  ===========================================  ==========================
 task               sequence (length)                            algorithm
 =================  ===========================================  ==========================
-induction          ``IND r.. x1..xk x1..xk`` (20)               previous-token + induction
+induction          ``IND r.. x1..xk x1..xk`` (24)               previous-token + induction
 modular_addition   ``ADD a + b = c`` (6), p = 31                a + b mod 31
 brackets           ``BRK ( ( ) ... = d`` (15)                   depth = #open - #close
 sorting            ``SRT x1..x5 > y1..y5`` (12)                 y = sorted(x)
@@ -15,7 +15,7 @@ corrupted prompts' answers as ``wrong_answers``, and the logit-difference metric
 
 >>> task = induction(128, seed=0)
 >>> task.clean.shape, task.positions.shape
-(torch.Size([128, 20]), torch.Size([128, 4]))
+(torch.Size([128, 24]), torch.Size([128, 7]))
 """
 
 from __future__ import annotations
@@ -45,7 +45,7 @@ MODULUS = N_NUMBERS
 HELD_OUT_FRACTION = 0.3
 _SPLIT_SEED = 20261122  # fixes which pairs are held out, independent of any data seed
 
-_IND_LEN, _IND_SCORED, _IND_K = 20, 4, (5, 9)
+_IND_LEN, _IND_SCORED, _IND_K = 24, 7, (8, 11)
 _BRK_N = 12
 _SORT_N = 5
 
@@ -66,11 +66,11 @@ def _check_n(n: int) -> None:
 
 
 def induction(n: int, *, seed: int = 0) -> Task:
-    """Copying a random sequence: ``IND r1..rj x1..xk x1..xk`` with k in 5..9, j = 19 - 2k.
+    """Copying a random sequence: ``IND r1..rj x1..xk x1..xk`` with k in 8..11, j = 23 - 2k.
 
     All tokens before the repeat are distinct, so each repeated token has one earlier
     occurrence and the next token is determined by it (the induction algorithm). The varying
-    offset k rules out a positional shortcut. Scored: the last four predictions inside the
+    offset k rules out a positional shortcut. Scored: the last seven predictions inside the
     repeat. Corrupted: the first copy replaced by fresh distinct tokens; the wrong answer is
     the token the corrupted first copy holds where the clean answer stood.
     """

@@ -5,8 +5,10 @@ These are the facts later stages are tested against (module and circuit finding)
 - :func:`head_scores`: TransformerLens' ``head_detector`` scores for previous-token and
   induction heads, on periodic random sequences of the toy vocabulary;
 - :func:`known_heads`: the best previous-token head (layer 0) and induction head (a later
-  layer), and :func:`induction_route_fraction`: the share of the induction task's logit
-  difference that the previous-token head -> induction head key route carries (path patching);
+  layer); :func:`induction_route_fraction`: the share of the induction task's logit difference
+  the direct previous-token head -> induction head key route carries (path patching), and
+  :func:`key_composition_fraction`: the share the previous-token head's write carries into the
+  later heads' keys directly and through the MLP of its layer;
 - :func:`ablation_accuracy`: accuracy per task with each head or MLP mean-ablated.
 
 >>> model = tlm.toy.load_model()                   # doctest: +SKIP
@@ -29,15 +31,15 @@ from tl_modular.toy.generators import GENERATORS, induction
 from tl_modular.toy.vocab import N_NUMBERS, TASK_TOKENS, VOCAB
 
 __all__ = ["ablation_accuracy", "detection_sequences", "head_scores", "induction_route_fraction",
-           "known_heads"]
+           "key_composition_fraction", "known_heads"]
 
 
-def detection_sequences(n: int = 32, *, seed: int = 0, period: int = 6, length: int = 23) -> list[str]:
+def detection_sequences(n: int = 32, *, seed: int = 0, period: int = 8, length: int = 31) -> list[str]:
     """Periodic random sequences ``IND x1..xk x1..xk x1..`` for TransformerLens' head detector.
 
-    Most rows of such a sequence have an earlier occurrence of their token, so a perfect
-    induction head scores ``(length - 1 - period) / length`` (0.70 by default) under the
-    detector's ``"mul"`` measure and a perfect previous-token head ``(length - 1) / length``.
+    Most rows of such a sequence have an earlier occurrence of their token, so an induction
+    head has a target on most rows (on the first period it has none and attends to the task
+    token, which the scoring excludes).
     """
     rng = random.Random(seed)
     out = []
@@ -52,12 +54,14 @@ def detection_sequences(n: int = 32, *, seed: int = 0, period: int = 6, length: 
 def head_scores(model: Any, sequences: list[str] | None = None) -> dict[str, torch.Tensor]:
     """``head_detector`` scores ``[n_layers, n_heads]`` for previous-token and induction heads.
 
-    The model needs the toy tokenizer (``load_model`` sets it).
+    Scored with ``exclude_bos=True``: every toy sequence starts with its task token, which heads
+    use as an attention sink the way language models use BOS. The model needs the toy
+    tokenizer (``load_model`` sets it).
     """
     from transformer_lens.head_detector import detect_head
 
     sequences = detection_sequences() if sequences is None else sequences
-    return {kind: detect_head(model, sequences, f"{kind}_head")
+    return {kind: detect_head(model, sequences, f"{kind}_head", exclude_bos=True)
             for kind in ("previous_token", "induction")}
 
 
@@ -73,12 +77,25 @@ def known_heads(model: Any, scores: Mapping[str, torch.Tensor] | None = None) ->
 @torch.no_grad()
 def induction_route_fraction(model: Any, heads: Mapping[str, str] | None = None, *, n: int = 512,
                              seed: int = 123) -> float:
-    """Fraction of the induction task's logit difference carried by the previous-token head ->
-    induction head key route (path patching from clean to corrupted)."""
+    """Fraction of the induction task's logit difference carried by the direct route from the
+    previous-token head to the induction head's keys (path patching, clean vs corrupted)."""
     heads = known_heads(model) if heads is None else heads
-    task = induction(n, seed=seed)
     route = (heads["previous_token"], heads["induction"] + ":k")
-    return route_effect(model, task, [route]).fraction
+    return route_effect(model, induction(n, seed=seed), [route]).fraction
+
+
+@torch.no_grad()
+def key_composition_fraction(model: Any, heads: Mapping[str, str] | None = None, *, n: int = 512,
+                             seed: int = 123) -> float:
+    """Fraction of the induction logit difference carried by the previous-token head's write
+    into the keys of every later-layer head, directly and through the MLP it feeds (the routes
+    previous-token head -> keys and that layer's MLP -> keys, patched together)."""
+    heads = known_heads(model) if heads is None else heads
+    channels = segment(model)
+    prev = channels[heads["previous_token"]]
+    senders = [prev.name] + [c.name for c in channels.of_kind("mlp") if c.layer == prev.layer]
+    keys = [f"{c.name}:k" for c in channels.of_kind("head") if c.layer > prev.layer]
+    return route_effect(model, induction(n, seed=seed), [(s, k) for s in senders for k in keys]).fraction
 
 
 @torch.no_grad()

@@ -31,7 +31,7 @@ _CHECKPOINT = "train_state.safetensors"
 
 
 def default_config(seed: int = 0) -> Any:
-    """The bundled model's architecture: 2 layers, d_model 128, 8 heads of 16, d_mlp 512, GELU,
+    """The bundled model's architecture: 2 layers, d_model 128, 4 heads of 32, d_mlp 512, GELU,
     LayerNorm, rotary positions.
 
     Rotary positions keep absolute positions out of the residual stream, so induction is
@@ -41,8 +41,8 @@ def default_config(seed: int = 0) -> Any:
     from transformer_lens import HookedTransformerConfig
 
     return HookedTransformerConfig(
-        n_layers=2, d_model=128, n_heads=8, d_head=16, d_mlp=512, d_vocab=len(VOCAB), n_ctx=24,
-        act_fn="gelu", normalization_type="LN", positional_embedding_type="rotary", rotary_dim=16,
+        n_layers=2, d_model=128, n_heads=4, d_head=32, d_mlp=512, d_vocab=len(VOCAB), n_ctx=32,
+        act_fn="gelu", normalization_type="LN", positional_embedding_type="rotary", rotary_dim=32,
         default_prepend_bos=False, seed=seed, model_name="tl-modular-toy",
     )
 
@@ -55,6 +55,9 @@ class TrainConfig:
     batch_size: int = 64          # examples per task per step
     lr: float = 1e-3
     weight_decay: float = 1.0     # weight decay is what makes modular addition generalise
+    # Parameters (by name substring) trained without weight decay: norm scales and biases (as
+    # usual), and the query/key weights — decaying those keeps attention patterns diffuse.
+    no_decay: tuple[str, ...] = ("W_Q", "W_K", "ln", "b_")
     warmup: int = 200
     min_lr_ratio: float = 0.1     # cosine decay to lr * min_lr_ratio
     betas: tuple[float, float] = (0.9, 0.98)
@@ -71,6 +74,7 @@ class TrainConfig:
             raise ValueError("TrainConfig needs lr > 0, weight_decay >= 0, warmup >= 0 and "
                              f"0 <= min_lr_ratio <= 1; got {self}")
         self.betas = tuple(self.betas)
+        self.no_decay = tuple(self.no_decay)
 
 
 @dataclass
@@ -170,8 +174,11 @@ def train(
     device = next(model.parameters()).device
     tasks = [t.to(device) for t in tasks]
 
-    optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, betas=cfg.betas,
-                                  weight_decay=cfg.weight_decay)
+    named = list(model.named_parameters())
+    plain = [p for n, p in named if any(k in n for k in cfg.no_decay)]
+    decayed = [p for n, p in named if not any(k in n for k in cfg.no_decay)]
+    groups = [{"params": decayed, "weight_decay": cfg.weight_decay}, {"params": plain, "weight_decay": 0.0}]
+    optimizer = torch.optim.AdamW([g for g in groups if g["params"]], lr=cfg.lr, betas=cfg.betas)
     gen = torch.Generator().manual_seed(cfg.seed)
     result = TrainResult(model=model)
     path = Path(checkpoint_dir) / _CHECKPOINT if checkpoint_dir is not None else None
@@ -246,11 +253,13 @@ def _save_checkpoint(path: Path, model: Any, optimizer: torch.optim.Optimizer, g
 def _load_checkpoint(path: Path, model: Any, optimizer: torch.optim.Optimizer, gen: torch.Generator,
                      cfg: TrainConfig) -> tuple[int, list[dict[str, Any]]]:
     tensors, meta = read_safetensors(path)
-    saved = {k: v for k, v in meta.get("config", {}).items() if k != "steps"}
-    mine = {k: (list(v) if isinstance(v, tuple) else v) for k, v in asdict(cfg).items() if k != "steps"}
+    free = ("steps", "eval_every")  # may change on resume: they do not alter the trajectory
+    saved = {k: v for k, v in meta.get("config", {}).items() if k not in free}
+    mine = {k: (list(v) if isinstance(v, tuple) else v) for k, v in asdict(cfg).items() if k not in free}
+    saved = {k: (list(v) if isinstance(v, tuple) else v) for k, v in saved.items()}
     if meta.get("kind") != "toy_train_state" or saved != mine:
         raise ValueError(f"{path} holds a checkpoint of a different run (config {saved}); resume with "
-                         "the same settings (only `steps` may change) or use another checkpoint_dir")
+                         "the same settings (only `steps` and `eval_every` may change) or use another checkpoint_dir")
     device = next(model.parameters()).device
     model.load_state_dict({k[6:]: v.to(device) for k, v in tensors.items() if k.startswith("model.")})
     state: dict[int, dict[str, torch.Tensor]] = {}

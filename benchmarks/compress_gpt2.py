@@ -1,0 +1,63 @@
+"""``tlm.compress`` on a GPT-2-small-shaped model (12 layers, 156 head and MLP channels).
+
+    python benchmarks/compress_gpt2.py [--tokens 16384] [--threads 2]
+
+Random GPT-2-small weights (the architecture is what sets the cost), random tokens in rows of
+128 (+1 for position 0). Measures, in one run: the plain forward passes over the same batches,
+the statistics pass with its breakdown (forward with caching, input moments, head statistics,
+MLP statistics), building the bases, the ratio statistics / forward, and peak memory.
+"""
+
+from __future__ import annotations
+
+import argparse
+import resource
+import time
+
+import torch
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    parser.add_argument("--tokens", type=int, default=16384)
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--batch-size", type=int, default=8)
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+
+    from transformer_lens import HookedTransformer, HookedTransformerConfig
+
+    import tl_modular as tlm
+    from tl_modular.statistics import collect_statistics
+
+    cfg = HookedTransformerConfig(n_layers=12, d_model=768, n_heads=12, d_head=64, d_mlp=3072, d_vocab=50257,
+                                  n_ctx=1024, act_fn="gelu_new", normalization_type="LN", seed=0)
+    model = HookedTransformer(cfg).eval()
+    seq = 129
+    tokens = torch.randint(0, 50257, (args.tokens // (seq - 1), seq), generator=torch.Generator().manual_seed(0))
+
+    start = time.perf_counter()
+    with torch.no_grad():
+        for batch in tokens.split(args.batch_size):
+            model(batch)
+    forward = time.perf_counter() - start
+
+    start = time.perf_counter()
+    stats = collect_statistics(model, tokens, batch_size=args.batch_size)
+    statistics_time = time.perf_counter() - start
+    start = time.perf_counter()
+    comp = tlm.compress(model, statistics=stats)
+    bases = time.perf_counter() - start
+    peak_gb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2 ** 20
+    t = stats.timings
+    print(f"{stats.n_tokens} tokens, {len(comp)} channels, threads={args.threads}")
+    print(f"plain forward passes: {forward:.1f} s")
+    print(f"statistics: {statistics_time:.1f} s = {statistics_time / forward:.2f}x forward "
+          f"(forward+cache {t['forward']:.1f}, inputs {t['inputs']:.1f}, heads {t['heads']:.1f}, "
+          f"MLPs {t['mlps']:.1f}, finish {t['finish']:.1f})")
+    print(f"bases: {bases:.1f} s   total compress: {statistics_time + bases:.1f} s   peak memory: {peak_gb:.2f} GB")
+    print(comp)
+
+
+if __name__ == "__main__":
+    main()
