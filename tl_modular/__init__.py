@@ -18,6 +18,7 @@ from typing import Any
 
 from tl_modular.compression import ChannelCompression, Compression, ReadSpace, Side, compress
 from tl_modular.errors import UnsupportedModelError
+from tl_modular.graph import ChannelGraph, build_graph
 from tl_modular.segmentation import Channel, ChannelSet, segment
 from tl_modular.task import Task
 
@@ -28,6 +29,7 @@ _SUBMODULES = {"toy", "tasks", "patching", "statistics", "fidelity", "testing"}
 __all__ = [
     "Channel",
     "ChannelCompression",
+    "ChannelGraph",
     "ChannelSet",
     "Compression",
     "ReadSpace",
@@ -35,6 +37,7 @@ __all__ = [
     "Task",
     "UnsupportedModelError",
     "__version__",
+    "build_graph",
     "compress",
     "segment",
     *sorted(_SUBMODULES),

@@ -5,6 +5,8 @@
   decomposition is trivially zero.
 - :func:`offline_bridge` builds a ``TransformerBridge`` in compatibility mode around a local,
   randomly initialised ``GPT2LMHeadModel``.
+- :func:`planted_modules` builds a model whose channels form known modules (each reads and
+  writes its own block of the residual stream) with known strongest routes.
 - :func:`write_offline_gpt2_hub` lays out a Hugging Face hub cache holding a GPT-2-shaped
   model with random weights, so that the real ``HookedTransformer.from_pretrained("gpt2")``
   code path runs offline.
@@ -27,6 +29,7 @@ __all__ = [
     "GPT2_SMALL_CONFIG",
     "TINY_KINDS",
     "offline_bridge",
+    "planted_modules",
     "tiny_model",
     "write_offline_gpt2_hub",
 ]
@@ -94,6 +97,75 @@ def tiny_model(kind: str = "gpt2", *, seed: int = 0, dtype: torch.dtype = torch.
         for _, p in sorted(model.named_parameters()):
             p.add_(noise * torch.randn(p.shape, generator=gen).to(p))
     return model.eval()
+
+
+def planted_modules(n_modules: int = 3, *, n_layers: int = 3, n_heads: int = 3, d_block: int = 16,
+                    leak: float = 0.0, route_gain: float = 4.0, structured: bool = True,
+                    seed: int = 0) -> tuple[Any, dict[str, int], list[tuple[str, str]]]:
+    """A model with planted modules and planted routes: ``(model, module_of, routes)``.
+
+    The residual stream (``d_model = n_modules * d_block``) is cut into blocks; head ``(l, h)``
+    belongs to module ``(l + h) % n_modules`` and the MLP of layer ``l`` to ``l % n_modules``, and
+    each channel reads and writes only its module's block (other rows/columns get ``leak`` noise).
+    The embedding and unembedding span every block. Two routes are planted inside modules by
+    adding a strong shared direction to the writer's output and the reader's input weights:
+    ``L0.H0 → L1.H2:v`` and ``L1.MLP → L2.H2:q`` (with 3 modules; ``H{n_modules - 1}`` in general). No normalization, so the
+    blocks stay exactly separate when ``leak=0``; rotary positions. ``structured=False`` gives the
+    same shapes with dense random weights (no modules), as a null reference.
+    """
+    from transformer_lens import HookedTransformer, HookedTransformerConfig
+
+    if n_layers < 3 or n_modules < 2 or n_heads < n_modules:
+        raise ValueError("planted_modules needs n_layers >= 3, n_modules >= 2 and n_heads >= n_modules")
+    r = n_modules - 1  # the reader head of both planted routes sits in its writer's module
+    d_model, d_head, d_mlp = n_modules * d_block, 8, 4 * d_block
+    cfg = HookedTransformerConfig(n_layers=n_layers, d_model=d_model, n_heads=n_heads, d_head=d_head,
+                                  d_mlp=d_mlp, d_vocab=64, n_ctx=32, act_fn="gelu", normalization_type=None,
+                                  positional_embedding_type="rotary", rotary_dim=d_head, seed=seed)
+    model = HookedTransformer(cfg)
+    gen = torch.Generator().manual_seed(seed + 1)
+    randn = lambda *shape: torch.randn(*shape, generator=gen)  # noqa: E731
+    module_of: dict[str, int] = {}
+
+    def block_mask(m: int) -> torch.Tensor:
+        mask = torch.full((d_model,), leak if structured else 1.0)
+        mask[m * d_block:(m + 1) * d_block] = 1.0
+        return mask
+
+    with torch.no_grad():
+        for p in model.parameters():
+            p.zero_()
+        model.embed.W_E.copy_(randn(cfg.d_vocab, d_model))
+        model.unembed.W_U.copy_(randn(d_model, cfg.d_vocab) / d_model**0.5)
+        for layer, block in enumerate(model.blocks):
+            attn = block.attn
+            for h in range(n_heads):
+                m = (layer + h) % n_modules
+                module_of[f"L{layer}.H{h}"] = m
+                rows = block_mask(m)[:, None] / d_block**0.5
+                for w in (attn.W_Q, attn.W_K, attn.W_V):
+                    w[h] = randn(d_model, d_head) * rows
+                attn.W_O[h] = randn(d_head, d_model) * rows.T / d_head**0.5
+            m = layer % n_modules
+            module_of[f"L{layer}.MLP"] = m
+            block.mlp.W_in.copy_(randn(d_model, d_mlp) * block_mask(m)[:, None] / d_block**0.5)
+            block.mlp.W_out.copy_(randn(d_mlp, d_model) * block_mask(m)[None, :] / d_mlp**0.5)
+
+        def direction(m: int) -> torch.Tensor:
+            u = randn(d_model) * (block_mask(m) == 1)
+            return u / u.norm()
+
+        # planted route 1: L0.H0 writes u strongly and L1.H{r} reads its values along u
+        u = direction(module_of["L0.H0"])
+        a, b = randn(d_head), randn(d_head)
+        model.blocks[0].attn.W_O[0] += route_gain * torch.outer(a / a.norm(), u)
+        model.blocks[1].attn.W_V[r] += route_gain * torch.outer(u, b / b.norm())
+        # planted route 2: L1.MLP writes v strongly and L2.H{r} reads its queries along v
+        v = direction(module_of["L1.MLP"])
+        c, e = randn(d_mlp), randn(d_head)
+        model.blocks[1].mlp.W_out += route_gain * torch.outer(c / c.norm(), v)
+        model.blocks[2].attn.W_Q[r] += route_gain * torch.outer(v, e / e.norm())
+    return model.eval(), module_of, [("L0.H0", f"L1.H{r}:v"), ("L1.MLP", f"L2.H{r}:q")]
 
 
 def offline_bridge(tokenizer: Any, *, n_layers: int = 2, d_model: int = 32, n_heads: int = 4,

@@ -219,12 +219,14 @@ GENERATORS: dict[str, Callable[..., Task]] = {
 
 
 def mixed_tokens(tasks: Mapping[str, Task] | Sequence[Task] | None = None, *, n_per_task: int = 256,
-                 seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+                 seed: int = 0, scored: bool = False) -> tuple[torch.Tensor, ...]:
     """Clean prompts of several tasks in one ``[batch, pos]`` tensor, for statistics over the mix.
 
     Shorter sequences are right-padded with ``PAD``; the returned attention mask is 1 on real
     tokens (causal attention means padding never affects them). Rows are shuffled
-    deterministically. Default: ``n_per_task`` fresh prompts of every task.
+    deterministically. Default: ``n_per_task`` fresh prompts of every task. With ``scored=True``
+    a third ``[batch, pos]`` tensor marks the positions whose next-token prediction the task
+    scores (the model was trained on those only): pass it as ``loss_mask=`` to loss-based tools.
     """
     if tasks is None:
         tasks = [gen(n_per_task, seed=seed + i) for i, gen in enumerate(GENERATORS.values())]
@@ -237,4 +239,10 @@ def mixed_tokens(tasks: Mapping[str, Task] | Sequence[Task] | None = None, *, n_
                         for r in rows])
     mask = torch.cat([torch.nn.functional.pad(torch.ones_like(r), (0, length - r.shape[1])) for r in rows])
     order = torch.randperm(tokens.shape[0], generator=torch.Generator().manual_seed(seed))
-    return tokens[order], mask[order]
+    if not scored:
+        return tokens[order], mask[order]
+    marks = []
+    for t, r in zip(tasks, rows, strict=True):
+        m = torch.zeros(r.shape[0], length, dtype=torch.long)
+        marks.append(m.scatter_(1, t.positions[:n_per_task], 1))
+    return tokens[order], mask[order], torch.cat(marks)[order]

@@ -1,0 +1,349 @@
+"""Route strengths between compressed channels: static (weights + spectra) and data (attribution).
+
+A *route* runs from a writer channel to a reader port (``"L1.H3:k"``, ``"L1.MLP"``, ``"unembed"``),
+named as in :mod:`tl_modular.patching`. Read sides live in the reader's normalized-input
+coordinates; through a LayerNorm a residual perturbation ``δ`` reaches them, to first order, as
+``δ P / σ`` (``P`` centres), so a read side's residual functionals are its centred encoder ``P E``
+and the common ``1/σ`` is normalized away below (static) or carried by the gradient (data).
+
+Static strength of ``w → p``: the writer's output covariance ``C_w = D_w diag(σ_w) D_wᵀ`` (its
+write side, kept rank) seen through the reader's sensitivity ``R_p = E diag(s_p) Eᵀ`` (read side,
+kept rank): ``a = tr(R_p C_w)``, the writer's contribution to the reader's output variance.
+Dividing by the sum over every upstream writer gives ``share`` (what fraction of the reader's
+used input comes from this writer; the unknown LayerNorm scale cancels), and
+``static = share × Σ s_p`` weighs it by how much the reader does (its own output units).
+
+Data strength: per position ``t``, the route's attribution ``a(t) = g_p(t) · Π_p Π_w (μ_w - w(t))``
+— the gradient of the metric (summed over the counted next-token predictions) at the reader's
+port input times the writer's deviation from its data mean, projected through the writer's write
+side and the reader's read side. ``attribution = Σ_t a(t) / n`` is the first-order change of the
+mean metric when the route alone is mean-ablated through the subspaces; ``data = Σ_t |a(t)| / n``
+its per-position magnitude, which does not cancel between positions that push either way and
+ranks routes by their real ablation effect better (Spearman 0.89 vs 0.66 on the bundled model).
+One forward and one backward pass per batch.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from tqdm.auto import tqdm
+
+from tl_modular.patching import patch_routes, split_inputs, valid_route
+from tl_modular.segmentation import Channel, ChannelSet
+from tl_modular.statistics import _check_tokens, _weights
+
+
+@dataclass
+class Reader:
+    """A reader port's residual-coordinate read restriction ``δ ↦ δ E Dᵀ`` and sensitivity."""
+
+    port: str
+    channel: str                 # channel owning the port ("unembed" for the sink)
+    encoder: torch.Tensor | None  # [d_model, r] centred when read through LayerNorm; None = whole space
+    decoder: torch.Tensor | None
+    spectrum: torch.Tensor       # [r] worth of each encoder direction
+    sensitivity: torch.Tensor | None = None  # directions of the spectrum when there is no encoder
+
+
+@dataclass
+class Writer:
+    """A writer's residual-coordinate write side (orthonormal ``basis``), covariance spectrum, mean."""
+
+    name: str
+    basis: torch.Tensor | None   # [d_model, r]; None = no restriction
+    spectrum: torch.Tensor       # variance along the basis
+    mean: torch.Tensor           # [d_model] data mean of the write (position 0 and padding excluded)
+    root: torch.Tensor           # [d_model, k]: root @ root.T is the (kept) write covariance
+
+
+def _centred(vecs: torch.Tensor, centered: bool) -> torch.Tensor:
+    return vecs - vecs.mean(0, keepdim=True) if centered else vecs
+
+
+def readers(comp: Any, model: Any | None) -> list[Reader]:
+    """Every reader port of the compressed channels (and the unembedding when ``model`` is given)."""
+    out = []
+    for name in comp:
+        cc = comp[name]
+        for path, side in cc.read.items():
+            port = name if path == "in" else f"{name}:{path}"
+            out.append(Reader(port, name, _centred(side.encoder.double(), side.centered),
+                              _centred(side.decoder.double(), side.centered), side.spectrum[: side.rank].double()))
+    if model is not None:
+        w_u = model.W_U.detach().double()
+        w_u = w_u - w_u.mean(1, keepdim=True)          # logits matter up to a shift
+        if model.cfg.normalization_type in ("LN", "LNPre"):
+            w_u = w_u - w_u.mean(0, keepdim=True)
+        u, s, _ = torch.linalg.svd(w_u, full_matrices=False)
+        out.append(Reader("unembed", "unembed", None, None, s**2, u))
+    return out
+
+
+def _embedding_writer(c: Channel, tokens: torch.Tensor | None, mask: torch.Tensor | None) -> Writer:
+    """Embeddings' writes are table lookups: their moments come from the token counts (uniform over
+    the table without data), no forward pass."""
+    table = (c.weights["W_E"] if c.kind == "embed" else c.weights["W_pos"]).detach().double()
+    weight = torch.zeros(len(table), dtype=torch.float64)
+    if tokens is None:
+        weight[0 if c.kind == "embed" else 1:] = 1
+    elif c.kind == "embed":
+        weight.index_add_(0, tokens.flatten().cpu(), _weights(tokens, mask).cpu().flatten())
+    else:
+        weight[: tokens.shape[1]] = _weights(tokens, mask).cpu().sum(0)
+    weight = (weight / weight.sum()).to(table.device)
+    mean = weight @ table
+    cov = (table * weight[:, None]).T @ table - torch.outer(mean, mean)
+    evals, evecs = torch.linalg.eigh((cov + cov.T) / 2)
+    order = evals.flip(0).clamp_min(0)
+    return Writer(c.name, None, order, mean, evecs.flip(1) * order.sqrt())
+
+
+def writers(comp: Any, channels: ChannelSet | None, tokens: torch.Tensor | None = None,
+            mask: torch.Tensor | None = None) -> list[Writer]:
+    """The embeddings (when the channels are known) and every compressed channel, as writers."""
+    out = []
+    if channels is not None:
+        out += [_embedding_writer(c, tokens, mask) for c in channels.of_kind("embed", "pos_embed")]
+    for name in comp:
+        side = comp[name].write
+        basis, spec = side.decoder.double(), side.spectrum[: side.rank].double()
+        out.append(Writer(name, basis, spec, side.mean.double(), basis * spec.sqrt()))
+    return out
+
+
+def static_strengths(readers_: list[Reader], writers_: list[Writer], valid: torch.Tensor
+                     ) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(static, share)``, each ``[writers, readers]``; invalid routes are 0."""
+    a = torch.zeros(len(writers_), len(readers_), dtype=torch.float64)
+    for j, r in enumerate(readers_):
+        # R_p^{1/2}: encoder directions scaled by the root of their worth
+        half = (r.encoder if r.sensitivity is None else r.sensitivity) * r.spectrum.sqrt()
+        for i, w in enumerate(writers_):
+            if valid[i, j]:
+                a[i, j] = (w.root.T.to(half) @ half).pow(2).sum()
+    total = a.sum(0, keepdim=True)
+    share = torch.where(total > 0, a / total.clamp_min(1e-300), torch.zeros_like(a))
+    worth = torch.stack([r.spectrum.sum() for r in readers_])
+    return share * worth, share
+
+
+def _port_hooks(channels: ChannelSet, port: str) -> tuple[str, int | None]:
+    if port == "unembed":
+        return channels.final_hook, None
+    name, _, path = port.partition(":")
+    c = channels[name]
+    if path:
+        return f"blocks.{c.layer}.hook_{path}_input", c.head if path == "q" else c.kv_head
+    return f"blocks.{c.layer}.hook_mlp_in", None
+
+
+def _writes_now(channels: ChannelSet, writers_: list[Writer], acts: Mapping[str, torch.Tensor]) -> torch.Tensor:
+    """``[writers, batch, pos, d_model]``: each writer's write from the captured activations."""
+    out = []
+    for w in writers_:
+        c = channels[w.name]
+        act = acts[c.source_hook]
+        out.append(act[..., c.head, :] @ c.weights["W_O"].detach().to(act) if c.kind == "head" else act)
+    return torch.stack(out)
+
+
+def target_weights(tokens: torch.Tensor, mask: torch.Tensor | None,
+                   loss_mask: torch.Tensor | None) -> torch.Tensor:
+    """``[batch, pos - 1]``: which next-token predictions the loss counts (real token and real
+    context; and ``loss_mask[:, t]`` for the prediction made at position ``t``)."""
+    w = torch.ones(tokens.shape[0], tokens.shape[1] - 1, dtype=torch.float64, device=tokens.device)
+    if mask is not None:
+        w = w * (mask[:, 1:] * mask[:, :-1]).to(w)
+    if loss_mask is not None:
+        w = w * loss_mask[:, :-1].to(w)
+    return w
+
+
+def _loss(batch: torch.Tensor, weight: torch.Tensor, logits: torch.Tensor, metric: str = "loss") -> torch.Tensor:
+    """Summed per-prediction objective over the counted predictions (higher is worse): next-token
+    CE (``"loss"``), or minus the correct token's logit relative to the mean logit (``"logit"``,
+    which does not saturate when the model is confident and CE gradients vanish)."""
+    logits = logits[:, :-1]
+    if metric == "loss":
+        per = -logits.log_softmax(-1).gather(-1, batch[:, 1:, None])[..., 0]
+    elif metric == "logit":
+        per = logits.mean(-1) - logits.gather(-1, batch[:, 1:, None])[..., 0]
+    else:
+        raise ValueError(f"metric must be 'loss' or 'logit', got {metric!r}")
+    return (per * weight.to(per)).sum()
+
+
+def n_targets(tokens: torch.Tensor, mask: torch.Tensor | None, loss_mask: torch.Tensor | None = None) -> int:
+    return int(target_weights(tokens, mask, loss_mask).sum())
+
+
+def _check_loss_mask(tokens: torch.Tensor, mask: torch.Tensor | None, loss_mask: torch.Tensor | None) -> None:
+    if loss_mask is not None and loss_mask.shape != tokens.shape:
+        raise ValueError(f"loss_mask {tuple(loss_mask.shape)} must match tokens {tuple(tokens.shape)}")
+    if n_targets(tokens, mask, loss_mask) == 0:
+        raise ValueError("no next-token prediction is counted: every sequence is padding after its first "
+                         "token, or loss_mask is all zero")
+
+
+def _forward_backward(model: Any, channels: ChannelSet, writers_: list[Writer], readers_: list[Reader],
+                      batch: torch.Tensor, mask: torch.Tensor | None, target: torch.Tensor, metric: str
+                      ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """Writes ``[W, b, p, d]`` and the loss gradient at every reader port ``{port: [b, p, d]}``."""
+    sources = {channels[w.name].source_hook for w in writers_}
+    port_hooks = {r.port: _port_hooks(channels, r.port) for r in readers_}
+    acts: dict[str, torch.Tensor] = {}
+
+    def keep(act: torch.Tensor, hook: Any) -> torch.Tensor:
+        if hook.name in sources:
+            acts[hook.name] = act.detach()
+        if hook.name in port_names:
+            if not act.requires_grad:   # frozen weights upstream: make the port a leaf we can differentiate
+                act = act.detach().requires_grad_(True)
+            acts["grad:" + hook.name] = act
+        return act
+
+    port_names = {h for h, _ in port_hooks.values()}
+    fwd = [(h, keep) for h in sorted(sources | port_names)]
+    kwargs = {} if mask is None else {"attention_mask": mask}
+    with torch.enable_grad(), split_inputs(model), model.hooks(fwd_hooks=fwd):
+        logits = model(batch, **kwargs)
+        loss = _loss(batch, target, logits, metric)
+        names = sorted(port_names)
+        grads = torch.autograd.grad(loss, [acts["grad:" + h] for h in names], allow_unused=True)
+    by_hook = {h: (torch.zeros_like(acts["grad:" + h]) if g is None else g) for h, g in zip(names, grads, strict=True)}
+    out = {}
+    for port, (h, index) in port_hooks.items():
+        g = by_hook[h]
+        out[port] = (g if index is None else g[:, :, index]).detach()
+    return _writes_now(channels, writers_, acts), out
+
+
+def _project_reader(r: Reader, g: torch.Tensor) -> torch.Tensor:
+    """``g D Eᵀ``: the gradient seen through the read restriction ``δ ↦ δ E Dᵀ``."""
+    if r.encoder is None:
+        return g
+    return (g @ r.decoder.to(g)) @ r.encoder.to(g).T
+
+
+def _project_writer(w: Writer, delta: torch.Tensor) -> torch.Tensor:
+    if w.basis is None:
+        return delta
+    b = w.basis.to(delta)
+    return (delta @ b) @ b.T
+
+
+def _deltas(writers_: list[Writer], writes: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """``[W, b, p, d]``: ``Π_w (μ_w - w)`` at scored positions, 0 at position 0 and padding."""
+    out = []
+    for w, x in zip(writers_, writes, strict=True):
+        out.append(_project_writer(w, (w.mean.to(x) - x) * weight[..., None].to(x)))
+    return torch.stack(out)
+
+
+def _batches3(tokens: torch.Tensor, mask: torch.Tensor | None, loss_mask: torch.Tensor | None,
+              batch_size: int, device: Any) -> Iterator[tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]]:
+    for start in range(0, tokens.shape[0], batch_size):
+        sl = slice(start, start + batch_size)
+        batch = tokens[sl].to(device)
+        m = None if mask is None else mask[sl].to(device)
+        lm = None if loss_mask is None else loss_mask[sl].to(device)
+        yield batch, m, target_weights(batch, m, lm)
+
+
+def attributions(model: Any, channels: ChannelSet, writers_: list[Writer], readers_: list[Reader],
+                 valid: torch.Tensor, tokens: torch.Tensor, mask: torch.Tensor | None,
+                 loss_mask: torch.Tensor | None, *, metric: str, batch_size: int, progress: bool
+                 ) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(signed, magnitude)``, each ``[writers, readers]`` per counted prediction: the first-order
+    change of the metric when each route is mean-ablated, and the mean over positions of its
+    per-position magnitude (which does not cancel between positions that push either way)."""
+    tokens, mask = _check_tokens(model, tokens, mask)
+    _check_loss_mask(tokens, mask, loss_mask)
+    signed = torch.zeros(len(writers_), len(readers_), dtype=torch.float64)
+    magnitude = torch.zeros_like(signed)
+    n = n_targets(tokens, mask, loss_mask)
+    bar = tqdm(_batches3(tokens, mask, loss_mask, batch_size, model.cfg.device),
+               total=-(-len(tokens) // batch_size), disable=not progress, desc="route attribution")
+    for batch, m, target in bar:
+        writes, grads = _forward_backward(model, channels, writers_, readers_, batch, m, target, metric)
+        deltas = _deltas(writers_, writes, _weights(batch, m)).flatten(1, 2)   # [W, N, d]
+        for j, r in enumerate(readers_):
+            g = _project_reader(r, grads[r.port]).flatten(0, 1).to(deltas)      # [N, d]
+            per = torch.einsum("wnd,nd->wn", deltas, g).double().cpu()           # per position
+            signed[:, j] += per.sum(1)
+            magnitude[:, j] += per.abs().sum(1)
+    zero = torch.zeros_like(signed)
+    return torch.where(valid, signed / n, zero), torch.where(valid, magnitude / n, zero)
+
+
+def ablate_routes(model: Any, channels: ChannelSet, routes: list[tuple[str, str]], writers_: Mapping[str, Writer],
+                  tokens: torch.Tensor, mask: torch.Tensor | None, loss_mask: torch.Tensor | None = None, *,
+                  metric: str = "loss", batch_size: int, through: Reader | None = None) -> float:
+    """The real change of the mean CE loss when the routes are mean-ablated together (position 0
+    and padding keep their clean writes). With ``through=`` (one route), the ablated part is
+    projected through the writer's write side and that reader's read side, as the attribution is."""
+    tokens, mask = _check_tokens(model, tokens, mask)
+    _check_loss_mask(tokens, mask, loss_mask)
+    if not routes:
+        return 0.0
+    device = model.cfg.device
+    senders = sorted({w for w, _ in routes})
+    hooks = sorted({channels[w].source_hook for w in senders})
+    diff = 0.0
+    for batch, m, target in _batches3(tokens, mask, loss_mask, batch_size, device):
+        kwargs = {} if m is None else {"attention_mask": m}
+        acts: dict[str, torch.Tensor] = {}
+        keep = lambda a, hook, acts=acts: acts.__setitem__(hook.name, a)  # noqa: E731
+        with torch.no_grad():
+            with model.hooks(fwd_hooks=[(h, keep) for h in hooks]):
+                clean = model(batch, **kwargs)
+            ws = [writers_[w] for w in senders]
+            writes = _writes_now(channels, ws, acts)
+            weight = _weights(batch, m).to(device)
+            if through is None:
+                deltas = torch.stack([(w.mean.to(x) - x) * weight[..., None].to(x)
+                                      for w, x in zip(ws, writes, strict=True)])
+            else:
+                deltas = (_deltas(ws, writes, weight) @ through.encoder.to(writes)) @ through.decoder.to(writes).T \
+                    if through.encoder is not None else _deltas(ws, writes, weight)
+            source = {w: x + d for w, x, d in zip(senders, writes, deltas, strict=True)}
+            patched = patch_routes(model, channels, batch, routes, source, **kwargs)
+            diff += float(_loss(batch, target, patched, metric) - _loss(batch, target, clean, metric))
+    return diff / n_targets(tokens, mask, loss_mask)
+
+
+def valid_matrix(channels: ChannelSet | None, writers_: list[Writer], readers_: list[Reader]) -> torch.Tensor:
+    """``[writers, readers]`` whether the writer writes before the port reads (and is another channel)."""
+    out = torch.zeros(len(writers_), len(readers_), dtype=torch.bool)
+    for i, w in enumerate(writers_):
+        for j, r in enumerate(readers_):
+            if w.name == r.channel:
+                continue
+            if channels is not None:
+                out[i, j] = valid_route(channels, w.name, r.port)
+            else:
+                out[i, j] = _order(w.name) < _order(r.channel, reading=True)
+    return out
+
+
+def _order(name: str, reading: bool = False) -> float:
+    """Stream order from names alone (sequential blocks): a layer's heads read, then write, then its MLP."""
+    if name == "unembed":
+        return float("inf")
+    if name in ("embed", "pos_embed"):
+        return -1.0
+    layer_part, _, kind = name.partition(".")
+    layer = int(layer_part[1:])
+    is_mlp = kind == "MLP"
+    return 2 * layer + (1 if is_mlp else 0) + (0 if reading else 0.5)
+
+
+def iter_routes(writers_: list[Writer], readers_: list[Reader], valid: torch.Tensor) -> Iterator[tuple[int, int]]:
+    for i in range(len(writers_)):
+        for j in range(len(readers_)):
+            if valid[i, j]:
+                yield i, j

@@ -1,0 +1,519 @@
+"""The compressed computational graph: channels, their read ports, the routes between them, modules.
+
+``tlm.build_graph(comp, model, tokens)`` turns a :class:`~tl_modular.Compression` into a
+:class:`ChannelGraph`. ``graph.nx`` is a networkx ``DiGraph`` with
+
+- a node per channel (``embed``, ``pos_embed``, ``L{l}.H{h}``, ``L{l}.MLP``; attributes ``kind``,
+  ``layer``, ``head``, ``write_rank``, ``write_energy``, ``write_effective_rank``, ``order``);
+- a port node per head input path (``L{l}.H{h}:q``, ``:k``, ``:v``; ``kind="port"``, ``channel``,
+  ``read_rank``, ``read_energy``) with a ``kind="port"`` edge into its head; an MLP is its own port;
+- an ``unembed`` sink;
+- a ``kind="route"`` edge from every writer to every later reader port with ``static`` and
+  ``share`` (weights and spectra) and, when tokens are given, ``attribution`` (signed first-order
+  change of the mean loss when the route is mean-ablated through the subspaces) and ``data`` (the
+  mean per-position magnitude of that attribution). Routes into ``unembed`` are direct logit
+  attribution on the loss.
+  See :mod:`tl_modular._routes` for the definitions.
+
+Modules come from min cuts: the routes collapse onto an undirected *capacity graph* on channels
+and ``unembed`` (capacity of a pair = the summed strength of the routes between them), whose
+Gomory–Hu tree holds every pairwise min cut; cutting its weakest edges whose smaller side keeps
+at least ``min_size`` channels gives the module hierarchy.
+
+>>> graph = tlm.build_graph(comp, model=model, tokens=tokens)     # doctest: +SKIP
+>>> graph.modules()                                               # doctest: +SKIP
+[frozenset({'embed', 'L0.H0', ...}), ...]
+>>> graph.modularity(n_null=100)["Q"]                             # doctest: +SKIP
+{'value': 0.31, 'null_mean': 0.12, 'z': 5.2, 'p': 0.0099}
+
+Saved graphs (``graph.save(dir)`` → ``dir/graph.json``) follow this schema (version 1)::
+
+    {"schema": "tl_modular.ChannelGraph", "version": 1, "model_fingerprint": str | null,
+     "config": {"weight": "data" | "static", "n_tokens": int, ...},
+     "nodes": [{"id": str, "kind": str, ...attributes}],
+     "edges": [{"source": str, "target": str, "kind": "route" | "port", ...attributes}]}
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import networkx as nx
+import numpy as np
+import torch
+from jaxtyping import Int
+
+from tl_modular import _mincut, _routes
+from tl_modular._io import SCHEMA_VERSION, read_json, write_json
+from tl_modular._mincut import Backend, Split
+from tl_modular._models import fingerprint
+from tl_modular.segmentation import ChannelSet, segment
+
+__all__ = ["ChannelGraph", "Split", "build_graph", "spearman"]
+
+Weight = Literal["data", "static"]
+_SCHEMA = "tl_modular.ChannelGraph"
+
+
+def spearman(a: Sequence[float], b: Sequence[float]) -> float:
+    """Spearman rank correlation (ties get their average rank)."""
+    def ranks(x: Sequence[float]) -> np.ndarray:
+        x = np.asarray(x, dtype=float)
+        order = np.argsort(x, kind="mergesort")
+        r = np.empty(len(x))
+        r[order] = np.arange(len(x))
+        for v in np.unique(x):  # average ranks over ties
+            tie = x == v
+            r[tie] = r[tie].mean()
+        return r
+    ra, rb = ranks(a), ranks(b)
+    if len(ra) < 2 or ra.std() == 0 or rb.std() == 0:
+        return float("nan")
+    return float(np.corrcoef(ra, rb)[0, 1])
+
+
+def _effective_rank(spectrum: torch.Tensor) -> float:
+    p = spectrum.double().clamp_min(0)
+    if p.sum() <= 0:
+        return 0.0
+    p = p / p.sum()
+    return float(torch.exp(-(p[p > 0] * p[p > 0].log()).sum()))
+
+
+@dataclass
+class ChannelGraph:
+    """The compressed computational graph of a model (see the module docs)."""
+
+    nx: nx.DiGraph
+    model_fingerprint: str | None = None
+    config: dict[str, Any] = field(default_factory=dict)
+    compression: Any = field(default=None, repr=False)  # the Compression it was built from, if known
+
+    def __repr__(self) -> str:
+        kinds: dict[str, int] = {}
+        for _, k in self.nx.nodes(data="kind"):
+            kinds[k] = kinds.get(k, 0) + 1
+        return (f"ChannelGraph({len(self.channels)} channels, {len(self.routes())} routes, "
+                f"weight={self.weight!r}, nodes={kinds})")
+
+    # --- views -------------------------------------------------------------------------------
+
+    @property
+    def channels(self) -> list[str]:
+        """Channel node names, in stream order."""
+        nodes = [(d["order"], n) for n, d in self.nx.nodes(data=True) if d["kind"] not in ("port", "sink")]
+        return [n for _, n in sorted(nodes)]
+
+    @property
+    def weight(self) -> Weight:
+        """The default route strength for capacities: ``"data"`` when the graph has data strengths."""
+        return self.config.get("weight", "static")
+
+    def routes(self, weight: Weight | None = None) -> dict[tuple[str, str], float]:
+        """``{(writer, port): strength}`` for every route (ports as in :mod:`tl_modular.patching`)."""
+        key = weight or self.weight
+        if key not in ("data", "static"):
+            raise ValueError(f"weight must be 'data' or 'static', got {key!r}")
+        if key == "data" and self.config.get("weight") != "data":
+            raise ValueError("this graph has no data strengths: build it with model= and tokens=")
+        return {(u, v): d[key] for u, v, d in self.nx.edges(data=True) if d["kind"] == "route"}
+
+    def owner(self, port: str) -> str:
+        """The channel (or ``unembed``) a port belongs to."""
+        return self.nx.nodes[port].get("channel", port)
+
+    def capacity_graph(self, weight: Weight | None = None, *, io: bool = False) -> nx.Graph:
+        """Undirected graph whose capacity between two channels is the summed strength of the routes
+        between them (ports collapsed onto their channel).
+
+        The nodes are the heads and MLPs; with ``io=True`` also the embeddings and ``unembed``. They
+        are left out by default because every channel talks to them: with them in, the Gomory–Hu
+        tree becomes a star around them and every cheapest cut isolates a single channel.
+        """
+        return self._capacity_from(self.routes(weight), io=io)
+
+    def _nodes(self, io: bool) -> list[str]:
+        inner = [n for n in self.channels if self.nx.nodes[n]["kind"] in ("head", "mlp")]
+        if not io:
+            return inner
+        return [n for n in self.channels if n not in inner] + inner + (["unembed"] if "unembed" in self.nx else [])
+
+    def _capacity_from(self, routes: dict[tuple[str, str], float], *, io: bool) -> nx.Graph:
+        g = nx.Graph()
+        g.add_nodes_from(self._nodes(io))
+        for (w, port), s in routes.items():
+            u, v = w, self.owner(port)
+            if u in g and v in g:
+                prev = g.get_edge_data(u, v, {"capacity": 0.0})["capacity"]
+                g.add_edge(u, v, capacity=prev + float(s))
+        return g
+
+    # --- modules -----------------------------------------------------------------------------
+
+    def gomory_hu(self, weight: Weight | None = None, *, io: bool = False, backend: Backend = "auto") -> nx.Graph:
+        """The Gomory–Hu tree of the capacity graph (edge ``weight`` = pairwise min cut)."""
+        return _mincut.gomory_hu_tree(self.capacity_graph(weight, io=io), backend)
+
+    def _min_size(self, min_size: int | None, io: bool) -> int:
+        return max(2, round(0.05 * len(self._counted(io)))) if min_size is None else int(min_size)
+
+    def _counted(self, io: bool) -> list[str]:
+        return [n for n in self._nodes(io) if n != "unembed"]
+
+    def _partition(self, capacity: nx.Graph, *, io: bool, min_size: int | None, n_modules: int | None,
+                   max_cut: float | None, backend: Backend) -> tuple[list[frozenset], list[Split]]:
+        parts, splits, _ = _mincut.find_modules(capacity, min_size=self._min_size(min_size, io),
+                                                counted=self._counted(io), n_modules=n_modules,
+                                                max_cut=max_cut, backend=backend)
+        return parts, splits
+
+    def modules(self, *, weight: Weight | None = None, io: bool = False, min_size: int | None = None,
+                n_modules: int | None = None, max_cut: float | None = None,
+                backend: Backend = "auto") -> list[frozenset[str]]:
+        """Modules: channel sets cut from the Gomory–Hu tree of :meth:`capacity_graph`.
+
+        Tree edges are cut from the weakest up while both sides keep ``min_size`` channels
+        (default 5% of them, at least 2); ``n_modules`` fixes how many, ``max_cut`` cuts every
+        admissible edge up to that value, and by default the level of the hierarchy with the
+        highest Newman Q is taken. Modules list channel names only (no ports, no ``unembed``),
+        largest first; the embeddings join a module only with ``io=True``.
+        """
+        parts, _ = self._partition(self.capacity_graph(weight, io=io), io=io, min_size=min_size,
+                                   n_modules=n_modules, max_cut=max_cut, backend=backend)
+        return _strip(parts)
+
+    def hierarchy(self, *, weight: Weight | None = None, io: bool = False, min_size: int | None = None,
+                  backend: Backend = "auto") -> list[Split]:
+        """Every admissible cut, in the order the tree's weakest edges separate the modules
+        (``Split.parent`` → ``left`` + ``right`` at min-cut ``value``; channel names only)."""
+        tree = self.gomory_hu(weight, io=io, backend=backend)
+        splits = _mincut.hierarchy(tree, min_size=self._min_size(min_size, io), counted=self._counted(io))
+        clean = lambda s: frozenset(s - {"unembed"})  # noqa: E731
+        return [Split(s.value, clean(s.parent), clean(s.left), clean(s.right)) for s in splits]
+
+    def components(self, threshold: float, *, weight: Weight | None = None, io: bool = False,
+                   backend: Backend = "auto") -> list[frozenset[str]]:
+        """Communication components: channel classes whose every pairwise min cut exceeds ``threshold``."""
+        return _strip(_mincut.components(self.gomory_hu(weight, io=io, backend=backend), threshold))
+
+    def modularity(self, *, weight: Weight | None = None, null: Literal["permute", "rotate"] = "permute",
+                   n_null: int = 100, seed: int = 0, io: bool = False, min_size: int | None = None,
+                   n_modules: int | None = None, max_cut: float | None = None,
+                   backend: Backend = "auto", progress: bool = True) -> dict[str, Any]:
+        """How modular the graph is, against a null model built on the graph itself.
+
+        Scores the modules of :meth:`modules` (same arguments) by ``crossing`` (fraction of
+        capacity between modules; lower is more modular), ``ncut`` (lower is more modular) and
+        Newman's ``Q`` (higher is more modular). Each null graph finds its own modules by the same
+        rule, so the comparison is fair. Nulls: ``"permute"`` shuffles route strengths among the
+        routes of the same writer layer → reader layer and port kind; ``"rotate"`` (static
+        strengths only) turns each channel's read and write subspaces by independent Haar-random
+        rotations, keeping ranks and spectra, and recomputes the static strengths.
+
+        Returns ``{metric: {"value", "null_mean", "null_std", "z", "p"}}`` with one-sided empirical
+        p-values ``(1 + #null at least as modular) / (1 + n_null)``, plus ``"modules"`` (count).
+        """
+        from tqdm.auto import tqdm
+
+        weight = weight or self.weight
+        rule = {"io": io, "min_size": min_size, "n_modules": n_modules, "max_cut": max_cut, "backend": backend}
+        capacity = self.capacity_graph(weight, io=io)
+        parts, _ = self._partition(capacity, **rule)
+        real = _mincut.partition_scores(capacity, parts)
+        rng = np.random.default_rng(seed)
+        sampler = self._null_sampler(weight, null, rng, io)
+        nulls = []
+        for _ in tqdm(range(n_null), desc=f"null model ({null})", disable=not progress):
+            cap = sampler()
+            p, _ = self._partition(cap, **rule)
+            nulls.append(_mincut.partition_scores(cap, p))
+        out: dict[str, Any] = {"modules": len(parts), "null": null, "n_null": n_null}
+        for key, higher in (("crossing", False), ("ncut", False), ("Q", True)):
+            vals = np.array([n[key] for n in nulls])
+            mean, std = float(vals.mean()), float(vals.std(ddof=1)) if len(vals) > 1 else 0.0
+            as_good = (vals >= real[key] - 1e-12) if higher else (vals <= real[key] + 1e-12)
+            z = (real[key] - mean) / std if std > 0 else float("nan")
+            out[key] = {"value": real[key], "null_mean": mean, "null_std": std, "z": z,
+                        "p": float((1 + as_good.sum()) / (1 + len(vals)))}
+        return out
+
+    def _null_sampler(self, weight: Weight, null: str, rng: np.random.Generator, io: bool):
+        nodes = set(self._nodes(io))
+        routes = {k: v for k, v in self.routes(weight).items() if k[0] in nodes and self.owner(k[1]) in nodes}
+        keys = list(routes)
+        if null == "permute":
+            groups: dict[tuple, list[int]] = {}
+            for i, (w, port) in enumerate(keys):
+                owner = self.owner(port)
+                path = port.partition(":")[2] or self.nx.nodes[owner]["kind"]
+                groups.setdefault((self.nx.nodes[w]["layer"], self.nx.nodes[owner]["layer"], path), []).append(i)
+            values = np.array([routes[k] for k in keys])
+
+            def sample() -> nx.Graph:
+                perm = values.copy()
+                for idx in groups.values():
+                    perm[idx] = values[rng.permutation(idx)]
+                return self._capacity_from({k: float(v) for k, v in zip(keys, perm, strict=True)}, io=io)
+            return sample
+        if null == "rotate":
+            if weight != "static":
+                raise ValueError("the rotation null recomputes static strengths: pass weight='static' "
+                                 "(or null='permute' for data strengths)")
+            if self.compression is None:
+                raise ValueError("the rotation null needs the compression: build the graph in this session "
+                                 "or load it with ChannelGraph.load(dir, compression=comp)")
+            return self._rotation_sampler(rng, io)
+        raise ValueError(f"null must be 'permute' or 'rotate', got {null!r}")
+
+    def _rotation_sampler(self, rng: np.random.Generator, io: bool):
+        ws = _routes.writers(self.compression, None)
+        rs = _routes.readers(self.compression, None)
+        # embeddings and the unembedding keep their measured static strengths: they are not
+        # channels of the compression and have no subspace to rotate
+        fixed = {k: v for k, v in self.routes("static").items() if k[0] in ("embed", "pos_embed")
+                 or k[1] == "unembed"}
+        valid = _routes.valid_matrix(None, ws, rs)
+        d = ws[0].root.shape[0]
+        gen = torch.Generator().manual_seed(int(rng.integers(2**31)))
+
+        def haar() -> torch.Tensor:
+            q, r = torch.linalg.qr(torch.randn(d, d, generator=gen, dtype=torch.float64))
+            return q * r.diagonal().sign()
+
+        def sample() -> nx.Graph:
+            # a rotated side keeps its worth per direction; only its orientation is random
+            rw = [_routes.Writer(w.name, None, w.spectrum, w.mean, haar() @ w.root) for w in ws]
+            rr = [_routes.Reader(r.port, r.channel, None, None, r.spectrum, haar() @ r.encoder) for r in rs]
+            static, _ = _routes.static_strengths(rr, rw, valid)
+            routes = dict(fixed)
+            for i, j in _routes.iter_routes(rw, rr, valid):
+                routes[(ws[i].name, rs[j].port)] = float(static[i, j])
+            return self._capacity_from(routes, io=io)
+        return sample
+
+    # --- checks against the model ---------------------------------------------------------------
+
+    def check_routes(self, model: Any, tokens: Int[torch.Tensor, "batch pos"], *, n: int = 50, seed: int = 0,
+                     attention_mask: torch.Tensor | None = None, loss_mask: torch.Tensor | None = None,
+                     batch_size: int = 16, routes: Sequence[tuple[str, str]] | None = None) -> dict[str, Any]:
+        """Compare data strengths with real ablation: mean-ablate each of ``n`` sampled routes (or
+        the given ``routes``) through the subspaces and measure the change of the mean CE loss.
+
+        Returns ``{"routes", "predicted", "strength", "actual", "spearman", "spearman_signed"}``:
+        ``spearman`` ranks the routes' ``data`` strengths against ``|actual|``, ``spearman_signed``
+        their signed ``attribution`` against ``actual``.
+        """
+        self._check_data(model)
+        channels = segment(model)
+        ws = {w.name: w for w in _routes.writers(self.compression, channels, tokens, attention_mask)}
+        rs = {r.port: r for r in _routes.readers(self.compression, model)}
+        all_routes = sorted(self.routes("data"))
+        if routes is None:
+            rng = np.random.default_rng(seed)
+            idx = rng.choice(len(all_routes), size=min(n, len(all_routes)), replace=False)
+            routes = [all_routes[i] for i in sorted(idx)]
+        predicted = [float(self.nx.edges[r]["attribution"]) for r in routes]
+        strength = [float(self.nx.edges[r]["data"]) for r in routes]
+        actual = [_routes.ablate_routes(model, channels, [(w, p)], ws, tokens, attention_mask, loss_mask,
+                                        metric=self.config.get("metric", "loss"), batch_size=batch_size,
+                                        through=rs[p]) for w, p in routes]
+        return {"routes": list(routes), "predicted": predicted, "strength": strength, "actual": actual,
+                "spearman": spearman(strength, [abs(x) for x in actual]),
+                "spearman_signed": spearman(predicted, actual)}
+
+    def lesion(self, model: Any, tokens: Int[torch.Tensor, "batch pos"], *, modules: Sequence[frozenset] | None = None,
+               n_random: int = 5, seed: int = 0, attention_mask: torch.Tensor | None = None,
+               loss_mask: torch.Tensor | None = None, batch_size: int = 16,
+               weight: Weight | None = None) -> dict[str, Any]:
+        """Lesion test: mean-ablate every route between modules, and random sets of routes between
+        module members of the same total strength, and compare the change of the mean loss.
+
+        A modular graph loses less from its cross-module routes than from random ones
+        (``ratio = cross / random_mean < 1``).
+        """
+        self._check_data(model)
+        weight = weight or self.weight
+        modules = list(modules) if modules is not None else self.modules(weight=weight)
+        label = {n: i for i, m in enumerate(modules) for n in m}
+        # routes between module members only: those from the embeddings and into the unembedding
+        # belong to no module and are never lesioned
+        strengths = {r: s for r, s in self.routes(weight).items() if r[0] in label and self.owner(r[1]) in label}
+        cross = [r for r in strengths if label[r[0]] != label[self.owner(r[1])]]
+        target = sum(strengths[r] for r in cross)
+        channels = segment(model)
+        ws = {w.name: w for w in _routes.writers(self.compression, channels, tokens, attention_mask)}
+
+        def loss_change(routes: list[tuple[str, str]]) -> float:
+            return _routes.ablate_routes(model, channels, routes, ws, tokens, attention_mask, loss_mask,
+                                         metric=self.config.get("metric", "loss"), batch_size=batch_size)
+
+        rng = np.random.default_rng(seed)
+        keys = sorted(strengths)
+        randoms = []
+        for _ in range(n_random):
+            order = rng.permutation(len(keys))
+            cum = np.cumsum([strengths[keys[i]] for i in order])
+            k = int(np.argmin(np.abs(cum - target))) + 1 if len(cum) else 0
+            randoms.append(loss_change([keys[i] for i in order[:k]]))
+        cross_change = loss_change(cross)
+        rand = float(np.mean(randoms)) if randoms else float("nan")
+        return {"n_cross_routes": len(cross), "cross_strength": float(target), "cross": cross_change,
+                "random": randoms, "random_mean": rand,
+                "ratio": cross_change / rand if rand not in (0.0,) and not math.isnan(rand) else float("nan")}
+
+    def _check_data(self, model: Any) -> None:
+        if self.compression is None:
+            raise ValueError("this needs the compression the graph was built from: build it in this session "
+                             "or load it with ChannelGraph.load(dir, compression=comp)")
+        if self.model_fingerprint is not None and self.model_fingerprint != fingerprint(model):
+            raise ValueError("this graph belongs to another model (its weights or config differ)")
+
+    # --- files -------------------------------------------------------------------------------
+
+    def save(self, directory: str | os.PathLike) -> Path:
+        """Write ``directory/graph.json`` (atomic; schema in the module docs)."""
+        directory = Path(directory)
+        nodes = [{"id": n, **d} for n, d in self.nx.nodes(data=True)]
+        edges = [{"source": u, "target": v, **d} for u, v, d in self.nx.edges(data=True)]
+        write_json(directory / "graph.json", {"schema": _SCHEMA, "version": SCHEMA_VERSION,
+                                              "model_fingerprint": self.model_fingerprint,
+                                              "config": self.config, "nodes": nodes, "edges": edges})
+        return directory
+
+    @classmethod
+    def load(cls, directory: str | os.PathLike, *, compression: Any = None) -> ChannelGraph:
+        """Read a graph written by :meth:`save` (pass ``compression=`` for the checks that need it)."""
+        path = Path(directory) / "graph.json"
+        if not path.exists():
+            raise FileNotFoundError(f"no graph.json in {directory}; write one with ChannelGraph.save")
+        meta = read_json(path)
+        if meta.get("schema") != _SCHEMA or meta.get("version") != SCHEMA_VERSION:
+            raise ValueError(f"{path} is not a version-{SCHEMA_VERSION} {_SCHEMA} file")
+        g = nx.DiGraph()
+        for node in meta["nodes"]:
+            attrs = dict(node)
+            g.add_node(attrs.pop("id"), **attrs)
+        for edge in meta["edges"]:
+            attrs = dict(edge)
+            g.add_edge(attrs.pop("source"), attrs.pop("target"), **attrs)
+        if compression is not None and meta["model_fingerprint"] not in (None, compression.model_fingerprint):
+            raise ValueError("the compression belongs to another model than the graph")
+        return cls(g, meta["model_fingerprint"], meta["config"], compression)
+
+    def to_graphml(self, path: str | os.PathLike) -> Path:
+        """Export to GraphML (networkx), e.g. for Gephi or Cytoscape."""
+        from tl_modular._graph_views import write_graphml
+        return write_graphml(self, Path(path))
+
+    def to_dot(self, path: str | os.PathLike, *, weight: Weight | None = None, modules=None) -> Path:
+        """Export the channel-level graph to Graphviz DOT, modules as clusters."""
+        from tl_modular._graph_views import write_dot
+        return write_dot(self, Path(path), weight=weight or self.weight, modules=modules)
+
+    def plot(self, path: str | os.PathLike | None = None, *, weight: Weight | None = None,
+             modules: Sequence[frozenset] | None = None, top: float = 0.9, ax: Any = None) -> Any:
+        """Draw channels by stream position, modules coloured, edge widths by strength (the routes
+        carrying the ``top`` fraction of all strength). Saves to ``path`` when given; returns the axes."""
+        from tl_modular._graph_views import plot
+        return plot(self, None if path is None else Path(path), weight=weight or self.weight,
+                    modules=modules, top=top, ax=ax)
+
+
+def _strip(parts: Sequence[frozenset]) -> list[frozenset[str]]:
+    out = [frozenset(p - {"unembed"}) for p in parts]
+    return sorted((p for p in out if p), key=lambda p: (-len(p), sorted(p)))
+
+
+# --- building ------------------------------------------------------------------------------------
+
+def build_graph(comp: Any, model: Any | None = None, tokens: Int[torch.Tensor, "batch pos"] | None = None, *,
+                attention_mask: torch.Tensor | None = None, loss_mask: torch.Tensor | None = None,
+                metric: Literal["loss", "logit"] = "loss", batch_size: int = 16,
+                progress: bool = True) -> ChannelGraph:
+    """The compressed computational graph of ``comp``.
+
+    Args:
+        comp: A :class:`~tl_modular.Compression`.
+        model: The model it belongs to; adds the embeddings as writers and ``unembed`` as a sink.
+        tokens: ``[batch, pos]`` data for the data strengths (needs ``model``): one forward and one
+            backward pass per batch.
+        attention_mask: ``[batch, pos]``, 1 for real tokens.
+        loss_mask: ``[batch, pos]``, 1 where the next-token prediction counts in the loss (all real
+            tokens by default; the bundled model's task positions: ``toy.mixed_tokens(scored=True)``).
+        metric: What the data strengths measure: next-token CE (``"loss"``) or the correct token's
+            logit against the mean logit (``"logit"``; for models so confident on their data that
+            CE gradients vanish, such as the bundled one on its tasks).
+
+    Returns:
+        A :class:`ChannelGraph`; its capacities use data strengths when tokens were given.
+
+    >>> graph = tlm.build_graph(comp, model=model, tokens=tokens)   # doctest: +SKIP
+    """
+    channels: ChannelSet | None = None
+    if model is not None:
+        comp.check_model(model)
+        channels = segment(model)
+    if tokens is not None and model is None:
+        raise ValueError("data strengths need the model: pass model= with tokens=")
+    if len(comp) == 0:
+        raise ValueError("the compression holds no channels")
+    if tokens is not None:
+        tokens, attention_mask = _routes._check_tokens(model, tokens, attention_mask)
+    ws = _routes.writers(comp, channels, tokens, attention_mask)
+    rs = _routes.readers(comp, model)
+    valid = _routes.valid_matrix(channels, ws, rs)
+    static, share = _routes.static_strengths(rs, ws, valid)
+    attribution = magnitude = None
+    if tokens is not None:
+        attribution, magnitude = _routes.attributions(model, channels, ws, rs, valid, tokens, attention_mask, loss_mask,
+                                           metric=metric, batch_size=batch_size, progress=progress)
+
+    g = nx.DiGraph()
+    for w in ws:
+        g.add_node(w.name, **_node_attrs(w.name, comp, channels))
+    for r in rs:
+        if r.port == "unembed":
+            g.add_node("unembed", kind="sink", layer=_layers(comp, channels), order=math.inf)
+        elif r.port != r.channel:
+            g.add_node(r.port, kind="port", channel=r.channel, path=r.port.partition(":")[2],
+                       layer=g.nodes[r.channel]["layer"], order=g.nodes[r.channel]["order"] - 0.25,
+                       read_rank=int(len(r.spectrum)), read_energy=float(r.spectrum.sum()))
+            g.add_edge(r.port, r.channel, kind="port")
+        else:
+            g.nodes[r.channel].update(read_rank=int(len(r.spectrum)), read_energy=float(r.spectrum.sum()))
+    for i, j in _routes.iter_routes(ws, rs, valid):
+        attrs = {"kind": "route", "static": float(static[i, j]), "share": float(share[i, j])}
+        if attribution is not None:
+            attrs.update(attribution=float(attribution[i, j]), data=float(magnitude[i, j]))
+        g.add_edge(ws[i].name, rs[j].port, **attrs)
+    config = {"weight": "data" if attribution is not None else "static", "has_model": model is not None,
+              "metric": metric,
+              "n_tokens": 0 if tokens is None else _routes.n_targets(tokens, attention_mask, loss_mask),
+              "compression": dict(comp.config), "total_rank": comp.total_rank}
+    return ChannelGraph(g, comp.model_fingerprint, config, comp)
+
+
+def _layers(comp: Any, channels: ChannelSet | None) -> int:
+    if channels is not None:
+        return channels.model.cfg.n_layers
+    return 1 + max(int(n.split(".")[0][1:]) for n in comp)
+
+
+def _node_attrs(name: str, comp: Any, channels: ChannelSet | None) -> dict[str, Any]:
+    if name in ("embed", "pos_embed"):
+        return {"kind": name, "layer": -1, "order": -1.0}
+    cc = comp[name]
+    layer_part, _, rest = name.partition(".")
+    layer = int(layer_part[1:])
+    attrs: dict[str, Any] = {"kind": cc.kind, "layer": layer, "order": 2.0 * layer + (1.0 if cc.kind == "mlp" else 0.0)}
+    if cc.kind == "head":
+        attrs["head"] = int(rest[1:])
+    spec = cc.write.spectrum[: cc.write.rank]
+    attrs.update(write_rank=int(cc.write.rank), write_energy=float(spec.sum()),
+                 write_effective_rank=_effective_rank(spec))
+    return attrs
