@@ -109,8 +109,9 @@ def planted_modules(n_modules: int = 3, *, n_layers: int = 3, n_heads: int = 3, 
     each channel reads and writes only its module's block (other rows/columns get ``leak`` noise).
     The embedding and unembedding span every block. Two routes are planted inside modules by
     adding a strong shared direction to the writer's output and the reader's input weights:
-    ``L0.H0 → L1.H2:v`` and ``L1.MLP → L2.H2:q`` (with 3 modules; ``H{n_modules - 1}`` in general). No normalization, so the
-    blocks stay exactly separate when ``leak=0``; rotary positions. ``structured=False`` gives the
+    ``L0.H0 → L1.H2:v`` and ``L1.MLP → L2.H2:q`` (with 3 modules; ``H{n_modules - 1}`` in
+    general). No normalization, so the blocks stay exactly separate when ``leak=0``; rotary
+    positions. ``structured=False`` gives the
     same shapes with dense random weights (no modules), as a null reference.
     """
     from transformer_lens import HookedTransformer, HookedTransformerConfig
