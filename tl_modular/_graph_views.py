@@ -65,7 +65,7 @@ def plot(graph: Any, path: Path | None, *, weight: str, modules: Sequence[frozen
     n_layers = max((d["layer"] for _, d in nodes(data=True) if d["kind"] not in ("port",)), default=0)
 
     def x_of(n: str) -> float:
-        return n_layers * 2 + 1.0 if n == "unembed" else nodes[n]["order"]
+        return n_layers * 2 + 0.5 if n == "unembed" else nodes[n]["order"]
 
     columns: dict[float, list[str]] = {}
     for n in cap.nodes:
@@ -76,7 +76,7 @@ def plot(graph: Any, path: Path | None, *, weight: str, modules: Sequence[frozen
         for i, n in enumerate(names):
             pos[n] = (x, i - (len(names) - 1) / 2)
     if ax is None:
-        height = max(3.0, 0.45 * max(len(v) for v in columns.values()))
+        height = max(3.5, 0.6 * max(len(v) for v in columns.values()))
         _, ax = plt.subplots(figsize=(max(6.0, 1.2 * len(columns)), height))
     edges = sorted(cap.edges(data="capacity"), key=lambda e: -e[2])
     total = sum(c for _, _, c in edges) or 1.0
@@ -87,14 +87,22 @@ def plot(graph: Any, path: Path | None, *, weight: str, modules: Sequence[frozen
         kept.append((u, v, c))
         acc += c
     biggest = kept[0][2] if kept else 1.0
+    from matplotlib.patches import FancyArrowPatch
+
     for u, v, c in kept:
-        (x0, y0), (x1, y1) = pos[u], pos[v]
-        ax.plot([x0, x1], [y0, y1], color="0.4", alpha=0.6, lw=0.3 + 5 * c / biggest, zorder=1)
+        a, b = sorted((u, v), key=x_of)
+        # arcs bend more the farther they reach, so long routes do not run through the nodes between
+        rad = 0.03 * min(abs(x_of(b) - x_of(a)), 5)
+        ax.add_patch(FancyArrowPatch(pos[a], pos[b], connectionstyle=f"arc3,rad={rad:.2f}", arrowstyle="-",
+                                     color="0.35", alpha=0.55, lw=0.3 + 5 * c / biggest, zorder=1))
     cmap = plt.get_cmap("tab10" if len(modules) <= 10 else "tab20")
     for n, (x, y) in pos.items():
         color = cmap(label[n] % cmap.N) if n in label else "white"
         ax.scatter([x], [y], s=420, color=color, edgecolors="black", zorder=2)
         ax.annotate(n, (x, y), ha="center", va="center", fontsize=6, zorder=3)
+    ys = [y for _, y in pos.values()]
+    ax.set_ylim(min(ys) - 1.2, max(ys) + 0.8)
+    ax.set_xlim(min(columns) - 0.5, max(columns) + 0.5)
     ax.set_xticks(sorted(columns))
     ax.set_xticklabels(["emb" if x < 0 else "out" if x > 2 * n_layers else
                         f"L{int(x // 2)} {'mlp' if x % 2 else 'attn'}" for x in sorted(columns)], fontsize=7)

@@ -280,40 +280,46 @@ def attributions(model: Any, channels: ChannelSet, writers_: list[Writer], reade
     return torch.where(valid, signed / n, zero), torch.where(valid, magnitude / n, zero)
 
 
-def ablate_routes(model: Any, channels: ChannelSet, routes: list[tuple[str, str]], writers_: Mapping[str, Writer],
-                  tokens: torch.Tensor, mask: torch.Tensor | None, loss_mask: torch.Tensor | None = None, *,
-                  metric: str = "loss", batch_size: int, through: Reader | None = None) -> float:
-    """The real change of the mean CE loss when the routes are mean-ablated together (position 0
-    and padding keep their clean writes). With ``through=`` (one route), the ablated part is
-    projected through the writer's write side and that reader's read side, as the attribution is."""
+def ablation_effects(model: Any, channels: ChannelSet, route_sets: list[tuple[list[tuple[str, str]], Reader | None]],
+                     writers_: Mapping[str, Writer], tokens: torch.Tensor, mask: torch.Tensor | None,
+                     loss_mask: torch.Tensor | None = None, *, metric: str = "loss", batch_size: int) -> list[float]:
+    """The real change of the mean metric when each set of routes is mean-ablated together
+    (position 0 and padding keep their clean writes): one clean pass per batch, one patched pass
+    per set. A set given with a reader (one route) has its ablated part projected through the
+    writer's write side and that reader's read side, as the attribution is."""
     tokens, mask = _check_tokens(model, tokens, mask)
     _check_loss_mask(tokens, mask, loss_mask)
-    if not routes:
-        return 0.0
     device = model.cfg.device
-    senders = sorted({w for w, _ in routes})
+    senders = sorted({w for routes, _ in route_sets for w, _ in routes})
     hooks = sorted({channels[w].source_hook for w in senders})
-    diff = 0.0
+    diffs = [0.0] * len(route_sets)
     for batch, m, target in _batches3(tokens, mask, loss_mask, batch_size, device):
         kwargs = {} if m is None else {"attention_mask": m}
         acts: dict[str, torch.Tensor] = {}
         keep = lambda a, hook, acts=acts: acts.__setitem__(hook.name, a)  # noqa: E731
         with torch.no_grad():
             with model.hooks(fwd_hooks=[(h, keep) for h in hooks]):
-                clean = model(batch, **kwargs)
+                clean = float(_loss(batch, target, model(batch, **kwargs), metric))
             ws = [writers_[w] for w in senders]
-            writes = _writes_now(channels, ws, acts)
+            writes = dict(zip(senders, _writes_now(channels, ws, acts), strict=True))
             weight = _weights(batch, m).to(device)
-            if through is None:
-                deltas = torch.stack([(w.mean.to(x) - x) * weight[..., None].to(x)
-                                      for w, x in zip(ws, writes, strict=True)])
-            else:
-                deltas = (_deltas(ws, writes, weight) @ through.encoder.to(writes)) @ through.decoder.to(writes).T \
-                    if through.encoder is not None else _deltas(ws, writes, weight)
-            source = {w: x + d for w, x, d in zip(senders, writes, deltas, strict=True)}
-            patched = patch_routes(model, channels, batch, routes, source, **kwargs)
-            diff += float(_loss(batch, target, patched, metric) - _loss(batch, target, clean, metric))
-    return diff / n_targets(tokens, mask, loss_mask)
+            for k, (routes, through) in enumerate(route_sets):
+                if not routes:
+                    continue
+                source = {}
+                for w in {w for w, _ in routes}:
+                    x = writes[w]
+                    if through is None:
+                        delta = (writers_[w].mean.to(x) - x) * weight[..., None].to(x)
+                    else:
+                        delta = _deltas([writers_[w]], x[None], weight)[0]
+                        if through.encoder is not None:
+                            delta = (delta @ through.encoder.to(x)) @ through.decoder.to(x).T
+                    source[w] = x + delta
+                patched = patch_routes(model, channels, batch, routes, source, **kwargs)
+                diffs[k] += float(_loss(batch, target, patched, metric)) - clean
+    n = n_targets(tokens, mask, loss_mask)
+    return [d / n for d in diffs]
 
 
 def valid_matrix(channels: ChannelSet | None, writers_: list[Writer], readers_: list[Reader]) -> torch.Tensor:

@@ -323,13 +323,15 @@ def _sym_sqrt(cov: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return (v * lam.sqrt()) @ v.T, (v / lam.sqrt()) @ v.T
 
 
-def _from_factor(factor: torch.Tensor, cov: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Encoder, decoder, spectrum minimizing ``‖Σ^{1/2}(I - E Dᵀ) F‖²`` (Σ = I when ``cov`` is None)."""
-    if cov is None:
+def _from_factor(factor: torch.Tensor, roots: tuple[torch.Tensor, torch.Tensor] | None
+                 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Encoder, decoder, spectrum minimizing ``‖Σ^{1/2}(I - E Dᵀ) F‖²`` (Σ = I when ``roots`` is None;
+    else ``roots = _sym_sqrt(Σ)``)."""
+    if roots is None:
         u, s, _ = torch.linalg.svd(factor, full_matrices=False)
         keep = s > _REL_TOL * s.max().clamp_min(1e-300)
         return u[:, keep], u[:, keep], s[keep] ** 2
-    root, inv_root = _sym_sqrt(cov)
+    root, inv_root = roots
     u, s, _ = torch.linalg.svd(root @ factor, full_matrices=False)
     keep = s > _REL_TOL * s.max().clamp_min(1e-300)
     u = u[:, keep]
@@ -347,8 +349,12 @@ def _centering(channel: Any, model: Any) -> bool:
     return channel.input_hook.endswith("hook_normalized") and model.cfg.normalization_type in ("LN", "LNPre")
 
 
-def _read_sides(c: Any, stats: Statistics, statistic: ReadStatistic, model: Any) -> dict[str, Side]:
+def _read_sides(c: Any, stats: Statistics, statistic: ReadStatistic, model: Any,
+                roots: dict[str, tuple[torch.Tensor, torch.Tensor]]) -> dict[str, Side]:
+    """``roots`` caches ``_sym_sqrt`` of each input covariance: every head of a layer shares it."""
     inp = stats.inputs[c.input_hook]
+    if c.input_hook not in roots:
+        roots[c.input_hook] = _sym_sqrt(inp.cov)
     to_res = _centering(c, model)
     sides = {}
     for port, ps in stats.reads[c.name].items():
@@ -360,12 +366,11 @@ def _read_sides(c: Any, stats: Statistics, statistic: ReadStatistic, model: Any)
         if statistic == "rrr":
             if c.kind == "mlp":
                 w = stats.writes[c.name]
-                _, inv_root = _sym_sqrt(inp.cov)
+                _, inv_root = roots[c.input_hook]
                 factor = inv_root @ inv_root @ w.cross   # OLS coefficients B = Σ⁺ Cov(ŷ, out)
             else:
                 stat = "whitened"
-        cov = None if stat == "jacobian" else inp.cov
-        enc, dec, spec = _from_factor(factor, cov)
+        enc, dec, spec = _from_factor(factor, None if stat == "jacobian" else roots[c.input_hook])
         sides[port] = Side(enc, dec, inp.mean.clone(), spec, to_res, stat, enc.shape[1])
     return sides
 
@@ -467,12 +472,12 @@ def compress(
     if statistics is None:
         statistics = collect_statistics(model, tokens, chans, names=names, attention_mask=attention_mask,
                                         batch_size=batch_size, method=method, progress=progress)
-    out = {}
+    out, roots = {}, {}
     for name in names:
         c = chans[name]
         if name not in statistics.reads:
             raise ValueError(f"the statistics hold no channel {name!r}")
-        sides = _read_sides(c, statistics, read, model)
+        sides = _read_sides(c, statistics, read, model, roots)
         out[name] = ChannelCompression(name, c.kind, ReadSpace(sides), _write_side(c, statistics, write))
     comp = Compression(out, fingerprint(model), statistics.n_tokens,
                        {"read": read, "write": write, "method": statistics.method})

@@ -319,9 +319,9 @@ class ChannelGraph:
             routes = [all_routes[i] for i in sorted(idx)]
         predicted = [float(self.nx.edges[r]["attribution"]) for r in routes]
         strength = [float(self.nx.edges[r]["data"]) for r in routes]
-        actual = [_routes.ablate_routes(model, channels, [(w, p)], ws, tokens, attention_mask, loss_mask,
-                                        metric=self.config.get("metric", "loss"), batch_size=batch_size,
-                                        through=rs[p]) for w, p in routes]
+        actual = _routes.ablation_effects(model, channels, [([(w, p)], rs[p]) for w, p in routes], ws, tokens,
+                                          attention_mask, loss_mask, metric=self.config.get("metric", "loss"),
+                                          batch_size=batch_size)
         return {"routes": list(routes), "predicted": predicted, "strength": strength, "actual": actual,
                 "spearman": spearman(strength, [abs(x) for x in actual]),
                 "spearman_signed": spearman(predicted, actual)}
@@ -348,19 +348,18 @@ class ChannelGraph:
         channels = segment(model)
         ws = {w.name: w for w in _routes.writers(self.compression, channels, tokens, attention_mask)}
 
-        def loss_change(routes: list[tuple[str, str]]) -> float:
-            return _routes.ablate_routes(model, channels, routes, ws, tokens, attention_mask, loss_mask,
-                                         metric=self.config.get("metric", "loss"), batch_size=batch_size)
-
         rng = np.random.default_rng(seed)
         keys = sorted(strengths)
-        randoms = []
+        sets = [cross]
         for _ in range(n_random):
             order = rng.permutation(len(keys))
             cum = np.cumsum([strengths[keys[i]] for i in order])
-            k = int(np.argmin(np.abs(cum - target))) + 1 if len(cum) else 0
-            randoms.append(loss_change([keys[i] for i in order[:k]]))
-        cross_change = loss_change(cross)
+            k = int(np.argmin(np.abs(cum - target))) + 1 if len(cum) and target > 0 else 0
+            sets.append([keys[i] for i in order[:k]])
+        changes = _routes.ablation_effects(model, channels, [(s, None) for s in sets], ws, tokens, attention_mask,
+                                           loss_mask, metric=self.config.get("metric", "loss"),
+                                           batch_size=batch_size)
+        cross_change, randoms = changes[0], changes[1:]
         rand = float(np.mean(randoms)) if randoms else float("nan")
         return {"n_cross_routes": len(cross), "cross_strength": float(target), "cross": cross_change,
                 "random": randoms, "random_mean": rand,
