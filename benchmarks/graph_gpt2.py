@@ -65,7 +65,8 @@ def main() -> None:
     print(f"data graph: {data_t:.1f} s = {data_t / fb:.2f}x plain forward+backward ({fb:.1f} s)")
     for backend in ("igraph", "networkx"):
         t, modules = timed(lambda b=backend: graph.modules(backend=b))
-        print(f"modules ({backend}): {t:.2f} s, {len(modules)} modules, sizes {sorted(map(len, modules), reverse=True)}")
+        sizes = sorted(map(len, modules), reverse=True)
+        print(f"modules ({backend}): {t:.2f} s, {len(modules)} modules, sizes {sizes}")
     n_null = {"igraph": args.n_null, "networkx": args.n_null_networkx}
     for backend, n in n_null.items():
         t, result = timed(lambda b=backend, n=n: graph.modularity(n_null=n, backend=b, progress=False))

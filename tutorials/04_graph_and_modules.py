@@ -70,7 +70,8 @@ for mode in "QKV":
         reader, _, path = p.partition(":")
         if path == mode.lower() and graph.nx.nodes[w]["kind"] == "head":
             nw, nr = graph.nx.nodes[w], graph.nx.nodes[reader]
-            rows.append((graph.nx.edges[w, p]["static"], float(scores[nw["layer"], nw["head"], nr["layer"], nr["head"]])))
+            score = float(scores[nw["layer"], nw["head"], nr["layer"], nr["head"]])
+            rows.append((graph.nx.edges[w, p]["static"], score))
 print(f"Spearman(static strength, all_composition_scores) over {len(rows)} head pairs: "
       f"{spearman(*zip(*rows)):.2f}")
 
