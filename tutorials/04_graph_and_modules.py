@@ -73,7 +73,7 @@ for mode in "QKV":
             score = float(scores[nw["layer"], nw["head"], nr["layer"], nr["head"]])
             rows.append((graph.nx.edges[w, p]["static"], score))
 print(f"Spearman(static strength, all_composition_scores) over {len(rows)} head pairs: "
-      f"{spearman(*zip(*rows)):.2f}")
+      f"{spearman([r[0] for r in rows], [r[1] for r in rows]):.2f}")
 
 # %% [markdown]
 # ## Modules, their hierarchy and how modular the model is
