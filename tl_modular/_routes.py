@@ -115,16 +115,26 @@ def writers(comp: Any, channels: ChannelSet | None, tokens: torch.Tensor | None 
     return out
 
 
-def static_strengths(readers_: list[Reader], writers_: list[Writer], valid: torch.Tensor
+def static_strengths(readers_: list[Reader], writers_: list[Writer], valid: torch.Tensor, *, chunk: int = 32
                      ) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(static, share)``, each ``[writers, readers]``; invalid routes are 0."""
+    """``(static, share)``, each ``[writers, readers]``; invalid routes are 0.
+
+    ``a_ij = tr(R_j C_i) = ⟨C_i, R_j⟩_F``: one matrix product of the flattened ``[d, d]`` covariances
+    of all writers with those of a chunk of readers (cheaper than a product per route).
+    """
+    if not writers_ or not readers_:
+        z = torch.zeros(len(writers_), len(readers_), dtype=torch.float64)
+        return z, z
+    covs = torch.stack([w.root @ w.root.T for w in writers_]).flatten(1)         # [W, d²]
     a = torch.zeros(len(writers_), len(readers_), dtype=torch.float64)
-    for j, r in enumerate(readers_):
-        # R_p^{1/2}: encoder directions scaled by the root of their worth
-        half = (r.encoder if r.sensitivity is None else r.sensitivity) * r.spectrum.sqrt()
-        for i, w in enumerate(writers_):
-            if valid[i, j]:
-                a[i, j] = (w.root.T.to(half) @ half).pow(2).sum()
+    for start in range(0, len(readers_), chunk):
+        halves = []
+        for r in readers_[start:start + chunk]:
+            # R_p^{1/2}: encoder directions scaled by the root of their worth
+            half = (r.encoder if r.sensitivity is None else r.sensitivity) * r.spectrum.sqrt()
+            halves.append((half @ half.T).to(covs))
+        a[:, start:start + len(halves)] = covs @ torch.stack(halves).flatten(1).T
+    a = torch.where(valid, a.clamp_min(0), torch.zeros_like(a))
     total = a.sum(0, keepdim=True)
     share = torch.where(total > 0, a / total.clamp_min(1e-300), torch.zeros_like(a))
     worth = torch.stack([r.spectrum.sum() for r in readers_])
@@ -256,8 +266,8 @@ def _batches3(tokens: torch.Tensor, mask: torch.Tensor | None, loss_mask: torch.
 
 def attributions(model: Any, channels: ChannelSet, writers_: list[Writer], readers_: list[Reader],
                  valid: torch.Tensor, tokens: torch.Tensor, mask: torch.Tensor | None,
-                 loss_mask: torch.Tensor | None, *, metric: str, batch_size: int, progress: bool
-                 ) -> tuple[torch.Tensor, torch.Tensor]:
+                 loss_mask: torch.Tensor | None, *, metric: str, batch_size: int, progress: bool,
+                 chunk: int = 64) -> tuple[torch.Tensor, torch.Tensor]:
     """``(signed, magnitude)``, each ``[writers, readers]`` per counted prediction: the first-order
     change of the metric when each route is mean-ablated, and the mean over positions of its
     per-position magnitude (which does not cancel between positions that push either way)."""
@@ -270,12 +280,15 @@ def attributions(model: Any, channels: ChannelSet, writers_: list[Writer], reade
                total=-(-len(tokens) // batch_size), disable=not progress, desc="route attribution")
     for batch, m, target in bar:
         writes, grads = _forward_backward(model, channels, writers_, readers_, batch, m, target, metric)
-        deltas = _deltas(writers_, writes, _weights(batch, m)).flatten(1, 2)   # [W, N, d]
-        for j, r in enumerate(readers_):
-            g = _project_reader(r, grads[r.port]).flatten(0, 1).to(deltas)      # [N, d]
-            per = torch.einsum("wnd,nd->wn", deltas, g).double().cpu()           # per position
-            signed[:, j] += per.sum(1)
-            magnitude[:, j] += per.abs().sum(1)
+        deltas = _deltas(writers_, writes, _weights(batch, m)).flatten(1, 2).transpose(0, 1).contiguous()  # [N, W, d]
+        # per position, all writers against a chunk of readers in one batched matmul (compute-bound,
+        # unlike a pass over the writes per reader)
+        for start in range(0, len(readers_), chunk):
+            part = readers_[start:start + chunk]
+            g = torch.stack([_project_reader(r, grads[r.port]).flatten(0, 1) for r in part], -1)  # [N, d, c]
+            per = torch.bmm(deltas, g.to(deltas)).double()                                       # [N, W, c]
+            signed[:, start:start + len(part)] += per.sum(0).cpu()
+            magnitude[:, start:start + len(part)] += per.abs().sum(0).cpu()
     zero = torch.zeros_like(signed)
     return torch.where(valid, signed / n, zero), torch.where(valid, magnitude / n, zero)
 
