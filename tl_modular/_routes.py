@@ -199,10 +199,11 @@ def _check_loss_mask(tokens: torch.Tensor, mask: torch.Tensor | None, loss_mask:
                          "token, or loss_mask is all zero")
 
 
-def _forward_backward(model: Any, channels: ChannelSet, writers_: list[Writer], readers_: list[Reader],
-                      batch: torch.Tensor, mask: torch.Tensor | None, target: torch.Tensor, metric: str
-                      ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-    """Writes ``[W, b, p, d]`` and the loss gradient at every reader port ``{port: [b, p, d]}``."""
+def forward_backward(model: Any, channels: ChannelSet, writers_: list[Writer], readers_: list[Reader],
+                     batch: torch.Tensor, mask: torch.Tensor | None, objective: Any
+                     ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """Writes ``[W, b, p, d]`` and the gradient of ``objective(logits)`` (a scalar) at every reader
+    port ``{port: [b, p, d]}``."""
     sources = {channels[w.name].source_hook for w in writers_}
     port_hooks = {r.port: _port_hooks(channels, r.port) for r in readers_}
     acts: dict[str, torch.Tensor] = {}
@@ -221,7 +222,7 @@ def _forward_backward(model: Any, channels: ChannelSet, writers_: list[Writer], 
     kwargs = {} if mask is None else {"attention_mask": mask}
     with torch.enable_grad(), split_inputs(model), model.hooks(fwd_hooks=fwd):
         logits = model(batch, **kwargs)
-        loss = _loss(batch, target, logits, metric)
+        loss = objective(logits)
         names = sorted(port_names)
         grads = torch.autograd.grad(loss, [acts["grad:" + h] for h in names], allow_unused=True)
     by_hook = {h: (torch.zeros_like(acts["grad:" + h]) if g is None else g) for h, g in zip(names, grads, strict=True)}
@@ -264,6 +265,20 @@ def _batches3(tokens: torch.Tensor, mask: torch.Tensor | None, loss_mask: torch.
         yield batch, m, target_weights(batch, m, lm)
 
 
+def per_position(readers_: list[Reader], deltas: torch.Tensor, grads: Mapping[str, torch.Tensor], chunk: int
+                 ) -> Iterator[tuple[int, torch.Tensor]]:
+    """``(start, [N, W, c])``: every position's ``g_p · Π_p δ_w`` for a chunk of readers from ``start``.
+
+    ``deltas`` is ``[W, b, p, d]`` (already through the write sides). Per position, all writers
+    meet a chunk of readers in one batched matmul (compute-bound, unlike one pass per reader).
+    """
+    flat = deltas.flatten(1, 2).transpose(0, 1).contiguous()                          # [N, W, d]
+    for start in range(0, len(readers_), chunk):
+        part = readers_[start:start + chunk]
+        g = torch.stack([_project_reader(r, grads[r.port]).flatten(0, 1) for r in part], -1)  # [N, d, c]
+        yield start, torch.bmm(flat, g.to(flat)).double()
+
+
 def attributions(model: Any, channels: ChannelSet, writers_: list[Writer], readers_: list[Reader],
                  valid: torch.Tensor, tokens: torch.Tensor, mask: torch.Tensor | None,
                  loss_mask: torch.Tensor | None, *, metric: str, batch_size: int, progress: bool,
@@ -279,16 +294,12 @@ def attributions(model: Any, channels: ChannelSet, writers_: list[Writer], reade
     bar = tqdm(_batches3(tokens, mask, loss_mask, batch_size, model.cfg.device),
                total=-(-len(tokens) // batch_size), disable=not progress, desc="route attribution")
     for batch, m, target in bar:
-        writes, grads = _forward_backward(model, channels, writers_, readers_, batch, m, target, metric)
-        deltas = _deltas(writers_, writes, _weights(batch, m)).flatten(1, 2).transpose(0, 1).contiguous()  # [N, W, d]
-        # per position, all writers against a chunk of readers in one batched matmul (compute-bound,
-        # unlike a pass over the writes per reader)
-        for start in range(0, len(readers_), chunk):
-            part = readers_[start:start + chunk]
-            g = torch.stack([_project_reader(r, grads[r.port]).flatten(0, 1) for r in part], -1)  # [N, d, c]
-            per = torch.bmm(deltas, g.to(deltas)).double()                                       # [N, W, c]
-            signed[:, start:start + len(part)] += per.sum(0).cpu()
-            magnitude[:, start:start + len(part)] += per.abs().sum(0).cpu()
+        writes, grads = forward_backward(model, channels, writers_, readers_, batch, m,
+                                         lambda logits, b=batch, t=target: _loss(b, t, logits, metric))
+        deltas = _deltas(writers_, writes, _weights(batch, m))
+        for start, per in per_position(readers_, deltas, grads, chunk):
+            signed[:, start:start + per.shape[-1]] += per.sum(0).cpu()
+            magnitude[:, start:start + per.shape[-1]] += per.abs().sum(0).cpu()
     zero = torch.zeros_like(signed)
     return torch.where(valid, signed / n, zero), torch.where(valid, magnitude / n, zero)
 

@@ -38,7 +38,7 @@ from __future__ import annotations
 
 import math
 import os
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -364,6 +364,13 @@ class ChannelGraph:
         return {"n_cross_routes": len(cross), "cross_strength": float(target), "cross": cross_change,
                 "random": randoms, "random_mean": rand,
                 "ratio": cross_change / rand if rand not in (0.0,) and not math.isnan(rand) else float("nan")}
+
+    def circuits(self, model: Any, categories: Mapping[str, Any], **kwargs: Any) -> Any:
+        """Per-category circuits: ``{name: Task or [batch, pos] tokens}`` → :class:`~tl_modular.circuits.CircuitSet`
+        (attribution scores per example, greedy growth verified by route patching, bootstrap
+        intervals; see :func:`tl_modular.circuits.find_circuits` for the options)."""
+        from tl_modular.circuits import find_circuits
+        return find_circuits(self, model, categories, **kwargs)
 
     def _check_data(self, model: Any) -> None:
         if self.compression is None:

@@ -1,0 +1,326 @@
+"""Circuits per kind of input: which routes of the channel graph each category of data uses.
+
+``graph.circuits(model, {"induction": task, "text": tokens})`` scores every route of a
+:class:`~tl_modular.graph.ChannelGraph` per example by attribution patching through the
+compressed subspaces (one forward and one backward pass per batch), grows each category's circuit
+greedily by score, and verifies it by real route patching: everything *outside* the circuit gets
+its baseline value (a task's corrupted run, or the data mean) and the metric is measured.
+
+- ``faithfulness(k) = (m_k - m_empty) / (m_clean - m_empty)``: how much of the clean metric the
+  top-``k`` routes alone keep (``m_empty``: every route patched);
+- ``completeness = (m_clean - m_without) / (m_clean - m_empty)``: how much is lost when the circuit's
+  own routes are patched (the rest intact);
+- 95% bootstrap intervals over examples for both, and the faithfulness of random circuits of the
+  same size.
+
+A category is a :class:`~tl_modular.Task` (its metric, corrupted baseline by default) or plain
+``[batch, pos]`` tokens (metric: minus the mean next-token loss; baseline: the data mean).
+
+>>> circuits = graph.circuits(model, {n: g(256) for n, g in tlm.toy.GENERATORS.items()})  # doctest: +SKIP
+>>> circuits["induction"].routes[:3], circuits.similarity()                               # doctest: +SKIP
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from tl_modular import _routes
+from tl_modular._io import SCHEMA_VERSION, read_json, write_json
+from tl_modular.patching import capture_writes, patch_routes
+from tl_modular.segmentation import ChannelSet, segment
+from tl_modular.task import Task
+
+__all__ = ["Circuit", "CircuitSet", "find_circuits"]
+
+Route = tuple[str, str]
+Baseline = Literal["corrupted", "mean"]
+_SCHEMA = "tl_modular.CircuitSet"
+
+
+@dataclass
+class Circuit:
+    """One category's circuit: its routes (strongest first) and how well it stands on its own."""
+
+    category: str
+    routes: list[Route]
+    scores: dict[Route, float]            # mean first-order metric drop when the route is patched
+    curve: list[dict[str, float]]         # {"size", "fraction", "faithfulness"} along the greedy order
+    target: float
+    faithfulness: float
+    faithfulness_interval: tuple[float, float]
+    completeness: float
+    completeness_interval: tuple[float, float]
+    random_faithfulness: list[float] = field(default_factory=list)
+    n_examples: int = 0
+
+    @property
+    def size(self) -> int:
+        return len(self.routes)
+
+    @property
+    def channels(self) -> set[str]:
+        """Channels the circuit's routes leave from or arrive at (ports collapsed)."""
+        return {w for w, _ in self.routes} | {p.partition(":")[0] for _, p in self.routes}
+
+    def to_json(self) -> dict[str, Any]:
+        return {"category": self.category, "routes": [list(r) for r in self.routes],
+                "scores": [[w, p, s] for (w, p), s in self.scores.items()], "curve": self.curve,
+                "target": self.target, "faithfulness": self.faithfulness,
+                "faithfulness_interval": list(self.faithfulness_interval), "completeness": self.completeness,
+                "completeness_interval": list(self.completeness_interval),
+                "random_faithfulness": self.random_faithfulness, "n_examples": self.n_examples}
+
+    @classmethod
+    def from_json(cls, d: Mapping[str, Any]) -> Circuit:
+        return cls(category=d["category"], routes=[tuple(r) for r in d["routes"]],
+                   scores={(w, p): s for w, p, s in d["scores"]}, curve=d["curve"], target=d["target"],
+                   faithfulness=d["faithfulness"], faithfulness_interval=tuple(d["faithfulness_interval"]),
+                   completeness=d["completeness"], completeness_interval=tuple(d["completeness_interval"]),
+                   random_faithfulness=d["random_faithfulness"], n_examples=d["n_examples"])
+
+
+class CircuitSet(Mapping[str, Circuit]):
+    """Circuits by category, with what they share."""
+
+    def __init__(self, circuits: Mapping[str, Circuit], n_routes: int) -> None:
+        self._circuits = dict(circuits)
+        self.n_routes = n_routes
+
+    def __getitem__(self, name: str) -> Circuit:
+        return self._circuits[name]
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._circuits)
+
+    def __len__(self) -> int:
+        return len(self._circuits)
+
+    def __repr__(self) -> str:
+        parts = ", ".join(f"{n}: {c.size} routes, faithfulness {c.faithfulness:.2f}" for n, c in self.items())
+        return f"CircuitSet({parts})"
+
+    def shared(self) -> set[Route]:
+        """Routes in every category's circuit."""
+        sets = [set(c.routes) for c in self.values()]
+        return set.intersection(*sets) if sets else set()
+
+    def specific(self) -> dict[str, set[Route]]:
+        """Routes in one category's circuit and no other."""
+        out = {}
+        for name, c in self.items():
+            others = set().union(*(set(o.routes) for n, o in self.items() if n != name))
+            out[name] = set(c.routes) - others
+        return out
+
+    def similarity(self) -> tuple[list[str], np.ndarray]:
+        """``(names, matrix)``: pairwise Jaccard similarity of the circuits' route sets."""
+        names = list(self)
+        m = np.eye(len(names))
+        for i in range(len(names)):
+            for j in range(i + 1, len(names)):
+                a, b = set(self[names[i]].routes), set(self[names[j]].routes)
+                m[i, j] = m[j, i] = len(a & b) / max(len(a | b), 1)
+        return names, m
+
+    def save(self, directory: str | os.PathLike) -> Path:
+        """Write ``directory/circuits.json`` (beside a saved ``graph.json``)."""
+        directory = Path(directory)
+        write_json(directory / "circuits.json", {"schema": _SCHEMA, "version": SCHEMA_VERSION,
+                                                 "n_routes": self.n_routes,
+                                                 "circuits": [c.to_json() for c in self.values()]})
+        return directory
+
+    @classmethod
+    def load(cls, directory: str | os.PathLike) -> CircuitSet:
+        path = Path(directory) / "circuits.json"
+        if not path.exists():
+            raise FileNotFoundError(f"no circuits.json in {directory}; write one with CircuitSet.save")
+        meta = read_json(path)
+        if meta.get("schema") != _SCHEMA or meta.get("version") != SCHEMA_VERSION:
+            raise ValueError(f"{path} is not a version-{SCHEMA_VERSION} {_SCHEMA} file")
+        return cls({d["category"]: Circuit.from_json(d) for d in meta["circuits"]}, meta["n_routes"])
+
+
+# --- one category ----------------------------------------------------------------------------------
+
+@dataclass
+class _Category:
+    """A category in one form: clean tokens, baseline writes per sender, a per-example metric."""
+
+    name: str
+    tokens: torch.Tensor
+    metric: Any                       # logits [b, p, v], index slice -> per-example values [b]
+    baseline: Mapping[str, torch.Tensor]
+
+
+def _category(name: str, data: Task | torch.Tensor, model: Any, channels: ChannelSet, senders: list[str],
+              writers: Mapping[str, Any], baseline: Baseline) -> _Category:
+    if isinstance(data, Task):
+        task = data
+
+        def metric(logits: torch.Tensor, index: slice) -> torch.Tensor:
+            return task[index].metric(logits, per_example=True)
+
+        if baseline == "corrupted":
+            source = capture_writes(model, channels, task.corrupted, senders)
+        else:
+            source = _mean_source(model, channels, task.clean, senders, writers)
+        return _Category(name, task.clean, metric, source)
+    if not isinstance(data, torch.Tensor) or data.ndim != 2:
+        raise TypeError(f"category {name!r}: pass a tlm.Task or a [batch, pos] token tensor")
+    if baseline == "corrupted":
+        raise ValueError(f"category {name!r} is plain tokens: it has no corrupted run; use baseline='mean'")
+    tokens = data
+
+    def loss_metric(logits: torch.Tensor, index: slice) -> torch.Tensor:
+        t = tokens[index].to(logits.device)
+        logp = logits[:, :-1].log_softmax(-1).gather(-1, t[:, 1:, None])[..., 0]
+        return logp.mean(-1)                                  # minus the mean next-token loss
+
+    return _Category(name, tokens, loss_metric, _mean_source(model, channels, tokens, senders, writers))
+
+
+@torch.no_grad()
+def _mean_source(model: Any, channels: ChannelSet, tokens: torch.Tensor, senders: list[str],
+                 writers: Mapping[str, Any]) -> dict[str, torch.Tensor]:
+    """Each sender's clean write with every position but the first set to its data mean."""
+    writes = capture_writes(model, channels, tokens, senders)
+    out = {}
+    for name, x in writes.items():
+        x = x.clone()
+        x[:, 1:] = writers[name].mean.to(x)
+        out[name] = x
+    return out
+
+
+def _scores(model: Any, channels: ChannelSet, graph: Any, cat: _Category, routes: list[Route],
+            batch_size: int, chunk: int) -> np.ndarray:
+    """``[examples, routes]``: first-order drop of each example's metric when each route is patched
+    to the baseline through the subspaces (gradient at the clean run × (clean - baseline) write)."""
+    comp = graph.compression
+    ws = _routes.writers(comp, channels, cat.tokens)
+    rs = _routes.readers(comp, model)
+    w_index = {w.name: i for i, w in enumerate(ws)}
+    r_index = {r.port: j for j, r in enumerate(rs)}
+    pick = [(w_index[w], r_index[p]) for w, p in routes]
+    out = []
+    device = model.cfg.device
+    for start in range(0, len(cat.tokens), batch_size):
+        index = slice(start, start + batch_size)
+        batch = cat.tokens[index].to(device)
+        writes, grads = _routes.forward_backward(model, channels, ws, rs, batch, None,
+                                                 lambda logits, i=index: cat.metric(logits, i).sum())
+        base = torch.stack([cat.baseline[w.name][index].to(writes) for w in ws])
+        deltas = torch.stack([_routes._project_writer(w, b - x) for w, b, x in zip(ws, base, writes, strict=True)])
+        b, p = batch.shape
+        full = torch.zeros(b, len(ws), len(rs), dtype=torch.float64)
+        for s, per in _routes.per_position(rs, deltas, grads, chunk):
+            full[:, :, s:s + per.shape[-1]] = per.reshape(b, p, len(ws), -1).sum(1).cpu()
+        # attribution = metric(patched) - metric(clean) to first order; the score is the drop
+        out.append(-np.stack([full[:, i, j].numpy() for i, j in pick], 1))
+    return np.concatenate(out)
+
+
+@torch.no_grad()
+def _patched_metric(model: Any, channels: ChannelSet, cat: _Category, routes: Sequence[Route],
+                    batch_size: int) -> np.ndarray:
+    """Per-example metric with ``routes`` patched to the baseline (all others clean)."""
+    out = []
+    for start in range(0, len(cat.tokens), batch_size):
+        index = slice(start, start + batch_size)
+        batch = cat.tokens[index].to(model.cfg.device)
+        if routes:
+            source = {w: cat.baseline[w][index] for w in {w for w, _ in routes}}
+            logits = patch_routes(model, channels, batch, list(routes), source)
+        else:
+            logits = model(batch)
+        out.append(cat.metric(logits, index).double().cpu().numpy())
+    return np.concatenate(out)
+
+
+def _ratio(num: np.ndarray, den: np.ndarray) -> float:
+    d = den.mean()
+    return float(num.mean() / d) if d != 0 else float("nan")
+
+
+def _bootstrap(num: np.ndarray, den: np.ndarray, rng: np.random.Generator, n_boot: int) -> tuple[float, float]:
+    vals = []
+    for _ in range(n_boot):
+        i = rng.integers(0, len(num), len(num))
+        vals.append(_ratio(num[i], den[i]))
+    vals = np.array([v for v in vals if math.isfinite(v)])
+    if not len(vals):
+        return float("nan"), float("nan")
+    return float(np.quantile(vals, 0.025)), float(np.quantile(vals, 0.975))
+
+
+def find_circuits(graph: Any, model: Any, categories: Mapping[str, Task | torch.Tensor], *,
+                  baseline: Baseline | None = None, target: float = 0.9, sizes: Sequence[int] | None = None,
+                  n_boot: int = 200, n_random: int = 10, batch_size: int = 64, seed: int = 0,
+                  progress: bool = True) -> CircuitSet:
+    """Per-category circuits of ``graph`` (see the module docs); ``graph.circuits`` calls this.
+
+    Args:
+        categories: ``{name: Task or [batch, pos] tokens}``.
+        baseline: ``"corrupted"`` (tasks only; the default for tasks) or ``"mean"`` (the default
+            for tokens).
+        target: Faithfulness the circuit must reach; its size is the smallest on the curve that does.
+        sizes: Circuit sizes to verify (default: a geometric grid up to every route).
+        n_boot: Bootstrap resamples of the examples for the intervals.
+        n_random: Random circuits of the same size for comparison.
+    """
+    graph._check_data(model)
+    if not categories:
+        raise ValueError("pass at least one category: {name: task or tokens}")
+    channels = segment(model)
+    routes = sorted(graph.routes("static"))
+    senders = sorted({w for w, _ in routes})
+    writers = {w.name: w for w in _routes.writers(graph.compression, channels)}
+    n = len(routes)
+    grid = sorted({int(round(x)) for x in np.geomspace(1, n, 16)} | {n}) if sizes is None else sorted(set(sizes))
+    rng = np.random.default_rng(seed)
+    out = {}
+    for name, data in tqdm(categories.items(), desc="circuits", disable=not progress):
+        base = baseline or ("corrupted" if isinstance(data, Task) else "mean")
+        cat = _category(name, data, model, channels, senders, writers, base)
+        scores = _scores(model, channels, graph, cat, routes, batch_size, chunk=64)
+        mean = scores.mean(0)
+        order = [routes[i] for i in np.argsort(-np.abs(mean), kind="stable")]
+        clean = _patched_metric(model, channels, cat, [], batch_size)
+        empty = _patched_metric(model, channels, cat, routes, batch_size)
+        den = clean - empty
+        curve, chosen = [], None
+        for k in grid:
+            kept = set(order[:k])
+            m_k = _patched_metric(model, channels, cat, [r for r in routes if r not in kept], batch_size)
+            f = _ratio(m_k - empty, den)
+            curve.append({"size": k, "fraction": k / n, "faithfulness": f})
+            if chosen is None and f >= target:
+                chosen = (k, m_k)
+        if chosen is None:
+            chosen = (n, clean)
+        k, m_k = chosen
+        circuit = order[:k]
+        without = _patched_metric(model, channels, cat, circuit, batch_size)
+        randoms = []
+        for _ in range(n_random):
+            kept = {routes[i] for i in rng.choice(n, size=k, replace=False)}
+            m_r = _patched_metric(model, channels, cat, [r for r in routes if r not in kept], batch_size)
+            randoms.append(_ratio(m_r - empty, den))
+        out[name] = Circuit(
+            category=name, routes=circuit, scores={r: float(s) for r, s in zip(routes, mean, strict=True)},
+            curve=curve, target=target, faithfulness=_ratio(m_k - empty, den),
+            faithfulness_interval=_bootstrap(m_k - empty, den, rng, n_boot),
+            completeness=_ratio(clean - without, den),
+            completeness_interval=_bootstrap(clean - without, den, rng, n_boot),
+            random_faithfulness=randoms, n_examples=len(cat.tokens))
+    return CircuitSet(out, n)
