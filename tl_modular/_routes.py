@@ -75,11 +75,15 @@ def readers(comp: Any, model: Any | None) -> list[Reader]:
                               _centred(side.decoder.double(), side.centered), side.spectrum[: side.rank].double()))
     if model is not None:
         w_u = model.W_U.detach().double()
+        scale = getattr(getattr(model, "ln_final", None), "w", None)
+        if isinstance(scale, torch.Tensor):            # the final norm's gain scales what the logits read
+            w_u = scale.detach().double()[:, None] * w_u
         w_u = w_u - w_u.mean(1, keepdim=True)          # logits matter up to a shift
         if model.cfg.normalization_type in ("LN", "LNPre"):
             w_u = w_u - w_u.mean(0, keepdim=True)
-        u, s, _ = torch.linalg.svd(w_u, full_matrices=False)
-        out.append(Reader("unembed", "unembed", None, None, s**2, u))
+        # the sensitivity is W_U W_Uᵀ: a [d_model, d_model] eigendecomposition, not an SVD over the vocabulary
+        evals, evecs = torch.linalg.eigh(w_u @ w_u.T)
+        out.append(Reader("unembed", "unembed", None, None, evals.flip(0).clamp_min(0), evecs.flip(1)))
     return out
 
 
