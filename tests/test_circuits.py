@@ -53,7 +53,7 @@ def test_circuits_differ_between_tasks_and_share_the_output_path(bundled):
     names, sim = circuits.similarity()
     assert sim.shape == (4, 4) and np.allclose(np.diag(sim), 1)
     off = sim[~np.eye(4, dtype=bool)]
-    assert off.max() < 0.75 and off.mean() <= 0.5
+    assert off.max() <= 0.5                              # the bar: circuits differ per task
     assert ("L1.MLP", "unembed") in circuits.shared()
     specific = circuits.specific()
     assert all(not (specific[a] & set(circuits[b].routes)) for a in names for b in names if a != b)

@@ -6,6 +6,9 @@ compressed subspaces (one forward and one backward pass per batch), grows each c
 greedily by score, and verifies it by real route patching: everything *outside* the circuit gets
 its baseline value (a task's corrupted run, or the data mean) and the metric is measured.
 
+The circuit is the smallest greedy prefix reaching the faithfulness target, then pruned route by
+route (each drop verified by patching).
+
 - ``faithfulness(k) = (m_k - m_empty) / (m_clean - m_empty)``: how much of the clean metric the
   top-``k`` routes alone keep (``m_empty``: every route patched);
 - ``completeness = (m_clean - m_without) / (m_clean - m_empty)``: how much is lost when the circuit's
@@ -265,15 +268,17 @@ def _bootstrap(num: np.ndarray, den: np.ndarray, rng: np.random.Generator, n_boo
 
 def find_circuits(graph: Any, model: Any, categories: Mapping[str, Task | torch.Tensor], *,
                   baseline: Baseline | None = None, target: float = 0.9, sizes: Sequence[int] | None = None,
-                  n_boot: int = 200, n_random: int = 10, batch_size: int = 64, seed: int = 0,
-                  progress: bool = True) -> CircuitSet:
+                  n_boot: int = 200, n_random: int = 10, prune: bool = True, prune_limit: int = 256,
+                  batch_size: int = 64, seed: int = 0, progress: bool = True) -> CircuitSet:
     """Per-category circuits of ``graph`` (see the module docs); ``graph.circuits`` calls this.
 
     Args:
         categories: ``{name: Task or [batch, pos] tokens}``.
         baseline: ``"corrupted"`` (tasks only; the default for tasks) or ``"mean"`` (the default
             for tokens).
-        target: Faithfulness the circuit must reach; its size is the smallest on the curve that does.
+        target: Faithfulness the circuit must reach: the smallest greedy prefix that does (grid, then
+            bisection), then pruned by trying to drop each route, weakest first (``prune``; at most
+            ``prune_limit`` trials, one patched pass each), keeping a drop when the target still holds.
         sizes: Circuit sizes to verify (default: a geometric grid up to every route).
         n_boot: Bootstrap resamples of the examples for the intervals.
         n_random: Random circuits of the same size for comparison.
@@ -294,22 +299,45 @@ def find_circuits(graph: Any, model: Any, categories: Mapping[str, Task | torch.
         cat = _category(name, data, model, channels, senders, writers, base)
         scores = _scores(model, channels, graph, cat, routes, batch_size, chunk=64)
         mean = scores.mean(0)
+        index = {r: i for i, r in enumerate(routes)}
         order = [routes[i] for i in np.argsort(-np.abs(mean), kind="stable")]
         clean = _patched_metric(model, channels, cat, [], batch_size)
         empty = _patched_metric(model, channels, cat, routes, batch_size)
         den = clean - empty
-        curve, chosen = [], None
+        def faithful(kept: Sequence[Route], cat=cat, empty=empty, den=den) -> tuple[float, np.ndarray]:
+            keep = set(kept)
+            m = _patched_metric(model, channels, cat, [r for r in routes if r not in keep], batch_size)
+            return _ratio(m - empty, den), m
+
+        curve, chosen, below = [], None, 0
         for k in grid:
-            kept = set(order[:k])
-            m_k = _patched_metric(model, channels, cat, [r for r in routes if r not in kept], batch_size)
-            f = _ratio(m_k - empty, den)
+            f, m_k = faithful(order[:k])
             curve.append({"size": k, "fraction": k / n, "faithfulness": f})
             if chosen is None and f >= target:
                 chosen = (k, m_k)
+            elif chosen is None:
+                below = k
         if chosen is None:
             chosen = (n, clean)
         k, m_k = chosen
-        circuit = order[:k]
+        # the smallest greedy prefix reaching the target between the grid points (bisection)
+        lo, hi = below, k
+        while hi - lo > 1:
+            mid = (lo + hi) // 2
+            f, m_mid = faithful(order[:mid])
+            if f >= target:
+                hi, m_k = mid, m_mid
+            else:
+                lo = mid
+        circuit = order[:hi]
+        if prune:
+            # verified pruning: drop routes, weakest first, while the circuit stays at the target
+            for r in sorted(circuit, key=lambda r: abs(mean[index[r]]))[:prune_limit]:
+                trial = [x for x in circuit if x != r]
+                f, m_t = faithful(trial)
+                if f >= target:
+                    circuit, m_k = trial, m_t
+        k = len(circuit)
         without = _patched_metric(model, channels, cat, circuit, batch_size)
         randoms = []
         for _ in range(n_random):
