@@ -39,13 +39,10 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
 
-    from transformer_lens import HookedTransformer, HookedTransformerConfig
-
     import tl_modular as tlm
+    from tl_modular.testing import gpt2_small_model
 
-    cfg = HookedTransformerConfig(n_layers=12, d_model=768, n_heads=12, d_head=64, d_mlp=3072, d_vocab=50257,
-                                  n_ctx=1024, act_fn="gelu_new", normalization_type="LN", seed=0)
-    model = HookedTransformer(cfg).eval()
+    model = gpt2_small_model(seed=0)
     seq = 129
     tokens = torch.randint(0, 50257, (args.tokens // (seq - 1), seq), generator=torch.Generator().manual_seed(0))
     comp = tlm.compress(model, tokens, batch_size=args.batch_size, progress=False)

@@ -15,7 +15,8 @@ from typing import Any
 import torch
 from safetensors.torch import load_file, safe_open, save_file
 
-__all__ = ["SCHEMA_VERSION", "read_json", "read_safetensors", "write_json", "write_safetensors"]
+__all__ = ["SCHEMA_VERSION", "read_json", "read_safetensors", "read_versioned_json", "write_json",
+           "write_safetensors"]
 
 #: Version of the on-disk formats written by tl_modular.
 SCHEMA_VERSION = 1
@@ -64,3 +65,15 @@ def write_json(path: str | os.PathLike, obj: Any) -> None:
 
 def read_json(path: str | os.PathLike) -> Any:
     return json.loads(Path(path).read_text())
+
+
+def read_versioned_json(directory: str | os.PathLike, name: str, schema: str, writer: str) -> dict[str, Any]:
+    """``directory/name`` written with ``{"schema": schema, "version": SCHEMA_VERSION, ...}``;
+    clear errors when it is missing or of another kind/version (``writer`` names what writes it)."""
+    path = Path(directory) / name
+    if not path.exists():
+        raise FileNotFoundError(f"no {name} in {directory}; write one with {writer}")
+    meta = read_json(path)
+    if meta.get("schema") != schema or meta.get("version") != SCHEMA_VERSION:
+        raise ValueError(f"{path} is not a version-{SCHEMA_VERSION} {schema} file")
+    return meta

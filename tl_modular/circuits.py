@@ -37,7 +37,7 @@ import torch
 from tqdm.auto import tqdm
 
 from tl_modular import _routes
-from tl_modular._io import SCHEMA_VERSION, read_json, write_json
+from tl_modular._io import SCHEMA_VERSION, read_versioned_json, write_json
 from tl_modular.patching import capture_writes, patch_routes
 from tl_modular.segmentation import ChannelSet, segment
 from tl_modular.task import Task
@@ -144,12 +144,7 @@ class CircuitSet(Mapping[str, Circuit]):
 
     @classmethod
     def load(cls, directory: str | os.PathLike) -> CircuitSet:
-        path = Path(directory) / "circuits.json"
-        if not path.exists():
-            raise FileNotFoundError(f"no circuits.json in {directory}; write one with CircuitSet.save")
-        meta = read_json(path)
-        if meta.get("schema") != _SCHEMA or meta.get("version") != SCHEMA_VERSION:
-            raise ValueError(f"{path} is not a version-{SCHEMA_VERSION} {_SCHEMA} file")
+        meta = read_versioned_json(directory, "circuits.json", _SCHEMA, "CircuitSet.save")
         return cls({d["category"]: Circuit.from_json(d) for d in meta["circuits"]}, meta["n_routes"])
 
 

@@ -49,7 +49,7 @@ import torch
 from jaxtyping import Int
 
 from tl_modular import _mincut, _routes
-from tl_modular._io import SCHEMA_VERSION, read_json, write_json
+from tl_modular._io import SCHEMA_VERSION, read_versioned_json, write_json
 from tl_modular._mincut import Backend, Split
 from tl_modular._models import fingerprint
 from tl_modular.segmentation import ChannelSet, segment
@@ -394,12 +394,7 @@ class ChannelGraph:
     @classmethod
     def load(cls, directory: str | os.PathLike, *, compression: Any = None) -> ChannelGraph:
         """Read a graph written by :meth:`save` (pass ``compression=`` for the checks that need it)."""
-        path = Path(directory) / "graph.json"
-        if not path.exists():
-            raise FileNotFoundError(f"no graph.json in {directory}; write one with ChannelGraph.save")
-        meta = read_json(path)
-        if meta.get("schema") != _SCHEMA or meta.get("version") != SCHEMA_VERSION:
-            raise ValueError(f"{path} is not a version-{SCHEMA_VERSION} {_SCHEMA} file")
+        meta = read_versioned_json(directory, "graph.json", _SCHEMA, "ChannelGraph.save")
         g = nx.DiGraph()
         for node in meta["nodes"]:
             attrs = dict(node)

@@ -28,6 +28,7 @@ import torch
 __all__ = [
     "GPT2_SMALL_CONFIG",
     "TINY_KINDS",
+    "gpt2_small_model",
     "offline_bridge",
     "planted_modules",
     "tiny_model",
@@ -97,6 +98,16 @@ def tiny_model(kind: str = "gpt2", *, seed: int = 0, dtype: torch.dtype = torch.
         for _, p in sorted(model.named_parameters()):
             p.add_(noise * torch.randn(p.shape, generator=gen).to(p))
     return model.eval()
+
+
+def gpt2_small_model(seed: int = 0) -> Any:
+    """A ``HookedTransformer`` of GPT-2 small's shape (12 layers, 12 heads, d_model 768, d_mlp 3072,
+    vocabulary 50,257) with random weights: for benchmarks, where the architecture sets the cost."""
+    from transformer_lens import HookedTransformer, HookedTransformerConfig
+
+    cfg = HookedTransformerConfig(n_layers=12, d_model=768, n_heads=12, d_head=64, d_mlp=3072, d_vocab=50257,
+                                  n_ctx=1024, act_fn="gelu_new", normalization_type="LN", seed=seed)
+    return HookedTransformer(cfg).eval()
 
 
 def planted_modules(n_modules: int = 3, *, n_layers: int = 3, n_heads: int = 3, d_block: int = 16,
