@@ -27,7 +27,7 @@ comp = tlm.compress(model, tokens, attention_mask=mask, progress=False)
 graph = tlm.build_graph(comp, model=model, tokens=tokens, attention_mask=mask, loss_mask=scored,
                         metric="logit", progress=False)
 tasks = {name: gen(128, seed=5) for name, gen in toy.GENERATORS.items()}
-circuits = graph.circuits(model, tasks, n_boot=100, n_random=5, progress=False)
+circuits = graph.circuits(model, tasks, n_boot=100, n_random=5, batch_size=128, progress=False)
 print(circuits)
 
 # %% [markdown]
