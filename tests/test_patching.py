@@ -14,6 +14,7 @@ from tl_modular.patching import (
     mean_writes,
     patch_channels,
     patch_routes,
+    path_effect,
     ports,
     route_effect,
     split_inputs,
@@ -125,6 +126,40 @@ def test_mean_and_zero_baselines_and_effects():
     everything = channel_effect(model, task, [c.name for c in channels if c.kind != "bias"])
     assert everything.patched == pytest.approx(everything.corrupted, abs=1e-4)
     assert everything.fraction == pytest.approx(1.0, abs=1e-4)
+
+
+@pytest.mark.parametrize("kind", ["gpt2", "no_norm"])
+@torch.no_grad()
+def test_path_patching(kind):
+    model = tiny_model(kind, seed=3, n_layers=3)
+    task = _task(model)
+    channels = tlm.segment(model)
+    downstream = [p for p in ports(channels) if valid_route(channels, "L0.H1", p)]
+    # every direct edge out of the sender is the sender's activation patching
+    whole = channel_effect(model, task, ["L0.H1"])
+    assert path_effect(model, task, "L0.H1", downstream, through_mlps=False).patched == pytest.approx(
+        whole.patched, abs=ATOL)
+    # without MLPs the path is the direct edge
+    keys = ["L2.H0:k", "L2.H3:q"]
+    direct = route_effect(model, task, [("L0.H1", k) for k in keys])
+    assert path_effect(model, task, "L0.H1", keys, through_mlps=False).patched == pytest.approx(direct.patched,
+                                                                                             abs=ATOL)
+    # with MLPs the two in between are recomputed: the same as patching the sender's edges into
+    # them, capturing their outputs, and sending those on to the receivers only
+    corrupt = capture_writes(model, channels, task.corrupted, ["L0.H1"])
+    source = dict(corrupt)
+    for mlp, earlier in (("L0.MLP", []), ("L1.MLP", ["L0.MLP"])):
+        out = {}
+        keep = lambda a, hook, out=out: out.__setitem__("w", a.clone())  # noqa: E731
+        with model.hooks(fwd_hooks=[(channels[mlp].source_hook, keep)]):
+            patch_routes(model, channels, task.clean, [("L0.H1", mlp)] + [(m, mlp) for m in earlier], source)
+        source[mlp] = out["w"]
+    routes = [(s, k) for s in ("L0.H1", "L0.MLP", "L1.MLP") for k in keys]
+    expected = float(task.metric(patch_routes(model, channels, task.clean, routes, source)))
+    assert path_effect(model, task, "L0.H1", keys).patched == pytest.approx(expected, abs=ATOL)
+    assert count_hooks(model) == 0
+    with pytest.raises(ValueError, match="does not exist"):
+        path_effect(model, task, "L1.H0", ["L0.H1:k"])
 
 
 def test_invalid_routes_and_ports_raise_and_leave_no_hooks():

@@ -65,8 +65,15 @@ def test_previous_token_head_feeds_the_induction_keys(model, facts):
     composition = gt.key_composition_fraction(model, heads)
     assert composition >= 0.5
     assert composition == pytest.approx(facts["key_composition_fraction"], abs=0.05)
-    # The single direct route to the top induction head is documented, not required: the
-    # composition is spread over several induction heads and mediated by the MLP.
+    # Path patching (Wang et al.: attention heads in between clean, the MLP in between recomputed
+    # as part of the path): the previous-token head -> induction heads' keys path carries most of it.
+    induction_heads = gt.induction_heads(model)
+    assert induction_heads == facts["induction_heads"] and heads["induction"] == induction_heads[0]
+    path = gt.induction_path_fraction(model, heads["previous_token"], induction_heads)
+    assert path >= 0.5
+    assert path == pytest.approx(facts["induction_path_fraction"], abs=0.03)
+    # The single direct edge to the top induction head is documented, not required: the model
+    # spreads induction over four heads and relays the previous token through MLP0 as well.
     direct = gt.induction_route_fraction(model, heads)
     assert direct == pytest.approx(facts["induction_route_fraction"], abs=0.05)
 

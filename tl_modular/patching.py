@@ -7,7 +7,9 @@ tokens while that receiver port sees the sender's write replaced by a source val
 sender's write on corrupted tokens, its mean, zero); every other reader sees the real write,
 and the receiver's changed output flows on downstream. This is edge patching as in ACDC: a
 set of routes patched together carries the source values on exactly those edges, whatever
-else changed upstream. Patching *all* routes out of a channel equals activation patching it.
+else changed upstream. Patching *all* routes out of a channel equals activation patching it. :func:`path_effect` is
+path patching as in Wang et al. (2022): the sender reaches the receivers directly and through the
+MLPs in between, which are recomputed (attention heads in between are not part of the path).
 
 >>> channels = tlm.segment(model)                                            # doctest: +SKIP
 >>> corrupt = capture_writes(model, channels, task.corrupted, ["L0.H3"])     # doctest: +SKIP
@@ -35,6 +37,7 @@ __all__ = [
     "channel_effect",
     "mean_writes",
     "patch_channels",
+    "path_effect",
     "patch_routes",
     "ports",
     "route_effect",
@@ -294,5 +297,39 @@ def channel_effect(model: Any, task: Task, names: Sequence[str], *, baseline: Ba
     channels = channels or segment(model)
     source = _source(model, channels, task, list(names), baseline)
     patched = patch_channels(model, channels, task.clean, names, source)
+    return PatchEffect(float(task.metric(model(task.clean))), float(task.metric(model(task.corrupted))),
+                       float(task.metric(patched)))
+
+
+@torch.no_grad()
+def path_effect(model: Any, task: Task, sender: str, receivers: Sequence[str], *, through_mlps: bool = True,
+                baseline: Baseline = "corrupted", channels: ChannelSet | None = None) -> PatchEffect:
+    """How much of the task's metric flows from ``sender`` to the receiver ports along paths that
+    leave every attention head in between clean (path patching, Wang et al. 2022).
+
+    With ``through_mlps`` the MLPs between sender and receivers are part of the path: each is
+    recomputed with the sender's patched write (and the recomputed MLPs before it) on its input,
+    one pass per MLP, and its recomputed write reaches the receivers; no other reader sees any of it.
+
+    >>> path_effect(model, tlm.toy.induction(512), "L0.H0", ["L1.H0:k", "L1.H1:k"]).fraction  # doctest: +SKIP
+    """
+    channels = channels or segment(model)
+    for port in receivers:
+        if not valid_route(channels, sender, port):
+            raise ValueError(f"route {sender} -> {port} does not exist: {sender} writes after {port} reads")
+    source = _source(model, channels, task, [sender], baseline)
+    path = []
+    if through_mlps:
+        for mlp in sorted(channels.of_kind("mlp"), key=lambda c: c.layer):
+            if valid_route(channels, sender, mlp.name) and any(valid_route(channels, mlp.name, r) for r in receivers):
+                routes = [(sender, mlp.name)] + [(m, mlp.name) for m in path if valid_route(channels, m, mlp.name)]
+                out: dict[str, torch.Tensor] = {}
+                keep = lambda a, hook, out=out: out.__setitem__("w", a.clone())  # noqa: E731
+                with model.hooks(fwd_hooks=[(mlp.source_hook, keep)]):
+                    patch_routes(model, channels, task.clean, routes, source)
+                source[mlp.name] = out["w"]
+                path.append(mlp.name)
+    routes = [(s, r) for s in [sender, *path] for r in receivers if valid_route(channels, s, r)]
+    patched = patch_routes(model, channels, task.clean, routes, source)
     return PatchEffect(float(task.metric(model(task.clean))), float(task.metric(model(task.corrupted))),
                        float(task.metric(patched)))

@@ -47,6 +47,8 @@ def main() -> int:
         heads = gt.known_heads(model, scores)
         fraction = gt.induction_route_fraction(model, heads)
         composition = gt.key_composition_fraction(model, heads)
+        ind_heads = gt.induction_heads(model, scores)
+        path = gt.induction_path_fraction(model, heads["previous_token"], ind_heads) if ind_heads else 0.0
         prev_effect = channel_effect(model, toy.induction(512, seed=123), [heads["previous_token"]]).fraction
         ablation = gt.ablation_accuracy(model)
     facts = {
@@ -56,6 +58,8 @@ def main() -> int:
         "head_scores": {k: [[round(x, 3) for x in row] for row in v.tolist()] for k, v in scores.items()},
         "induction_route_fraction": round(fraction, 3),
         "key_composition_fraction": round(composition, 3),
+        "induction_heads": ind_heads,
+        "induction_path_fraction": round(path, 3),
         "previous_token_head_effect": round(prev_effect, 3),
         "ablation_accuracy": {c: {t: round(a, 3) for t, a in row.items()} for c, row in ablation.items()},
     }
@@ -64,11 +68,12 @@ def main() -> int:
     print("heads:", heads, "scores:", {k: round(float(v.max()), 3) for k, v in scores.items()})
     print("of the induction logit difference: previous-token head (all paths)", round(prev_effect, 3),
           "| its writes into later keys, directly and via its layer's MLP", round(composition, 3),
+          "| the path into the induction heads' keys (MLP recomputed)", round(path, 3),
           "| the direct route to the induction head's key alone", round(fraction, 3))
     problems = [f"{t} accuracy {a:.3f} < 0.95" for t, a in accuracy.items() if a < 0.95]
     problems += [f"{k} head score {float(scores[k].max()):.3f} < 0.5" for k in scores if scores[k].max() < 0.5]
-    if composition < 0.5:
-        problems.append(f"key composition fraction {composition:.3f} < 0.5")
+    if path < 0.5:
+        problems.append(f"previous-token -> induction keys path fraction {path:.3f} < 0.5")
     if problems:
         print("NOT written:", "; ".join(problems), file=sys.stderr)
         return 1

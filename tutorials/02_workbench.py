@@ -45,16 +45,21 @@ for name, acc in accuracy.items():
 
 # %% [markdown]
 # ## The known heads
-# TransformerLens' head detector finds a previous-token head in layer 0 and an induction head
-# in layer 1; path patching shows the route from one to the other's *key* carries most of the
-# induction task's logit difference.
+# TransformerLens' head detector finds a previous-token head in layer 0 and induction heads in
+# layer 1. Path patching (as in Wang et al.: the attention heads in between stay clean, the MLP in
+# between is recomputed as part of the path) shows the path from the previous-token head into the
+# induction heads' *keys* carries most of the induction task's logit difference. The single
+# direct edge into the top induction head's key carries little: this model spreads induction
+# over four heads and relays the previous token through MLP0 as well.
 
 # %%
 scores = gt.head_scores(model)
 heads = gt.known_heads(model, scores)
-print(heads)
-print("previous-token -> induction key route carries",
-      f"{gt.induction_route_fraction(model, heads):.0%} of the logit difference")
+induction_heads = gt.induction_heads(model, scores)
+print(heads, "induction heads:", induction_heads)
+print("previous-token head -> induction heads' keys (path patching) carries",
+      f"{gt.induction_path_fraction(model, heads['previous_token'], induction_heads):.0%} of the logit difference;",
+      f"the direct edge to {heads['induction']}:k alone {gt.induction_route_fraction(model, heads):.0%}")
 
 fig, axes = plt.subplots(1, 2, figsize=(9, 2.6))
 for ax, (kind, s) in zip(axes, scores.items(), strict=True):

@@ -5,10 +5,13 @@ These are the facts later stages are tested against (module and circuit finding)
 - :func:`head_scores`: TransformerLens' ``head_detector`` scores for previous-token and
   induction heads, on periodic random sequences of the toy vocabulary;
 - :func:`known_heads`: the best previous-token head (layer 0) and induction head (a later
-  layer); :func:`induction_route_fraction`: the share of the induction task's logit difference
-  the direct previous-token head -> induction head key route carries (path patching), and
-  :func:`key_composition_fraction`: the share the previous-token head's write carries into the
-  later heads' keys directly and through the MLP of its layer;
+  layer); :func:`induction_heads`: every later head whose induction score reaches 0.5;
+- :func:`induction_path_fraction`: the share of the induction task's logit difference on the path
+  previous-token head -> induction heads' keys (path patching as in Wang et al.: attention heads in
+  between stay clean, the MLP in between is part of the path and recomputed);
+  :func:`induction_route_fraction`: the share of the single direct edge to the top induction
+  head's key; :func:`key_composition_fraction`: the previous-token head's and its layer's MLP's
+  writes into every later key, patched together;
 - :func:`ablation_accuracy`: accuracy per task with each head or MLP mean-ablated.
 
 >>> model = tlm.toy.load_model()                   # doctest: +SKIP
@@ -24,14 +27,14 @@ from typing import Any
 
 import torch
 
-from tl_modular.patching import mean_writes, patch_channels, route_effect
+from tl_modular.patching import mean_writes, patch_channels, path_effect, route_effect
 from tl_modular.segmentation import segment
 from tl_modular.task import Task
 from tl_modular.toy.generators import GENERATORS, induction
 from tl_modular.toy.vocab import N_NUMBERS, TASK_TOKENS, VOCAB
 
-__all__ = ["ablation_accuracy", "detection_sequences", "head_scores", "induction_route_fraction",
-           "key_composition_fraction", "known_heads"]
+__all__ = ["ablation_accuracy", "detection_sequences", "head_scores", "induction_heads", "induction_path_fraction",
+           "induction_route_fraction", "key_composition_fraction", "known_heads"]
 
 
 def detection_sequences(n: int = 32, *, seed: int = 0, period: int = 8, length: int = 31) -> list[str]:
@@ -72,6 +75,26 @@ def known_heads(model: Any, scores: Mapping[str, torch.Tensor] | None = None) ->
     later = scores["induction"][1:]
     layer, head = divmod(int(later.argmax()), later.shape[1])
     return {"previous_token": f"L0.H{prev}", "induction": f"L{layer + 1}.H{head}"}
+
+
+def induction_heads(model: Any, scores: Mapping[str, torch.Tensor] | None = None, *,
+                    threshold: float = 0.5) -> list[str]:
+    """Every head after layer 0 whose induction score reaches ``threshold``, strongest first."""
+    scores = head_scores(model) if scores is None else scores
+    ind = scores["induction"]
+    found = [(float(ind[layer, h]), f"L{layer}.H{h}") for layer in range(1, ind.shape[0])
+             for h in range(ind.shape[1]) if ind[layer, h] >= threshold]
+    return [name for _, name in sorted(found, reverse=True)]
+
+
+@torch.no_grad()
+def induction_path_fraction(model: Any, previous_token: str | None = None, heads: list[str] | None = None, *,
+                            n: int = 512, seed: int = 123) -> float:
+    """Fraction of the induction logit difference on the path previous-token head -> the induction
+    heads' keys, the MLP in between recomputed as part of the path (attention heads stay clean)."""
+    previous_token = previous_token or known_heads(model)["previous_token"]
+    heads = induction_heads(model) if heads is None else heads
+    return path_effect(model, induction(n, seed=seed), previous_token, [f"{h}:k" for h in heads]).fraction
 
 
 @torch.no_grad()
