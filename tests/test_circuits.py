@@ -73,6 +73,17 @@ def test_attribution_scores_rank_like_exact_route_patching(bundled):
     assert spearman([abs(scores[r]) for r in top], [abs(e) for e in exact]) > 0.5
 
 
+def test_examples_cluster_by_the_channels_they_use(bundled, tmp_path):
+    *_, graph, _, circuits = bundled
+    clusters = circuits.example_clusters(seed=0)
+    assert set(clusters["labels"]) == set(circuits) and clusters["k"] == 4
+    assert clusters["ari"] > 0.3 and clusters["purity"] > 0.6        # far above chance (ARI ~0)
+    assert circuits["induction"].usage.shape == (64, len(circuits.channels))
+    np.testing.assert_allclose(circuits["induction"].usage.sum(1), 1.0)
+    axes = circuits.plot(graph, tmp_path / "circuits.png")
+    assert len(axes) == 4 and (tmp_path / "circuits.png").stat().st_size > 10_000
+
+
 def test_tokens_category_and_save_load(bundled, tmp_path):
     model, graph, tasks, circuits = bundled
     tokens, _ = toy.mixed_tokens(n_per_task=8, seed=9)
@@ -86,6 +97,8 @@ def test_tokens_category_and_save_load(bundled, tmp_path):
     assert list(loaded) == list(circuits)
     assert loaded["induction"].routes == circuits["induction"].routes
     assert loaded["sorting"].faithfulness_interval == circuits["sorting"].faithfulness_interval
+    np.testing.assert_allclose(loaded["brackets"].usage, circuits["brackets"].usage, atol=1e-6)
+    assert loaded.channels == circuits.channels
     assert count_hooks(model) == 0
 
 

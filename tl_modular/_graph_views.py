@@ -50,34 +50,80 @@ def write_dot(graph: Any, path: Path, *, weight: str, modules: Sequence[frozense
     return path
 
 
-def plot(graph: Any, path: Path | None, *, weight: str, modules: Sequence[frozenset] | None,
-         top: float, ax: Any) -> Any:
+def _pyplot(headless: bool) -> Any:
     import matplotlib
 
-    if ax is None and path is not None:
+    if headless:
         matplotlib.use("Agg", force=False)
     import matplotlib.pyplot as plt
+    return plt
 
+
+class _Layout:
+    """Channels by stream position (embeddings left, logits right), heads stacked in their column."""
+
+    def __init__(self, graph: Any, names: list[str]) -> None:
+        self.nodes = graph.nx.nodes
+        self.n_layers = max((d["layer"] for _, d in self.nodes(data=True) if d["kind"] != "port"), default=0)
+        self.columns: dict[float, list[str]] = {}
+        for n in names:
+            self.columns.setdefault(self.x(n), []).append(n)
+        self.pos = {}
+        for x, column in self.columns.items():
+            column.sort(key=lambda n: (self.nodes[n].get("head", -1), n))
+            for i, n in enumerate(column):
+                self.pos[n] = (x, i - (len(column) - 1) / 2)
+
+    def x(self, n: str) -> float:
+        return self.n_layers * 2 + 0.5 if n == "unembed" else self.nodes[n]["order"]
+
+    def size(self) -> tuple[float, float]:
+        return max(6.0, 1.2 * len(self.columns)), max(3.5, 0.6 * max(len(v) for v in self.columns.values()))
+
+    def draw(self, ax: Any, edges: list[tuple[str, str, float, Any]], colors: dict[str, Any], title: str) -> None:
+        """``edges``: ``(u, v, width, color)``; ``colors``: node fill (white when absent)."""
+        from matplotlib.patches import FancyArrowPatch
+
+        for u, v, width, color in edges:
+            a, b = sorted((u, v), key=self.x)
+            # arcs bend more the farther they reach, so long routes do not run through the nodes between
+            rad = 0.03 * min(abs(self.x(b) - self.x(a)), 5)
+            ax.add_patch(FancyArrowPatch(self.pos[a], self.pos[b], connectionstyle=f"arc3,rad={rad:.2f}",
+                                         arrowstyle="-", color=color, alpha=0.6, lw=width, zorder=1))
+        for n, (x, y) in self.pos.items():
+            ax.scatter([x], [y], s=420, color=colors.get(n, "white"), edgecolors="black", zorder=2)
+            ax.annotate(n, (x, y), ha="center", va="center", fontsize=6, zorder=3)
+        ys = [y for _, y in self.pos.values()]
+        ax.set_ylim(min(ys) - 1.2, max(ys) + 0.8)
+        ax.set_xlim(min(self.columns) - 0.5, max(self.columns) + 0.5)
+        ax.set_xticks(sorted(self.columns))
+        ax.set_xticklabels(["emb" if x < 0 else "out" if x > 2 * self.n_layers else
+                            f"L{int(x // 2)} {'mlp' if x % 2 else 'attn'}" for x in sorted(self.columns)], fontsize=7)
+        ax.set_yticks([])
+        ax.set_title(title, fontsize=9)
+        for side in ("top", "right", "left"):
+            ax.spines[side].set_visible(False)
+
+
+def _save(fig: Any, path: Path) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.NamedTemporaryFile(dir=path.parent, suffix=path.suffix, delete=False) as tmp:
+        pass
+    try:
+        fig.savefig(tmp.name, dpi=150, bbox_inches="tight")
+        Path(tmp.name).replace(path)
+    finally:
+        Path(tmp.name).unlink(missing_ok=True)
+
+
+def plot(graph: Any, path: Path | None, *, weight: str, modules: Sequence[frozenset] | None,
+         top: float, ax: Any) -> Any:
+    plt = _pyplot(ax is None and path is not None)
     modules = graph.modules(weight=weight) if modules is None else list(modules)
     cap = graph.capacity_graph(weight, io=True)
-    label = {n: i for i, m in enumerate(modules) for n in m}
-    nodes = graph.nx.nodes
-    n_layers = max((d["layer"] for _, d in nodes(data=True) if d["kind"] not in ("port",)), default=0)
-
-    def x_of(n: str) -> float:
-        return n_layers * 2 + 0.5 if n == "unembed" else nodes[n]["order"]
-
-    columns: dict[float, list[str]] = {}
-    for n in cap.nodes:
-        columns.setdefault(x_of(n), []).append(n)
-    pos = {}
-    for x, names in columns.items():
-        names.sort(key=lambda n: (nodes[n].get("head", -1), n))
-        for i, n in enumerate(names):
-            pos[n] = (x, i - (len(names) - 1) / 2)
+    layout = _Layout(graph, list(cap.nodes))
     if ax is None:
-        height = max(3.5, 0.6 * max(len(v) for v in columns.values()))
-        _, ax = plt.subplots(figsize=(max(6.0, 1.2 * len(columns)), height))
+        _, ax = plt.subplots(figsize=layout.size())
     edges = sorted(cap.edges(data="capacity"), key=lambda e: -e[2])
     total = sum(c for _, _, c in edges) or 1.0
     kept, acc = [], 0.0
@@ -87,36 +133,33 @@ def plot(graph: Any, path: Path | None, *, weight: str, modules: Sequence[frozen
         kept.append((u, v, c))
         acc += c
     biggest = kept[0][2] if kept else 1.0
-    from matplotlib.patches import FancyArrowPatch
-
-    for u, v, c in kept:
-        a, b = sorted((u, v), key=x_of)
-        # arcs bend more the farther they reach, so long routes do not run through the nodes between
-        rad = 0.03 * min(abs(x_of(b) - x_of(a)), 5)
-        ax.add_patch(FancyArrowPatch(pos[a], pos[b], connectionstyle=f"arc3,rad={rad:.2f}", arrowstyle="-",
-                                     color="0.35", alpha=0.55, lw=0.3 + 5 * c / biggest, zorder=1))
     cmap = plt.get_cmap("tab10" if len(modules) <= 10 else "tab20")
-    for n, (x, y) in pos.items():
-        color = cmap(label[n] % cmap.N) if n in label else "white"
-        ax.scatter([x], [y], s=420, color=color, edgecolors="black", zorder=2)
-        ax.annotate(n, (x, y), ha="center", va="center", fontsize=6, zorder=3)
-    ys = [y for _, y in pos.values()]
-    ax.set_ylim(min(ys) - 1.2, max(ys) + 0.8)
-    ax.set_xlim(min(columns) - 0.5, max(columns) + 0.5)
-    ax.set_xticks(sorted(columns))
-    ax.set_xticklabels(["emb" if x < 0 else "out" if x > 2 * n_layers else
-                        f"L{int(x // 2)} {'mlp' if x % 2 else 'attn'}" for x in sorted(columns)], fontsize=7)
-    ax.set_yticks([])
-    ax.set_title(f"{len(modules)} modules; {weight} strengths; edges carrying {top:.0%} of the total")
-    for side in ("top", "right", "left"):
-        ax.spines[side].set_visible(False)
+    colors = {n: cmap(i % cmap.N) for i, m in enumerate(modules) for n in m}
+    layout.draw(ax, [(u, v, 0.3 + 5 * c / biggest, "0.35") for u, v, c in kept], colors,
+                f"{len(modules)} modules; {weight} strengths; edges carrying {top:.0%} of the total")
     if path is not None:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        with tempfile.NamedTemporaryFile(dir=path.parent, suffix=path.suffix, delete=False) as tmp:
-            pass
-        try:
-            ax.figure.savefig(tmp.name, dpi=150, bbox_inches="tight")
-            Path(tmp.name).replace(path)
-        finally:
-            Path(tmp.name).unlink(missing_ok=True)
+        _save(ax.figure, path)
     return ax
+
+
+def plot_circuits(circuits: Any, graph: Any, path: Path | None) -> Any:
+    """One panel per category: its circuit's routes (ports collapsed onto channels), widths by
+    score; red routes are in every category's circuit, blue ones in this category's only."""
+    plt = _pyplot(path is not None)
+    layout = _Layout(graph, graph._nodes(io=True))
+    shared, specific = circuits.shared(), circuits.specific()
+    w, h = layout.size()
+    fig, axes = plt.subplots(len(circuits), 1, figsize=(w, h * len(circuits)), squeeze=False)
+    for ax, (name, c) in zip(axes[:, 0], circuits.items(), strict=True):
+        biggest = max((abs(c.scores[r]) for r in c.routes), default=1.0) or 1.0
+        edges = []
+        for r in c.routes:
+            color = "tab:red" if r in shared else "tab:blue" if r in specific[name] else "0.45"
+            edges.append((r[0], graph.owner(r[1]), 0.5 + 4 * abs(c.scores[r]) / biggest, color))
+        used = {n for u, v, _, _ in edges for n in (u, v)}
+        layout.draw(ax, edges, {n: "0.85" for n in used},
+                    f"{name}: {c.size} routes, faithfulness {c.faithfulness:.2f} (red: shared by all; blue: only here)")
+    fig.tight_layout()
+    if path is not None:
+        _save(fig, path)
+    return axes[:, 0]

@@ -56,6 +56,23 @@ for name, row in zip(names, sim, strict=True):
     print(f"{name:>16}", " ".join(f"{v:.2f}" for v in row))
 
 # %% [markdown]
+# ## Examples cluster by the channels they use
+# Each example's share of its route scores per channel; k-means over all examples of all tasks.
+
+# %%
+clusters = circuits.example_clusters(seed=0)
+print(f"purity {clusters['purity']:.2f}, adjusted Rand index with the task labels {clusters['ari']:.2f}")
+for name, labels in clusters["labels"].items():
+    print(f"{name:>16}: examples per cluster {[labels.count(j) for j in range(clusters['k'])]}")
+
+# %% [markdown]
+# ## The circuits on the layer layout
+# Red: routes in every task's circuit; blue: routes only this task's circuit uses.
+
+# %%
+circuits.plot(graph, out / "05_circuits.png")
+
+# %% [markdown]
 # ## Faithfulness against circuit size
 
 # %%
