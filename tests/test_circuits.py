@@ -84,6 +84,21 @@ def test_examples_cluster_by_the_channels_they_use(bundled, tmp_path):
     assert len(axes) == 4 and (tmp_path / "circuits.png").stat().st_size > 10_000
 
 
+def test_integrated_gradients_scores_agree_with_attribution(bundled):
+    from tl_modular import circuits as circuits_mod
+    from tl_modular.graph import spearman
+    model, graph, tasks, circuits = bundled
+    channels = tlm.segment(model)
+    routes = sorted(graph.routes())
+    writers = {w.name: w for w in circuits_mod._routes.writers(graph.compression, channels)}
+    cat = circuits_mod._category("brackets", tasks["brackets"][:16], model, channels,
+                                 sorted({w for w, _ in routes}), writers, "corrupted")
+    plain = circuits_mod._scores(model, channels, graph, cat, routes, 16, 64).mean(0)
+    ig = circuits_mod._scores(model, channels, graph, cat, routes, 16, 64, steps=3).mean(0)
+    assert spearman(np.abs(plain), np.abs(ig)) > 0.7
+    assert count_hooks(model) == 0
+
+
 def test_tokens_category_and_save_load(bundled, tmp_path):
     model, graph, tasks, circuits = bundled
     tokens, _ = toy.mixed_tokens(n_per_task=8, seed=9)

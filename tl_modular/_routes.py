@@ -25,7 +25,7 @@ One forward and one backward pass per batch.
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -204,10 +204,10 @@ def _check_loss_mask(tokens: torch.Tensor, mask: torch.Tensor | None, loss_mask:
 
 
 def forward_backward(model: Any, channels: ChannelSet, writers_: list[Writer], readers_: list[Reader],
-                     batch: torch.Tensor, mask: torch.Tensor | None, objective: Any
+                     batch: torch.Tensor, mask: torch.Tensor | None, objective: Any, extra_hooks: Sequence = ()
                      ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """Writes ``[W, b, p, d]`` and the gradient of ``objective(logits)`` (a scalar) at every reader
-    port ``{port: [b, p, d]}``."""
+    port ``{port: [b, p, d]}``; ``extra_hooks`` run first (e.g. to interpolate the embeddings)."""
     sources = {channels[w.name].source_hook for w in writers_}
     port_hooks = {r.port: _port_hooks(channels, r.port) for r in readers_}
     acts: dict[str, torch.Tensor] = {}
@@ -222,7 +222,7 @@ def forward_backward(model: Any, channels: ChannelSet, writers_: list[Writer], r
         return act
 
     port_names = {h for h, _ in port_hooks.values()}
-    fwd = [(h, keep) for h in sorted(sources | port_names)]
+    fwd = [*extra_hooks, *((h, keep) for h in sorted(sources | port_names))]
     kwargs = {} if mask is None else {"attention_mask": mask}
     with torch.enable_grad(), split_inputs(model), model.hooks(fwd_hooks=fwd):
         logits = model(batch, **kwargs)

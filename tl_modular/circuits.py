@@ -274,22 +274,37 @@ def _mean_source(model: Any, channels: ChannelSet, tokens: torch.Tensor, senders
 
 
 def _scores(model: Any, channels: ChannelSet, graph: Any, cat: _Category, routes: list[Route],
-            batch_size: int, chunk: int) -> np.ndarray:
+            batch_size: int, chunk: int, steps: int = 0) -> np.ndarray:
     """``[examples, routes]``: first-order drop of each example's metric when each route is patched
-    to the baseline through the subspaces (gradient at the clean run × (clean - baseline) write)."""
+    to the baseline through the subspaces: the gradient at each port times (clean - baseline) write.
+
+    ``steps = 0``: the gradient of the clean run (attribution patching). ``steps > 0``: integrated
+    gradients — the mean gradient over ``steps`` runs whose embeddings sit at the midpoints between
+    the clean and the baseline embeddings (EAP-IG on the inputs, Hanna et al. 2024).
+    """
     comp = graph.compression
     ws = _routes.writers(comp, channels, cat.tokens)
     rs = _routes.readers(comp, model)
     w_index = {w.name: i for i, w in enumerate(ws)}
     r_index = {r.port: j for j, r in enumerate(rs)}
     pick = [(w_index[w], r_index[p]) for w, p in routes]
+    embeds = [(c.source_hook, c.name) for c in channels.of_kind("embed", "pos_embed") if c.name in cat.baseline]
     out = []
     device = model.cfg.device
     for start in range(0, len(cat.tokens), batch_size):
         index = slice(start, start + batch_size)
         batch = cat.tokens[index].to(device)
-        writes, grads = _routes.forward_backward(model, channels, ws, rs, batch, None,
-                                                 lambda logits, i=index: cat.metric(logits, i).sum())
+        objective = lambda logits, i=index: cat.metric(logits, i).sum()  # noqa: E731
+        writes, grads = _routes.forward_backward(model, channels, ws, rs, batch, None, objective)
+        if steps > 0:
+            grads = {k: torch.zeros_like(v) for k, v in grads.items()}
+            for step in range(steps):
+                alpha = (step + 0.5) / steps
+                hooks = [(hook, lambda a, hook, n=name, al=alpha, i=index: a + al * (cat.baseline[n][i].to(a) - a))
+                         for hook, name in embeds]
+                _, g = _routes.forward_backward(model, channels, ws, rs, batch, None, objective, hooks)
+                for k, v in g.items():
+                    grads[k] += v / steps
         base = torch.stack([cat.baseline[w.name][index].to(writes) for w in ws])
         deltas = torch.stack([_routes._project_writer(w, b - x) for w, b, x in zip(ws, base, writes, strict=True)])
         b, p = batch.shape
@@ -337,6 +352,7 @@ def _bootstrap(num: np.ndarray, den: np.ndarray, rng: np.random.Generator, n_boo
 def find_circuits(graph: Any, model: Any, categories: Mapping[str, Task | torch.Tensor], *,
                   baseline: Baseline | None = None, target: float = 0.9, sizes: Sequence[int] | None = None,
                   n_boot: int = 200, n_random: int = 10, prune: bool = True, prune_limit: int = 256,
+                  ig_steps: int = 0,
                   batch_size: int = 64, seed: int = 0, progress: bool = True) -> CircuitSet:
     """Per-category circuits of ``graph`` (see the module docs); ``graph.circuits`` calls this.
 
@@ -350,6 +366,8 @@ def find_circuits(graph: Any, model: Any, categories: Mapping[str, Task | torch.
         sizes: Circuit sizes to verify (default: a geometric grid up to every route).
         n_boot: Bootstrap resamples of the examples for the intervals.
         n_random: Random circuits of the same size for comparison.
+        ig_steps: 0 for attribution patching (one forward and backward pass per batch); else
+            integrated gradients over that many interpolation steps of the embeddings.
     """
     graph._check_data(model)
     if not categories:
@@ -370,7 +388,7 @@ def find_circuits(graph: Any, model: Any, categories: Mapping[str, Task | torch.
     for name, data in tqdm(categories.items(), desc="circuits", disable=not progress):
         base = baseline or ("corrupted" if isinstance(data, Task) else "mean")
         cat = _category(name, data, model, channels, senders, writers, base)
-        scores = _scores(model, channels, graph, cat, routes, batch_size, chunk=64)
+        scores = _scores(model, channels, graph, cat, routes, batch_size, chunk=64, steps=ig_steps)
         usage = np.abs(scores) @ touches                      # [examples, channels]
         usage = usage / np.clip(usage.sum(1, keepdims=True), 1e-300, None)
         mean = scores.mean(0)
