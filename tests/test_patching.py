@@ -128,6 +128,47 @@ def test_mean_and_zero_baselines_and_effects():
     assert everything.fraction == pytest.approx(1.0, abs=1e-4)
 
 
+@pytest.mark.parametrize("kind", ["gpt2", "parallel", "shortformer"])
+@torch.no_grad()
+def test_many_routes_match_a_plain_sum_over_senders(kind):
+    """Patching most routes into a port goes through "all upstream minus the rest": check it against
+    a plain sum of (source - write) over the patched senders of each port."""
+    from tl_modular.patching import _port, _write
+    model = tiny_model(kind, seed=5, n_layers=3)
+    task = _task(model)
+    channels = tlm.segment(model)
+    senders = [c.name for c in channels if c.kind != "bias"]
+    every = [(s, p) for s in senders for p in ports(channels) if valid_route(channels, s, p)]
+    rng = torch.Generator().manual_seed(0)
+    for keep in (0.9, 0.5, 0.1):
+        routes = [r for r in every if torch.rand(1, generator=rng) < keep]
+        source = capture_writes(model, channels, task.corrupted, senders)
+        by_port = {}
+        for s, p in routes:
+            by_port.setdefault(p, []).append(channels[s])
+        current = {}
+        hooks = [(h, lambda a, hook, current=current: current.__setitem__(hook.name, a)) for h in
+                 sorted({channels[s].source_hook for s in senders})]
+        for p, cs in by_port.items():
+            hook, index, _ = _port(channels, p)
+
+            def fn(a, hook, cs=cs, index=index, current=current, source=source):
+                like = a if index is None else a[..., index, :]
+                d = sum(source[c.name].to(like) - _write(c, current.get(c.source_hook), like) for c in cs)
+                a = a.clone()
+                if index is None:
+                    a += d
+                else:
+                    a[..., index, :] += d
+                return a
+            hooks.append((hook, fn))
+        with split_inputs(model), model.hooks(fwd_hooks=hooks):
+            expected = model(task.clean)
+        got = patch_routes(model, channels, task.clean, routes, source)
+        torch.testing.assert_close(got, expected, atol=ATOL, rtol=0)
+    assert count_hooks(model) == 0
+
+
 @pytest.mark.parametrize("kind", ["gpt2", "no_norm"])
 @torch.no_grad()
 def test_path_patching(kind):

@@ -185,28 +185,54 @@ def patch_routes(model: Any, channels: ChannelSet, tokens: Int[torch.Tensor, "ba
         by_port.setdefault(port, []).append(channels[sender])
     _check_source(source, {s for s, _ in routes})
     senders = {c.name: c for cs in by_port.values() for c in cs}
+    n_layers = channels.model.cfg.n_layers
+    order = sorted(senders.values(), key=lambda c: _stream_index(c.writes, n_layers))
     current: dict[str, torch.Tensor] = {}
+    deltas: dict[str, torch.Tensor] = {}      # source - write of each sender, computed once per run
+    prefix: list[Any] = [0, None]             # how many of `order` are summed, and their sum
 
     def remember(activation: torch.Tensor, hook: Any) -> None:
         current[hook.name] = activation
 
-    def receive(port_senders: list[Channel], index: int | None):
+    def delta(c: Channel, like: torch.Tensor) -> torch.Tensor:
+        if c.name not in deltas:
+            deltas[c.name] = source[c.name].to(like) - _write(c, current.get(c.source_hook), like)
+        return deltas[c.name]
+
+    def upstream(read: int, like: torch.Tensor) -> torch.Tensor:
+        """Σ of every sender's delta written at or before stream index ``read`` (hooks fire in order)."""
+        k, total = prefix
+        while k < len(order) and _stream_index(order[k].writes, n_layers) <= read:
+            total = delta(order[k], like) if total is None else total + delta(order[k], like)
+            k += 1
+        prefix[:] = [k, total]
+        return torch.zeros_like(like) if total is None else total
+
+    def receive(port_senders: list[Channel], index: int | None, read: int):
+        # Patching most routes into a port (a circuit's complement) is cheaper as "every upstream
+        # sender minus the few left clean" than as a sum over the patched ones.
+        names = {c.name for c in port_senders}
+        left = [c for c in order if _stream_index(c.writes, n_layers) <= read and c.name not in names]
+        by_complement = len(left) < len(port_senders)
+
         def hook_fn(activation: torch.Tensor, hook: Any) -> torch.Tensor:
             like = activation if index is None else activation[..., index, :]
-            delta = sum(source[c.name].to(like) - _write(c, current.get(c.source_hook), like)
-                        for c in port_senders)
+            if by_complement:
+                change = upstream(read, like) - sum((delta(c, like) for c in left), torch.zeros_like(like))
+            else:
+                change = sum((delta(c, like) for c in port_senders), torch.zeros_like(like))
             activation = activation.clone()
             if index is None:
-                activation += delta
+                activation += change
             else:
-                activation[..., index, :] += delta
+                activation[..., index, :] += change
             return activation
         return hook_fn
 
     fwd_hooks = [(h, remember) for h in sorted({c.source_hook for c in senders.values() if c.source_hook})]
     for port, port_senders in by_port.items():
-        hook, index, _ = _port(channels, port)
-        fwd_hooks.append((hook, receive(port_senders, index)))
+        hook, index, read = _port(channels, port)
+        fwd_hooks.append((hook, receive(port_senders, index, read)))
     with split_inputs(model), model.hooks(fwd_hooks=fwd_hooks):
         return model(tokens, **forward_kwargs)
 
