@@ -40,14 +40,16 @@ def main() -> None:
     graph = tlm.build_graph(comp, model=model)
     tasks = {name: getattr(tlm.tasks, name)(tok, args.prompts, seed=0)
              for name in ("ioi", "greater_than", "docstring", "induction")}
-    print(f"{len(graph.routes())} routes, {args.prompts} prompts per set, threads={args.threads}")
-    start = time.perf_counter()
-    circuits = graph.circuits(model, tasks, prune=False, n_random=3, n_boot=100, batch_size=args.prompts,
-                              progress=False)
-    total = time.perf_counter() - start
-    for name, c in circuits.items():
-        print(f"{name:>13}: {c.size} routes, faithfulness {c.faithfulness:.2f}, {len(c.curve)} curve points")
-    print(f"four prompt sets: {total:.1f} s ({total / len(tasks):.1f} s per set)")
+    print(f"{len(graph.routes())} routes, {args.prompts} prompts per set, threads={args.threads}", flush=True)
+    times = []
+    for name, task in tasks.items():
+        start = time.perf_counter()
+        c = graph.circuits(model, {name: task}, prune=False, n_random=3, n_boot=100, batch_size=args.prompts,
+                           progress=False)[name]
+        times.append(time.perf_counter() - start)
+        print(f"{name:>13}: {times[-1]:.1f} s; {c.size} routes, faithfulness {c.faithfulness:.2f}, "
+              f"{len(c.curve)} curve points", flush=True)
+    print(f"four prompt sets: {sum(times):.1f} s ({sum(times) / len(times):.1f} s per set)")
 
 
 if __name__ == "__main__":
