@@ -26,8 +26,8 @@ tokens, mask, scored = toy.mixed_tokens(n_per_task=64, seed=2, scored=True)
 comp = tlm.compress(model, tokens, attention_mask=mask, progress=False)
 graph = tlm.build_graph(comp, model=model, tokens=tokens, attention_mask=mask, loss_mask=scored,
                         metric="logit", progress=False)
-tasks = {name: gen(128, seed=5) for name, gen in toy.GENERATORS.items()}
-circuits = graph.circuits(model, tasks, n_boot=100, n_random=5, batch_size=128, progress=False)
+tasks = {name: gen(64, seed=5) for name, gen in toy.GENERATORS.items()}
+circuits = graph.circuits(model, tasks, n_boot=100, n_random=5, batch_size=64, progress=False)
 print(circuits)
 
 # %% [markdown]
