@@ -189,10 +189,7 @@ def patch_routes(model: Any, channels: ChannelSet, tokens: Int[torch.Tensor, "ba
     order = sorted(senders.values(), key=lambda c: _stream_index(c.writes, n_layers))
     current: dict[str, torch.Tensor] = {}
     deltas: dict[str, torch.Tensor] = {}      # source - write of each sender, computed once per run
-    changes: dict[str, torch.Tensor] = {}     # each port's total change, computed per stream index
-    at_read: dict[int, list[tuple[str, set[str]]]] = {}
-    for port, port_senders in by_port.items():
-        at_read.setdefault(_port(channels, port)[2], []).append((port, {c.name for c in port_senders}))
+    prefix: list[Any] = [0, None]             # how many of `order` are summed, and their sum
 
     def remember(activation: torch.Tensor, hook: Any) -> None:
         current[hook.name] = activation
@@ -202,35 +199,40 @@ def patch_routes(model: Any, channels: ChannelSet, tokens: Int[torch.Tensor, "ba
             deltas[c.name] = source[c.name].to(like) - _write(c, current.get(c.source_hook), like)
         return deltas[c.name]
 
-    def change(port: str, read: int, like: torch.Tensor) -> torch.Tensor:
-        if port not in changes:
-            # Every port reading this point of the stream at once: a [ports, senders] 0/1 mask times
-            # the stacked deltas, one matrix product (a circuit's complement patches thousands of
-            # routes on GPT-2; summing them port by port would dominate the run).
-            up = [c for c in order if _stream_index(c.writes, n_layers) <= read]
-            group = at_read[read]
-            mask = torch.tensor([[c.name in names for c in up] for _, names in group], dtype=like.dtype,
-                                device=like.device)
-            stacked = torch.stack([delta(c, like) for c in up]).flatten(1)
-            for (name, _), row in zip(group, (mask @ stacked).unbind(0), strict=True):
-                changes[name] = row.view_as(like)
-        return changes[port]
+    def upstream(read: int, like: torch.Tensor) -> torch.Tensor:
+        """Σ of every sender's delta written at or before stream index ``read`` (hooks fire in order)."""
+        k, total = prefix
+        while k < len(order) and _stream_index(order[k].writes, n_layers) <= read:
+            total = delta(order[k], like) if total is None else total + delta(order[k], like)
+            k += 1
+        prefix[:] = [k, total]
+        return torch.zeros_like(like) if total is None else total
 
-    def receive(port: str, index: int | None, read: int):
+    def receive(port_senders: list[Channel], index: int | None, read: int):
+        # Patching most routes into a port (a circuit's complement) is cheaper as "every upstream
+        # sender minus the few left clean" than as a sum over the patched ones.
+        names = {c.name for c in port_senders}
+        left = [c for c in order if _stream_index(c.writes, n_layers) <= read and c.name not in names]
+        by_complement = len(left) < len(port_senders)
+
         def hook_fn(activation: torch.Tensor, hook: Any) -> torch.Tensor:
             like = activation if index is None else activation[..., index, :]
+            if by_complement:
+                change = upstream(read, like) - sum((delta(c, like) for c in left), torch.zeros_like(like))
+            else:
+                change = sum((delta(c, like) for c in port_senders), torch.zeros_like(like))
             activation = activation.clone()
             if index is None:
-                activation += change(port, read, like)
+                activation += change
             else:
-                activation[..., index, :] += change(port, read, like)
+                activation[..., index, :] += change
             return activation
         return hook_fn
 
     fwd_hooks = [(h, remember) for h in sorted({c.source_hook for c in senders.values() if c.source_hook})]
-    for port in by_port:
+    for port, port_senders in by_port.items():
         hook, index, read = _port(channels, port)
-        fwd_hooks.append((hook, receive(port, index, read)))
+        fwd_hooks.append((hook, receive(port_senders, index, read)))
     with split_inputs(model), model.hooks(fwd_hooks=fwd_hooks):
         return model(tokens, **forward_kwargs)
 
