@@ -32,7 +32,7 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
-from tl_modular.patching import patch_routes, split_inputs, valid_route
+from tl_modular.patching import _write, patch_routes, split_inputs, valid_route
 from tl_modular.segmentation import Channel, ChannelSet
 from tl_modular.statistics import _check_tokens, _weights
 
@@ -161,7 +161,7 @@ def _writes_now(channels: ChannelSet, writers_: list[Writer], acts: Mapping[str,
     for w in writers_:
         c = channels[w.name]
         act = acts[c.source_hook]
-        out.append(act[..., c.head, :] @ c.weights["W_O"].detach().to(act) if c.kind == "head" else act)
+        out.append(_write(c, act, act))
     return torch.stack(out)
 
 
