@@ -10,7 +10,8 @@ and circuits, unfold polysemantic parts with SAEs, and label every part with a l
 >>> comp = tlm.compress(model, tokens)            # doctest: +SKIP
 
 Submodules load on first use: ``tlm.toy`` (the ground-truth workbench), ``tlm.tasks`` (GPT-2
-prompt sets), ``tlm.patching``, ``tlm.statistics``, ``tlm.fidelity``, ``tlm.circuits``, ``tlm.testing``.
+prompt sets), ``tlm.patching``, ``tlm.statistics``, ``tlm.fidelity``, ``tlm.circuits``, ``tlm.sae``
+(SAEs, polysemanticity, unfolding), ``tlm.testing``.
 """
 
 import importlib
@@ -24,7 +25,7 @@ from tl_modular.task import Task
 
 __version__ = "0.1.0.dev0"
 
-_SUBMODULES = {"toy", "tasks", "patching", "statistics", "fidelity", "testing", "circuits"}
+_SUBMODULES = {"toy", "tasks", "patching", "statistics", "fidelity", "testing", "circuits", "sae"}
 
 __all__ = [
     "Channel",

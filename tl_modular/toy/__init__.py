@@ -24,6 +24,7 @@ from tl_modular.toy.generators import (
     sorting,
 )
 from tl_modular.toy.model import BUNDLED_DIR, info, load_model, save_model
+from tl_modular.toy.superposition import Superposition, train_superposition
 from tl_modular.toy.training import (
     TrainConfig,
     TrainResult,
@@ -37,8 +38,8 @@ from tl_modular.toy.vocab import N_NUMBERS, TASK_TOKENS, VOCAB, decode, encode, 
 
 __all__ = [
     "BUNDLED_DIR", "GENERATORS", "HELD_OUT_FRACTION", "MODULUS", "N_NUMBERS", "TASK_TOKENS", "VOCAB",
-    "TrainConfig", "TrainResult", "addition_pairs", "brackets", "decode", "default_config", "encode",
+    "Superposition", "TrainConfig", "TrainResult", "addition_pairs", "brackets", "decode", "default_config", "encode",
     "eval_tasks", "evaluate", "induction", "info", "load_model", "mixed_tokens", "modular_addition",
     "save_model",
-    "sorting", "token_id", "train", "training_tasks",
+    "sorting", "token_id", "train", "train_superposition", "training_tasks",
 ]
