@@ -276,3 +276,35 @@ def test_unfold_and_expand_on_a_planted_sae(model, tokens):
     assert read.side == "read" and 0 <= read.error <= 1
     with pytest.raises(ValueError, match="does not see"):
         S.unfold(model, comp, "L1.MLP", sae, data, side="write")
+
+
+def test_transcoder_trains_splices_and_unfolds(model, tmp_path):
+    tokens = torch.randint(0, 50, (64, 12), generator=torch.Generator().manual_seed(2))
+    cfg = S.SAETrainConfig(d_sae=64, n_tokens=20_000, batch_size=256, buffer_tokens=2048, l1_coefficient=0.3, lr=3e-3)
+    tc = S.train_transcoder(model, tokens, 0, cfg, output_path=tmp_path / "tc")
+    assert tc.cfg.metadata.hook_name == "blocks.0.ln2.hook_normalized"
+    assert tc.cfg.metadata.hook_name_out == "blocks.0.hook_mlp_out"
+    again = S.load(tmp_path / "tc", model=model)
+    torch.testing.assert_close(again.W_enc, tc.W_enc)
+    q = S.quality(model, again, tokens)
+    assert q["fvu"] < 0.9, q                            # it predicts the MLP's output, roughly
+    # fvu agrees with a direct computation on the output hook
+    _, cache = model.run_with_cache(tokens)
+    x = cache["blocks.0.ln2.hook_normalized"][:, 1:].reshape(-1, model.cfg.d_model)
+    y = cache["blocks.0.hook_mlp_out"][:, 1:].reshape(-1, model.cfg.d_model)
+    pred = again.decode(again.encode(x))
+    assert q["fvu"] == pytest.approx(float((((pred - y) ** 2).sum() / ((y - y.mean(0)) ** 2).sum()).detach()),
+                                     rel=1e-4)
+    clean = model(tokens)
+    with S.spliced(model, again, use_error_term=True):
+        torch.testing.assert_close(model(tokens), clean, atol=1e-5, rtol=1e-5)
+    assert count_hooks(model) == 0
+    comp = tlm.compress(model, tokens, rank=4)
+    u = S.unfold(model, comp, "L0.MLP", again, tokens)
+    assert u.side == "write" and 0 <= u.error <= 1
+    with pytest.raises(ValueError, match="what its MLP writes"):
+        S.unfold(model, comp, "L0.MLP", again, tokens, side="read")
+    bad = S.load(tmp_path / "tc")
+    bad.cfg.metadata.hook_name_out = "blocks.0.mlp.hook_post"        # d_mlp wide, not d_model
+    with pytest.raises(ValueError, match="d_out="):
+        S.check_fits(bad, model)

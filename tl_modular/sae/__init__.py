@@ -8,7 +8,8 @@ ones shipped for the bundled model — never a home-made SAE class.
 - Run: :func:`spliced` (reconstructions in place of activations, optionally keeping the error
   term and editing features), :func:`quality` (FVU, CE loss recovered, L0, dead features).
 - Train: :func:`train_sae` (sae-lens' ``SAETrainer`` on a model and in-memory tokens, no wandb),
-  :func:`train_on_activations` (any activation stream).
+  :func:`train_transcoder` (an MLP's input → output through sparse features, as a sae-lens
+  ``Transcoder``), :func:`train_on_activations` (any activation stream).
 - Measure: :func:`polysemanticity` (effective number of features driving a unit),
   :func:`feature_spread` (effective number of units a feature reaches), :func:`score_model`
   (a ranked table over every neuron and read direction).
@@ -31,6 +32,7 @@ from tl_modular.sae._attach import SAESet, check_fits, collect, feature_directio
 from tl_modular.sae._poly import PolysemanticityTable, UnitScores, feature_spread, polysemanticity, score_model
 from tl_modular.sae._readers import Readers, neuron_readers, readers_for, subspace_readers
 from tl_modular.sae._train import SAETrainConfig, save_atomic, train_on_activations, train_sae
+from tl_modular.sae._transcoder import train_transcoder
 from tl_modular.sae._unfold import Unfolding, expand, unfold
 
 #: Where the SAEs trained for the bundled model live (one sae-lens folder per hook).
@@ -40,7 +42,7 @@ __all__ = [
     "BUNDLED_DIR", "PolysemanticityTable", "Readers", "SAESet", "SAETrainConfig", "UnitScores", "Unfolding",
     "bundled", "check_fits", "collect", "expand", "feature_directions", "feature_spread", "hook_name", "load",
     "neuron_readers", "polysemanticity", "quality", "readers_for", "save_atomic", "score_model", "spliced",
-    "subspace_readers", "train_on_activations", "train_sae", "unfold",
+    "subspace_readers", "train_on_activations", "train_sae", "train_transcoder", "unfold",
 ]
 
 

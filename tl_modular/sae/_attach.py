@@ -80,12 +80,18 @@ def check_fits(sae: Any, model: Any) -> str:
     Returns the hook name.
     """
     hook = hook_name(sae)
-    shape = _width(model, hook)
-    width = math.prod(shape)
-    d_in = int(sae.cfg.d_in)
-    if d_in != width:
-        raise ValueError(f"SAE for {hook!r} has d_in={d_in}, but the model's activation there is {width} wide "
-                         f"(shape {list(shape)}): it was trained on another model (e.g. another size of the family)")
+    sides = [(hook, "d_in", int(sae.cfg.d_in))]
+    if getattr(sae.cfg, "d_out", None) is not None:       # a transcoder also writes a hook
+        out = getattr(sae.cfg.metadata, "hook_name_out", None)
+        if not out:
+            raise ValueError("this transcoder does not say which hook it writes: set cfg.metadata.hook_name_out")
+        sides.append((out, "d_out", int(sae.cfg.d_out)))
+    for name, field_name, size in sides:
+        shape = _width(model, name)
+        width = math.prod(shape)
+        if size != width:
+            raise ValueError(f"SAE for {name!r} has {field_name}={size}, but the model's activation there is {width} "
+                             f"wide (shape {list(shape)}): it was trained on another model (e.g. another size)")
     return hook
 
 
@@ -182,6 +188,9 @@ def spliced(model: Any, saes: Sequence[Any] | Any, *, use_error_term: bool = Fal
     hooks = []
     for sae in saes:
         name = check_fits(sae, model)
+        if getattr(sae.cfg, "d_out", None) is not None:
+            hooks += _transcoder_hooks(sae, name, use_error_term, edit)
+            continue
 
         def fn(act: torch.Tensor, hook: Any, sae: Any = sae, name: str = name) -> torch.Tensor:
             flat = _flat(act)
@@ -198,12 +207,30 @@ def spliced(model: Any, saes: Sequence[Any] | Any, *, use_error_term: bool = Fal
         yield model
 
 
+def _transcoder_hooks(tc: Any, name: str, use_error_term: bool, edit: FeatureEdit | None) -> list:
+    """A transcoder replaces its output hook with its prediction from its input hook."""
+    seen: dict[str, torch.Tensor] = {}
+
+    def grab(act: torch.Tensor, hook: Any) -> None:
+        seen["x"] = _flat(act)
+
+    def replace(act: torch.Tensor, hook: Any) -> torch.Tensor:
+        feats = tc.encode(seen["x"].to(tc.W_dec.dtype))
+        pred = tc.decode(feats)
+        out = tc.decode(edit(name, feats)) if edit is not None else pred
+        if use_error_term:
+            out = out + (_flat(act) - pred)
+        return out.to(act.dtype).reshape(act.shape)
+    return [(name, grab), (tc.cfg.metadata.hook_name_out, replace)]
+
+
 def quality(model: Any, sae: Any, tokens: Int[torch.Tensor, "batch pos"], *,
             attention_mask: torch.Tensor | None = None, loss_mask: torch.Tensor | None = None,
             batch_size: int = 32) -> dict[str, float]:
     """Reconstruction quality of an SAE on ``tokens``.
 
-    Returns ``fvu`` (fraction of variance unexplained), ``mse`` per token, ``l0`` (mean active
+    Returns ``fvu`` (fraction of variance unexplained; for a transcoder, of the output it
+    predicts), ``mse`` per token, ``l0`` (mean active
     features), ``dead_fraction`` (features that never fire on the data), and the next-token loss
     clean, spliced (reconstruction in place) and zero-ablated, with ``ce_loss_recovered`` =
     (zero − spliced) / (zero − clean). Position 0 and padding are excluded throughout;
@@ -216,11 +243,14 @@ def quality(model: Any, sae: Any, tokens: Int[torch.Tensor, "batch pos"], *,
     fired = torch.zeros(d_sae, dtype=torch.bool)
     sq_err = l0 = n = 0.0
     s1 = s2 = None
+    target = getattr(sae.cfg.metadata, "hook_name_out", None) if getattr(sae.cfg, "d_out", None) else None
+    target = target or hook                          # a transcoder is scored on the output it predicts
     with torch.no_grad():
-        for acts in iter_activations(model, tokens, [hook], attention_mask=attention_mask, batch_size=batch_size):
-            x = acts[hook].to(sae.W_dec.dtype)
-            feats = sae.encode(x)
+        for acts in iter_activations(model, tokens, [hook, target], attention_mask=attention_mask,
+                                     batch_size=batch_size):
+            feats = sae.encode(acts[hook].to(sae.W_dec.dtype))
             recon = sae.decode(feats)
+            x = acts[target].to(sae.W_dec.dtype)
             sq_err += float(((recon - x) ** 2).sum())
             active = feats != 0
             l0 += float(active.sum())
@@ -244,7 +274,8 @@ def quality(model: Any, sae: Any, tokens: Int[torch.Tensor, "batch pos"], *,
 def _losses(model: Any, sae: Any, hook: str, tokens: torch.Tensor, attention_mask: torch.Tensor | None,
             loss_mask: torch.Tensor | None, batch_size: int) -> tuple[float, float, float]:
     """Mean next-token loss clean, with the SAE spliced in, and with the hook zero-ablated."""
-    zero = [(hook, lambda act, hook: torch.zeros_like(act))]
+    out = getattr(sae.cfg.metadata, "hook_name_out", None) if getattr(sae.cfg, "d_out", None) else None
+    zero = [(out or hook, lambda act, hook: torch.zeros_like(act))]
     sums = [0.0, 0.0, 0.0]
     count = 0
     for start in range(0, tokens.shape[0], batch_size):

@@ -87,7 +87,9 @@ def unfold(model: Any, comp: Any, name: str, sae: Any, tokens: torch.Tensor, *, 
     """Express channel ``name``'s read (or write) subspace in ``sae``'s features.
 
     ``side`` defaults to wherever the SAE sits: on the channel's input → read, on its output →
-    write. ``port`` picks a head's q/k/v read side (default: the port with the largest rank).
+    write; a transcoder (sae-lens ``Transcoder``, e.g. from :func:`train_transcoder`) unfolds an
+    MLP's write side with features computed from its input. ``port`` picks a head's q/k/v read side
+    (default: the port with the largest rank).
 
     >>> u = tlm.sae.unfold(model, comp, "L0.MLP", saes["blocks.0.hook_mlp_out"], tokens)   # doctest: +SKIP
     >>> u.top(5), u.explained[4], u.error                                               # doctest: +SKIP
@@ -95,6 +97,11 @@ def unfold(model: Any, comp: Any, name: str, sae: Any, tokens: torch.Tensor, *, 
     hook = check_fits(sae, model)
     c = segment(model)[name]
     cc = comp[name]
+    out_hook = getattr(sae.cfg.metadata, "hook_name_out", None) if getattr(sae.cfg, "d_out", None) else None
+    if out_hook is not None:                     # a transcoder: features from the input, written to the output
+        if side == "read":
+            raise ValueError("a transcoder unfolds what its MLP writes: use side='write' (or an SAE for the read side)")
+        side = "write"
     if side is None:
         side = "read" if (hook in c.reads or hook == c.input_hook) else "write"
     if side == "read":
@@ -104,16 +111,16 @@ def unfold(model: Any, comp: Any, name: str, sae: Any, tokens: torch.Tensor, *, 
         basis_hook, scale_hook = to_hook(model, c, basis, hook)
         dirs = sae.W_dec.detach().float()
     else:
-        if not _write_hook_ok(c, hook):
-            raise ValueError(f"{name} writes at {c.source_hook} (into {c.writes}); an SAE at {hook!r} does not see "
-                             "that write")
+        if not _write_hook_ok(c, out_hook or hook):
+            raise ValueError(f"{name} writes at {c.source_hook} (into {c.writes}); an SAE at {out_hook or hook!r} "
+                             "does not see that write")
         basis_hook, scale_hook = cc.write.basis.detach().float(), None
-        dirs = _write_directions(model, c, sae, hook)
-    hooks = [hook] + ([scale_hook] if scale_hook else [])
+        dirs = _write_directions(model, c, sae, out_hook or hook)
+    hooks = [hook] + [h for h in (scale_hook, out_hook) if h]
     acts = collect(model, tokens, hooks, attention_mask=attention_mask, batch_size=batch_size, max_tokens=max_tokens)
-    x = acts[hook].float()
+    z = sae.encode(acts[hook].to(sae.W_dec.dtype)).float()
+    x = acts[out_hook or hook].float()           # what the features reconstruct
     factor = torch.ones(x.shape[0]) if scale_hook is None else 1.0 / acts[scale_hook].reshape(-1).float()
-    z = sae.encode(x.to(sae.W_dec.dtype)).float()
     b_dec = sae.b_dec.detach().float()
     proj_d = dirs @ basis_hook                                       # [d_sae, r]: each feature as B sees it
     if side == "read":
