@@ -25,7 +25,7 @@ from tl_modular.task import Task
 
 __version__ = "0.1.0.dev0"
 
-_SUBMODULES = {"toy", "tasks", "patching", "statistics", "fidelity", "testing", "circuits", "sae"}
+_SUBMODULES = {"toy", "tasks", "patching", "statistics", "fidelity", "testing", "circuits", "sae", "report"}
 
 __all__ = [
     "Channel",

@@ -1,0 +1,191 @@
+"""The report directory, its HTML in a real browser, and the `tl-modular` command."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+import tl_modular as tlm
+from tl_modular import cli, report
+from tl_modular.testing import tiny_model
+
+IDS = ("summary", "graph", "modules", "rank-fidelity", "circuits", "polysemanticity")
+
+
+def _sae(d_in: int, hook: str):
+    from sae_lens import StandardSAE, StandardSAEConfig
+
+    cfg = StandardSAEConfig(d_in=d_in, d_sae=32)
+    cfg.metadata.hook_name = hook
+    torch.manual_seed(0)
+    return StandardSAE(cfg)
+
+
+@pytest.fixture(scope="module")
+def tiny_report(tmp_path_factory):
+    model = tiny_model("gpt2", seed=0)
+    tokens = torch.randint(0, 50, (24, 10), generator=torch.Generator().manual_seed(0))
+    saes = tlm.sae.SAESet([_sae(model.cfg.d_model, "blocks.1.hook_resid_mid")])
+    inputs = report.Inputs(model=model, tokens=tokens, name="tiny <b>gpt2</b>", categories={"all": tokens[:16]},
+                           saes=saes)
+    cfg = report.AnalyzeConfig(n_null=5, budgets=3, n_boot=10, n_random=2, batch_size=8)
+    out = tmp_path_factory.mktemp("report")
+    path = report.analyze(inputs, out, cfg, progress=False)
+    return inputs, cfg, out, path
+
+
+def test_analyze_writes_every_artifact_and_reuses_them(tiny_report):
+    inputs, cfg, out, path = tiny_report
+    assert path == out / "report.html"
+    for name in ("summary.json", "graph.json", "circuits.json", "modules.json", "polysemanticity.json",
+                 "rank_fidelity.json", "graph.png", "manifest.json"):
+        assert (out / name).exists(), name
+    assert (out / "compression").is_dir()
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["model_fingerprint"] == tlm._models.fingerprint(inputs.model)
+    assert set(summary["circuits"]["categories"]) == {"all"}
+    assert summary["polysemanticity"]["rows"]
+    # a second run with the same model, data and settings recomputes nothing
+    report.analyze(inputs, out, cfg, progress=False)
+    again = json.loads((out / "summary.json").read_text())
+    assert set(again["reused"]) >= {"compression", "graph", "modules", "circuits", "polysemanticity"}
+    assert again["compression"] == summary["compression"]
+    # other settings make another key
+    assert report.cache_key(inputs, cfg) != report.cache_key(inputs, report.AnalyzeConfig(n_null=6))
+
+
+def test_html_is_self_contained_and_escapes_text(tiny_report, tmp_path):
+    _, _, out, path = tiny_report
+    page = path.read_text()
+    assert "tiny &lt;b&gt;gpt2&lt;/b&gt;" in page and "<b>gpt2</b>" not in page
+    for i in IDS:
+        assert f'id="{i}"' in page
+    assert "data:image/png;base64," in page
+    assert "http://" not in page and "https://" not in page           # opens offline
+    summary = json.loads((out / "summary.json").read_text())
+    summary["labels"] = [{"unit": "L0.MLP.N1", "text": "<script>alert(1)</script>", "score": 0.5}]
+    shutil.copytree(out, tmp_path / "r", dirs_exist_ok=True)
+    page = report.render(summary, tmp_path / "r").read_text()
+    assert "<script>alert" not in page and "&lt;script&gt;alert(1)&lt;/script&gt;" in page
+
+
+def _chromium() -> str | None:
+    return shutil.which("chromium") or shutil.which("chromium-browser") or shutil.which("google-chrome")
+
+
+def test_report_renders_in_headless_chromium(tiny_report, tmp_path):
+    browser = _chromium()
+    if browser is None:
+        pytest.skip("no chromium: `apt-get install chromium` (CI installs it in its system-packages stage)")
+    _, _, out, path = tiny_report
+    flags = [browser, "--headless", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage",
+             f"--user-data-dir={tmp_path / 'profile'}"]
+    dom = subprocess.run([*flags, "--dump-dom", path.as_uri()], capture_output=True, text=True, timeout=120)
+    assert dom.returncode == 0, dom.stderr[-2000:]
+    for i in IDS:
+        assert f'id="{i}"' in dom.stdout, i
+    shot = tmp_path / "shot.png"
+    run = subprocess.run([*flags, f"--screenshot={shot}", "--window-size=1200,1600", path.as_uri()],
+                         capture_output=True, text=True, timeout=120)
+    assert run.returncode == 0 and shot.exists(), run.stderr[-2000:]
+    from PIL import Image
+
+    img = Image.open(shot).convert("L")
+    lo, hi = img.getextrema()
+    assert hi - lo > 100                                               # not a blank page
+    colors = len(set(img.resize((200, 260)).getdata()))
+    assert colors > 20
+
+
+# --- the command -------------------------------------------------------------------------------
+
+def _closed_port() -> int:
+    s = socket.socket()
+    s.bind(("127.0.0.1", 0))
+    port = s.getsockname()[1]
+    s.close()
+    return port
+
+
+def test_cli_says_how_to_run_offline_when_the_hub_is_unreachable(tmp_path):
+    text = tmp_path / "t.txt"
+    text.write_text("hello world")
+    env = {k: v for k, v in os.environ.items() if k != "HF_HUB_OFFLINE"}
+    env.update(HF_ENDPOINT=f"http://127.0.0.1:{_closed_port()}", HF_HOME=str(tmp_path / "hf"))
+    run = subprocess.run([sys.executable, "-m", "tl_modular.cli", "analyze", "--model", "gpt2", "--data", str(text),
+                          "--out", str(tmp_path / "o")], capture_output=True, text=True, env=env, timeout=120)
+    assert run.returncode == 2
+    assert "cannot reach the Hugging Face hub" in run.stderr and "HF_HUB_OFFLINE=1" in run.stderr
+    assert "Traceback" not in run.stderr
+    assert not (tmp_path / "o").exists()
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["analyze", "--data", "x.txt"], "--data needs --model"),
+    (["analyze", "--model", "gpt2"], "--model needs --data"),
+    (["analyze", "--tokens", "1"], "at least 2"),
+    (["diff", "nowhere_a", "nowhere_b"], "not a report directory"),
+])
+def test_cli_bad_arguments_exit_2_with_a_message(argv, message, capsys):
+    assert cli.main(argv) == 2
+    assert message in capsys.readouterr().err
+
+
+def test_cli_data_loading(tmp_path, gpt2_small):
+    with pytest.raises(cli.UsageError, match="no such file"):
+        cli._load_data(str(tmp_path / "missing.txt"), gpt2_small, 256, 16)
+    text = tmp_path / "t.txt"
+    text.write_text("The quick brown fox jumps over the lazy dog. " * 40)
+    tokens = cli._load_data(str(text), gpt2_small, 64, 16)
+    assert tokens.shape == (4, 16) and int(tokens[0, 0]) == gpt2_small.tokenizer.bos_token_id
+    import numpy as np
+
+    np.save(tmp_path / "ids.npy", np.random.default_rng(0).integers(0, 1000, (8, 12)))
+    assert cli._load_data(str(tmp_path / "ids.npy"), gpt2_small, 48, 16).shape == (4, 12)
+    np.save(tmp_path / "bad.npy", np.full((2, 4), 10**6))
+    with pytest.raises(cli.UsageError, match="vocabulary"):
+        cli._load_data(str(tmp_path / "bad.npy"), gpt2_small, 48, 16)
+    with pytest.raises(cli.UsageError, match="unknown prompt set"):
+        cli._categories(cli._parser().parse_args(["analyze", "--circuits", "nope"]), gpt2_small)
+
+
+@pytest.mark.slow
+def test_cli_analyze_end_to_end_on_the_bundled_model(tmp_path):
+    """The README's flow: `tl-modular analyze` on the bundled model, offline, then a re-run."""
+    out = tmp_path / "report"
+    run = subprocess.run([sys.executable, "-m", "tl_modular.cli", "analyze", "--out", str(out), "--quiet"],
+                         capture_output=True, text=True, timeout=600)
+    assert run.returncode == 0, run.stderr[-3000:]
+    assert (out / "report.html").exists() and (out / "graph.json").exists()
+    summary = json.loads((out / "summary.json").read_text())
+    assert set(summary["circuits"]["categories"]) == set(tlm.toy.GENERATORS)
+    assert len(summary["polysemanticity"]["rows"]) > 0
+    rerun = subprocess.run([sys.executable, "-m", "tl_modular.cli", "analyze", "--out", str(out), "--quiet"],
+                           capture_output=True, text=True, timeout=600)
+    assert rerun.returncode == 0
+    assert "compression" in json.loads((out / "summary.json").read_text())["reused"]
+
+
+@pytest.mark.slow
+def test_cli_analyze_gpt2_from_an_offline_hub(tmp_path, gpt2_tokenizer_dir):
+    """`--model gpt2 --data file.txt` through from_pretrained, on a 2-layer GPT-2 in a local hub cache."""
+    env = {**os.environ, "HF_HOME": str(tmp_path / "hf"), "HF_HUB_OFFLINE": "1"}
+    setup = ("from tl_modular.testing import write_offline_gpt2_hub as w; "
+             f"w({str(gpt2_tokenizer_dir)!r}, n_layer=2, n_embd=64, n_head=4)")
+    subprocess.run([sys.executable, "-c", setup], check=True, env=env, timeout=300)
+    text = tmp_path / "t.txt"
+    text.write_text(Path(__file__).read_text())
+    run = subprocess.run([sys.executable, "-m", "tl_modular.cli", "analyze", "--model", "gpt2", "--data", str(text),
+                          "--tokens", "1024", "--seq-len", "64", "--circuits", "ioi", "--out", str(tmp_path / "o"),
+                          "--quiet"], capture_output=True, text=True, env=env, timeout=900)
+    assert run.returncode == 0, run.stderr[-3000:]
+    summary = json.loads((tmp_path / "o" / "summary.json").read_text())
+    assert summary["model"] == "gpt2" and "ioi" in summary["circuits"]["categories"]

@@ -1,0 +1,290 @@
+"""``tl-modular``: the whole flow in one command.
+
+    tl-modular analyze                                  # the bundled model, offline, no API key
+    tl-modular analyze --model gpt2 --data corpus.txt   # any TransformerLens model name
+    tl-modular analyze --labeler openai --llm-model gpt-4o-mini [--base-url http://localhost:8000/v1]
+    tl-modular diff reportA reportB                     # what changed between two report directories
+
+Exit status: 0 on success, 2 on bad arguments or inputs (the message says what to do).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from pathlib import Path
+from typing import Any
+
+_TASKS = ("ioi", "greater_than", "docstring", "induction")
+
+
+class UsageError(Exception):
+    """A problem with the command's arguments or inputs; printed without a traceback."""
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="tl-modular", description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    sub = p.add_subparsers(dest="command", required=True)
+    a = sub.add_parser("analyze", help="segment, compress, graph, modules, circuits, SAEs, labels → report directory")
+    a.add_argument("--model", default=None, help="a TransformerLens model name (default: the bundled model)")
+    a.add_argument("--data", default=None,
+                   help="a text file, a token file (.npy or .safetensors with 'tokens' [batch, pos]), or a Hugging "
+                        "Face dataset name (its 'text' column); required with --model")
+    a.add_argument("--tokens", type=int, default=4096, help="tokens of --data to analyze (default 4096)")
+    a.add_argument("--seq-len", type=int, default=128, help="sequence length for text data (default 128)")
+    a.add_argument("--circuits", default=None,
+                   help=f"comma-separated GPT-2 prompt sets for circuits with --model ({', '.join(_TASKS)}); "
+                        "the bundled model always uses its four tasks")
+    a.add_argument("--sae", action="append", default=[], metavar="RELEASE:ID_OR_PATH",
+                   help="an sae-lens SAE for the polysemanticity table (repeatable): release:sae_id or a folder")
+    a.add_argument("--labeler", choices=("offline", "openai"), default="offline")
+    a.add_argument("--llm-model", default="gpt-4o-mini", help="the labeling model (with --labeler openai)")
+    a.add_argument("--base-url", default=None, help="an OpenAI-compatible server, e.g. http://localhost:8000/v1")
+    a.add_argument("--api-key-env", default="OPENAI_API_KEY", help="environment variable holding the API key")
+    a.add_argument("--metric", choices=("loss", "logit"), default=None,
+                   help="route strengths from the loss or the correct logit (default: logit for the bundled "
+                        "model, loss otherwise)")
+    a.add_argument("--out", default="tl_modular_report", help="report directory (default ./tl_modular_report)")
+    a.add_argument("--device", default="cpu")
+    a.add_argument("--no-reuse", action="store_true", help="recompute every stage even if the directory has it")
+    a.add_argument("--quiet", action="store_true")
+    d = sub.add_parser("diff", help="what changed between two report directories")
+    d.add_argument("a")
+    d.add_argument("b")
+    d.add_argument("--out", default=None, help="also write the diff as JSON here")
+    d.add_argument("--top", type=int, default=15)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    try:
+        if args.command == "analyze":
+            return _analyze(args)
+        return _diff(args)
+    except UsageError as e:
+        print(f"tl-modular: error: {e}", file=sys.stderr)
+        return 2
+
+
+# --- analyze ------------------------------------------------------------------------------------
+
+def _analyze(args: argparse.Namespace) -> int:
+    if args.model is not None and args.data is not None:
+        _check_hub(args.model)          # before the slow imports: fail in seconds, not after retries
+    import torch
+
+    from tl_modular import report
+
+    if args.tokens < 2 or args.seq_len < 2:
+        raise UsageError("--tokens and --seq-len must be at least 2")
+    labeler, simulator = _labeler(args)
+    if args.model is None:
+        if args.data is not None:
+            raise UsageError("--data needs --model (the bundled model analyzes its own task data)")
+        inputs = report.bundled_inputs(labeler=labeler, simulator=simulator)
+        metric = args.metric or "logit"
+    else:
+        if args.data is None:
+            raise UsageError("--model needs --data: a text file, a token file or a Hugging Face dataset name")
+        model = _load_model(args.model, args.device)
+        tokens = _load_data(args.data, model, args.tokens, args.seq_len)
+        inputs = report.Inputs(model=model, tokens=tokens, name=args.model, categories=_categories(args, model),
+                               saes=_saes(args, model), labeler=labeler, simulator=simulator,
+                               decode=getattr(model, "to_string", None))
+        metric = args.metric or "loss"
+    torch.manual_seed(0)
+    path = report.analyze(inputs, args.out, report.AnalyzeConfig(metric=metric), reuse=not args.no_reuse,
+                          progress=not args.quiet)
+    print(f"report: {path}")
+    return 0
+
+
+def _labeler(args: argparse.Namespace) -> tuple[Any, Any]:
+    if args.labeler == "offline":
+        return None, None
+    key = os.environ.get(args.api_key_env)
+    if not key and args.base_url is None:
+        raise UsageError(f"--labeler openai needs an API key in ${args.api_key_env} (or --base-url for a local "
+                         "server that takes none)")
+    try:
+        from tl_modular.labeling import OpenAILabeler
+    except ImportError as e:
+        raise UsageError(f"the OpenAI labeler is not available in this installation ({e})") from None
+    labeler = OpenAILabeler(model=args.llm_model, base_url=args.base_url, api_key=key or "none")
+    return labeler, labeler
+
+
+def _hub_unreachable(endpoint: str, timeout: float = 3.0) -> str | None:
+    """Why the hub cannot be reached (None when a TCP connection opens): checked up front, since
+    the hub client retries with backoff for half a minute before giving up."""
+    import socket
+    from urllib.parse import urlparse
+
+    url = urlparse(endpoint)
+    port = url.port or (443 if url.scheme == "https" else 80)
+    try:
+        socket.create_connection((url.hostname or "", port), timeout=timeout).close()
+        return None
+    except OSError as e:
+        return f"{type(e).__name__}: {e}"
+
+
+def _check_hub(name: str) -> None:
+    endpoint = os.environ.get("HF_ENDPOINT", "https://huggingface.co")
+    if os.environ.get("HF_HUB_OFFLINE") != "1" and (why := _hub_unreachable(endpoint)):
+        raise UsageError(
+            f"cannot reach the Hugging Face hub at {endpoint} to load {name!r} ({why}).\nTo run offline: with the "
+            "model already in your Hugging Face cache, set HF_HUB_OFFLINE=1; or run `tl-modular analyze` without "
+            "--model for the bundled model, which needs no download.")
+
+
+def _load_model(name: str, device: str) -> Any:
+    from transformer_lens import HookedTransformer
+
+    endpoint = os.environ.get("HF_ENDPOINT", "https://huggingface.co")
+    try:
+        return HookedTransformer.from_pretrained(name, device=device).eval()
+    except Exception as e:  # noqa: BLE001 — every hub failure gets the same advice
+        text = f"{type(e).__name__}: {e}"
+        offline = os.environ.get("HF_HUB_OFFLINE") == "1"
+        if "not found" in text.lower() and "official" in text.lower():
+            raise UsageError(f"{name!r} is not a TransformerLens model name ({text.splitlines()[0][:200]})") from None
+        raise UsageError(
+            f"could not load {name!r} from the Hugging Face hub at {endpoint}"
+            + (" (HF_HUB_OFFLINE=1: it must already be in your Hugging Face cache)" if offline else "")
+            + f": {text.splitlines()[0][:300]}\nTo run offline: download the model once where the hub is reachable "
+            "(it stays in ~/.cache/huggingface), then set HF_HUB_OFFLINE=1; or run `tl-modular analyze` without "
+            "--model for the bundled model, which needs no download.") from None
+
+
+def _load_data(spec: str, model: Any, n_tokens: int, seq_len: int) -> Any:
+    import numpy as np
+    import torch
+
+    path = Path(spec)
+    if path.suffix in (".txt", ".md", ".npy", ".safetensors") or os.sep in spec:
+        if not path.exists():
+            raise UsageError(f"no such file: {spec}")
+        if path.suffix == ".npy":
+            tokens = torch.as_tensor(np.load(path, allow_pickle=False))
+        elif path.suffix == ".safetensors":
+            from safetensors.torch import load_file
+
+            tensors = load_file(str(path))
+            if "tokens" not in tensors:
+                raise UsageError(f"{spec} has no 'tokens' tensor (it has {sorted(tensors)})")
+            tokens = tensors["tokens"]
+        else:
+            return _chunk(model, path.read_text(encoding="utf-8", errors="replace"), n_tokens, seq_len)
+        if tokens.ndim != 2 or tokens.dtype.is_floating_point:
+            raise UsageError(f"token file {spec} must hold an integer [batch, pos] array, got {tuple(tokens.shape)} "
+                             f"{tokens.dtype}")
+        if int(tokens.max()) >= model.cfg.d_vocab or int(tokens.min()) < 0:
+            raise UsageError(f"token ids in {spec} fall outside the model's vocabulary (0..{model.cfg.d_vocab - 1})")
+        rows = max(1, n_tokens // tokens.shape[1])
+        return tokens[:rows].long()
+    return _chunk(model, _dataset_text(spec, n_tokens), n_tokens, seq_len)
+
+
+def _dataset_text(name: str, n_tokens: int) -> str:
+    try:
+        import datasets
+    except ImportError:
+        raise UsageError(f"{name!r} is not a file; to read a Hugging Face dataset install `datasets`") from None
+    try:
+        ds = datasets.load_dataset(name, split="train", streaming=True)
+        texts, size = [], 0
+        for row in ds:
+            text = row.get("text")
+            if text is None:
+                raise UsageError(f"dataset {name!r} has no 'text' column (columns: {sorted(row)})")
+            texts.append(text)
+            size += len(text) // 3
+            if size > 2 * n_tokens:
+                break
+    except UsageError:
+        raise
+    except Exception as e:  # noqa: BLE001
+        raise UsageError(f"could not read the Hugging Face dataset {name!r}: {type(e).__name__}: {e}. Offline, pass "
+                         "a text or token file with --data instead") from None
+    return "\n\n".join(texts)
+
+
+def _chunk(model: Any, text: str, n_tokens: int, seq_len: int) -> Any:
+    import torch
+
+    if getattr(model, "tokenizer", None) is None:
+        raise UsageError("this model has no tokenizer: pass token ids (.npy / .safetensors) with --data")
+    ids = model.to_tokens(text, prepend_bos=False)[0]
+    body = seq_len - 1
+    n = min(len(ids) // body, max(1, n_tokens // seq_len))
+    if n < 1:
+        raise UsageError(f"the text has {len(ids)} tokens, fewer than one sequence of {seq_len}")
+    bos = model.tokenizer.bos_token_id if model.tokenizer.bos_token_id is not None else int(ids[0])
+    rows = ids[: n * body].reshape(n, body)
+    return torch.cat([torch.full((n, 1), bos, dtype=rows.dtype), rows], 1)
+
+
+def _categories(args: argparse.Namespace, model: Any) -> dict[str, Any]:
+    if not args.circuits:
+        return {}
+    from tl_modular import tasks
+
+    out = {}
+    for name in args.circuits.split(","):
+        name = name.strip()
+        if name not in _TASKS:
+            raise UsageError(f"unknown prompt set {name!r}; choose from {', '.join(_TASKS)}")
+        out[name] = getattr(tasks, name)(model.tokenizer, 32, seed=0)
+    return out
+
+
+def _saes(args: argparse.Namespace, model: Any) -> Any:
+    if not args.sae:
+        return None
+    from tl_modular import sae
+
+    loaded = []
+    for spec in args.sae:
+        try:
+            if Path(spec).exists():
+                loaded.append(sae.load(spec, model=model))
+            else:
+                release, _, sae_id = spec.partition(":")
+                if not sae_id:
+                    raise UsageError(f"--sae {spec!r}: give release:sae_id or an SAE folder")
+                loaded.append(sae.load(release, sae_id, model=model))
+        except UsageError:
+            raise
+        except Exception as e:  # noqa: BLE001
+            raise UsageError(f"--sae {spec!r}: {type(e).__name__}: {e}") from None
+    return sae.SAESet(loaded, model)
+
+
+# --- diff ---------------------------------------------------------------------------------------
+
+def _diff(args: argparse.Namespace) -> int:
+    for d in (args.a, args.b):
+        if not (Path(d) / "graph.json").exists():
+            raise UsageError(f"{d} is not a report directory (no graph.json): run `tl-modular analyze --out {d}`")
+    try:
+        from tl_modular.diff import diff
+    except ImportError:
+        raise UsageError("model diffing is not available in this version") from None
+    from tl_modular.compression import Compression
+    from tl_modular.graph import ChannelGraph
+
+    def side(d: str) -> Any:
+        comp = Compression.load(Path(d) / "compression") if (Path(d) / "compression").exists() else None
+        return ChannelGraph.load(d, compression=comp)
+    result = diff(side(args.a), side(args.b))
+    print(result.summary(args.top) if hasattr(result, "summary") else result)
+    if args.out:
+        result.save(args.out)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,57 @@
+"""The report's pictures, drawn with matplotlib into the report directory (PNG)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from tl_modular._io import write_json
+
+
+def draw_all(out: Path, graph: Any, modules: list, summary: dict[str, Any], circuits: Any) -> dict[str, str]:
+    """Draw every figure the summary has data for; returns ``{figure: file name}``."""
+    import matplotlib
+
+    matplotlib.use("Agg", force=False)
+    import matplotlib.pyplot as plt
+
+    figures: dict[str, str] = {}
+    graph.plot(out / "graph.png", modules=modules)
+    plt.close("all")
+    figures["graph"] = "graph.png"
+
+    rows = summary.get("rank_fidelity") or []
+    if rows:
+        fig, ax = plt.subplots(figsize=(5, 3.4))
+        dims = [r["dimensions"] for r in rows]
+        ax.plot(dims, [r["loss_recovered"] for r in rows], "o-", label="loss recovered")
+        ax.plot(dims, [r["kl"] for r in rows], "s--", label="KL (nats)")
+        ax.set_xlabel(f"dimensions kept (of {rows[0]['max_dimensions']})")
+        ax.set_title("rank–fidelity")
+        ax.legend()
+        fig.tight_layout()
+        fig.savefig(out / "rank_fidelity.png", dpi=110)
+        plt.close(fig)
+        figures["rank_fidelity"] = "rank_fidelity.png"
+
+    if circuits is not None and len(circuits):
+        circuits.plot(graph, out / "circuits.png")
+        plt.close("all")
+        figures["circuits"] = "circuits.png"
+
+    poly = summary.get("polysemanticity")
+    if poly and poly["rows"]:
+        import numpy as np
+
+        scores = [r["score"] for r in poly["rows"] if not np.isnan(r["score"])]
+        fig, ax = plt.subplots(figsize=(5, 3.4))
+        ax.barh(range(len(scores[:15]))[::-1], scores[:15])
+        ax.set_yticks(range(len(scores[:15]))[::-1], [r["unit"] for r in poly["rows"][:15]], fontsize=7)
+        ax.set_xlabel("effective number of SAE features")
+        ax.set_title("most polysemantic units")
+        fig.tight_layout()
+        fig.savefig(out / "polysemanticity.png", dpi=110)
+        plt.close(fig)
+        figures["polysemanticity"] = "polysemanticity.png"
+    write_json(out / "figures.json", figures)
+    return figures

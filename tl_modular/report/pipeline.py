@@ -1,0 +1,255 @@
+"""The whole flow on one model and one dataset: every stage's result written to a report directory.
+
+Stages (each saved as it finishes, and reused on a re-run with the same model, data and
+settings — the key is the model's weight fingerprint, a hash of the tokens and the settings):
+segmentation → compression (``compression/``) → rank–fidelity curve → channel graph
+(``graph.json``) → modules and null model → circuits per category (``circuits.json``) →
+polysemanticity with SAEs → labels (``labels.json``) → ``summary.json`` and ``report.html``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+import torch
+
+from tl_modular._io import read_json, write_json
+from tl_modular._models import fingerprint
+
+SUMMARY_VERSION = 1
+
+
+@dataclass(kw_only=True)
+class AnalyzeConfig:
+    """Settings of :func:`analyze` (all part of the cache key).
+
+    Attributes:
+        metric: Route strengths from the next-token ``"loss"`` or the correct token's ``"logit"``
+            (models so confident that loss gradients vanish, like the bundled one).
+        batch_size: Sequences per forward pass.
+        n_null: Null-model samples for the modularity z-scores.
+        budgets: Number of points on the rank–fidelity curve.
+        n_boot, n_random: Bootstrap samples and random circuits per category.
+        max_score_tokens: Tokens for the polysemanticity scores.
+        n_label_units: How many units (modules, then the most polysemantic neurons) get labels.
+    """
+
+    metric: Literal["loss", "logit"] = "loss"
+    batch_size: int = 32
+    n_null: int = 50
+    budgets: int = 6
+    n_boot: int = 100
+    n_random: int = 5
+    max_score_tokens: int = 8192
+    n_label_units: int = 24
+
+    def __post_init__(self) -> None:
+        if self.metric not in ("loss", "logit"):
+            raise ValueError(f"metric must be 'loss' or 'logit', got {self.metric!r}")
+        for name in ("batch_size", "budgets"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+
+
+@dataclass
+class Inputs:
+    """What to analyze: a model, its data, and optional categories, SAEs and labeler."""
+
+    model: Any
+    tokens: torch.Tensor
+    name: str
+    attention_mask: torch.Tensor | None = None
+    loss_mask: torch.Tensor | None = None
+    categories: Mapping[str, Any] = field(default_factory=dict)
+    saes: Any = None
+    labeler: Any = None
+    simulator: Any = None
+    decode: Callable[[list[int]], str] | None = None
+
+
+def _digest(*tensors: torch.Tensor | None) -> str:
+    h = hashlib.blake2b(digest_size=16)
+    for t in tensors:
+        if t is not None:
+            h.update(t.detach().cpu().contiguous().numpy().tobytes())
+            h.update(str(tuple(t.shape)).encode())
+    return h.hexdigest()
+
+
+def cache_key(inputs: Inputs, config: AnalyzeConfig) -> str:
+    parts = {"model": fingerprint(inputs.model), "tokens": _digest(inputs.tokens, inputs.attention_mask,
+                                                                     inputs.loss_mask),
+             "categories": sorted(inputs.categories), "config": asdict(config),
+             "saes": sorted(inputs.saes) if inputs.saes is not None else None,
+             "labeler": type(inputs.labeler).__name__ if inputs.labeler is not None else None}
+    return hashlib.blake2b(json.dumps(parts, sort_keys=True, default=str).encode(), digest_size=16).hexdigest()
+
+
+class _Stages:
+    """Runs stages, timing each and reusing what a previous run with the same key left."""
+
+    def __init__(self, out: Path, key: str, reuse: bool, progress: bool):
+        self.out, self.key, self.progress = out, key, progress
+        manifest = out / "manifest.json"
+        old = read_json(manifest) if manifest.exists() else {}
+        self.done: dict[str, Any] = old.get("stages", {}) if reuse and old.get("key") == key else {}
+        self.times: dict[str, float] = {}
+
+    def run(self, name: str, fn: Callable[[], Any], load: Callable[[], Any] | None = None) -> Any:
+        if name in self.done and load is not None:
+            try:
+                value = load()
+                self.times[name] = 0.0   # marks a reused stage
+                self._say(f"{name}: reused")
+                return value
+            except (OSError, ValueError, KeyError):
+                pass  # a missing or stale artifact: compute it again
+        start = time.perf_counter()
+        self._say(f"{name} ...")
+        value = fn()
+        self.times[name] = round(time.perf_counter() - start, 2)
+        self.done[name] = {"seconds": self.times[name]}
+        write_json(self.out / "manifest.json", {"key": self.key, "stages": self.done})
+        return value
+
+    def _say(self, text: str) -> None:
+        if self.progress:
+            print(f"[tl-modular] {text}", flush=True)
+
+
+def analyze(inputs: Inputs, out: str | os.PathLike, config: AnalyzeConfig | None = None, *, reuse: bool = True,
+            progress: bool = True) -> Path:
+    """Run the whole flow and write the report directory ``out`` (see the module docs).
+
+    >>> tlm.report.analyze(tlm.report.bundled_inputs(), "report")        # doctest: +SKIP
+    PosixPath('report/report.html')
+    """
+    import tl_modular as tlm
+    from tl_modular.circuits import CircuitSet
+    from tl_modular.compression import Compression
+    from tl_modular.fidelity import rank_fidelity_curve
+    from tl_modular.graph import ChannelGraph
+    from tl_modular.report.html import render
+
+    cfg = config or AnalyzeConfig()
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    model, tokens, mask = inputs.model, inputs.tokens, inputs.attention_mask
+    stages = _Stages(out, cache_key(inputs, cfg), reuse, progress)
+    summary: dict[str, Any] = {"schema": "tl_modular.Report", "version": SUMMARY_VERSION, "model": inputs.name,
+                               "model_fingerprint": fingerprint(model), "n_sequences": int(tokens.shape[0]),
+                               "n_tokens": int(tokens.numel() if mask is None else mask.sum()),
+                               "config": asdict(cfg)}
+    channels = tlm.segment(model)
+    summary["channels"] = {"n": len(channels), "kinds": _count(c.kind for c in channels)}
+
+    def compress() -> Any:
+        comp = tlm.compress(model, tokens, attention_mask=mask, batch_size=min(cfg.batch_size, 16), progress=progress)
+        comp.save(out / "compression")
+        return comp
+    comp = stages.run("compression", compress, lambda: Compression.load(out / "compression", model))
+    summary["compression"] = {"dimensions": comp.total_rank, "max_dimensions": comp.max_total_rank,
+                              "per_channel": {n: {k: s.rank for k, s in c.sides.items()}
+                                              for n, c in comp.channels.items()}}
+
+    def curve() -> Any:
+        top = comp.total_rank
+        budgets = sorted({max(1, int(top * f)) for f in np.linspace(0.1, 1.0, cfg.budgets)})
+        rows = rank_fidelity_curve(model, comp, tokens[: 4 * cfg.batch_size], budgets,
+                                   attention_mask=None if mask is None else mask[: 4 * cfg.batch_size],
+                                   batch_size=cfg.batch_size)
+        write_json(out / "rank_fidelity.json", rows)
+        return rows
+    summary["rank_fidelity"] = stages.run("rank_fidelity", curve, lambda: read_json(out / "rank_fidelity.json"))
+
+    def graph_stage() -> Any:
+        g = tlm.build_graph(comp, model=model, tokens=tokens, attention_mask=mask, loss_mask=inputs.loss_mask,
+                            metric=cfg.metric, batch_size=min(cfg.batch_size, 16), progress=progress)
+        g.save(out)
+        return g
+    graph = stages.run("graph", graph_stage, lambda: ChannelGraph.load(out, compression=comp))
+
+    def modules_stage() -> Any:
+        modules = graph.modules()
+        scores = graph.modularity(n_null=cfg.n_null, progress=progress) if cfg.n_null > 1 else {}
+        result = {"modules": [sorted(m) for m in modules], "modularity": scores}
+        write_json(out / "modules.json", result)
+        return result
+    summary["modules"] = stages.run("modules", modules_stage, lambda: read_json(out / "modules.json"))
+    modules = [frozenset(m) for m in summary["modules"]["modules"]]
+
+    circuits = None
+    if inputs.categories:
+        def circuits_stage() -> Any:
+            cs = graph.circuits(model, dict(inputs.categories), n_boot=cfg.n_boot, n_random=cfg.n_random,
+                                batch_size=cfg.batch_size, progress=progress)
+            cs.save(out)
+            return cs
+        circuits = stages.run("circuits", circuits_stage, lambda: CircuitSet.load(out))
+        names, sim = circuits.similarity()
+        summary["circuits"] = {
+            "n_routes": len(graph.routes()), "shared": sorted(map(list, circuits.shared())),
+            "similarity": {"names": names, "jaccard": np.asarray(sim).round(3).tolist()},
+            "categories": {n: {"size": c.size, "faithfulness": c.faithfulness,
+                               "faithfulness_interval": list(c.faithfulness_interval),
+                               "completeness": c.completeness, "routes": [list(r) for r in c.routes[:10]]}
+                           for n, c in circuits.items()}}
+
+    if inputs.saes is not None:
+        def poly_stage() -> Any:
+            table = tlm.sae.score_model(model, inputs.saes, tokens, comp=comp, attention_mask=mask,
+                                        max_tokens=cfg.max_score_tokens, batch_size=cfg.batch_size)
+            rows = table.ranked(50)
+            write_json(out / "polysemanticity.json", {"n_tokens": table.n_tokens, "rows": rows})
+            return {"n_tokens": table.n_tokens, "rows": rows}
+        summary["polysemanticity"] = stages.run("polysemanticity", poly_stage,
+                                                lambda: read_json(out / "polysemanticity.json"))
+
+    label_stage = _label_stage(inputs, graph, modules, summary, out, cfg)
+    if label_stage is not None:
+        summary["labels"] = stages.run("labels", label_stage, lambda: read_json(out / "labels_summary.json"))
+
+    def figures() -> dict[str, str]:
+        from tl_modular.report.figures import draw_all
+        return draw_all(out, graph, modules, summary, circuits)
+    summary["figures"] = stages.run("figures", figures, lambda: read_json(out / "figures.json"))
+    summary["timings"] = {k: v["seconds"] for k, v in stages.done.items()}   # as first computed
+    summary["reused"] = sorted(k for k, v in stages.times.items() if v == 0.0 and k in stages.done)
+    write_json(out / "summary.json", summary)
+    return render(summary, out)
+
+
+def _label_stage(inputs: Inputs, graph: Any, modules: list, summary: dict, out: Path, cfg: AnalyzeConfig
+                 ) -> Callable[[], Any] | None:
+    """Labels for the modules and the most polysemantic neurons, when the labeling package is there."""
+    try:
+        from tl_modular import labeling
+    except ImportError:
+        return None
+    if not hasattr(labeling, "label"):
+        return None
+
+    def run() -> Any:
+        labels = labeling.label(graph, inputs.model, inputs.tokens, labeler=inputs.labeler,
+                                simulator=inputs.simulator, attention_mask=inputs.attention_mask,
+                                max_units=cfg.n_label_units)
+        labels.save(out / "labels.json")
+        rows = [lab.to_json() if hasattr(lab, "to_json") else dict(lab) for lab in labels]
+        write_json(out / "labels_summary.json", rows)
+        return rows
+    return run
+
+
+def _count(items: Any) -> dict[str, int]:
+    counts: dict[str, int] = {}
+    for i in items:
+        counts[i] = counts.get(i, 0) + 1
+    return counts
