@@ -36,7 +36,9 @@ def _num(x: Any, digits: int = 3) -> str:
     if x is None:
         return "–"
     if isinstance(x, float):
-        return "nan" if math.isnan(x) else f"{x:.{digits}g}"
+        if math.isnan(x):
+            return "nan"
+        return "0" if abs(x) < 1e-9 else f"{x:.{digits}g}"
     return _e(x)
 
 
@@ -78,7 +80,8 @@ def render(summary: dict[str, Any], out: Path) -> Path:
     parts = ['<section id="summary"><h2>Summary</h2><div class="cards">'
              + "".join(f'<div class="card"><b>{_e(v)}</b>{_e(k)}</div>' for k, v in cards)
              + f'</div><p class="muted">model fingerprint <code>{_e(summary["model_fingerprint"])}</code>; '
-             f'stage times (s): {_e(summary.get("timings", {}))}</p></section>']
+             + "stage times: " + " · ".join(f"{_e(k)} {v:.1f} s" for k, v in summary.get("timings", {}).items())
+             + "</p></section>"]
 
     parts.append(f'<section id="graph"><h2>Channel graph and modules</h2>{_img(out, figs.get("graph"), "graph")}'
                  '<p class="muted">Channels by stream position, coloured by module; edge widths by route '
@@ -91,6 +94,9 @@ def render(summary: dict[str, Any], out: Path) -> Path:
     mod_stats = "".join(f"<li>{_e(k)}: {_num(v.get('value'))} vs null {_num(v.get('null_mean'))} "
                         f"(z {_num(v.get('z'), 2)}, p {_num(v.get('p'), 2)})</li>"
                         for k, v in mods.get("modularity", {}).items() if isinstance(v, dict))
+    if len(mods["modules"]) < 2:
+        mod_stats = ("<li>One module: no cut of the Gomory–Hu tree leaves both sides large enough, so the "
+                     "channels form one strongly connected whole (modularity scores are trivial).</li>")
     parts.append('<section id="modules"><h2>Modules</h2>'
                  + _table(["module", "size", "channels", "label", "label score"], rows, {1, 4})
                  + (f"<ul>{mod_stats}</ul>" if mod_stats else "") + "</section>")
