@@ -99,23 +99,25 @@ def polysemanticity(sae: Any, acts: Float[torch.Tensor, "n d_in"],
     k = max(1, min(int(top * acts.shape[0]) if isinstance(top, float) else int(top), acts.shape[0]))
     vals, idx = unit_acts.topk(k, dim=0)                          # [k, U]
     active = vals > 0
-    dw = sae.W_dec.detach() @ w                                    # [d_sae, U]
-    scores, tops, n_active = [], [], active.sum(0)
-    chunk = max(1, int(2e7 // (k * dw.shape[0])))                 # bounds the [k, chunk, d_sae] block
+    dw = (sae.W_dec.detach() @ w).abs()                            # [d_sae, U]: |d_f · w_u|
+    # Σ_{t in top_u} factor_t |z_tf| for every unit at once: the SAE codes are sparse, so one
+    # sparse [d_sae, n] × dense [n, U] product over the top-token indicator does it
+    z_t = _sparse_codes(sae, acts, factor)                         # [d_sae, n] sparse
     directions = sae.W_dec.detach() / sae.W_dec.detach().norm(dim=1, keepdim=True).clamp_min(1e-30)
+    scores, tops, n_active = [], [], active.sum(0)
+    chunk = max(1, int(5e7 // max(acts.shape[0], dw.shape[0])))    # bounds the [n, chunk] indicator
     for start in range(0, w.shape[1], chunk):
         sl = slice(start, start + chunk)
-        ids = idx[:, sl]                                           # [k, c]
-        z = sae.encode(acts[ids.reshape(-1)]).reshape(k, ids.shape[1], -1)          # [k, c, d_sae]
-        c = z.abs() * dw[:, sl].T.abs()[None] * factor[ids][..., None]            # |c_tf| per unit
-        c = (c * active[:, sl, None]).sum(0)                                       # [c, d_sae]
+        indicator = torch.zeros(acts.shape[0], idx[:, sl].shape[1], dtype=acts.dtype)
+        indicator.scatter_(0, idx[:, sl], active[:, sl].to(acts.dtype))
+        c = (torch.sparse.mm(z_t, indicator) * dw[:, sl]).T             # [chunk, d_sae]: Σ_t |c_tf|
         if merge is not None:
             c = _merge_duplicates(c, directions, merge)
         scores.append(_effective(c))
         share = c / c.sum(-1, keepdim=True).clamp_min(1e-30)
         sv, si = share.topk(min(n_features, share.shape[-1]), dim=-1)
         tops += [[(int(f), float(v)) for f, v in zip(fi, fv, strict=True) if v > 0]
-                 for fi, fv in zip(si, sv, strict=True)]
+                 for fi, fv in zip(si.tolist(), sv.tolist(), strict=True)]
     return UnitScores(hook, names, torch.cat(scores).cpu().numpy(), tops, n_active.cpu().numpy())
 
 
@@ -131,31 +133,40 @@ def feature_spread(sae: Any, readers: Readers | Float[torch.Tensor, "d_in n_unit
     return _effective(reach).cpu().numpy()
 
 
-def _merge_duplicates(c: torch.Tensor, directions: torch.Tensor, threshold: float, max_support: int = 512
-                      ) -> torch.Tensor:
-    """Move the weight of each group of near-identical features (cosine ≥ threshold, connected
-    components) onto its strongest member. Only the features carrying a unit's weight are compared."""
-    from scipy.sparse.csgraph import connected_components
+def _sparse_codes(sae: Any, acts: torch.Tensor, factor: torch.Tensor, chunk: int = 4096) -> torch.Tensor:
+    """``factor_t |z_tf|`` as a sparse ``[d_sae, n_tokens]`` matrix (encoded in token chunks)."""
+    rows, cols, vals = [], [], []
+    for start in range(0, acts.shape[0], chunk):
+        z = sae.encode(acts[start:start + chunk]).abs() * factor[start:start + chunk, None]
+        t, f = z.nonzero(as_tuple=True)
+        rows.append(f)
+        cols.append(t + start)
+        vals.append(z[t, f])
+    index = torch.stack([torch.cat(rows), torch.cat(cols)])
+    return torch.sparse_coo_tensor(index, torch.cat(vals), (int(sae.cfg.d_sae), acts.shape[0])).coalesce()
 
+
+def _merge_duplicates(c: torch.Tensor, directions: torch.Tensor, threshold: float, support: int = 64,
+                      chunk: int = 256) -> torch.Tensor:
+    """Move the weight of each group of near-identical features (cosine ≥ threshold, connected
+    components) onto its strongest member. Per unit, its ``support`` strongest features are compared
+    (batched; the rest carry too little weight to matter)."""
+    k = min(support, c.shape[1])
     out = c.clone()
-    for row in out:
-        support = torch.nonzero(row > row.max() * 1e-4).reshape(-1)
-        if support.numel() < 2:
-            continue
-        if support.numel() > max_support:
-            support = support[row[support].topk(max_support).indices]
-        d = directions[support]
-        linked = ((d @ d.T) >= threshold).cpu().numpy()
-        n, labels = connected_components(linked, directed=False)
-        if n == support.numel():
-            continue
-        vals = row[support].clone()
-        labels_t = torch.as_tensor(labels)
-        merged = torch.zeros(n, dtype=vals.dtype).index_add_(0, labels_t, vals)
-        row[support] = 0
-        for g in range(n):
-            members = torch.nonzero(labels_t == g).reshape(-1)
-            row[support[members[vals[members].argmax()]]] = merged[g]
+    for start in range(0, c.shape[0], chunk):
+        vals, idx = c[start:start + chunk].topk(k, dim=1)            # strongest first
+        d = directions[idx]                                           # [u, k, d_in]
+        linked = (d @ d.transpose(1, 2)) >= threshold                 # [u, k, k]
+        # connected components by label propagation: each feature takes the smallest position it
+        # reaches, i.e. its component's strongest member
+        labels = torch.arange(k).expand(idx.shape[0], k).clone()
+        for _ in range(k):
+            new = torch.where(linked, labels[:, None, :], k).min(-1).values
+            if torch.equal(new, labels):
+                break
+            labels = new
+        merged = torch.zeros_like(vals).scatter_add_(1, labels, vals)
+        out[start:start + chunk].scatter_(1, idx, merged)
     return out
 
 
