@@ -1,11 +1,11 @@
 """Train the SAEs shipped with the bundled model (``tl_modular/sae/bundled/``).
 
-    python tools/train_toy_saes.py [--n-tokens 600000] [--d-sae 512] [--out DIR]
+    python tools/train_toy_saes.py [--n-tokens 1200000] [--d-sae 512] [--out DIR]
 
 One sae-lens SAE (ReLU + L1, activations normalized) per hook: the residual stream where the
 channels read (``hook_resid_pre`` and ``hook_resid_mid`` of both layers) and the MLP outputs.
 Trained on the bundled model's four tasks (``tlm.toy.mixed_tokens``), evaluated on fresh prompts
-(FVU, L0, dead features, loss recovered at the scored positions). About 2–3 minutes on 2 cores.
+(FVU, L0, dead features, loss recovered at the scored positions). About 6 minutes on 2 cores.
 """
 
 from __future__ import annotations
@@ -24,9 +24,9 @@ HOOKS = [f"blocks.{layer}.{h}" for layer in (0, 1) for h in ("hook_resid_pre", "
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
-    parser.add_argument("--n-tokens", type=int, default=600_000)
+    parser.add_argument("--n-tokens", type=int, default=1_200_000)
     parser.add_argument("--d-sae", type=int, default=512)
-    parser.add_argument("--l1", type=float, default=5.0)
+    parser.add_argument("--l1", type=float, default=3.0)
     parser.add_argument("--out", default=str(S.BUNDLED_DIR))
     parser.add_argument("--threads", type=int, default=2)
     args = parser.parse_args()
