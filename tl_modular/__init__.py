@@ -11,13 +11,15 @@ and circuits, unfold polysemantic parts with SAEs, and label every part with a l
 
 Submodules load on first use: ``tlm.toy`` (the ground-truth workbench), ``tlm.tasks`` (GPT-2
 prompt sets), ``tlm.patching``, ``tlm.statistics``, ``tlm.fidelity``, ``tlm.circuits``, ``tlm.sae``
-(SAEs, polysemanticity, unfolding), ``tlm.testing``.
+(SAEs, polysemanticity, unfolding), ``tlm.training`` (the modularity loss), ``tlm.report`` (the whole flow),
+``tlm.testing``; ``tlm.diff`` compares two models.
 """
 
 import importlib
 from typing import Any
 
 from tl_modular.compression import ChannelCompression, Compression, ReadSpace, Side, compress
+from tl_modular.diff import ModelDiff, diff  # the function shadows the submodule of that name
 from tl_modular.errors import UnsupportedModelError
 from tl_modular.graph import ChannelGraph, build_graph
 from tl_modular.segmentation import Channel, ChannelSet, segment
@@ -25,7 +27,8 @@ from tl_modular.task import Task
 
 __version__ = "0.1.0.dev0"
 
-_SUBMODULES = {"toy", "tasks", "patching", "statistics", "fidelity", "testing", "circuits", "sae", "report"}
+_SUBMODULES = {"toy", "tasks", "patching", "statistics", "fidelity", "testing", "circuits", "sae", "report",
+               "training"}
 
 __all__ = [
     "Channel",
@@ -33,6 +36,7 @@ __all__ = [
     "ChannelGraph",
     "ChannelSet",
     "Compression",
+    "ModelDiff",
     "ReadSpace",
     "Side",
     "Task",
@@ -40,6 +44,7 @@ __all__ = [
     "__version__",
     "build_graph",
     "compress",
+    "diff",
     "segment",
     *sorted(_SUBMODULES),
 ]
