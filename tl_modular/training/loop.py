@@ -1,0 +1,142 @@
+"""Training with the modularity loss: the workbench's loop plus a penalty and modularity tracking.
+
+:func:`train_modular` continues a pretrained model (or trains one from scratch) through
+:func:`tl_modular.toy.train` — the same loop, checkpoints and progress bar — adding
+``weight * ModularityLoss(model)`` through its ``extra_loss`` hook and recording, at every
+evaluation, the original loss, the cross-module fraction and (every ``graph_every`` steps, when
+graph tokens are given) the graph's modularity z-score against its null model.
+
+>>> result = train_modular(toy.load_model(), None, weight=1.0, steps=300)   # doctest: +SKIP
+>>> result.history[-1]["cross_fraction"], result.history[-1]["accuracy"]     # doctest: +SKIP
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
+
+import torch
+
+from tl_modular.task import Task
+from tl_modular.training.modularity import ModularityLoss
+
+__all__ = ["graph_modularity", "train_modular"]
+
+
+def graph_modularity(model: Any, tokens: torch.Tensor, *, attention_mask: torch.Tensor | None = None,
+                     loss_mask: torch.Tensor | None = None, n_modules: int | None = 2, n_null: int = 50,
+                     metric: str = "logit", seed: int = 0) -> dict[str, Any]:
+    """Modularity of the model's channel graph against the graph's null model.
+
+    A fresh :func:`tlm.compress` and :func:`tlm.build_graph` on ``tokens``, then
+    ``graph.modularity`` (edge permutations within layer pairs). Returns ``{"z": z of Newman's Q,
+    "Q", "crossing", "crossing_z", "modules": [...]}``.
+    """
+    import tl_modular as tlm
+
+    was_training = model.training
+    model.eval()
+    try:
+        comp = tlm.compress(model, tokens, attention_mask=attention_mask, progress=False)
+        graph = tlm.build_graph(comp, model=model, tokens=tokens, attention_mask=attention_mask,
+                                loss_mask=loss_mask, metric=metric, progress=False)
+        res = graph.modularity(n_null=n_null, n_modules=n_modules, seed=seed, progress=False)
+        modules = graph.modules(n_modules=n_modules)
+    finally:
+        model.train(was_training)
+    return {"z": res["Q"]["z"], "Q": res["Q"]["value"], "crossing": res["crossing"]["value"],
+            "crossing_z": res["crossing"]["z"], "modules": [sorted(m) for m in modules]}
+
+
+def train_modular(
+    model: Any,
+    data: Task | Sequence[Task] | Mapping[str, Task] | None,
+    weight: float,
+    steps: int,
+    *,
+    loss: ModularityLoss | None = None,
+    graph_tokens: torch.Tensor | tuple[torch.Tensor, ...] | None = None,
+    graph_every: int = 0,
+    graph_n_modules: int | None = 2,
+    n_null: int = 50,
+    callback: Callable[[int, Any, dict[str, Any]], bool | None] | None = None,
+    checkpoint_dir: str | os.PathLike | None = None,
+    progress: bool = True,
+    **config: Any,
+) -> Any:
+    """Train ``model`` on ``data`` with ``total = lm_loss + weight * modularity_loss(model)``.
+
+    Args:
+        model: A ``HookedTransformer`` to continue, or ``None`` to train the workbench's
+            architecture from scratch.
+        data: Tasks for :func:`tl_modular.toy.train` (``None``: the workbench's four-task mix).
+        weight: Weight of the modularity loss (``0`` gives the control run, tracked alike).
+        steps: Total optimisation steps (a resumed run continues up to it).
+        loss: The :class:`ModularityLoss` (default: channel level, 4 modules, refreshed every
+            100 steps by spectral clustering).
+        graph_tokens: ``tokens`` or ``(tokens, attention_mask, loss_mask)`` for the graph's
+            modularity z-score (:func:`graph_modularity`); ``None`` skips it.
+        graph_every: Steps between graph measurements (rounded to evaluations; 0: start and end only).
+        graph_n_modules: Modules the graph is cut into for its z-score.
+        n_null: Null-model samples per graph measurement.
+        callback: As in :func:`tl_modular.toy.train`, after the modularity fields are added.
+        checkpoint_dir: Resumable checkpoints (the loss's modules are re-clustered on resume).
+        progress: Show the progress bar.
+        **config: :class:`tl_modular.toy.TrainConfig` fields (``lr``, ``eval_every``, ``batch_size``, ...).
+
+    Returns:
+        The :class:`tl_modular.toy.TrainResult`; each history record adds ``modularity_loss``,
+        ``cross_fraction`` and ``modules`` and, where measured, ``graph`` (:func:`graph_modularity`).
+        ``result.initial`` holds the same measures before training.
+    """
+    from tl_modular.toy.training import train
+
+    if weight < 0:
+        raise ValueError(f"weight must be >= 0, got {weight}")
+    if graph_every < 0:
+        raise ValueError(f"graph_every must be >= 0, got {graph_every}")
+    if model is None:
+        from transformer_lens import HookedTransformer
+
+        from tl_modular.toy.training import TrainConfig, default_config
+        model = HookedTransformer(default_config(TrainConfig(**config).seed))
+    loss = loss if loss is not None else ModularityLoss(n_modules=4, refresh_every=100)
+    if graph_tokens is not None and not isinstance(graph_tokens, tuple):
+        graph_tokens = (graph_tokens,)
+    last_graph = [-1]
+
+    def measure(step: int, record: dict[str, Any], force: bool = False) -> None:
+        with torch.no_grad():
+            if loss.membership is None:
+                loss.refresh(model)
+            record["modularity_loss"] = float(loss.penalty(_alignment(model, loss)))
+            record["cross_fraction"] = loss.cross_fraction(model)
+            record["modules"] = [sorted(m) for m in loss.modules()]
+        due = graph_every and (last_graph[0] < 0 or step - last_graph[0] >= graph_every)
+        if graph_tokens is not None and (force or due):
+            toks, *rest = graph_tokens
+            mask = rest[0] if rest else None
+            scored = rest[1] if len(rest) > 1 else None
+            record["graph"] = graph_modularity(model, toks, attention_mask=mask, loss_mask=scored,
+                                               n_modules=graph_n_modules, n_null=n_null)
+            last_graph[0] = step
+
+    initial: dict[str, Any] = {"step": 0}
+    measure(0, initial, force=True)
+
+    def on_eval(step: int, m: Any, record: dict[str, Any]) -> bool | None:
+        measure(step, record, force=step >= steps)
+        return callback(step, m, record) if callback is not None else None
+
+    extra = (lambda m: weight * loss(m)) if weight > 0 else None
+    result = train(model, data, extra_loss=extra, callback=on_eval, checkpoint_dir=checkpoint_dir,
+                   progress=progress, steps=steps, **config)
+    result.initial = initial
+    return result
+
+
+def _alignment(model: Any, loss: ModularityLoss) -> torch.Tensor:
+    from tl_modular.training.modularity import _params, _spec, alignment_matrix
+
+    return alignment_matrix({k: v.detach() for k, v in _params(model).items()}, _spec(model), loss.config.level)
