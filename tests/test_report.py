@@ -128,6 +128,13 @@ def test_cli_says_how_to_run_offline_when_the_hub_is_unreachable(tmp_path):
     assert not (tmp_path / "o").exists()
 
 
+def test_cli_diff_of_a_report_with_itself_is_empty(tiny_report, tmp_path, capsys):
+    _, _, out, _ = tiny_report
+    assert cli.main(["diff", str(out), str(out), "--out", str(tmp_path / "d")]) == 0
+    assert "no change" in capsys.readouterr().out
+    assert tlm.ModelDiff.load(tmp_path / "d").is_empty
+
+
 @pytest.mark.parametrize("argv, message", [
     (["analyze", "--data", "x.txt"], "--data needs --model"),
     (["analyze", "--model", "gpt2"], "--model needs --data"),
