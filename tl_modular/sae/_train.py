@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 import shutil
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -154,17 +154,20 @@ def save_atomic(sae: Any, path: str | os.PathLike) -> Path:
     return path
 
 
-def _shuffled(model: Any, tokens: torch.Tensor, hook: str, attention_mask: torch.Tensor | None, cfg: SAETrainConfig,
-              batch_size: int) -> Iterator[torch.Tensor]:
-    """Endless activations at ``hook``: epochs over the data, shuffled within a bounded buffer."""
+def _shuffled(model: Any, tokens: torch.Tensor, hooks: list[str], attention_mask: torch.Tensor | None,
+              cfg: SAETrainConfig, batch_size: int, rows: Callable[[dict[str, torch.Tensor]], torch.Tensor] | None
+              = None) -> Iterator[torch.Tensor]:
+    """Endless activation rows (``rows(acts)``, default the first hook's): epochs over the data,
+    shuffled within a bounded buffer of ``cfg.buffer_tokens``."""
     gen = torch.Generator().manual_seed(cfg.seed)
+    rows = rows or (lambda acts: acts[hooks[0]])
     while True:
         order = torch.randperm(tokens.shape[0], generator=gen)
         mask = None if attention_mask is None else attention_mask[order]
         buffer: list[torch.Tensor] = []
         held = 0
-        for acts in iter_activations(model, tokens[order], [hook], attention_mask=mask, batch_size=batch_size):
-            buffer.append(acts[hook].cpu())
+        for acts in iter_activations(model, tokens[order], hooks, attention_mask=mask, batch_size=batch_size):
+            buffer.append(rows(acts).cpu())
             held += buffer[-1].shape[0]
             if held >= cfg.buffer_tokens:
                 x = torch.cat(buffer)
@@ -200,5 +203,5 @@ def train_sae(model: Any, tokens: Int[torch.Tensor, "batch pos"], hook: str, con
                 "hook_head_index": None, "prepend_bos": True, "context_size": int(tokens.shape[1])}
     if hook.endswith("hook_z"):
         metadata["reshape_activations"] = "hook_z"
-    batches = _shuffled(model, tokens, hook, attention_mask, cfg, model_batch_size)
+    batches = _shuffled(model, tokens, [hook], attention_mask, cfg, model_batch_size)
     return train_on_activations(batches, d_in, cfg, metadata=metadata, output_path=output_path)

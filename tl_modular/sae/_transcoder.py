@@ -10,7 +10,6 @@ hook) that saves and loads like any SAE.
 from __future__ import annotations
 
 import os
-from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -18,7 +17,7 @@ import torch
 from jaxtyping import Int
 
 from tl_modular.sae._attach import _width, check_tokens, iter_activations
-from tl_modular.sae._train import SAETrainConfig, _Batches, save_atomic
+from tl_modular.sae._train import SAETrainConfig, _Batches, _shuffled, save_atomic
 
 
 def is_transcoder(sae: Any) -> bool:
@@ -64,28 +63,6 @@ def _training_class() -> tuple[type, type]:
     return TranscoderTrainingConfig, TrainingTranscoder
 
 
-def _pairs(model: Any, tokens: torch.Tensor, hooks: tuple[str, str], attention_mask: torch.Tensor | None,
-           cfg: SAETrainConfig, batch_size: int, scale: tuple[float, float] | None) -> Iterator[torch.Tensor]:
-    """Endless shuffled ``[x_in · s_in, y_out · s_out]`` rows."""
-    gen = torch.Generator().manual_seed(cfg.seed)
-    s_in, s_out = scale or (1.0, 1.0)
-    while True:
-        order = torch.randperm(tokens.shape[0], generator=gen)
-        mask = None if attention_mask is None else attention_mask[order]
-        held: list[torch.Tensor] = []
-        n = 0
-        for acts in iter_activations(model, tokens[order], list(hooks), attention_mask=mask, batch_size=batch_size):
-            held.append(torch.cat([acts[hooks[0]] * s_in, acts[hooks[1]] * s_out], 1).cpu())
-            n += held[-1].shape[0]
-            if n >= cfg.buffer_tokens:
-                x = torch.cat(held)
-                yield x[torch.randperm(x.shape[0], generator=gen)]
-                held, n = [], 0
-        if held:
-            x = torch.cat(held)
-            yield x[torch.randperm(x.shape[0], generator=gen)]
-
-
 def train_transcoder(model: Any, tokens: Int[torch.Tensor, "batch pos"], layer: int,
                      config: SAETrainConfig | None = None, *, attention_mask: torch.Tensor | None = None,
                      output_path: str | os.PathLike | None = None, model_batch_size: int = 64) -> Any:
@@ -125,7 +102,9 @@ def train_transcoder(model: Any, tokens: Int[torch.Tensor, "batch pos"], layer: 
         total_training_samples=cfg.n_tokens, train_batch_size_samples=cfg.batch_size, lr=cfg.lr,
         lr_end=cfg.lr_end if cfg.lr_end is not None else cfg.lr / 10, lr_scheduler_name="cosineannealing",
         logger=LoggingConfig(log_to_wandb=False), dead_feature_window=max(1, min(1000, steps // 4)))
-    data = _Batches(_pairs(model, tokens, hooks, attention_mask, cfg, model_batch_size, (s_in, s_out)), cfg.batch_size)
+    pairs = _shuffled(model, tokens, list(hooks), attention_mask, cfg, model_batch_size,
+                      rows=lambda acts: torch.cat([acts[hooks[0]] * s_in, acts[hooks[1]] * s_out], 1))
+    data = _Batches(pairs, cfg.batch_size)
     trained = SAETrainer(cfg=trainer_cfg, sae=tsae, data_provider=data).fit()
     tc_cfg = TranscoderConfig(d_in=d_in, d_sae=tsae.cfg.d_sae, d_out=d_out, apply_b_dec_to_input=False)
     tc_cfg.metadata.hook_name = hooks[0]
