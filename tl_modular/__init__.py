@@ -11,7 +11,8 @@ and circuits, unfold polysemantic parts with SAEs, and label every part with a l
 
 Submodules load on first use: ``tlm.toy`` (the ground-truth workbench), ``tlm.tasks`` (GPT-2
 prompt sets), ``tlm.patching``, ``tlm.statistics``, ``tlm.fidelity``, ``tlm.circuits``, ``tlm.sae``
-(SAEs, polysemanticity, unfolding), ``tlm.training`` (the modularity loss), ``tlm.report`` (the whole flow),
+(SAEs, polysemanticity, unfolding), ``tlm.labeling`` (``tlm.label``: LLM labels scored by
+simulation), ``tlm.training`` (the modularity loss), ``tlm.report`` (the whole flow),
 ``tlm.testing``; ``tlm.diff`` compares two models.
 """
 
@@ -28,7 +29,10 @@ from tl_modular.task import Task
 __version__ = "0.1.0.dev0"
 
 _SUBMODULES = {"toy", "tasks", "patching", "statistics", "fidelity", "testing", "circuits", "sae", "report",
-               "training"}
+               "training", "labeling"}
+# names re-exported from submodules that load on first use (labeling pulls in the openai client lazily)
+_LAZY = {"label": "labeling", "Labels": "labeling", "OpenAILabeler": "labeling", "OfflineLabeler": "labeling",
+         "OfflineSimulator": "labeling"}
 
 __all__ = [
     "Channel",
@@ -41,6 +45,7 @@ __all__ = [
     "Side",
     "Task",
     "UnsupportedModelError",
+    *sorted(_LAZY),
     "__version__",
     "build_graph",
     "compress",
@@ -53,4 +58,6 @@ __all__ = [
 def __getattr__(name: str) -> Any:
     if name in _SUBMODULES:
         return importlib.import_module(f"tl_modular.{name}")
+    if name in _LAZY:
+        return getattr(importlib.import_module(f"tl_modular.{_LAZY[name]}"), name)
     raise AttributeError(f"module 'tl_modular' has no attribute {name!r}")

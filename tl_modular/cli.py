@@ -42,6 +42,9 @@ def _parser() -> argparse.ArgumentParser:
     a.add_argument("--llm-model", default="gpt-4o-mini", help="the labeling model (with --labeler openai)")
     a.add_argument("--base-url", default=None, help="an OpenAI-compatible server, e.g. http://localhost:8000/v1")
     a.add_argument("--api-key-env", default="OPENAI_API_KEY", help="environment variable holding the API key")
+    a.add_argument("--llm-budget", type=float, default=None, metavar="USD",
+                   help="stop labeling cleanly once this much is spent (from the server's token usage)")
+    a.add_argument("--llm-concurrency", type=int, default=16, help="LLM requests in flight at once (default 16)")
     a.add_argument("--metric", choices=("loss", "logit"), default=None,
                    help="route strengths from the loss or the correct logit (default: logit for the bundled "
                         "model, loss otherwise)")
@@ -112,7 +115,15 @@ def _labeler(args: argparse.Namespace) -> tuple[Any, Any]:
         from tl_modular.labeling import OpenAILabeler
     except ImportError as e:
         raise UsageError(f"the OpenAI labeler is not available in this installation ({e})") from None
-    labeler = OpenAILabeler(model=args.llm_model, base_url=args.base_url, api_key=key or "none")
+    from tl_modular.labeling._client import ClientConfig
+
+    if args.llm_concurrency < 1:
+        raise UsageError("--llm-concurrency must be at least 1")
+    # replies are cached by content under the report directory: a re-run costs nothing
+    config = ClientConfig(model=args.llm_model, base_url=args.base_url, api_key=key or "none",
+                          max_concurrency=args.llm_concurrency, budget_usd=args.llm_budget,
+                          cache_dir=os.path.join(args.out, "llm_cache"))
+    labeler = OpenAILabeler(config=config)
     return labeler, labeler
 
 

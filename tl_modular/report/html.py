@@ -58,7 +58,7 @@ def _table(head: list[str], rows: list[list[Any]], numeric: set[int] = frozenset
 
 def _labels_by_unit(summary: dict[str, Any]) -> dict[str, dict[str, Any]]:
     out = {}
-    for row in summary.get("labels") or []:
+    for row in (summary.get("labels") or {}).get("labels", []):
         unit = row.get("unit") or row.get("name") or row.get("id")
         if unit is not None:
             out[str(unit)] = row
@@ -90,7 +90,7 @@ def render(summary: dict[str, Any], out: Path) -> Path:
     for i, m in enumerate(mods["modules"]):
         lab = labels.get(f"module:{i}") or labels.get(f"M{i}") or {}
         rows.append([f"M{i}", len(m), ", ".join(m[:12]) + (" …" if len(m) > 12 else ""),
-                     lab.get("text", lab.get("label", "")), lab.get("score", "")])
+                     lab.get("text", ""), _num(lab.get("score"), 2)])
     mod_stats = "".join(f"<li>{_e(k)}: {_num(v.get('value'))} vs null {_num(v.get('null_mean'))} "
                         f"(z {_num(v.get('z'), 2)}, p {_num(v.get('p'), 2)})</li>"
                         for k, v in mods.get("modularity", {}).items() if isinstance(v, dict))
@@ -129,11 +129,24 @@ def render(summary: dict[str, Any], out: Path) -> Path:
                               rows, {2})
                      + f'<p class="muted">Over {poly["n_tokens"]} tokens.</p></section>')
 
-    if summary.get("labels"):
-        rows = [[r.get("unit", r.get("name", "")), r.get("text", r.get("label", "")), r.get("score", "")]
-                for r in summary["labels"]]
-        parts.append('<section id="labels"><h2>Labels</h2>' + _table(["unit", "label", "score"], rows, {2})
-                     + "</section>")
+    lab_summary = summary.get("labels") or {}
+    if lab_summary.get("labels"):
+        def interval(r: dict[str, Any]) -> str:
+            iv = r.get("score_interval")
+            return f"{_num(r.get('score'), 2)} [{_num(iv[0], 2)}, {_num(iv[1], 2)}]" if iv else _num(r.get("score"), 2)
+        rows = [[r["unit"], r["kind"], r["text"] if r["status"] == "ok" else f'({r["status"]})', interval(r),
+                 _num(r.get("detection"), 2), _num(r.get("fuzzing"), 2)] for r in lab_summary["labels"]]
+        base = lab_summary.get("baseline") or {}
+        usage = lab_summary.get("usage") or {}
+        note = (f"Scores: correlation of activations simulated from the label alone with the true ones on "
+                f"held-out contexts (top and random 1:1), with 95% bootstrap intervals; detection and fuzzing are "
+                f"balanced accuracies. Random-label baseline: {_num(base.get('mean'), 2)} "
+                f"(n={base.get('n', 0)}). Requests: {usage.get('requests', 0)}, cached replies: "
+                f"{usage.get('cached', 0)}, cost ${usage.get('cost_usd', 0.0):.4f}."
+                + (f" Stopped early: {lab_summary['stopped']}." if lab_summary.get("stopped") else ""))
+        parts.append('<section id="labels"><h2>Labels</h2>'
+                     + _table(["unit", "kind", "label", "score [95%]", "detection", "fuzzing"], rows, {3, 4, 5})
+                     + f'<p class="muted">{_e(note)}</p></section>')
 
     page = (f'<!DOCTYPE html><html lang="en"><head><meta charset="utf-8"><title>tl_modular report — '
             f'{_e(summary["model"])}</title><meta name="viewport" content="width=device-width,initial-scale=1">'

@@ -14,7 +14,7 @@ import json
 import os
 import time
 from collections.abc import Callable, Mapping
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any, Literal
 
@@ -213,9 +213,8 @@ def analyze(inputs: Inputs, out: str | os.PathLike, config: AnalyzeConfig | None
         summary["polysemanticity"] = stages.run("polysemanticity", poly_stage,
                                                 lambda: read_json(out / "polysemanticity.json"))
 
-    label_stage = _label_stage(inputs, graph, modules, summary, out, cfg)
-    if label_stage is not None:
-        summary["labels"] = stages.run("labels", label_stage, lambda: read_json(out / "labels_summary.json"))
+    label_stage = _label_stage(inputs, graph, modules, summary, out, cfg, circuits)
+    summary["labels"] = stages.run("labels", label_stage, lambda: read_json(out / "labels_summary.json"))
 
     def figures() -> dict[str, str]:
         from tl_modular.report.figures import draw_all
@@ -227,24 +226,37 @@ def analyze(inputs: Inputs, out: str | os.PathLike, config: AnalyzeConfig | None
     return render(summary, out)
 
 
-def _label_stage(inputs: Inputs, graph: Any, modules: list, summary: dict, out: Path, cfg: AnalyzeConfig
-                 ) -> Callable[[], Any] | None:
-    """Labels for the modules and the most polysemantic neurons, when the labeling package is there."""
-    try:
-        from tl_modular import labeling
-    except ImportError:
-        return None
-    if not hasattr(labeling, "label"):
-        return None
+def _label_stage(inputs: Inputs, graph: Any, modules: list, summary: dict, out: Path, cfg: AnalyzeConfig,
+                 circuits: Any) -> Callable[[], Any]:
+    """Labels, bottom-up: the channels, the modules (with their members' labels as evidence), then
+    the most polysemantic neurons, ``cfg.n_label_units`` in all."""
+    from tl_modular import labeling
 
     def run() -> Any:
-        labels = labeling.label(graph, inputs.model, inputs.tokens, labeler=inputs.labeler,
-                                simulator=inputs.simulator, attention_mask=inputs.attention_mask,
-                                max_units=cfg.n_label_units)
+        model = inputs.model
+        names = [n for n in graph.channels if any(n in m for m in modules)] or graph.channels
+        channels = labeling.channel_units(model, [n for n in names if n.startswith("L")])
+        mods = [labeling.module_unit(model, f"module:{i}", sorted(m, key=names.index), members=sorted(m))
+                for i, m in enumerate(modules) if m]
+        units = channels[:max(cfg.n_label_units - len(mods), 0)] + mods[:cfg.n_label_units]
+        kept = {u.name for u in units}
+        units = [u if u.kind != "module" else replace(u, members=tuple(x for x in u.members if x in kept))
+                 for u in units]
+        for row in (summary.get("polysemanticity") or {}).get("rows", []):
+            if len(units) >= cfg.n_label_units:
+                break
+            layer, _, index = row["unit"].partition(".MLP.N")
+            if index.isdigit() and layer.startswith("L") and row["unit"] not in kept:
+                units += labeling.neurons(model, int(layer[1:]), [int(index)])
+                kept.add(row["unit"])
+        labels = labeling.label(units, model, inputs.tokens, labeler=inputs.labeler, simulator=inputs.simulator,
+                                attention_mask=inputs.attention_mask, graph=graph, circuits=circuits,
+                                progress=False)
         labels.save(out / "labels.json")
-        rows = [lab.to_json() if hasattr(lab, "to_json") else dict(lab) for lab in labels]
-        write_json(out / "labels_summary.json", rows)
-        return rows
+        rows = [lab.to_json(evidence=False) for lab in labels]
+        write_json(out / "labels_summary.json", {"labels": rows, "baseline": labels.baseline,
+                                                 "usage": labels.usage, "stopped": labels.stopped})
+        return {"labels": rows, "baseline": labels.baseline, "usage": labels.usage, "stopped": labels.stopped}
     return run
 
 

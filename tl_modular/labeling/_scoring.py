@@ -1,0 +1,112 @@
+"""Scores of a label, from one simulation of its unit's held-out contexts.
+
+The held-out contexts are the unit's top contexts and as many random ones (1:1). From the
+simulator's per-token predictions:
+
+- **correlation** — Pearson correlation of predicted and true activations pooled over all tokens of
+  the contexts that were simulated (Bills et al. 2023's "all" score), with a bootstrap interval
+  over contexts (resampled within the top and random halves). A constant prediction scores 0.
+- **detection** — balanced accuracy of telling activating contexts (true peak at least 5 of 10 on
+  the unit's scale) from the others by whether the predicted peak reaches 5. Random contexts that
+  do activate count as activating: the question is whether the label predicts firing, not where a
+  context was drawn from.
+- **fuzzing** — balanced accuracy, within the top contexts, of picking out the tokens that fire
+  (true level ≥ 5 of 10) from those that do not, by the predicted level ≥ 5. It asks the same
+  question as highlight-fuzzing (does the label say *which* tokens fire?) from the one batched
+  simulation, with no extra request.
+
+Contexts whose simulation failed are counted in ``failed`` and left out, never scored as zeros.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+from typing import Any
+
+import numpy as np
+
+from tl_modular.labeling._evidence import Context, Evidence
+
+LEVEL = 5.0   # the middle of the 0…10 prediction scale
+
+
+@dataclass
+class Score:
+    correlation: float | None
+    interval: tuple[float, float] | None
+    detection: float | None
+    fuzzing: float | None
+    n_contexts: int
+    failed: int
+
+    def to_json(self) -> dict[str, Any]:
+        d = asdict(self)
+        d["interval"] = list(self.interval) if self.interval is not None else None
+        return d
+
+
+def _pearson(x: np.ndarray, y: np.ndarray) -> float | None:
+    if x.size < 2 or float(np.std(x)) == 0.0:
+        return None                  # the truth does not vary: nothing to predict
+    if float(np.std(y)) == 0.0:
+        return 0.0                   # a constant prediction carries no information
+    return float(np.corrcoef(x, y)[0, 1])
+
+
+def _balanced(truth: np.ndarray, pred: np.ndarray) -> float | None:
+    if truth.all() or not truth.any():
+        return None
+    return float(0.5 * (pred[truth].mean() + (~pred[~truth]).mean()))
+
+
+def holdout(ev: Evidence) -> tuple[list[Context], np.ndarray]:
+    """The contexts a label is scored on and whether each is a top context."""
+    contexts = ev.holdout_top + ev.holdout_random
+    return contexts, np.array([True] * len(ev.holdout_top) + [False] * len(ev.holdout_random))
+
+
+def score(ev: Evidence, predictions: list[list[float] | None], *, n_boot: int = 200, seed: int = 0) -> Score:
+    """Scores of ``predictions`` for the held-out contexts of ``ev`` (in :func:`holdout`'s order)."""
+    contexts, is_top = holdout(ev)
+    if len(predictions) != len(contexts):
+        raise ValueError(f"{len(predictions)} predictions for {len(contexts)} held-out contexts")
+    ok = [i for i, p in enumerate(predictions) if p is not None]
+    failed = len(contexts) - len(ok)
+    if not ok:
+        return Score(None, None, None, None, len(contexts), failed)
+    true = [np.asarray(contexts[i].acts, dtype=float) for i in ok]
+    pred = [np.asarray(predictions[i], dtype=float) for i in ok]
+    top = is_top[ok]
+    corr = _pearson(np.concatenate(true), np.concatenate(pred))
+
+    interval = None
+    if corr is not None and n_boot > 0 and len(ok) > 2:
+        rng = np.random.default_rng(seed)
+        groups = [np.flatnonzero(top), np.flatnonzero(~top)]
+        draws = []
+        for _ in range(n_boot):
+            pick = np.concatenate([rng.choice(g, size=g.size) for g in groups if g.size])
+            c = _pearson(np.concatenate([true[i] for i in pick]), np.concatenate([pred[i] for i in pick]))
+            if c is not None:
+                draws.append(c)
+        if draws:
+            interval = (float(np.percentile(draws, 2.5)), float(np.percentile(draws, 97.5)))
+
+    scale = ev.scale
+    active = np.array([10 * t.max() / scale >= LEVEL for t in true])
+    detection = _balanced(active, np.array([p.max() >= LEVEL for p in pred]))
+    tok_true = np.concatenate([10 * t / scale >= LEVEL for t, is_t in zip(true, top, strict=True) if is_t] or [[]])
+    tok_pred = np.concatenate([p >= LEVEL for p, is_t in zip(pred, top, strict=True) if is_t] or [[]])
+    fuzzing = _balanced(tok_true.astype(bool), tok_pred.astype(bool)) if tok_true.size else None
+    return Score(corr, interval, detection, fuzzing, len(contexts), failed)
+
+
+def baseline_summary(correlations: list[float], *, n_boot: int = 1000, seed: int = 0) -> dict[str, Any]:
+    """Mean correlation of random (another unit's) labels, with a bootstrap interval over units."""
+    vals = np.asarray([c for c in correlations if c is not None], dtype=float)
+    if vals.size == 0:
+        return {"n": 0, "mean": None, "interval": None}
+    rng = np.random.default_rng(seed)
+    means = [float(rng.choice(vals, size=vals.size).mean()) for _ in range(n_boot)]
+    return {"n": int(vals.size), "mean": float(vals.mean()),
+            "interval": [float(np.percentile(means, 2.5)), float(np.percentile(means, 97.5))]}
