@@ -17,7 +17,7 @@ import tl_modular as tlm
 from tl_modular import cli, report
 from tl_modular.testing import tiny_model
 
-IDS = ("summary", "graph", "modules", "rank-fidelity", "circuits", "polysemanticity")
+IDS = ("summary", "graph", "modules", "rank-fidelity", "circuits", "polysemanticity", "labels")
 
 
 def _sae(d_in: int, hook: str):
@@ -71,7 +71,8 @@ def test_html_is_self_contained_and_escapes_text(tiny_report, tmp_path):
     assert "data:image/png;base64," in page
     assert "http://" not in page and "https://" not in page           # opens offline
     summary = json.loads((out / "summary.json").read_text())
-    summary["labels"] = [{"unit": "L0.MLP.N1", "text": "<script>alert(1)</script>", "score": 0.5}]
+    row = dict(summary["labels"]["labels"][0], text="<script>alert(1)</script>")
+    summary["labels"]["labels"] = [row]
     shutil.copytree(out, tmp_path / "r", dirs_exist_ok=True)
     page = report.render(summary, tmp_path / "r").read_text()
     assert "<script>alert" not in page and "&lt;script&gt;alert(1)&lt;/script&gt;" in page

@@ -121,10 +121,23 @@ class Evidence:
         return bool(self.bottom)
 
     @property
+    def offset(self) -> float:
+        """The activation shown as 0: a write norm's mean (norms are never near zero, so their
+        typical value is the baseline), else 0."""
+        return float(self.stats.get("mean", 0.0)) if self.unit.kind in ("channel", "module") else 0.0
+
+    @property
     def scale(self) -> float:
-        """The activation that maps to 10 on the discretized scale: the largest |peak| shown."""
-        peaks = [abs(c.peak) for c in self.top] + [abs(c.trough) for c in self.bottom]
+        """The activation above :attr:`offset` that maps to 10: the largest one shown."""
+        off = self.offset
+        peaks = [abs(c.peak - off) for c in self.top] + [abs(c.trough - off) for c in self.bottom]
         return max(peaks + [1e-12])
+
+    def levels(self, acts: Sequence[float], *, signed: bool | None = None) -> list[int]:
+        """Activations as integers on the prompts' 0…10 scale (−10…10 for signed units)."""
+        lo = -10 if (self.signed if signed is None else signed) else 0
+        off, scale = self.offset, self.scale
+        return [max(lo, min(10, round(10 * (a - off) / scale))) for a in acts]
 
     def to_json(self, *, holdout: bool = True) -> dict[str, Any]:
         out: dict[str, Any] = {"unit": self.unit.to_json(), "stats": self.stats,

@@ -18,12 +18,13 @@ from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol, runtime_checkable
 
+import numpy as np
+
 from tl_modular.labeling._evidence import Context, Evidence
 from tl_modular.labeling._prompts import (
     EXPLANATION_SCHEMA,
     expected_activations,
     explanation_messages,
-    scaled,
     simulation_messages,
     simulation_schema,
 )
@@ -108,10 +109,10 @@ _ITEM = re.compile(r'("(?:[^"\\]|\\.)*") \((-?\d+)\)')
 
 class OfflineLabeler(_Sync):
     """A deterministic label from the evidence, no LLM: the tokens (or preceding tokens) with the
-    highest mean activation in the shown contexts, whichever of the two explains more of the
-    activations, with their mean on the 0…10 scale — e.g. ``fires on "=" (9), "+" (4)``. Output
-    evidence and member labels are appended as plain text. :class:`OfflineSimulator` reads the
-    quoted tokens back.
+    highest mean activation in the shown contexts — token identity or previous token, and how
+    many tokens, whichever predicts the shown activations best — with their mean on the 0…10
+    scale, e.g. ``fires on "=" (9), "+" (4)``. Promoted tokens and member names are appended as
+    plain text. :class:`OfflineSimulator` reads the quoted tokens back.
 
     Args:
         max_tokens: Tokens listed per clause.
@@ -125,52 +126,44 @@ class OfflineLabeler(_Sync):
             raise ValueError("max_tokens must be >= 1 and min_level in 0..10")
         self.max_tokens, self.min_level = max_tokens, min_level
 
-    def _clause(self, contexts: list[Context], scale: float, sign: int) -> tuple[str, float]:
-        """The better of 'on' (token identity) and 'after' (previous token), and its variance explained."""
-        best = ("", -1.0)
+    def _clause(self, ev: Evidence, contexts: list[Context], sign: int) -> str:
+        """The clause whose predictions correlate best with the shown activations: 'on' (token
+        identity) or 'after' (previous token), listing the k tokens of highest mean level."""
+        best, best_r = "", 0.0
         for mode in ("on", "after"):
-            groups: dict[str, list[float]] = defaultdict(list)
-            values: list[tuple[str, float]] = []
+            keys, ys = [], []
             for c in contexts:
-                levels = scaled(c.acts, scale, signed=True)
-                for j, lv in enumerate(levels):
-                    key = c.tokens[j] if mode == "on" else (c.tokens[j - 1] if j > 0 else None)
-                    if key is not None:
-                        groups[key].append(sign * lv)
-                        values.append((key, sign * lv))
-            if not values:
-                continue
+                for j, lv in enumerate(ev.levels(c.acts, signed=True)):
+                    keys.append(c.tokens[j] if mode == "on" else (c.tokens[j - 1] if j > 0 else None))
+                    ys.append(sign * lv)
+            groups: dict[str, list[float]] = defaultdict(list)
+            for k, y in zip(keys, ys, strict=True):
+                if k is not None:
+                    groups[k].append(y)
             means = {k: sum(v) / len(v) for k, v in groups.items()}
-            chosen = sorted((k for k, m in means.items() if m >= self.min_level), key=lambda k: -means[k])
-            chosen = chosen[:self.max_tokens]
-            if not chosen:
-                continue
-            pred = {k: means[k] for k in chosen}
-            ys = [y for _, y in values]
-            mu = sum(ys) / len(ys)
-            tot = sum((y - mu) ** 2 for y in ys) or 1.0
-            res = sum((y - pred.get(k, 0.0)) ** 2 for k, y in values)
-            r2 = 1 - res / tot
-            word = ("fires " if sign > 0 else "negative ") + mode
-            items = ", ".join(f"{json.dumps(k, ensure_ascii=False)} ({round(sign * means[k])})" for k in chosen)
-            if r2 > best[1]:
-                best = (f"{word} {items}", r2)
+            ranked = sorted((k for k, m in means.items() if m >= self.min_level), key=lambda k: -means[k])
+            y = np.asarray(ys, dtype=float)
+            for n in range(1, min(self.max_tokens, len(ranked)) + 1):
+                chosen = {k: means[k] for k in ranked[:n]}
+                pred = np.asarray([chosen.get(k, 0.0) for k in keys])
+                if pred.std() == 0 or y.std() == 0:
+                    continue
+                r = float(np.corrcoef(pred, y)[0, 1])
+                if r > best_r + 1e-9:
+                    items = ", ".join(f"{json.dumps(k, ensure_ascii=False)} ({round(sign * chosen[k])})"
+                                      for k in ranked[:n])
+                    best, best_r = f"{'fires' if sign > 0 else 'negative'} {mode} {items}", r
         return best
 
     async def aexplain(self, evidence: Evidence) -> Explanation:
         ev = evidence
-        shown = ev.top + ev.quantile + ev.random
-        text, _ = self._clause(shown, ev.scale, +1)
-        if not text:
-            text = "no consistent token pattern"
+        text = self._clause(ev, ev.top + ev.quantile + ev.random, +1) or "no consistent token pattern"
         extras = []
         if ev.promoted:
             extras.append("promotes " + ", ".join(json.dumps(t, ensure_ascii=False) for t, _ in ev.promoted[:3]))
         if ev.member_labels:
-            extras.append("members: " + " | ".join(f"{k}: {v}" for k, v in list(ev.member_labels.items())[:6]))
-        negative = ""
-        if ev.bottom:
-            negative, _ = self._clause(ev.bottom + ev.random, ev.scale, -1)
+            extras.append("combines " + ", ".join(ev.member_labels))
+        negative = self._clause(ev, ev.bottom + ev.random, -1) if ev.bottom else ""
         full = "; ".join([text, *extras]) + (f"; {negative}" if negative else "")
         return Explanation(text=full, negative_text=negative)
 

@@ -60,14 +60,8 @@ SIMULATE_SYSTEM = (
     "with JSON only: {{\"contexts\": [{{\"id\": 0, \"activations\": [...]}}, ...]}}.")
 
 
-def scaled(acts: Sequence[float], scale: float, signed: bool) -> list[int]:
-    """Activations as integers on the 0…10 (or −10…10) scale of the prompts."""
-    lo = -10 if signed else 0
-    return [max(lo, min(10, round(10 * a / scale))) for a in acts]
-
-
-def _context(c: Context, scale: float, signed: bool) -> dict[str, Any]:
-    return {"tokens": c.tokens, "activations": scaled(c.acts, scale, signed)}
+def _context(c: Context, ev: Evidence) -> dict[str, Any]:
+    return {"tokens": c.tokens, "activations": ev.levels(c.acts)}
 
 
 def _data_block(doc: dict[str, Any]) -> str:
@@ -76,15 +70,14 @@ def _data_block(doc: dict[str, Any]) -> str:
 
 def explanation_messages(ev: Evidence) -> list[dict[str, str]]:
     """The chat messages asking for a label of ``ev.unit``."""
-    scale, signed = ev.scale, ev.signed
     doc: dict[str, Any] = {
         "unit": {"name": ev.unit.name, "kind": ev.unit.kind},
-        "top_contexts": [_context(c, scale, signed) for c in ev.top],
-        "other_activating_contexts": [_context(c, scale, signed) for c in ev.quantile],
-        "random_contexts": [_context(c, scale, signed) for c in ev.random],
+        "top_contexts": [_context(c, ev) for c in ev.top],
+        "other_activating_contexts": [_context(c, ev) for c in ev.quantile],
+        "random_contexts": [_context(c, ev) for c in ev.random],
     }
     if ev.bottom:
-        doc["most_negative_contexts"] = [_context(c, scale, signed) for c in ev.bottom]
+        doc["most_negative_contexts"] = [_context(c, ev) for c in ev.bottom]
     if ev.promoted:
         doc["output_promotes_tokens"] = [t for t, _ in ev.promoted]
         doc["output_suppresses_tokens"] = [t for t, _ in ev.suppressed]

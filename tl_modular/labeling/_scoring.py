@@ -92,10 +92,11 @@ def score(ev: Evidence, predictions: list[list[float] | None], *, n_boot: int = 
         if draws:
             interval = (float(np.percentile(draws, 2.5)), float(np.percentile(draws, 97.5)))
 
-    scale = ev.scale
-    active = np.array([10 * t.max() / scale >= LEVEL for t in true])
+    off, scale = ev.offset, ev.scale
+    active = np.array([10 * (t.max() - off) / scale >= LEVEL for t in true])
     detection = _balanced(active, np.array([p.max() >= LEVEL for p in pred]))
-    tok_true = np.concatenate([10 * t / scale >= LEVEL for t, is_t in zip(true, top, strict=True) if is_t] or [[]])
+    tok_true = np.concatenate([10 * (t - off) / scale >= LEVEL for t, is_t in zip(true, top, strict=True) if is_t]
+                              or [[]])
     tok_pred = np.concatenate([p >= LEVEL for p, is_t in zip(pred, top, strict=True) if is_t] or [[]])
     fuzzing = _balanced(tok_true.astype(bool), tok_pred.astype(bool)) if tok_true.size else None
     return Score(corr, interval, detection, fuzzing, len(contexts), failed)
