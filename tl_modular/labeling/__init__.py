@@ -26,6 +26,7 @@ from tl_modular.labeling._labelers import (
 from tl_modular.labeling._labels import Label, Labels
 from tl_modular.labeling._run import label
 from tl_modular.labeling._scoring import Score, score
+from tl_modular.labeling._scripted import offline_chat_model
 from tl_modular.labeling._units import (
     Unit,
     channel_units,
@@ -58,6 +59,7 @@ __all__ = [
     "label",
     "module_unit",
     "neurons",
+    "offline_chat_model",
     "score",
     "str_tokens",
     "units_for",

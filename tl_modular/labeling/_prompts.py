@@ -65,7 +65,14 @@ def _context(c: Context, ev: Evidence) -> dict[str, Any]:
 
 
 def _data_block(doc: dict[str, Any]) -> str:
-    return "DATA:\n```json\n" + json.dumps(doc, ensure_ascii=False) + "\n```"
+    # JSON escapes quotes and newlines; backticks are escaped too, so no token can close the fence
+    return "DATA:\n```json\n" + json.dumps(doc, ensure_ascii=False).replace("`", "\\u0060") + "\n```"
+
+
+def read_data_block(content: str) -> dict[str, Any]:
+    """The JSON document of a message's DATA block (what a server, or a test, sees)."""
+    start = content.index("```json\n") + len("```json\n")
+    return json.loads(content[start:content.rindex("\n```")])
 
 
 def explanation_messages(ev: Evidence) -> list[dict[str, str]]:
