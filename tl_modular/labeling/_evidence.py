@@ -266,51 +266,73 @@ def _window(at: int, valid: np.ndarray, cfg: EvidenceConfig) -> tuple[int, int]:
 
 # --- weights and outputs ------------------------------------------------------------------------
 
-def _unembed(model: Any, w: torch.Tensor, n: int) -> tuple[list[tuple[str, float]], list[tuple[str, float]]]:
-    """Tokens a residual write ``w`` promotes and suppresses most (through ``ln_final``'s gain)."""
-    w = w.detach().float().to(model.W_U.device)
+def _unembed(model: Any, writes: dict[str, torch.Tensor], n: int, chunk: int = 256
+             ) -> dict[str, tuple[list[tuple[str, float]], list[tuple[str, float]]]]:
+    """Tokens each residual write promotes and suppresses most (through ``ln_final``'s gain),
+    ``chunk`` writes per product with the unembedding."""
+    w_u = model.W_U.detach()
     kind = getattr(model.cfg, "normalization_type", None)
-    if kind in ("LN", "LNPre"):
-        w = w - w.mean()
     ln_w = getattr(getattr(model, "ln_final", None), "w", None)
-    if ln_w is not None:
-        w = w * ln_w.detach().float()
-    logits = w @ model.W_U.detach().float()
     tok = getattr(model, "tokenizer", None)
+    names = list(writes)
+    out = {}
+    k = min(n, w_u.shape[1])
+    for start in range(0, len(names), chunk):
+        part = names[start:start + chunk]
+        w = torch.stack([writes[name].detach().to(w_u) for name in part])
+        if kind in ("LN", "LNPre"):
+            w = w - w.mean(-1, keepdim=True)
+        if ln_w is not None:
+            w = w * ln_w.detach().to(w_u)
+        logits = (w @ w_u).float()
+        up, down = logits.topk(k, dim=-1), (-logits).topk(k, dim=-1)
+        for row, name in enumerate(part):
+            def named(vals: torch.Tensor, idx: torch.Tensor, sign: float) -> list[tuple[str, float]]:
+                return [(tok.decode([int(t)]) if tok is not None else f"<{int(t)}>", round(sign * float(v), 4))
+                        for v, t in zip(vals.tolist(), idx.tolist(), strict=True)]
+            out[name] = (named(up.values[row], up.indices[row], 1.0), named(down.values[row], down.indices[row], -1.0))
+    return out
 
-    def name(t: int) -> str:
-        return tok.decode([t]) if tok is not None else f"<{t}>"
 
-    k = min(n, logits.numel())
-    up, down = logits.topk(k), (-logits).topk(k)
-    return ([(name(int(t)), round(float(v), 4)) for v, t in zip(up.values, up.indices, strict=True)],
-            [(name(int(t)), round(-float(v), 4)) for v, t in zip(down.values, down.indices, strict=True)])
-
-
-def _neuron_weights(model: Any, unit: Unit, n: int) -> tuple[list[tuple[str, float]], list[tuple[str, float]]]:
-    """Virtual weights to earlier and later MLP neurons (``W_out[l'] · ln2.w ⊙ W_in[l]``)."""
-    layer, i = unit.info["layer"], unit.info["index"]
+def _neuron_weights(model: Any, units: Sequence[Unit], n: int) -> dict[str, tuple[list, list]]:
+    """Virtual weights to earlier and later MLP neurons (``W_out[l'] · ln2.w ⊙ W_in[l]``, centred
+    under LayerNorm), for all neuron units of a layer in one product per pair of layers."""
     centre = getattr(model.cfg, "normalization_type", None) in ("LN", "LNPre")
+    n_layers = model.cfg.n_layers
 
-    def read(l_: int) -> torch.Tensor:
+    def reads(l_: int) -> torch.Tensor:
         w = model.blocks[l_].mlp.W_in.detach().float()
         ln = getattr(model.blocks[l_], "ln2", None)
         if getattr(ln, "w", None) is not None:
             w = ln.w.detach().float()[:, None] * w
         return w - w.mean(0, keepdim=True) if centre else w
 
-    inc, out = [], []
-    for l_ in range(model.cfg.n_layers):
-        if l_ < layer:
-            v = model.blocks[l_].mlp.W_out.detach().float() @ read(layer)[:, i]
-            inc += [(f"L{l_}.MLP.N{j}", float(v[j])) for j in v.abs().topk(min(n, v.numel())).indices.tolist()]
-        elif l_ > layer:
-            v = model.blocks[layer].mlp.W_out.detach().float()[i] @ read(l_)
-            out += [(f"L{l_}.MLP.N{j}", float(v[j])) for j in v.abs().topk(min(n, v.numel())).indices.tolist()]
-
-    def best(pairs: list[tuple[str, float]]) -> list[tuple[str, float]]:
+    def best(candidates: list[tuple[torch.Tensor, torch.Tensor, int]], col: int) -> list[tuple[str, float]]:
+        pairs = [(f"L{l_}.MLP.N{int(j)}", float(v)) for vals, idx, l_ in candidates
+                 for v, j in zip(vals[:, col], idx[:, col], strict=True)]
         return [(k, round(v, 4)) for k, v in sorted(pairs, key=lambda p: -abs(p[1]))[:n]]
-    return best(inc), best(out)
+
+    out: dict[str, tuple[list, list]] = {}
+    by_layer: dict[int, list[Unit]] = {}
+    for u in units:
+        by_layer.setdefault(u.info["layer"], []).append(u)
+    for layer, us in by_layer.items():
+        idx = torch.tensor([u.info["index"] for u in us])
+        mine_in = reads(layer)[:, idx]                                   # [d_model, units]
+        mine_out = model.blocks[layer].mlp.W_out.detach().float()[idx]   # [units, d_model]
+        inc, outg = [], []
+        for l_ in range(n_layers):
+            if l_ < layer:
+                v = model.blocks[l_].mlp.W_out.detach().float() @ mine_in           # [d_mlp, units]
+            elif l_ > layer:
+                v = (mine_out @ reads(l_)).T                                         # [d_mlp, units]
+            else:
+                continue
+            top = v.abs().topk(min(n, v.shape[0]), dim=0).indices
+            (inc if l_ < layer else outg).append((v.gather(0, top), top, l_))
+        for col, u in enumerate(us):
+            out[u.name] = (best(inc, col), best(outg, col))
+    return out
 
 
 def _graph_weights(graph: Any, unit: Unit, n: int) -> tuple[list[tuple[str, float]], list[tuple[str, float]]]:
@@ -383,16 +405,22 @@ def collect_evidence(units: Sequence[Unit], model: Any, tokens: Int[torch.Tensor
                                                    "n_tokens": int(peaks["count"][i])})
     _cut_windows(units, model, tokens, attention_mask, picks, evidence, cfg, progress)
 
+    neuron_weights = _neuron_weights(model, [u for u in units if u.kind == "neuron" and "layer" in u.info],
+                                     cfg.n_weights) if cfg.n_weights else {}
+    writes = {}
     for u in units:
         ev = evidence[u.name]
-        if u.kind == "neuron" and "layer" in u.info:
-            ev.incoming, ev.outgoing = _neuron_weights(model, u, cfg.n_weights)
+        if u.name in neuron_weights:
+            ev.incoming, ev.outgoing = neuron_weights[u.name]
         elif graph is not None and u.channels:
             ev.incoming, ev.outgoing = _graph_weights(graph, u, cfg.n_weights)
         write = u.write if u.write is not None else ev.mean_write
-        if write is not None and cfg.n_tokens and float(write.norm()) > 0:
-            ev.promoted, ev.suppressed = _unembed(model, write, cfg.n_tokens)
+        if write is not None and float(write.norm()) > 0:
+            writes[u.name] = write
         ev.categories = _categories(circuits, u)
+    if cfg.n_tokens and writes:
+        for name, (up, down) in _unembed(model, writes, cfg.n_tokens).items():
+            evidence[name].promoted, evidence[name].suppressed = up, down
     return evidence
 
 

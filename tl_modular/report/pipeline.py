@@ -84,12 +84,20 @@ def _digest(*tensors: torch.Tensor | None) -> str:
     return h.hexdigest()
 
 
+def _describe(labeler: Any) -> str | None:
+    """What identifies a labeler's answers (its class, and the LLM and server it asks; never a key)."""
+    if labeler is None:
+        return None
+    cfg = getattr(labeler, "config", None)
+    return type(labeler).__name__ + (f":{cfg.model}@{cfg.base_url}" if hasattr(cfg, "model") else "")
+
+
 def cache_key(inputs: Inputs, config: AnalyzeConfig) -> str:
     parts = {"model": fingerprint(inputs.model), "tokens": _digest(inputs.tokens, inputs.attention_mask,
                                                                      inputs.loss_mask),
              "categories": sorted(inputs.categories), "config": asdict(config),
              "saes": sorted(inputs.saes) if inputs.saes is not None else None,
-             "labeler": type(inputs.labeler).__name__ if inputs.labeler is not None else None}
+             "labeler": _describe(inputs.labeler), "simulator": _describe(inputs.simulator)}
     return hashlib.blake2b(json.dumps(parts, sort_keys=True, default=str).encode(), digest_size=16).hexdigest()
 
 
@@ -214,7 +222,7 @@ def analyze(inputs: Inputs, out: str | os.PathLike, config: AnalyzeConfig | None
                                                 lambda: read_json(out / "polysemanticity.json"))
 
     label_stage = _label_stage(inputs, graph, modules, summary, out, cfg, circuits)
-    summary["labels"] = stages.run("labels", label_stage, lambda: read_json(out / "labels_summary.json"))
+    summary["labels"] = stages.run("labels", label_stage, lambda: _complete_labels(out / "labels_summary.json"))
 
     def figures() -> dict[str, str]:
         from tl_modular.report.figures import draw_all
@@ -258,6 +266,15 @@ def _label_stage(inputs: Inputs, graph: Any, modules: list, summary: dict, out: 
                                                  "usage": labels.usage, "stopped": labels.stopped})
         return {"labels": rows, "baseline": labels.baseline, "usage": labels.usage, "stopped": labels.stopped}
     return run
+
+
+def _complete_labels(path: Path) -> dict[str, Any]:
+    """Saved labels, unless the run stopped early or some failed: then the stage runs again (its LLM
+    replies are cached, so only what is missing costs anything)."""
+    data = read_json(path)
+    if data.get("stopped") or any(row["status"] != "ok" for row in data["labels"]):
+        raise ValueError("incomplete labels")
+    return data
 
 
 def _count(items: Any) -> dict[str, int]:
