@@ -46,7 +46,7 @@ def test_analyze_writes_every_artifact_and_reuses_them(tiny_report):
     inputs, cfg, out, path = tiny_report
     assert path == out / "report.html"
     for name in ("summary.json", "graph.json", "circuits.json", "modules.json", "polysemanticity.json",
-                 "rank_fidelity.json", "graph.png", "manifest.json"):
+                 "rank_fidelity.json", "graph.png", "manifest.json", "labels.json"):
         assert (out / name).exists(), name
     assert (out / "compression").is_dir()
     summary = json.loads((out / "summary.json").read_text())
@@ -56,8 +56,22 @@ def test_analyze_writes_every_artifact_and_reuses_them(tiny_report):
     # a second run with the same model, data and settings recomputes nothing
     report.analyze(inputs, out, cfg, progress=False)
     again = json.loads((out / "summary.json").read_text())
-    assert set(again["reused"]) >= {"compression", "graph", "modules", "circuits", "polysemanticity"}
+    assert set(again["reused"]) >= {"compression", "graph", "modules", "circuits", "polysemanticity", "labels"}
     assert again["compression"] == summary["compression"]
+    # labels: channels, then modules (members first), then polysemantic neurons, all scored offline
+    labels = tlm.labeling.Labels.load(out / "labels.json")
+    kinds = [lab.kind for lab in labels]
+    assert kinds[0] == "channel" and "module" in kinds and all(lab.ok for lab in labels)
+    assert len(labels) == cfg.n_label_units or "neuron" not in kinds
+    # an incomplete labels stage (a budget stop, failures) is not reused
+    from tl_modular.report.pipeline import _complete_labels
+    data = json.loads((out / "labels_summary.json").read_text())
+    assert _complete_labels(out / "labels_summary.json") == data
+    data["stopped"] = "budget"
+    bad = out.parent / "labels_stopped.json"
+    bad.write_text(json.dumps(data))
+    with pytest.raises(ValueError, match="incomplete"):
+        _complete_labels(bad)
     # other settings make another key
     assert report.cache_key(inputs, cfg) != report.cache_key(inputs, report.AnalyzeConfig(n_null=6))
 

@@ -13,7 +13,6 @@
 # %%
 import json
 import os
-import re
 import tempfile
 from pathlib import Path
 
@@ -77,3 +76,35 @@ feature_labels = tlm.label(labeling.feature_units(sae, range(32), model=model), 
 print(feature_labels)
 labels.save(out / "labels.json")
 print("reloaded:", labeling.Labels.load(out / "labels.json"))
+
+# %% [markdown]
+# ## With a language model
+# `tlm.OpenAILabeler` speaks the chat-completions API through the `openai` client: OpenAI itself
+# (`OpenAILabeler(model="gpt-4o-mini")`, key from `$OPENAI_API_KEY`) or any compatible server —
+# vLLM (`base_url="http://localhost:8000/v1"`), Ollama (`"http://localhost:11434/v1"`), llama.cpp.
+# One explanation request and one batched simulation request per unit; answers are validated
+# against a JSON schema (one repair attempt), retried with backoff on 429/5xx/timeouts, cached by
+# content (`cache_dir`) so a re-run costs nothing, and counted against an optional budget.
+#
+# This tutorial has no LLM, so it starts the loopback server that tl_modular's tests use, serving
+# `offline_chat_model` — a stand-in that answers the same prompts by rule — with 50 ms of latency.
+# Point `base_url` at a real server and nothing else changes.
+
+# %%
+from tl_modular.labeling._client import ClientConfig  # noqa: E402
+from tl_modular.labeling.testing_server import ChatServer  # noqa: E402
+
+units = labeling.neurons(model, 0, range(16))
+with tempfile.TemporaryDirectory() as cache, ChatServer(labeling.offline_chat_model, latency_s=0.05) as server:
+    config = ClientConfig(model="stand-in", base_url=server.url, api_key="none", cache_dir=cache,
+                          max_concurrency=8, budget_usd=1.0)
+    llm = tlm.OpenAILabeler(config=config)
+    llm_labels = tlm.label(units, model, tokens, attention_mask=mask, labeler=llm, progress=False)
+    print(llm_labels)
+    print("usage:", llm_labels.usage)
+    print(llm_labels.to_markdown(5))
+    sent = len(server.requests)
+    again = tlm.label(units, model, tokens, attention_mask=mask, labeler=tlm.OpenAILabeler(config=config),
+                      progress=False)
+    print(f"second run: {len(server.requests) - sent} requests reached the server "
+          f"({again.usage.get('cached', 0)} answers from the cache)")
