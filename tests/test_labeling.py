@@ -219,6 +219,9 @@ def test_label_graph_bottom_up_and_round_trip(toy, toy_data, tmp_path):
         assert set(mod.evidence["member_labels"]) == set(mod.members)
     assert all(lab.ok and lab.score is not None for lab in labels)
     assert labels["L1.H2"].evidence["incoming"]                   # strongest routes from the graph
+    # the workbench's known previous-token head: its attention evidence says so
+    assert all(a["keys"][0][2] == 1 for a in labels["L0.H0"].evidence["attention"])
+    assert "attends 1 token back" in labels["L0.H0"].text
     path = labels.save(tmp_path / "out")
     assert path.name == "labels.json" and not list(tmp_path.glob("out/.*tmp"))
     again = labeling.Labels.load(path)

@@ -34,7 +34,8 @@ class EvidenceConfig:
     Attributes:
         n_top: Top-activating contexts shown to the labeler.
         n_quantile: More activating contexts, sampled evenly across the upper half of the ranking.
-        n_random: Random contexts shown (mostly not activating).
+        n_random: Random non-activating contexts shown (drawn from the sequences whose peak is
+            below the median).
         n_bottom: Contexts of the negative tail of a signed unit, shown when it reaches
             ``negative_ratio`` of the peak.
         n_holdout: Held-out top contexts the label is scored on, with as many random held-out ones.
@@ -114,6 +115,7 @@ class Evidence:
     categories: list[str] = field(default_factory=list)
     member_labels: dict[str, str] = field(default_factory=dict)
     mean_write: torch.Tensor | None = field(default=None, repr=False)  # at the top peaks, for channels/modules
+    attention: list[dict[str, Any]] = field(default_factory=list)       # heads: keys attended from each top peak
 
     @property
     def signed(self) -> bool:
@@ -147,7 +149,8 @@ class Evidence:
                                "outgoing": [list(p) for p in self.outgoing],
                                "promoted": [list(p) for p in self.promoted],
                                "suppressed": [list(p) for p in self.suppressed],
-                               "categories": self.categories, "member_labels": self.member_labels}
+                               "categories": self.categories, "member_labels": self.member_labels,
+                               **({"attention": self.attention} if self.attention else {})}
         if holdout:
             out["holdout_top"] = [c.to_json() for c in self.holdout_top]
             out["holdout_random"] = [c.to_json() for c in self.holdout_random]
@@ -239,7 +242,8 @@ def _choose(unit: Unit, i: int, peaks: dict[str, np.ndarray], explain: np.ndarra
         ranks = np.unique(np.linspace(0, max(len(rest) // 2, 1) - 1, cfg.n_quantile).round().astype(int))
         add("quantile", rest[ranks])
     used = set(top.tolist()) | {p.row for p in picks}
-    pool = np.array([r for r in order if r not in used], dtype=np.int64)
+    # random contexts from the lower half of the ranking: what the unit does *not* respond to
+    pool = np.array([r for r in order[len(order) // 2:] if r not in used], dtype=np.int64)
     if cfg.n_random and len(pool):
         add("random", rng.choice(pool, size=min(cfg.n_random, len(pool)), replace=False))
     peak = float(hi[order[0]]) if len(order) else 0.0
@@ -446,18 +450,31 @@ def _cut_windows(units: Sequence[Unit], model: Any, tokens: torch.Tensor, mask: 
         strings = str_tokens(model, batch)
         needed = {i for r in rows for i, _ in by_row[r]}
         acts = {i: units[i].read(cache, model).detach().float().cpu() for i in needed}
+        batch_writes: dict[int, torch.Tensor] = {}
         for b, r in enumerate(rows):
             for i, p in by_row[r]:
+                u, ev = units[i], evidence[units[i].name]
                 lo, hi = _window(p.at, valid[b], cfg)
                 ctx = Context(tokens=strings[b][lo:hi], acts=acts[i][b, lo:hi].tolist(), row=r, start=lo)
-                getattr(evidence[units[i].name], p.kind).append(ctx)
-                u = units[i]
-                if p.kind == "top" and u.write_reader is not None:
-                    w = u.write_reader(cache, model)[b, p.at].detach().float().cpu()
-                    writes.setdefault(u.name, []).append(w)
+                getattr(ev, p.kind).append(ctx)
+                if p.kind != "top":
+                    continue
+                if u.write_reader is not None:
+                    if i not in batch_writes:
+                        batch_writes[i] = u.write_reader(cache, model).detach().float().cpu()
+                    writes.setdefault(u.name, []).append(batch_writes[i][b, p.at])
+                if u.pattern is not None:       # where a head looks from its peak
+                    layer, head = u.pattern
+                    att = cache[f"blocks.{layer}.attn.hook_pattern"][b, head, p.at].detach().float().cpu()
+                    top = att.topk(min(3, p.at + 1))
+                    ev.attention.append({"row": r, "query": strings[b][p.at], "keys": [
+                        [strings[b][k], round(float(w), 3), p.at - k]
+                        for w, k in zip(top.values.tolist(), top.indices.tolist(), strict=True)]})
         bar.update(len(rows))
     bar.close()
     for ev in evidence.values():   # windows arrive in row order; show them strongest first
+        order = {c.row: -c.peak for c in ev.top}
+        ev.attention.sort(key=lambda a: order[a["row"]])
         ev.top.sort(key=lambda c: -c.peak)
         ev.quantile.sort(key=lambda c: -c.peak)
         ev.bottom.sort(key=lambda c: c.trough)

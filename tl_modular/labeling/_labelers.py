@@ -159,6 +159,12 @@ class OfflineLabeler(_Sync):
         ev = evidence
         text = self._clause(ev, ev.top + ev.quantile + ev.random, +1) or "no consistent token pattern"
         extras = []
+        offsets = [a["keys"][0][2] for a in ev.attention if a["keys"]]
+        if offsets:
+            common = max(set(offsets), key=offsets.count)
+            if offsets.count(common) >= 0.6 * len(offsets):
+                extras.append("attends to the current token" if common == 0 else
+                              f"attends {common} token{'s' if common > 1 else ''} back")
         if ev.promoted:
             extras.append("promotes " + ", ".join(json.dumps(t, ensure_ascii=False) for t, _ in ev.promoted[:3]))
         if ev.member_labels:

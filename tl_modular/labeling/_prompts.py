@@ -85,6 +85,10 @@ def explanation_messages(ev: Evidence) -> list[dict[str, str]]:
     }
     if ev.bottom:
         doc["most_negative_contexts"] = [_context(c, ev) for c in ev.bottom]
+    if ev.attention:
+        doc["attention_at_top_peaks"] = [{"from": a["query"], "to": [{"token": t, "weight": w, "tokens_back": o}
+                                                                      for t, w, o in a["keys"]]}
+                                         for a in ev.attention]
     if ev.promoted:
         doc["output_promotes_tokens"] = [t for t, _ in ev.promoted]
         doc["output_suppresses_tokens"] = [t for t, _ in ev.suppressed]

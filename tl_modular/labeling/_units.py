@@ -52,6 +52,7 @@ class Unit:
     # channels and modules write along no fixed vector: output evidence uses their mean write at the
     # top-activating tokens, read from the cache by this function ([batch, pos, d_model])
     write_reader: Reader | None = field(default=None, repr=False, compare=False)
+    pattern: tuple[int, int] | None = None   # (layer, head) of a head: its attention is shown as evidence
     info: dict[str, Any] = field(default_factory=dict, compare=False)
 
     def read(self, cache: Mapping[str, torch.Tensor], model: Any) -> Float[torch.Tensor, "batch pos"]:
@@ -108,9 +109,11 @@ def channel_units(model: Any, names: Sequence[str] | None = None) -> list[Unit]:
     units = []
     for c in cs:
         write = _write_reader(c)
-        units.append(Unit(name=c.name, kind="channel", hooks=_write_hooks([c]),
+        pattern = (c.layer, c.head) if c.kind == "head" else None
+        hooks = _write_hooks([c]) + ((f"blocks.{c.layer}.attn.hook_pattern",) if pattern else ())
+        units.append(Unit(name=c.name, kind="channel", hooks=hooks,
                           reader=lambda cache, m, w=write: w(cache, m).norm(dim=-1),
-                          channels=(c.name,), write_reader=write,
+                          channels=(c.name,), write_reader=write, pattern=pattern,
                           info={"layer": c.layer, **({"head": c.head} if c.head is not None else {})}))
     return units
 
