@@ -118,6 +118,17 @@ def test_evidence_matches_brute_force(toy, toy_data):
     assert ev["L1.H2"].promoted                                   # from its mean write at the peaks
 
 
+def test_embedding_hooks_do_not_cut_the_forward_pass_short(toy, toy_data):
+    tokens, mask = toy_data
+    units = [_indicator(toy, "=")] + labeling.neurons(toy, 1, [3])     # hook_embed sorts after blocks.1.*
+    ev = labeling.collect_evidence(units, toy, tokens, attention_mask=mask, progress=False)
+    with torch.no_grad():
+        _, cache = toy.run_with_cache(tokens, attention_mask=mask)
+    top = ev["L1.MLP.N3"].top[0]
+    want = cache["blocks.1.mlp.hook_post"][top.row, top.start:top.start + len(top.acts), 3]
+    np.testing.assert_allclose(top.acts, want, atol=1e-5)
+
+
 def test_signed_units_show_their_negative_tail(toy, toy_data):
     tokens, mask = toy_data
     comp = tlm.compress(toy, tokens[:32], progress=False)

@@ -148,7 +148,10 @@ def _stop_layer(model: Any, hooks: Sequence[str]) -> int | None:
     for h in hooks:
         parts = h.split(".")
         if parts[0] != "blocks":
-            return None if h not in ("hook_embed", "hook_pos_embed") else 1
+            if h not in ("hook_embed", "hook_pos_embed"):
+                return None
+            layers.append(1)          # embeddings: the first block is enough (other hooks may need more)
+            continue
         layers.append(int(parts[1]) + 1)
     top = max(layers)
     return top if top < model.cfg.n_layers else None
