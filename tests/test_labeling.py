@@ -145,6 +145,8 @@ def test_evidence_bad_input(toy, toy_data):
         labeling.collect_evidence(units, toy, tokens[:3], progress=False)
     with pytest.raises(TypeError, match="integer tensor"):
         labeling.collect_evidence(units, toy, tokens.float(), progress=False)
+    with pytest.raises(ValueError, match="longer than the model's context"):
+        labeling.collect_evidence(units, toy, torch.zeros(8, toy.cfg.n_ctx + 1, dtype=torch.long), progress=False)
     with pytest.raises(ValueError, match="unique"):
         labeling.collect_evidence(units + units, toy, tokens, progress=False)
     nan = Unit(name="nan", kind="planted", hooks=("hook_embed",), reader=lambda c, m: c["hook_embed"][..., 0] * np.nan)

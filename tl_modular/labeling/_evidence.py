@@ -390,6 +390,10 @@ def collect_evidence(units: Sequence[Unit], model: Any, tokens: Int[torch.Tensor
     if len({u.name for u in units}) != len(units):
         raise ValueError("unit names must be unique")
     rows = tokens.shape[0]
+    n_ctx = getattr(getattr(model, "cfg", None), "n_ctx", None)
+    if n_ctx is not None and tokens.shape[1] > n_ctx:
+        raise ValueError(f"sequences of {tokens.shape[1]} tokens are longer than the model's context ({n_ctx}): "
+                         f"split the data into rows of at most {n_ctx} tokens")
     if rows < 4:
         raise ValueError(f"{rows} sequences are too few to hold some out for scoring: pass at least 4 "
                          f"(≥ {2 * (cfg.n_top + cfg.n_holdout)} recommended)")
