@@ -185,6 +185,31 @@ def test_null_model_separates_planted_from_unstructured(planted):
         assert flat.modularity(weight=weight, n_null=100, seed=0, progress=False)["Q"]["p"] > 0.05
 
 
+def test_modularity_of_given_modules(planted):
+    """A fixed partition is scored on the graph and on every null alike: the planted modules stand out,
+    a partition cutting across them does not; its crossing equals the hand count."""
+    _, truth, _, _, _, graph = planted
+    true_modules = [{n for n, m in truth.items() if m == k} for k in sorted(set(truth.values()))]
+    right = graph.modularity(weight="data", n_null=100, seed=0, modules=true_modules, progress=False)
+    assert right["modules"] == 3 and right["Q"]["z"] > 2 and right["Q"]["p"] < 0.05
+    found = graph.modularity(weight="data", n_null=100, seed=0, progress=False)
+    assert right["Q"]["value"] == pytest.approx(found["Q"]["value"])        # the rule finds the planted ones
+    names = sorted(truth)
+    across = [{n for n in names if n.startswith(f"L{layer}.")} for layer in range(3)]   # layers, not modules
+    assert all(across)
+    wrong = graph.modularity(weight="data", n_null=100, seed=0, modules=across, progress=False)
+    assert wrong["Q"]["value"] < right["Q"]["value"] and wrong["Q"]["z"] < right["Q"]["z"]
+    cap = graph.capacity_graph("data")
+    label = {n: i for i, m in enumerate(true_modules) for n in m}
+    total = sum(c for _, _, c in cap.edges(data="capacity"))
+    cross = sum(c for u, v, c in cap.edges(data="capacity") if label.get(u, u) != label.get(v, v))
+    assert right["crossing"]["value"] == pytest.approx(cross / total)
+    with pytest.raises(ValueError, match="overlap"):
+        graph.modularity(n_null=2, modules=[{names[0], names[1]}, {names[1]}], progress=False)
+    with pytest.raises(ValueError, match="unknown"):
+        graph.modularity(n_null=2, modules=[{"L9.H9"}], progress=False)
+
+
 def test_rotation_null_runs_on_static_strengths(planted):
     *_, graph = planted
     result = graph.modularity(weight="static", null="rotate", n_null=20, seed=0, progress=False)

@@ -38,7 +38,7 @@ from __future__ import annotations
 
 import math
 import os
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -204,13 +204,18 @@ class ChannelGraph:
     def modularity(self, *, weight: Weight | None = None, null: Literal["permute", "rotate"] = "permute",
                    n_null: int = 100, seed: int = 0, io: bool = False, min_size: int | None = None,
                    n_modules: int | None = None, max_cut: float | None = None,
-                   backend: Backend = "auto", progress: bool = True) -> dict[str, Any]:
+                   backend: Backend = "auto", modules: Sequence[Iterable[str]] | None = None,
+                   progress: bool = True) -> dict[str, Any]:
         """How modular the graph is, against a null model built on the graph itself.
 
         Scores the modules of :meth:`modules` (same arguments) by ``crossing`` (fraction of
         capacity between modules; lower is more modular), ``ncut`` (lower is more modular) and
         Newman's ``Q`` (higher is more modular). Each null graph finds its own modules by the same
-        rule, so the comparison is fair. Nulls: ``"permute"`` shuffles route strengths among the
+        rule, so the comparison is fair. With ``modules=`` (channel sets, e.g. the modules a
+        training loss was given), that partition is scored instead, on the graph and on every null
+        graph alike: is the graph more modular *along these modules* than its null?
+
+        Nulls: ``"permute"`` shuffles route strengths among the
         routes of the same writer layer → reader layer and port kind; ``"rotate"`` (static
         strengths only) turns each channel's read and write subspaces by independent Haar-random
         rotations, keeping ranks and spectra, and recomputes the static strengths.
@@ -223,14 +228,16 @@ class ChannelGraph:
         weight = weight or self.weight
         rule = {"io": io, "min_size": min_size, "n_modules": n_modules, "max_cut": max_cut, "backend": backend}
         capacity = self.capacity_graph(weight, io=io)
-        parts, _ = self._partition(capacity, **rule)
+        if modules is not None:
+            fixed = self._fixed_partition(capacity, modules)
+        parts = fixed if modules is not None else self._partition(capacity, **rule)[0]
         real = _mincut.partition_scores(capacity, parts)
         rng = np.random.default_rng(seed)
         sampler = self._null_sampler(weight, null, rng, io)
         nulls = []
         for _ in tqdm(range(n_null), desc=f"null model ({null})", disable=not progress):
             cap = sampler()
-            p, _ = self._partition(cap, **rule)
+            p = fixed if modules is not None else self._partition(cap, **rule)[0]
             nulls.append(_mincut.partition_scores(cap, p))
         out: dict[str, Any] = {"modules": len(parts), "null": null, "n_null": n_null}
         for key, higher in (("crossing", False), ("ncut", False), ("Q", True)):
@@ -241,6 +248,21 @@ class ChannelGraph:
             out[key] = {"value": real[key], "null_mean": mean, "null_std": std, "z": z,
                         "p": float((1 + as_good.sum()) / (1 + len(vals)))}
         return out
+
+    def _fixed_partition(self, capacity: nx.Graph, modules: Sequence[Iterable[str]]) -> list[frozenset]:
+        """``modules`` as a partition of ``capacity``'s nodes (nodes in none of them stand alone)."""
+        parts = [frozenset(m) & set(capacity.nodes) for m in modules]
+        seen: set[str] = set()
+        for p in parts:
+            if p & seen:
+                raise ValueError("modules overlap: each channel may belong to one module only")
+            seen |= p
+        unknown = set().union(*map(set, modules)) - set(capacity.nodes) if modules else set()
+        if unknown & set(self.channels):
+            raise ValueError(f"channels {sorted(unknown)[:5]} are not nodes of this capacity graph (io=True?)")
+        if unknown - set(self.channels):
+            raise ValueError(f"unknown channels in modules: {sorted(unknown - set(self.channels))[:5]}")
+        return [p for p in parts if p] + [frozenset([n]) for n in capacity.nodes if n not in seen]
 
     def _null_sampler(self, weight: Weight, null: str, rng: np.random.Generator, io: bool):
         nodes = set(self._nodes(io))
