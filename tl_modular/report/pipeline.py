@@ -221,7 +221,7 @@ def analyze(inputs: Inputs, out: str | os.PathLike, config: AnalyzeConfig | None
         summary["polysemanticity"] = stages.run("polysemanticity", poly_stage,
                                                 lambda: read_json(out / "polysemanticity.json"))
 
-    label_stage = _label_stage(inputs, graph, modules, summary, out, cfg, circuits)
+    label_stage = _label_stage(inputs, graph, modules, summary, out, cfg, circuits, comp)
     summary["labels"] = stages.run("labels", label_stage, lambda: _complete_labels(out / "labels_summary.json"))
 
     def figures() -> dict[str, str]:
@@ -235,9 +235,9 @@ def analyze(inputs: Inputs, out: str | os.PathLike, config: AnalyzeConfig | None
 
 
 def _label_stage(inputs: Inputs, graph: Any, modules: list, summary: dict, out: Path, cfg: AnalyzeConfig,
-                 circuits: Any) -> Callable[[], Any]:
+                 circuits: Any, comp: Any) -> Callable[[], Any]:
     """Labels, bottom-up: the channels, the modules (with their members' labels as evidence), then
-    the most polysemantic neurons, ``cfg.n_label_units`` in all."""
+    the most polysemantic units (neurons and read directions), ``cfg.n_label_units`` in all."""
     from tl_modular import labeling
 
     def run() -> Any:
@@ -253,10 +253,17 @@ def _label_stage(inputs: Inputs, graph: Any, modules: list, summary: dict, out: 
         for row in (summary.get("polysemanticity") or {}).get("rows", []):
             if len(units) >= cfg.n_label_units:
                 break
-            layer, _, index = row["unit"].partition(".MLP.N")
-            if index.isdigit() and layer.startswith("L") and row["unit"] not in kept:
+            name = row["unit"]
+            layer, _, index = name.partition(".MLP.N")
+            if name in kept:
+                continue
+            if index.isdigit() and layer.startswith("L"):                 # a neuron, L1.MLP.N42
                 units += labeling.neurons(model, int(layer[1:]), [int(index)])
-                kept.add(row["unit"])
+            elif ":" in name:                                               # a read direction, L1.H2:k.d3
+                channel, _, port = name.partition(":")
+                units += [u for u in labeling.direction_units(model, comp, channel, sides=(port.rsplit(".d", 1)[0],))
+                          if u.name == name]
+            kept.add(name)
         labels = labeling.label(units, model, inputs.tokens, labeler=inputs.labeler, simulator=inputs.simulator,
                                 attention_mask=inputs.attention_mask, graph=graph, circuits=circuits,
                                 progress=False)
