@@ -2,7 +2,10 @@
 
 For each weight (0 is the control) the shipped checkpoint is fine-tuned on the four-task mix
 with ``train_modular``; the table reports the loss's cross-module fraction, the channel graph's
-modularity z-score (Newman's Q against the edge-permutation null, 4 modules), accuracy per
+modularity z-score (Newman's Q against the edge-permutation null, 4 modules found by the graph's
+own Gomory–Hu rule), the z-score of the loss's modules scored on the graph
+(``graph.modularity(modules=loss.modules())``: data strengths, and static strengths with the
+permutation and the rotation nulls), accuracy per
 task, and the adjusted Rand index between the graph's modules and each channel's task (the
 task whose circuit routes touch it most, "shared" when none has half its touches, "unused"
 when no circuit touches it). Aims: cross-module fraction at least halved, z-score up by >= 3,
@@ -112,11 +115,17 @@ def main() -> None:
         last = result.history[-1]
         labels, graph, circuits = channel_tasks(model, *graph_tokens, n)
         gmods = graph.modules(n_modules=N_MODULES)
+        static = tlm.build_graph(graph.compression, model=model)
+        along = {"data": graph.modularity(n_null=50, modules=loss.modules(), progress=False)["Q"]["z"],
+                 "static": static.modularity(n_null=50, modules=loss.modules(), progress=False)["Q"]["z"],
+                 "rotate": static.modularity(n_null=50, modules=loss.modules(), null="rotate",
+                                             progress=False)["Q"]["z"]}
         rows.append(
             {
                 "weight": w,
                 "cross_fraction": last["cross_fraction"],
                 "z": last["graph"]["z"],
+                "z_loss_modules": along,
                 "crossing": last["graph"]["crossing"],
                 "accuracy": last["accuracy"],
                 "ari": ari(gmods, labels),
@@ -142,15 +151,19 @@ def main() -> None:
         diff = f"skipped: {type(exc).__name__}: {exc}"
     tasks = list(base_acc)
     print(
-        "\n| weight | cross-module fraction | z-score (Q) | ARI graph modules~tasks | ARI loss modules~tasks | "
+        "\n| weight | cross-module fraction | z-score (Q) | z of the loss's modules (data / static / rotate) "
+        "| ARI graph modules~tasks | ARI loss modules~tasks | "
         + " | ".join(tasks)
         + " | s |"
     )
-    print("|---" * (6 + len(tasks)) + "|")
+    print("|---" * (7 + len(tasks)) + "|")
     for r in rows:
         accs = " | ".join(f"{100 * r['accuracy'][t]:.1f}" for t in tasks)
+        along = r.get("z_loss_modules")
+        along = " / ".join(f"{along[k]:.2f}" for k in ("data", "static", "rotate")) if along else "–"
         print(
-            f"| {r['weight']} | {r['cross_fraction']:.3f} | {r['z']:.2f} | {r.get('ari', float('nan')):.2f} | "
+            f"| {r['weight']} | {r['cross_fraction']:.3f} | {r['z']:.2f} | {along} | "
+            f"{r.get('ari', float('nan')):.2f} | "
             f"{r.get('ari_loss', float('nan')):.2f} | "
             f"{accs} | {r['seconds']:.0f} |"
         )
@@ -161,7 +174,9 @@ def main() -> None:
         drop = max(100 * (control["accuracy"][t] - r["accuracy"][t]) for t in tasks)
         print(
             f"weight {r['weight']}: cross fraction x{r['cross_fraction'] / control['cross_fraction']:.2f} "
-            f"(aim <= 0.5), z {r['z'] - control['z']:+.2f} (aim >= +3), "
+            f"(aim <= 0.5), z {r['z'] - control['z']:+.2f} (graph's own modules), "
+            f"{r['z_loss_modules']['data'] - control['z_loss_modules']['data']:+.2f} "
+            "(loss's modules, data; aim >= +3), "
             f"worst accuracy drop {drop:.1f} points (aim <= 2)"
         )
     print("diff (control vs strongest weight):\n", diff)
