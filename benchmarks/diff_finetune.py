@@ -23,6 +23,8 @@ def main() -> None:
     p.add_argument("--top", type=int, default=10)
     p.add_argument("--lr", type=float, default=1e-3)
     p.add_argument("--wd", type=float, default=0.0)
+    p.add_argument("--graph-data", choices=("mix", "task"), default="mix",
+                   help="build the diffed graphs on the four-task mix, or on the tuned task's own prompts")
     args = p.parse_args()
     torch.set_num_threads(2)
     t0 = time.perf_counter()
@@ -33,6 +35,12 @@ def main() -> None:
         comp = tlm.compress(m, tokens, attention_mask=mask, progress=False)
         return tlm.build_graph(comp, model=m, tokens=tokens, attention_mask=mask, loss_mask=scored,
                                metric="logit", progress=False)
+
+    def graph_on(m, task):
+        scored = torch.zeros_like(task.clean, dtype=torch.bool)
+        scored.scatter_(1, task.positions, True)
+        comp = tlm.compress(m, task.clean, progress=False)
+        return tlm.build_graph(comp, model=m, tokens=task.clean, loss_mask=scored, metric="logit", progress=False)
 
     ga = graph_of(model)
     tasks = {name: gen(64, seed=5) for name, gen in toy.GENERATORS.items()}
@@ -47,7 +55,11 @@ def main() -> None:
             toy.modular_addition(2000, seed=77, split="train")
         toy.train(tuned, data, steps=args.steps, warmup=0, lr=args.lr, weight_decay=args.wd, eval_every=10_000,
                   progress=False)
-        d = tlm.diff(ga, graph_of(tuned), names=("original", f"tuned on {task}"))
+        if args.graph_data == "task":   # route strengths measured where the fine-tune acted
+            prompts = toy.GENERATORS[task](128, seed=9)
+            d = tlm.diff(graph_on(model, prompts), graph_on(tuned, prompts), names=("original", f"tuned on {task}"))
+        else:
+            d = tlm.diff(ga, graph_of(tuned), names=("original", f"tuned on {task}"))
         keys = {"delta": lambda r: -abs(r.delta), "relative": lambda r: -abs(r.relative),
                 "chi": lambda r: -abs(r.delta) / max(abs(r.share_a), abs(r.share_b), 1e-300) ** 0.5}
         for kname, key in keys.items():
