@@ -32,6 +32,18 @@ def _add_usage(total: dict[str, Any], part: dict[str, Any]) -> None:
             total[k] = total.get(k, 0) + v
 
 
+def _totals(*parts: Any) -> dict[str, Any]:
+    """Summed running usage of the distinct labeler/simulator objects that keep one."""
+    out: dict[str, Any] = {}
+    seen: set[int] = set()
+    for p in parts:
+        u = getattr(p, "usage", None)
+        if u is not None and id(p) not in seen and hasattr(u, "to_json"):
+            seen.add(id(p))
+            _add_usage(out, u.to_json())
+    return out
+
+
 def _sim_text(exp: Explanation) -> str:
     return exp.text + (f" (negative: {exp.negative_text})" if exp.negative_text else "")
 
@@ -179,11 +191,15 @@ def label(target: Any, model: Any, tokens: Int[torch.Tensor, "batch pos"], *,
         base = await run.baseline([u for u in units if u.kind != "module"], n_baseline, seed)
         return run, base
 
+    before = _totals(labeler, simulator)
     run, base = _run(main())
-    usage: dict[str, Any] = {}
-    for lab in run.labels.values():
-        _add_usage(usage, lab.cost)
-    _add_usage(usage, getattr(run, "baseline_usage", {}))
+    usage = _totals(labeler, simulator)
+    if usage:       # the clients' own totals: failed and repaired requests included
+        usage = {k: v - before.get(k, 0) for k, v in usage.items()}
+    else:
+        for lab in run.labels.values():
+            _add_usage(usage, lab.cost)
+        _add_usage(usage, getattr(run, "baseline_usage", {}))
     cfg = {"labeler": repr(labeler), "simulator": repr(simulator), "n_units": len(units),
            "n_sequences": int(tokens.shape[0]), "evidence": (evidence or EvidenceConfig()).__dict__}
     return Labels([run.labels[u.name] for u in units], baseline=baseline_summary(base, seed=seed), usage=usage,

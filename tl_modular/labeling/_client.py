@@ -1,0 +1,373 @@
+"""The request layer every LLM call of the labeling goes through.
+
+One :class:`ChatClient` wraps an ``openai.AsyncOpenAI`` client (any OpenAI-compatible server) and
+adds what a long labeling run needs: retries with exponential backoff and full jitter that honour
+``Retry-After`` on 429/503, 5xx, connection errors and timeouts; a limit on requests in flight; a
+persistent content-addressed cache of valid answers (a re-run costs nothing, an interrupted run
+resumes); token and cost accounting from ``usage`` with a budget that stops cleanly; JSON-schema
+validation of every answer with one repair request. The API key is never part of a cache key, a
+cache file, an exception or a repr.
+
+>>> client = ChatClient(ClientConfig(model="gpt-4o-mini", cache_dir="llm_cache"))      # doctest: +SKIP
+>>> reply = client.request_sync([{"role": "user", "content": "..."}], schema, name="answer")  # doctest: +SKIP
+>>> reply.data, reply.usage, client.usage                                                  # doctest: +SKIP
+"""
+
+from __future__ import annotations
+
+import asyncio
+import email.utils
+import hashlib
+import json
+import os
+import random
+import time
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+from tl_modular._io import read_json, write_json
+
+
+class LLMError(RuntimeError):
+    """A request failed for good (after its retries, or at once for errors a retry cannot fix)."""
+
+
+class BudgetExceeded(LLMError):
+    """The budget is spent: no further request is sent."""
+
+
+class InvalidAnswer(LLMError):
+    """The answer did not match its schema, even after one repair request."""
+
+
+@dataclass(kw_only=True)
+class ClientConfig:
+    """Where to send requests and how carefully.
+
+    Attributes:
+        model: The chat model.
+        base_url: An OpenAI-compatible endpoint (vLLM, Ollama, llama.cpp); None for OpenAI.
+        api_key: The key; None reads ``$OPENAI_API_KEY``. Never shown (``repr=False``).
+        max_concurrency: Requests in flight at once.
+        max_retries: Retries per request after the first attempt.
+        backoff_s, max_backoff_s: Exponential backoff base and cap (full jitter).
+        timeout_s: Per attempt.
+        cache_dir: Folder of the content-addressed response cache; None for no cache.
+        budget_usd, max_total_tokens: Stop before a request once spent cost / tokens reach these.
+        price_per_mtok_input, price_per_mtok_output: USD per million prompt / completion tokens.
+        temperature, seed: Sampling settings (part of the cache key).
+    """
+
+    model: str = "gpt-4o-mini"
+    base_url: str | None = None
+    api_key: str | None = field(default=None, repr=False)
+    max_concurrency: int = 16
+    max_retries: int = 6
+    backoff_s: float = 0.5
+    max_backoff_s: float = 30.0
+    timeout_s: float = 60.0
+    cache_dir: str | os.PathLike | None = None
+    budget_usd: float | None = None
+    max_total_tokens: int | None = None
+    price_per_mtok_input: float = 0.15
+    price_per_mtok_output: float = 0.60
+    temperature: float = 0.0
+    seed: int | None = 0
+
+    def __post_init__(self) -> None:
+        if not self.model:
+            raise ValueError("ClientConfig.model must name a chat model")
+        if self.max_concurrency < 1:
+            raise ValueError(f"max_concurrency must be >= 1, got {self.max_concurrency}")
+        if self.max_retries < 0:
+            raise ValueError(f"max_retries must be >= 0, got {self.max_retries}")
+        for name in ("backoff_s", "max_backoff_s", "price_per_mtok_input", "price_per_mtok_output", "temperature"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
+        if self.timeout_s <= 0:
+            raise ValueError(f"timeout_s must be > 0, got {self.timeout_s}")
+        if self.budget_usd is not None and self.budget_usd < 0:
+            raise ValueError(f"budget_usd must be >= 0, got {self.budget_usd}")
+        if self.max_total_tokens is not None and self.max_total_tokens < 0:
+            raise ValueError(f"max_total_tokens must be >= 0, got {self.max_total_tokens}")
+
+
+@dataclass
+class Usage:
+    """Requests and spending (per reply, or running totals)."""
+
+    requests: int = 0
+    cached: int = 0
+    retries: int = 0
+    failures: int = 0
+    repairs: int = 0
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    cost_usd: float = 0.0
+
+    def to_json(self) -> dict[str, Any]:
+        return {f.name: getattr(self, f.name) for f in fields(self)}
+
+    def __iadd__(self, other: Usage) -> Usage:
+        for f in fields(self):
+            setattr(self, f.name, getattr(self, f.name) + getattr(other, f.name))
+        return self
+
+    def __add__(self, other: Usage) -> Usage:
+        out = Usage(**self.to_json())
+        out += other
+        return out
+
+
+@dataclass
+class Reply:
+    """A validated answer."""
+
+    data: dict[str, Any]
+    logprobs: list[dict[str, Any]] | None
+    usage: Usage
+    cached: bool
+
+
+# --- JSON-schema validation (the subset the labeling schemas use) ------------------------------------
+
+def validate(value: Any, schema: dict[str, Any], path: str = "$") -> str | None:
+    """The first way ``value`` breaks ``schema``, or None when it fits."""
+    kind = schema.get("type")
+    checks = {"object": lambda v: isinstance(v, dict), "array": lambda v: isinstance(v, list),
+              "string": lambda v: isinstance(v, str), "boolean": lambda v: isinstance(v, bool),
+              "integer": lambda v: isinstance(v, int) and not isinstance(v, bool),
+              "number": lambda v: isinstance(v, (int, float)) and not isinstance(v, bool)}
+    if kind is not None and not checks[kind](value):
+        return f"{path} must be of type {kind}, got {type(value).__name__}"
+    if "enum" in schema and value not in schema["enum"]:
+        return f"{path} must be one of {schema['enum']}"
+    if kind in ("integer", "number"):
+        if "minimum" in schema and value < schema["minimum"]:
+            return f"{path} must be >= {schema['minimum']}, got {value}"
+        if "maximum" in schema and value > schema["maximum"]:
+            return f"{path} must be <= {schema['maximum']}, got {value}"
+    if kind == "string":
+        if len(value) < schema.get("minLength", 0):
+            return f"{path} must have at least {schema['minLength']} characters"
+        if "maxLength" in schema and len(value) > schema["maxLength"]:
+            return f"{path} must have at most {schema['maxLength']} characters"
+    if kind == "array":
+        if len(value) < schema.get("minItems", 0):
+            return f"{path} must have at least {schema['minItems']} items, got {len(value)}"
+        if "maxItems" in schema and len(value) > schema["maxItems"]:
+            return f"{path} must have at most {schema['maxItems']} items, got {len(value)}"
+        for i, item in enumerate(value):
+            if "items" in schema and (err := validate(item, schema["items"], f"{path}[{i}]")):
+                return err
+    if kind == "object":
+        props = schema.get("properties", {})
+        for key in schema.get("required", []):
+            if key not in value:
+                return f"{path} is missing the required field {key!r}"
+        if schema.get("additionalProperties") is False:
+            extra = sorted(set(value) - set(props))
+            if extra:
+                return f"{path} has unexpected fields {extra}"
+        for key, sub in props.items():
+            if key in value and (err := validate(value[key], sub, f"{path}.{key}")):
+                return err
+    return None
+
+
+def _retry_after(headers: Any) -> float | None:
+    """Seconds to wait from a ``Retry-After`` header (seconds or an HTTP date), if any."""
+    raw = headers.get("retry-after") if headers is not None else None
+    if not raw:
+        return None
+    try:
+        return max(0.0, float(raw))
+    except ValueError:
+        when = email.utils.parsedate_to_datetime(raw)
+        return max(0.0, when.timestamp() - time.time()) if when is not None else None
+
+
+class ChatClient:
+    """Chat completions with JSON answers, retries, a cache, a budget and validation (module docs).
+
+    Args:
+        config: Where and how to send requests.
+        client: A ready ``openai.AsyncOpenAI`` client; by default one is built from ``config``
+            (its own retries switched off: this layer retries, so it sees every ``Retry-After``).
+    """
+
+    def __init__(self, config: ClientConfig | None = None, *, client: Any = None) -> None:
+        self.config = config or ClientConfig()
+        self._given = client
+        self._clients: dict[int, Any] = {}      # one openai client per event loop (httpx pools are loop-bound)
+        self._semaphores: dict[int, asyncio.Semaphore] = {}
+        self.usage = Usage()
+        self._cache = Path(self.config.cache_dir) if self.config.cache_dir is not None else None
+
+    def __repr__(self) -> str:
+        return f"ChatClient(model={self.config.model!r}, base_url={self.config.base_url!r})"
+
+    def _loop_state(self) -> tuple[Any, asyncio.Semaphore]:
+        loop = id(asyncio.get_running_loop())
+        if loop not in self._semaphores:
+            self._semaphores[loop] = asyncio.Semaphore(self.config.max_concurrency)
+        if self._given is not None:
+            return self._given, self._semaphores[loop]
+        if loop not in self._clients:
+            import openai
+
+            key = self.config.api_key or os.environ.get("OPENAI_API_KEY")
+            if not key:
+                raise LLMError("no API key: set $OPENAI_API_KEY, pass api_key=, or api_key='none' for a local "
+                               "server that takes none")
+            self._clients[loop] = openai.AsyncOpenAI(api_key=key, base_url=self.config.base_url,
+                                                     max_retries=0, timeout=self.config.timeout_s)
+        return self._clients[loop], self._semaphores[loop]
+
+    # --- cache ---------------------------------------------------------------------------------------
+
+    def cache_key(self, messages: list[dict], schema: dict, name: str, logprobs: bool, top_logprobs: int,
+                  max_tokens: int) -> str:
+        """sha256 over everything that shapes the answer (never the key)."""
+        base = self.config.base_url or "openai"
+        if "@" in base:                                     # credentials in a URL stay out of the key
+            scheme, _, rest = base.partition("://")
+            base = f"{scheme}://{rest.rpartition('@')[2]}"
+        doc = {"model": self.config.model, "base_url": base, "messages": messages, "schema": schema, "name": name,
+               "temperature": self.config.temperature, "seed": self.config.seed, "logprobs": logprobs,
+               "top_logprobs": top_logprobs if logprobs else None, "max_tokens": max_tokens}
+        return hashlib.sha256(json.dumps(doc, sort_keys=True, ensure_ascii=False).encode()).hexdigest()
+
+    def _cache_path(self, key: str) -> Path | None:
+        return None if self._cache is None else self._cache / key[:2] / f"{key}.json"
+
+    # --- requests ------------------------------------------------------------------------------------
+
+    def _check_budget(self) -> None:
+        c, u = self.config, self.usage
+        if c.budget_usd is not None and u.cost_usd >= c.budget_usd:
+            raise BudgetExceeded(f"the budget of ${c.budget_usd:g} is spent (${u.cost_usd:.4f} over "
+                                 f"{u.requests} requests); raise budget_usd to go on — cached answers stay free")
+        if c.max_total_tokens is not None and u.prompt_tokens + u.completion_tokens >= c.max_total_tokens:
+            raise BudgetExceeded(f"the token budget of {c.max_total_tokens} is spent; raise max_total_tokens")
+
+    async def _send(self, messages: list[dict], schema: dict, name: str, logprobs: bool, top_logprobs: int,
+                    max_tokens: int, usage: Usage) -> tuple[str, list | None]:
+        """One chat completion with retries; returns the content and logprobs, counting into ``usage``."""
+        import openai
+
+        cfg = self.config
+        client, semaphore = self._loop_state()
+        kwargs: dict[str, Any] = {"model": cfg.model, "messages": messages, "max_tokens": max_tokens,
+                                  "temperature": cfg.temperature,
+                                  "response_format": {"type": "json_schema",
+                                                      "json_schema": {"name": name, "schema": schema, "strict": True}}}
+        if cfg.seed is not None:
+            kwargs["seed"] = cfg.seed
+        if logprobs:
+            kwargs["logprobs"], kwargs["top_logprobs"] = True, top_logprobs
+        attempt = 0
+        while True:
+            wait: float | None = None
+            try:
+                async with semaphore:
+                    self._check_budget()      # checked in the queue's order: what waited sees what was spent
+                    response = await client.chat.completions.create(**kwargs)
+            except openai.APIStatusError as e:
+                status = e.status_code
+                if status not in (408, 409, 429) and status < 500:
+                    hint = " — check the API key ($OPENAI_API_KEY or api_key=)" if status in (401, 403) else ""
+                    text = _message(e)
+                    key = self.config.api_key or os.environ.get("OPENAI_API_KEY")
+                    if key and len(key) > 3:            # a server that echoes the key does not leak it here
+                        text = text.replace(key, "***")
+                    raise LLMError(f"the server refused the request (HTTP {status}){hint}: {text}") from None
+                error = f"HTTP {status}"
+                if status in (429, 503):
+                    wait = _retry_after(getattr(e.response, "headers", None))
+            except (openai.APITimeoutError, openai.APIConnectionError) as e:
+                error = type(e).__name__
+            else:
+                u = getattr(response, "usage", None)
+                p, c = (getattr(u, "prompt_tokens", 0) or 0, getattr(u, "completion_tokens", 0) or 0) if u else (0, 0)
+                spent = Usage(requests=1, prompt_tokens=p, completion_tokens=c,
+                              cost_usd=(p * cfg.price_per_mtok_input + c * cfg.price_per_mtok_output) / 1e6)
+                usage += spent
+                self.usage += spent
+                choice = response.choices[0]
+                lp = getattr(choice, "logprobs", None)
+                content = getattr(lp, "content", None) if lp is not None else None
+                plain = [x.model_dump() if hasattr(x, "model_dump") else dict(x) for x in content] if content else None
+                return choice.message.content or "", plain
+            if attempt >= cfg.max_retries:
+                usage.failures += 1
+                self.usage.failures += 1
+                raise LLMError(f"the request failed {attempt + 1} times (last: {error}); the server at "
+                               f"{cfg.base_url or 'api.openai.com'} may be down or rate-limiting — try later, "
+                               "lower max_concurrency or raise max_retries")
+            attempt += 1
+            usage.retries += 1
+            self.usage.retries += 1
+            backoff = random.uniform(0, min(cfg.max_backoff_s, cfg.backoff_s * 2 ** (attempt - 1)))
+            await asyncio.sleep(min(cfg.max_backoff_s, max(backoff, wait or 0.0)))
+
+    async def request(self, messages: list[dict], schema: dict, *, name: str, logprobs: bool = False,
+                      top_logprobs: int = 5, max_tokens: int = 1024) -> Reply:
+        """A JSON answer to ``messages`` that fits ``schema`` (cached, retried, validated, repaired once)."""
+        key = self.cache_key(messages, schema, name, logprobs, top_logprobs, max_tokens)
+        path = self._cache_path(key)
+        if path is not None and path.exists():
+            try:
+                entry = read_json(path)
+                if validate(entry["data"], schema) is None:
+                    self.usage.cached += 1
+                    return Reply(entry["data"], entry.get("logprobs"), Usage(cached=1), cached=True)
+            except (OSError, ValueError, KeyError):
+                pass                              # a damaged entry is asked again and rewritten
+        usage = Usage()
+        content, lp = await self._send(messages, schema, name, logprobs, top_logprobs, max_tokens, usage)
+        data, error = _parse(content, schema)
+        if error is not None:                     # one repair: show the model its answer and what is wrong
+            usage.repairs += 1
+            self.usage.repairs += 1
+            repair = [*messages, {"role": "assistant", "content": content},
+                      {"role": "user", "content": f"That answer is invalid: {error}. Reply with the corrected "
+                                                  "JSON only, matching the schema."}]
+            content, lp = await self._send(repair, schema, name, logprobs, top_logprobs, max_tokens, usage)
+            data, error = _parse(content, schema)
+            if error is not None:
+                usage.failures += 1
+                self.usage.failures += 1
+                raise InvalidAnswer(f"the {name} answer is invalid after one repair: {error}")
+        if path is not None:
+            write_json(path, {"key": key, "model": self.config.model, "name": name, "data": data,
+                              "logprobs": lp, "usage": usage.to_json()})
+        return Reply(data, lp, usage, cached=False)
+
+    def request_sync(self, messages: list[dict], schema: dict, **kwargs: Any) -> Reply:
+        """:meth:`request` from sync code (also inside a running event loop, through a thread)."""
+        from tl_modular.labeling._labelers import _run
+
+        return _run(self.request(messages, schema, **kwargs))
+
+
+def _parse(content: str, schema: dict) -> tuple[Any, str | None]:
+    text = content.strip()
+    if text.startswith("```"):                    # tolerate a fenced answer
+        text = text.strip("`").removeprefix("json").strip()
+    try:
+        data = json.loads(text)
+    except json.JSONDecodeError as e:
+        return None, f"not valid JSON ({e.msg} at character {e.pos})"
+    return data, validate(data, schema)
+
+
+def _message(e: Any) -> str:
+    body = getattr(e, "body", None)
+    if isinstance(body, dict):
+        err = body.get("error")
+        msg = err.get("message") if isinstance(err, dict) else body.get("message")
+        if msg:
+            return str(msg)[:300]
+    return str(getattr(e, "message", "") or "")[:300]

@@ -1,0 +1,192 @@
+"""A real OpenAI-compatible chat-completions server on loopback, with scripted answers and faults.
+
+For tests (and for trying prompts) without a model or a network: ``ChatServer(respond)`` serves
+``POST /v1/chat/completions`` on ``127.0.0.1`` from a thread pool, answering each request body with
+``respond(body)`` after ``latency_s`` seconds, in the OpenAI response shape (``usage`` counted in
+words, ``logprobs`` when asked). Faults are injected in order, each once, or only for matching
+requests: HTTP errors with ``Retry-After``, malformed answers, slow responses.
+
+>>> faults = [Fault(status=429, retry_after=1)]
+>>> with ChatServer(lambda body: '{"label": "x"}', faults=faults) as server:          # doctest: +SKIP
+...     client = openai.OpenAI(base_url=server.url, api_key="none")
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import threading
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import Any
+
+
+@dataclass(kw_only=True)
+class Fault:
+    """One injected failure, used once (for the first request that matches ``when``).
+
+    Attributes:
+        status: HTTP status to answer with (ignored when ``malformed`` is set).
+        retry_after: ``Retry-After`` header value (seconds or an HTTP date).
+        body: Error body text (default: an OpenAI-style error object).
+        delay_s: Sleep before answering (a slow response; beyond the client's timeout it times out).
+        malformed: Answer 200 with this raw content as the assistant message instead of an error.
+        when: Apply only to requests for which this returns True.
+    """
+
+    status: int = 500
+    retry_after: float | str | None = None
+    body: str | None = None
+    delay_s: float = 0.0
+    malformed: str | None = None
+    when: Callable[[dict], bool] | None = None
+
+
+_TOKEN = re.compile(r"-?\d+|\w+|[^\w\s]|\s+")
+
+
+def _tokens(text: str) -> list[str]:
+    """A simple deterministic tokenization for logprobs: numbers, words, single symbols, spaces."""
+    return _TOKEN.findall(text)
+
+
+class ChatServer:
+    """The loopback server (a context manager); see the module docs.
+
+    Args:
+        respond: ``request body -> assistant content`` (a string, or ``{"content", "logprobs"}`` to
+            script the logprobs too). Default: ``{}``.
+        latency_s: Seconds every answer waits (handled concurrently).
+        faults: Injected failures, in order.
+        api_key: When given, requests without ``Authorization: Bearer <api_key>`` get 401.
+
+    Attributes:
+        url: ``http://127.0.0.1:PORT/v1`` — pass as ``base_url``.
+        requests: Every request body received (for assertions).
+        max_in_flight: The most requests that were being handled at once.
+    """
+
+    def __init__(self, respond: Callable[[dict], str | dict] | None = None, *, latency_s: float = 0.0,
+                 faults: Sequence[Fault] = (), api_key: str | None = None) -> None:
+        self.respond = respond or (lambda body: "{}")
+        self.latency_s = latency_s
+        self.faults = list(faults)
+        self.api_key = api_key
+        self.requests: list[dict] = []
+        self.max_in_flight = 0
+        self._in_flight = 0
+        self._lock = threading.Lock()
+        self._server: ThreadingHTTPServer | None = None
+        self._thread: threading.Thread | None = None
+
+    @property
+    def url(self) -> str:
+        if self._server is None:
+            raise RuntimeError("the server is not running: use it as a context manager")
+        return f"http://127.0.0.1:{self._server.server_address[1]}/v1"
+
+    def __enter__(self) -> ChatServer:
+        server = self
+
+        class Handler(BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.1"
+
+            def log_message(self, *args: Any) -> None:      # quiet
+                pass
+
+            def do_POST(self) -> None:  # noqa: N802 - the http.server API
+                server._handle(self)
+
+        self._server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self._server.daemon_threads = True
+        self._thread = threading.Thread(target=self._server.serve_forever, daemon=True)
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        if self._server is not None:
+            self._server.shutdown()
+            self._server.server_close()
+        if self._thread is not None:
+            self._thread.join(timeout=5)
+        self._server = self._thread = None
+
+    # --- handling ------------------------------------------------------------------------------------
+
+    def _fault_for(self, body: dict) -> Fault | None:
+        with self._lock:
+            for i, f in enumerate(self.faults):
+                if f.when is None or f.when(body):
+                    return self.faults.pop(i)
+        return None
+
+    def _send(self, h: BaseHTTPRequestHandler, status: int, payload: dict | str,
+              headers: dict[str, str] | None = None) -> None:
+        data = (payload if isinstance(payload, str) else json.dumps(payload)).encode()
+        h.send_response(status)
+        h.send_header("Content-Type", "application/json")
+        h.send_header("Content-Length", str(len(data)))
+        for k, v in (headers or {}).items():
+            h.send_header(k, v)
+        h.end_headers()
+        try:
+            h.wfile.write(data)
+        except (BrokenPipeError, ConnectionResetError):   # the client gave up (a timeout test)
+            pass
+
+    def _handle(self, h: BaseHTTPRequestHandler) -> None:
+        length = int(h.headers.get("Content-Length", 0))
+        raw = h.rfile.read(length)
+        if h.path.rstrip("/") not in ("/v1/chat/completions", "/chat/completions"):
+            self._send(h, 404, {"error": {"message": f"no route {h.path}", "type": "not_found"}})
+            return
+        try:
+            body = json.loads(raw)
+        except json.JSONDecodeError:
+            self._send(h, 400, {"error": {"message": "the request body is not JSON", "type": "invalid_request"}})
+            return
+        with self._lock:
+            self.requests.append(body)
+            self._in_flight += 1
+            self.max_in_flight = max(self.max_in_flight, self._in_flight)
+        try:
+            if self.api_key is not None and h.headers.get("Authorization") != f"Bearer {self.api_key}":
+                self._send(h, 401, {"error": {"message": "Incorrect API key provided.", "type": "invalid_request_error",
+                                              "code": "invalid_api_key"}})
+                return
+            fault = self._fault_for(body)
+            if fault is not None and fault.delay_s:
+                time.sleep(fault.delay_s)
+            if fault is not None and fault.malformed is None:
+                headers = {} if fault.retry_after is None else {"Retry-After": str(fault.retry_after)}
+                self._send(h, fault.status, fault.body or {"error": {"message": f"injected fault {fault.status}",
+                                                                     "type": "server_error"}}, headers)
+                return
+            if self.latency_s:
+                time.sleep(self.latency_s)
+            answer = fault.malformed if fault is not None else self.respond(body)
+            scripted_lp = None
+            if isinstance(answer, dict):
+                answer, scripted_lp = answer["content"], answer.get("logprobs")
+            self._send(h, 200, self._completion(body, answer, scripted_lp))
+        finally:
+            with self._lock:
+                self._in_flight -= 1
+
+    def _completion(self, body: dict, content: str, scripted_lp: list | None) -> dict:
+        prompt = sum(len(str(m.get("content", "")).split()) for m in body.get("messages", []))
+        completion = len(content.split())
+        choice: dict[str, Any] = {"index": 0, "message": {"role": "assistant", "content": content},
+                                  "finish_reason": "stop", "logprobs": None}
+        if body.get("logprobs"):
+            lp = scripted_lp if scripted_lp is not None else [
+                {"token": t, "logprob": 0.0, "bytes": None,
+                 "top_logprobs": [{"token": t, "logprob": 0.0, "bytes": None}][: body.get("top_logprobs") or 0]}
+                for t in _tokens(content)]
+            choice["logprobs"] = {"content": lp}
+        return {"id": f"chatcmpl-{len(self.requests)}", "object": "chat.completion", "created": int(time.time()),
+                "model": body.get("model", "stand-in"), "choices": [choice],
+                "usage": {"prompt_tokens": prompt, "completion_tokens": completion,
+                          "total_tokens": prompt + completion}}
