@@ -26,7 +26,7 @@ out.mkdir(parents=True, exist_ok=True)
 torch.manual_seed(0)
 
 model = toy.load_model()
-tokens, mask, _ = toy.mixed_tokens(n_per_task=96, seed=5, scored=True)
+tokens, mask, _ = toy.mixed_tokens(n_per_task=64, seed=5, scored=True)
 comp = tlm.compress(model, tokens, attention_mask=mask, progress=False)
 graph = tlm.build_graph(comp, model=model)
 print(graph)
@@ -60,18 +60,18 @@ print("top context:", " ".join(f"{t}[{a:.1f}]" for t, a in zip(top["tokens"], to
 
 # %% [markdown]
 # ## Neurons and SAE features
-# Any list of units works: here the first 64 neurons of layer 0, and 32 features of the bundled
+# Any list of units works: here the first 32 neurons of layer 0, and 16 features of the bundled
 # SAE on layer 0's MLP output. Token-driven neurons get high scores from the offline pair; the
 # random-label baseline sits near zero.
 
 # %%
-neuron_labels = tlm.label(labeling.neurons(model, 0, range(64)), model, tokens, attention_mask=mask, progress=False)
+neuron_labels = tlm.label(labeling.neurons(model, 0, range(32)), model, tokens, attention_mask=mask, progress=False)
 best = sorted((lab for lab in neuron_labels if lab.score is not None), key=lambda lab: -lab.score)[:5]
 print(neuron_labels)
 for lab in best:
     print(f"{lab.unit:>12}  {lab.score:.2f}  {lab.text}")
 sae = tlm.sae.bundled(model)["blocks.0.hook_mlp_out"]
-feature_labels = tlm.label(labeling.feature_units(sae, range(32), model=model), model, tokens, attention_mask=mask,
+feature_labels = tlm.label(labeling.feature_units(sae, range(16), model=model), model, tokens, attention_mask=mask,
                            progress=False)
 print(feature_labels)
 labels.save(out / "labels.json")
