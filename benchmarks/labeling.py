@@ -4,7 +4,8 @@
 
 The bundled model's first ``--units`` neurons of layer 0 are labeled with ``tlm.OpenAILabeler`` —
 the real ``openai`` client — against the loopback OpenAI-compatible server
-(``tl_modular.labeling.testing_server``) answering with ``offline_chat_model`` after
+(``tl_modular.labeling.testing_server``, in its own process unless ``--in-process``) answering
+with ``offline_chat_model`` after
 ``--latency`` seconds per request: one explanation and one batched simulation request per unit,
 plus 20 random-label baseline simulations. Prints the wall time of the first run (aim < 20 s at
 200 units, 200 ms, concurrency 16), the requests it sent, and the second run's requests with the
@@ -14,12 +15,35 @@ same response cache (aim: zero). Evidence collection is timed separately.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import statistics
+import subprocess
+import sys
 import tempfile
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import torch
+
+
+@contextlib.contextmanager
+def _server(args: argparse.Namespace) -> Iterator[str]:
+    """The loopback server's URL: in its own process (like a real server) or in this one."""
+    from tl_modular import labeling
+    from tl_modular.labeling.testing_server import ChatServer
+
+    if args.in_process:
+        with ChatServer(labeling.offline_chat_model, latency_s=args.latency) as server:
+            yield server.url
+        return
+    proc = subprocess.Popen([sys.executable, "-m", "tl_modular.labeling.testing_server", "--latency",
+                             str(args.latency)], stdout=subprocess.PIPE, text=True)
+    try:
+        yield proc.stdout.readline().strip()
+    finally:
+        proc.terminate()
+        proc.wait(timeout=10)
 
 
 def main() -> None:
@@ -28,13 +52,14 @@ def main() -> None:
     parser.add_argument("--latency", type=float, default=0.2)
     parser.add_argument("--concurrency", type=int, default=16)
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--in-process", action="store_true",
+                        help="run the server in this process (it then shares the interpreter lock with the client)")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
 
     import tl_modular as tlm
     from tl_modular import labeling, toy
     from tl_modular.labeling._client import ClientConfig
-    from tl_modular.labeling.testing_server import ChatServer
 
     model = toy.load_model()
     tokens, mask, _ = toy.mixed_tokens(n_per_task=96, seed=5, scored=True)
@@ -43,15 +68,14 @@ def main() -> None:
     labeling.collect_evidence(units, model, tokens, attention_mask=mask, progress=False)
     t_evidence = time.perf_counter() - start
 
-    with tempfile.TemporaryDirectory() as tmp, ChatServer(labeling.offline_chat_model, latency_s=args.latency) as server:
+    with tempfile.TemporaryDirectory() as tmp, _server(args) as url:
         def run() -> tuple[float, labeling.Labels, int]:
-            cfg = ClientConfig(model="stand-in", base_url=server.url, api_key="none", cache_dir=Path(tmp) / "cache",
+            cfg = ClientConfig(model="stand-in", base_url=url, api_key="none", cache_dir=Path(tmp) / "cache",
                                max_concurrency=args.concurrency)
-            before = len(server.requests)
             start = time.perf_counter()
-            labels = tlm.label(units, model, tokens, attention_mask=mask, labeler=tlm.OpenAILabeler(config=cfg),
-                               progress=False)
-            return time.perf_counter() - start, labels, len(server.requests) - before
+            labeler = tlm.OpenAILabeler(config=cfg)
+            labels = tlm.label(units, model, tokens, attention_mask=mask, labeler=labeler, progress=False)
+            return time.perf_counter() - start, labels, labeler.usage.requests
 
         t1, labels, sent1 = run()
         t2, again, sent2 = run()

@@ -345,11 +345,18 @@ class ChatClient:
                               "logprobs": lp, "usage": usage.to_json()})
         return Reply(data, lp, usage, cached=False)
 
+    async def aclose(self) -> None:
+        """Close the connections this event loop opened (before the loop ends)."""
+        client = self._clients.pop(id(asyncio.get_running_loop()), None)
+        self._semaphores.pop(id(asyncio.get_running_loop()), None)
+        if client is not None:
+            await client.close()
+
     def request_sync(self, messages: list[dict], schema: dict, **kwargs: Any) -> Reply:
         """:meth:`request` from sync code (also inside a running event loop, through a thread)."""
-        from tl_modular.labeling._labelers import _run
+        from tl_modular.labeling._labelers import _closing, _run
 
-        return _run(self.request(messages, schema, **kwargs))
+        return _run(_closing(self, self.request(messages, schema, **kwargs)))
 
 
 def _parse(content: str, schema: dict) -> tuple[Any, str | None]:

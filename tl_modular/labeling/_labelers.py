@@ -91,14 +91,25 @@ def _run(coro: Any) -> Any:
         return pool.submit(asyncio.run, coro).result()
 
 
+async def _closing(obj: Any, coro: Any) -> Any:
+    """Await ``coro``, then let ``obj`` close what it opened in this event loop (HTTP connections
+    must close before ``asyncio.run`` ends the loop)."""
+    try:
+        return await coro
+    finally:
+        close = getattr(obj, "aclose", None)
+        if close is not None:
+            await close()
+
+
 class _Sync:
     def explain(self, evidence: Evidence) -> Explanation:
         """Sync :meth:`aexplain`."""
-        return _run(self.aexplain(evidence))  # type: ignore[attr-defined]
+        return _run(_closing(self, self.aexplain(evidence)))  # type: ignore[attr-defined]
 
     def simulate(self, label: str, contexts: Sequence[Sequence[str]], *, signed: bool = False) -> Simulation:
         """Sync :meth:`asimulate`."""
-        return _run(self.asimulate(label, contexts, signed=signed))  # type: ignore[attr-defined]
+        return _run(_closing(self, self.asimulate(label, contexts, signed=signed)))  # type: ignore[attr-defined]
 
 
 # --- offline --------------------------------------------------------------------------------------
@@ -249,6 +260,10 @@ class OpenAILabeler(_Sync):
 
     def __repr__(self) -> str:
         return f"OpenAILabeler(model={self.config.model!r}, base_url={self.config.base_url!r})"
+
+    async def aclose(self) -> None:
+        """Close this event loop's connections (``label`` and the sync methods do it for you)."""
+        await self.client.aclose()
 
     @property
     def usage(self) -> Any:

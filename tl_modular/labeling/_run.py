@@ -176,6 +176,14 @@ def label(target: Any, model: Any, tokens: Int[torch.Tensor, "batch pos"], *,
                           circuits=circuits, progress=progress)
 
     async def main() -> tuple[_Run, list[float]]:
+        try:
+            return await work()
+        finally:
+            for obj in {id(labeler): labeler, id(simulator): simulator}.values():
+                if hasattr(obj, "aclose"):
+                    await obj.aclose()
+
+    async def work() -> tuple[_Run, list[float]]:
         bar = tqdm(total=len(units), desc="labeling", disable=not progress, leave=False)
         run = _Run(labeler, simulator, ev, n_boot, keep_evidence, bar)
         # members before their modules: a module's evidence holds its members' labels

@@ -61,6 +61,7 @@ class ChatServer:
         latency_s: Seconds every answer waits (handled concurrently).
         faults: Injected failures, in order.
         api_key: When given, requests without ``Authorization: Bearer <api_key>`` get 401.
+        port: Port on 127.0.0.1 (0: any free one).
 
     Attributes:
         url: ``http://127.0.0.1:PORT/v1`` — pass as ``base_url``.
@@ -69,11 +70,12 @@ class ChatServer:
     """
 
     def __init__(self, respond: Callable[[dict], str | dict] | None = None, *, latency_s: float = 0.0,
-                 faults: Sequence[Fault] = (), api_key: str | None = None) -> None:
+                 faults: Sequence[Fault] = (), api_key: str | None = None, port: int = 0) -> None:
         self.respond = respond or (lambda body: "{}")
         self.latency_s = latency_s
         self.faults = list(faults)
         self.api_key = api_key
+        self.port = port
         self.requests: list[dict] = []
         self.max_in_flight = 0
         self._in_flight = 0
@@ -99,7 +101,7 @@ class ChatServer:
             def do_POST(self) -> None:  # noqa: N802 - the http.server API
                 server._handle(self)
 
-        self._server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self._server = ThreadingHTTPServer(("127.0.0.1", self.port), Handler)
         self._server.daemon_threads = True
         self._thread = threading.Thread(target=self._server.serve_forever, daemon=True)
         self._thread.start()
@@ -190,3 +192,28 @@ class ChatServer:
                 "model": body.get("model", "stand-in"), "choices": [choice],
                 "usage": {"prompt_tokens": prompt, "completion_tokens": completion,
                           "total_tokens": prompt + completion}}
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    """Serve :func:`~tl_modular.labeling.offline_chat_model` until interrupted:
+    ``python -m tl_modular.labeling.testing_server --port 8765 --latency 0.2``, then point a labeler
+    (or ``tl-modular analyze --labeler openai --base-url http://127.0.0.1:8765/v1``) at it."""
+    import argparse
+
+    from tl_modular.labeling._scripted import offline_chat_model
+
+    parser = argparse.ArgumentParser(description=main.__doc__)
+    parser.add_argument("--port", type=int, default=0, help="port on 127.0.0.1 (default: any free one)")
+    parser.add_argument("--latency", type=float, default=0.0, help="seconds before each answer")
+    args = parser.parse_args(argv)
+    with ChatServer(offline_chat_model, latency_s=args.latency, port=args.port) as server:
+        print(server.url, flush=True)
+        try:
+            while True:
+                time.sleep(3600)
+        except KeyboardInterrupt:
+            pass
+
+
+if __name__ == "__main__":
+    main()
