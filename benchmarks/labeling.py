@@ -10,6 +10,11 @@ with ``offline_chat_model`` after
 plus 20 random-label baseline simulations. Prints the wall time of the first run (aim < 20 s at
 200 units, 200 ms, concurrency 16), the requests it sent, and the second run's requests with the
 same response cache (aim: zero). Evidence collection is timed separately.
+
+    python benchmarks/labeling.py --gpt2 [--sequences 64]
+
+Evidence (two streaming passes, virtual weights, unembedding) for all 3,072 neurons of layer 0 of a
+GPT-2-small-shaped model with random weights, on ``--sequences`` random rows of 65 tokens.
 """
 
 from __future__ import annotations
@@ -54,8 +59,12 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--in-process", action="store_true",
                         help="run the server in this process (it then shares the interpreter lock with the client)")
+    parser.add_argument("--gpt2", action="store_true", help="evidence for a GPT-2-small-shaped layer")
+    parser.add_argument("--sequences", type=int, default=64)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
+    if args.gpt2:
+        return gpt2(args)
 
     import tl_modular as tlm
     from tl_modular import labeling, toy
@@ -89,6 +98,20 @@ def main() -> None:
     print(f"| labeling {args.units} units via OpenAILabeler, local server with {args.latency * 1000:.0f} ms latency, "
           f"concurrency {args.concurrency} | first run **{t1:.1f} s** ({sent1} requests, evidence {t_evidence:.1f} s "
           f"of it); second run {t2:.1f} s, **{sent2} requests** | `python benchmarks/labeling.py` |")
+
+
+def gpt2(args: argparse.Namespace) -> None:
+    from tl_modular import labeling
+    from tl_modular.testing import gpt2_small_model
+
+    model = gpt2_small_model(seed=0)
+    tokens = torch.randint(0, 50257, (args.sequences, 65), generator=torch.Generator().manual_seed(0))
+    units = labeling.neurons(model, 0)
+    start = time.perf_counter()
+    labeling.collect_evidence(units, model, tokens, config=labeling.EvidenceConfig(batch_size=16), progress=False)
+    t = time.perf_counter() - start
+    print(f"| labeling evidence for all {len(units)} neurons of a GPT-2-small-shaped layer, {args.sequences} x 65 "
+          f"tokens | **{t:.1f} s** | `python benchmarks/labeling.py --gpt2` |")
 
 
 if __name__ == "__main__":
