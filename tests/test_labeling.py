@@ -394,3 +394,32 @@ def test_expected_activations_from_logprobs():
     # the id is skipped; 8 -> (0.5*8 + 0.25*10) / 0.75; 0 -> 0.2
     assert expected_activations(lp, 2) == pytest.approx([(4 + 2.5) / 0.75, 0.2])
     assert expected_activations(lp, 3) is None and expected_activations(None, 2) is None
+
+
+def test_client_auth_errors_timeouts_and_retry_after(tmp_path):
+    import time
+
+    from tl_modular.labeling._client import ChatClient, ClientConfig, LLMError
+    from tl_modular.labeling.testing_server import ChatServer, Fault
+
+    schema = {"type": "object", "properties": {"x": {"type": "integer"}}, "required": ["x"],
+              "additionalProperties": False}
+    msgs = [{"role": "user", "content": "x?"}]
+    with ChatServer(lambda body: '{"x": 1}', api_key="the-right-key") as server:
+        client = ChatClient(ClientConfig(base_url=server.url, api_key=KEY, backoff_s=0.01))
+        with pytest.raises(LLMError, match="HTTP 401.*check the API key") as err:
+            client.request_sync(msgs, schema, name="x")
+        assert KEY not in str(err.value) and client.usage.retries == 0 and len(server.requests) == 1
+    faults = [Fault(status=429, retry_after=0.5), Fault(delay_s=1.0, malformed='{"x": 2}')]
+    with ChatServer(lambda body: '{"x": 1}', faults=faults) as server:
+        client = ChatClient(ClientConfig(base_url=server.url, api_key="none", backoff_s=0.001, timeout_s=0.5))
+        start = time.monotonic()
+        reply = client.request_sync(msgs, schema, name="x")
+        # waited at least Retry-After, then the slow answer timed out and was asked again
+        assert time.monotonic() - start >= 0.5 and reply.data == {"x": 1} and client.usage.retries == 2
+    with ChatServer(lambda body: '{"x": 1}', faults=[Fault(status=500)] * 5) as server:
+        client = ChatClient(ClientConfig(base_url=server.url, api_key="none", backoff_s=0.001, max_retries=2))
+        with pytest.raises(LLMError, match="failed 3 times.*HTTP 500"):
+            client.request_sync(msgs, schema, name="x")
+    with pytest.raises(ValueError, match="max_concurrency"):
+        ClientConfig(max_concurrency=0)
