@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 
 from tl_modular.testing import planted_modules, tiny_model
-from tl_modular.training import ModularityLoss, alignment_matrix, train_modular, unit_names
+from tl_modular.training import ModularityLoss, alignment_matrix, graph_modularity, train_modular, unit_names
 from tl_modular.training.modularity import _params, _spec
 
 
@@ -164,6 +165,10 @@ def test_training_raises_modularity_on_a_small_model(tmp_path, one_thread):
     again = train_modular(model, data, 3.0, 60, loss=loss, eval_every=20, lr=1e-2, warmup=5,
                           checkpoint_dir=tmp_path, progress=False)
     assert again.step == 60 and len(again.history) == len(result.history)
+    # the graph's z-scores: its own modules, and the loss's modules as a fixed partition
+    g = graph_modularity(model, data[0].clean[:32], n_null=10, modules=loss.modules())
+    assert {"z", "Q", "z_modules", "Q_modules"} <= set(g) and np.isfinite(g["Q_modules"])
+    assert ModularityLoss().config.n_modules == 4          # the default train_modular uses
 
 
 def _tokens_task(model):

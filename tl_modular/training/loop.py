@@ -26,12 +26,14 @@ __all__ = ["graph_modularity", "train_modular"]
 
 def graph_modularity(model: Any, tokens: torch.Tensor, *, attention_mask: torch.Tensor | None = None,
                      loss_mask: torch.Tensor | None = None, n_modules: int | None = 2, n_null: int = 50,
-                     metric: str = "logit", seed: int = 0) -> dict[str, Any]:
+                     metric: str = "logit", seed: int = 0, modules: Any = None) -> dict[str, Any]:
     """Modularity of the model's channel graph against the graph's null model.
 
     A fresh :func:`tlm.compress` and :func:`tlm.build_graph` on ``tokens``, then
     ``graph.modularity`` (edge permutations within layer pairs). Returns ``{"z": z of Newman's Q,
-    "Q", "crossing", "crossing_z", "modules": [...]}``.
+    "Q", "crossing", "crossing_z", "modules": [...]}`` for the graph's own modules and, with
+    ``modules=`` (e.g. the loss's), ``"z_modules"`` and ``"Q_modules"``: the same score for that
+    fixed partition (``graph.modularity(modules=...)``).
     """
     import tl_modular as tlm
 
@@ -42,11 +44,15 @@ def graph_modularity(model: Any, tokens: torch.Tensor, *, attention_mask: torch.
         graph = tlm.build_graph(comp, model=model, tokens=tokens, attention_mask=attention_mask,
                                 loss_mask=loss_mask, metric=metric, progress=False)
         res = graph.modularity(n_null=n_null, n_modules=n_modules, seed=seed, progress=False)
-        modules = graph.modules(n_modules=n_modules)
+        fixed = graph.modularity(n_null=n_null, seed=seed, modules=modules, progress=False) if modules else None
+        found = graph.modules(n_modules=n_modules)
     finally:
         model.train(was_training)
-    return {"z": res["Q"]["z"], "Q": res["Q"]["value"], "crossing": res["crossing"]["value"],
-            "crossing_z": res["crossing"]["z"], "modules": [sorted(m) for m in modules]}
+    out = {"z": res["Q"]["z"], "Q": res["Q"]["value"], "crossing": res["crossing"]["value"],
+           "crossing_z": res["crossing"]["z"], "modules": [sorted(m) for m in found]}
+    if fixed is not None:
+        out.update(z_modules=fixed["Q"]["z"], Q_modules=fixed["Q"]["value"])
+    return out
 
 
 def train_modular(
@@ -76,7 +82,8 @@ def train_modular(
         loss: The :class:`ModularityLoss` (default: channel level, 4 modules, refreshed every
             100 steps by spectral clustering).
         graph_tokens: ``tokens`` or ``(tokens, attention_mask, loss_mask)`` for the graph's
-            modularity z-score (:func:`graph_modularity`); ``None`` skips it.
+            modularity z-scores (:func:`graph_modularity`: the graph's own modules, and the loss's
+            modules as ``z_modules``); ``None`` skips them.
         graph_every: Steps between graph measurements (rounded to evaluations; 0: start and end only).
         graph_n_modules: Modules the graph is cut into for its z-score.
         n_null: Null-model samples per graph measurement.
@@ -101,7 +108,7 @@ def train_modular(
 
         from tl_modular.toy.training import TrainConfig, default_config
         model = HookedTransformer(default_config(TrainConfig(**config).seed))
-    loss = loss if loss is not None else ModularityLoss(n_modules=4, refresh_every=100)
+    loss = loss if loss is not None else ModularityLoss(refresh_every=100)
     if graph_tokens is not None and not isinstance(graph_tokens, tuple):
         graph_tokens = (graph_tokens,)
     last_graph = [-1]
@@ -119,7 +126,7 @@ def train_modular(
             mask = rest[0] if rest else None
             scored = rest[1] if len(rest) > 1 else None
             record["graph"] = graph_modularity(model, toks, attention_mask=mask, loss_mask=scored,
-                                               n_modules=graph_n_modules, n_null=n_null)
+                                               n_modules=graph_n_modules, n_null=n_null, modules=loss.modules())
             last_graph[0] = step
 
     initial: dict[str, Any] = {"step": 0}

@@ -168,7 +168,7 @@ def alignment_matrix(params: Mapping[str, torch.Tensor], spec: _Spec, level: Lev
 class ModularityLossConfig:
     """Settings of :class:`ModularityLoss` (validated)."""
 
-    n_modules: int = 2
+    n_modules: int = 4             # as train_modular and the experiment use
     level: Level = "channel"       # "neuron": every MLP neuron is a unit of its own
     soft: bool = False             # soft memberships (softmax over distances to spectral centroids)
     temperature: float = 0.1       # of the soft memberships, in squared spectral-embedding distance
