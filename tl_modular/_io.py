@@ -59,8 +59,12 @@ def read_safetensors(path: str | os.PathLike, device: str | torch.device = "cpu"
 
 def write_json(path: str | os.PathLike, obj: Any) -> None:
     """Write ``obj`` as indented JSON to ``path`` atomically."""
-    text = json.dumps(obj, indent=2, sort_keys=False) + "\n"
-    _atomic(Path(path), lambda tmp: Path(tmp).write_text(text))
+    write_text(path, json.dumps(obj, indent=2, sort_keys=False) + "\n")
+
+
+def write_text(path: str | os.PathLike, text: str) -> None:
+    """Write ``text`` (UTF-8) to ``path`` atomically."""
+    _atomic(Path(path), lambda tmp: Path(tmp).write_text(text, encoding="utf-8"))
 
 
 def read_json(path: str | os.PathLike) -> Any:

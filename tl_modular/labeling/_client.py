@@ -26,7 +26,10 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
-from tl_modular._io import read_json, write_json
+from tl_modular._io import write_text
+
+#: Format version of a cache entry; entries of another version are asked again.
+CACHE_VERSION = 1
 
 
 class LLMError(RuntimeError):
@@ -75,9 +78,18 @@ class ClientConfig:
     temperature: float = 0.0
     seed: int | None = 0
 
+    def __repr__(self) -> str:                    # the dataclass repr, minus the key (also inside base_url)
+        shown = ", ".join(f"{f.name}={getattr(self, f.name)!r}" for f in fields(self) if f.repr)
+        key = self.api_key or os.environ.get("OPENAI_API_KEY")
+        return f"ClientConfig({shown.replace(key, '***') if key and len(key) > 3 else shown})"
+
     def __post_init__(self) -> None:
         if not self.model:
             raise ValueError("ClientConfig.model must name a chat model")
+        for name in ("max_concurrency", "max_retries", "max_total_tokens", "seed"):
+            value = getattr(self, name)
+            if value is not None and (isinstance(value, bool) or not isinstance(value, int)):
+                raise TypeError(f"{name} must be an int, got {value!r} ({type(value).__name__})")
         if self.max_concurrency < 1:
             raise ValueError(f"max_concurrency must be >= 1, got {self.max_concurrency}")
         if self.max_retries < 0:
@@ -132,14 +144,24 @@ class Reply:
 
 # --- JSON-schema validation (the subset the labeling schemas use) ------------------------------------
 
+_CHECKS = {"object": lambda v: isinstance(v, dict), "array": lambda v: isinstance(v, list),
+           "string": lambda v: isinstance(v, str), "boolean": lambda v: isinstance(v, bool),
+           "integer": lambda v: isinstance(v, int) and not isinstance(v, bool),
+           "number": lambda v: isinstance(v, (int, float)) and not isinstance(v, bool),
+           "null": lambda v: v is None}
+
+
 def validate(value: Any, schema: dict[str, Any], path: str = "$") -> str | None:
     """The first way ``value`` breaks ``schema``, or None when it fits."""
     kind = schema.get("type")
-    checks = {"object": lambda v: isinstance(v, dict), "array": lambda v: isinstance(v, list),
-              "string": lambda v: isinstance(v, str), "boolean": lambda v: isinstance(v, bool),
-              "integer": lambda v: isinstance(v, int) and not isinstance(v, bool),
-              "number": lambda v: isinstance(v, (int, float)) and not isinstance(v, bool)}
-    if kind is not None and not checks[kind](value):
+    for k in kind if isinstance(kind, list) else [kind]:
+        if k is not None and k not in _CHECKS:
+            raise ValueError(f"unsupported JSON-schema type {k!r} at {path}; use one of {sorted(_CHECKS)}")
+    if isinstance(kind, list):                    # ["number", "null"]: the first type that fits decides
+        kind = next((k for k in kind if _CHECKS[k](value)), None)
+        if kind is None:
+            return f"{path} must be one of the types {schema['type']}, got {type(value).__name__}"
+    if kind is not None and not _CHECKS[kind](value):
         return f"{path} must be of type {kind}, got {type(value).__name__}"
     if "enum" in schema and value not in schema["enum"]:
         return f"{path} must be one of {schema['enum']}"
@@ -184,8 +206,12 @@ def _retry_after(headers: Any) -> float | None:
     try:
         return max(0.0, float(raw))
     except ValueError:
+        pass
+    try:
         when = email.utils.parsedate_to_datetime(raw)
-        return max(0.0, when.timestamp() - time.time()) if when is not None else None
+    except (TypeError, ValueError):               # neither seconds nor a date: ignore it, back off as usual
+        return None
+    return max(0.0, when.timestamp() - time.time()) if when is not None else None
 
 
 class ChatClient:
@@ -206,7 +232,7 @@ class ChatClient:
         self._cache = Path(self.config.cache_dir) if self.config.cache_dir is not None else None
 
     def __repr__(self) -> str:
-        return f"ChatClient(model={self.config.model!r}, base_url={self.config.base_url!r})"
+        return f"ChatClient(model={self.config.model!r}, base_url={self._public_url()!r})"
 
     def _loop_state(self) -> tuple[Any, asyncio.Semaphore]:
         loop = id(asyncio.get_running_loop())
@@ -225,15 +251,23 @@ class ChatClient:
                                                      max_retries=0, timeout=self.config.timeout_s)
         return self._clients[loop], self._semaphores[loop]
 
+    def _public_url(self) -> str | None:
+        """``base_url`` without credentials (``user:password@``, or the key itself in a query string)."""
+        url = self.config.base_url
+        if not url:
+            return url
+        scheme, sep, rest = url.partition("://")
+        host, slash, path = rest.partition("/")
+        url = f"{scheme}{sep}{host.rpartition('@')[2]}{slash}{path}"
+        key = self.config.api_key or os.environ.get("OPENAI_API_KEY")
+        return url.replace(key, "***") if key and len(key) > 3 else url
+
     # --- cache ---------------------------------------------------------------------------------------
 
     def cache_key(self, messages: list[dict], schema: dict, name: str, logprobs: bool, top_logprobs: int,
                   max_tokens: int) -> str:
         """sha256 over everything that shapes the answer (never the key)."""
-        base = self.config.base_url or "openai"
-        if "@" in base:                                     # credentials in a URL stay out of the key
-            scheme, _, rest = base.partition("://")
-            base = f"{scheme}://{rest.rpartition('@')[2]}"
+        base = self._public_url() if self.config.base_url else "openai"
         doc = {"model": self.config.model, "base_url": base, "messages": messages, "schema": schema, "name": name,
                "temperature": self.config.temperature, "seed": self.config.seed, "logprobs": logprobs,
                "top_logprobs": top_logprobs if logprobs else None, "max_tokens": max_tokens}
@@ -247,10 +281,13 @@ class ChatClient:
     def _check_budget(self) -> None:
         c, u = self.config, self.usage
         if c.budget_usd is not None and u.cost_usd >= c.budget_usd:
-            raise BudgetExceeded(f"the budget of ${c.budget_usd:g} is spent (${u.cost_usd:.4f} over "
-                                 f"{u.requests} requests); raise budget_usd to go on — cached answers stay free")
+            raise BudgetExceeded(f"the budget of ${c.budget_usd:.6g} is spent (${u.cost_usd:.6g} over "
+                                 f"{u.requests} requests, {u.prompt_tokens + u.completion_tokens} tokens); raise "
+                                 "budget_usd to go on — answers already cached stay free")
         if c.max_total_tokens is not None and u.prompt_tokens + u.completion_tokens >= c.max_total_tokens:
-            raise BudgetExceeded(f"the token budget of {c.max_total_tokens} is spent; raise max_total_tokens")
+            raise BudgetExceeded(f"the token budget of {c.max_total_tokens} is spent "
+                                 f"({u.prompt_tokens + u.completion_tokens} tokens over {u.requests} requests, "
+                                 f"${u.cost_usd:.6g}); raise max_total_tokens to go on")
 
     async def _send(self, messages: list[dict], schema: dict, name: str, logprobs: bool, top_logprobs: int,
                     max_tokens: int, usage: Usage) -> tuple[str, list | None]:
@@ -259,8 +296,9 @@ class ChatClient:
 
         cfg = self.config
         client, semaphore = self._loop_state()
+        # timeout per call, so that a client passed in also honours timeout_s
         kwargs: dict[str, Any] = {"model": cfg.model, "messages": messages, "max_tokens": max_tokens,
-                                  "temperature": cfg.temperature,
+                                  "temperature": cfg.temperature, "timeout": cfg.timeout_s,
                                   "response_format": {"type": "json_schema",
                                                       "json_schema": {"name": name, "schema": schema, "strict": True}}}
         if cfg.seed is not None:
@@ -282,6 +320,8 @@ class ChatClient:
                     key = self.config.api_key or os.environ.get("OPENAI_API_KEY")
                     if key and len(key) > 3:            # a server that echoes the key does not leak it here
                         text = text.replace(key, "***")
+                    usage.failures += 1
+                    self.usage.failures += 1
                     raise LLMError(f"the server refused the request (HTTP {status}){hint}: {text}") from None
                 error = f"HTTP {status}"
                 if status in (429, 503):
@@ -298,13 +338,13 @@ class ChatClient:
                 choice = response.choices[0]
                 lp = getattr(choice, "logprobs", None)
                 content = getattr(lp, "content", None) if lp is not None else None
-                plain = [x.model_dump() if hasattr(x, "model_dump") else dict(x) for x in content] if content else None
+                plain = [_plain_logprob(x) for x in content] if content else None
                 return choice.message.content or "", plain
             if attempt >= cfg.max_retries:
                 usage.failures += 1
                 self.usage.failures += 1
                 raise LLMError(f"the request failed {attempt + 1} times (last: {error}); the server at "
-                               f"{cfg.base_url or 'api.openai.com'} may be down or rate-limiting — try later, "
+                               f"{self._public_url() or 'api.openai.com'} may be down or rate-limiting — try later, "
                                "lower max_concurrency or raise max_retries")
             attempt += 1
             usage.retries += 1
@@ -319,11 +359,11 @@ class ChatClient:
         path = self._cache_path(key)
         if path is not None and path.exists():
             try:
-                entry = read_json(path)
-                if validate(entry["data"], schema) is None:
+                entry = json.loads(path.read_text(encoding="utf-8"))
+                if entry.get("version") == CACHE_VERSION and validate(entry["data"], schema) is None:
                     self.usage.cached += 1
                     return Reply(entry["data"], entry.get("logprobs"), Usage(cached=1), cached=True)
-            except (OSError, ValueError, KeyError):
+            except (OSError, ValueError, KeyError, AttributeError):
                 pass                              # a damaged entry is asked again and rewritten
         usage = Usage()
         content, lp = await self._send(messages, schema, name, logprobs, top_logprobs, max_tokens, usage)
@@ -341,8 +381,11 @@ class ChatClient:
                 self.usage.failures += 1
                 raise InvalidAnswer(f"the {name} answer is invalid after one repair: {error}")
         if path is not None:
-            write_json(path, {"key": key, "model": self.config.model, "name": name, "data": data,
-                              "logprobs": lp, "usage": usage.to_json()})
+            # compact JSON: indenting switches json to its pure-Python encoder, ~30 ms for a logprobs entry
+            entry = {"version": CACHE_VERSION, "key": key, "model": self.config.model, "name": name, "data": data,
+                     "logprobs": lp, "usage": usage.to_json()}
+            text = json.dumps(entry, ensure_ascii=False, separators=(",", ":"))
+            write_text(path, text)
         return Reply(data, lp, usage, cached=False)
 
     async def aclose(self) -> None:
@@ -357,6 +400,15 @@ class ChatClient:
         from tl_modular.labeling._labelers import _closing, _run
 
         return _run(_closing(self, self.request(messages, schema, **kwargs)))
+
+
+def _plain_logprob(item: Any) -> dict[str, Any]:
+    """``{token, logprob, top_logprobs: [{token, logprob}]}`` from the openai object (or a dict)."""
+    def get(obj: Any, key: str) -> Any:
+        return obj.get(key) if isinstance(obj, dict) else getattr(obj, key, None)
+
+    top = [{"token": get(t, "token"), "logprob": get(t, "logprob")} for t in get(item, "top_logprobs") or []]
+    return {"token": get(item, "token"), "logprob": get(item, "logprob"), "top_logprobs": top}
 
 
 def _parse(content: str, schema: dict) -> tuple[Any, str | None]:

@@ -57,9 +57,10 @@ class ChatServer:
 
     Args:
         respond: ``request body -> assistant content`` (a string, or ``{"content", "logprobs"}`` to
-            script the logprobs too). Default: ``{}``.
+            script the logprobs too, or a :class:`Fault` to fail this request). Default: ``{}``.
         latency_s: Seconds every answer waits (handled concurrently).
         faults: Injected failures, in order.
+        logprobs: Offer token log-probabilities when a request asks (False: a server that never does).
         api_key: When given, requests without ``Authorization: Bearer <api_key>`` get 401.
         port: Port on 127.0.0.1 (0: any free one).
 
@@ -69,11 +70,18 @@ class ChatServer:
         max_in_flight: The most requests that were being handled at once.
     """
 
-    def __init__(self, respond: Callable[[dict], str | dict] | None = None, *, latency_s: float = 0.0,
-                 faults: Sequence[Fault] = (), api_key: str | None = None, port: int = 0) -> None:
+    def __init__(self, respond: Callable[[dict], str | dict | Fault] | None = None, *, latency_s: float = 0.0,
+                 faults: Sequence[Fault] = (), logprobs: bool = True, api_key: str | None = None,
+                 port: int = 0) -> None:
+        if latency_s < 0:
+            raise ValueError(f"latency_s must be >= 0 seconds, got {latency_s}")
+        bad = [f for f in faults if not isinstance(f, Fault)]
+        if bad:
+            raise TypeError(f"faults must be Fault objects, got {bad[0]!r}; e.g. Fault(status=429, retry_after=1)")
         self.respond = respond or (lambda body: "{}")
         self.latency_s = latency_s
         self.faults = list(faults)
+        self.logprobs = logprobs
         self.api_key = api_key
         self.port = port
         self.requests: list[dict] = []
@@ -101,7 +109,7 @@ class ChatServer:
             def do_POST(self) -> None:  # noqa: N802 - the http.server API
                 server._handle(self)
 
-        self._server = ThreadingHTTPServer(("127.0.0.1", self.port), Handler)
+        self._server = _Server(("127.0.0.1", self.port), Handler)
         self._server.daemon_threads = True
         self._thread = threading.Thread(target=self._server.serve_forever, daemon=True)
         self._thread.start()
@@ -159,16 +167,20 @@ class ChatServer:
                                               "code": "invalid_api_key"}})
                 return
             fault = self._fault_for(body)
-            if fault is not None and fault.delay_s:
-                time.sleep(fault.delay_s)
-            if fault is not None and fault.malformed is None:
-                headers = {} if fault.retry_after is None else {"Retry-After": str(fault.retry_after)}
-                self._send(h, fault.status, fault.body or {"error": {"message": f"injected fault {fault.status}",
-                                                                     "type": "server_error"}}, headers)
+            if fault is not None and self._fail(h, fault):
                 return
             if self.latency_s:
                 time.sleep(self.latency_s)
-            answer = fault.malformed if fault is not None else self.respond(body)
+            try:
+                answer = fault.malformed if fault is not None else self.respond(body)
+            except Exception as e:                         # a bug in the script: say so instead of dropping the line
+                self._send(h, 500, {"error": {"message": f"respond() raised {type(e).__name__}: {e}",
+                                              "type": "server_error"}})
+                return
+            if isinstance(answer, Fault):                  # the respond function scripts a failure itself
+                if self._fail(h, answer):
+                    return
+                answer = answer.malformed
             scripted_lp = None
             if isinstance(answer, dict):
                 answer, scripted_lp = answer["content"], answer.get("logprobs")
@@ -177,12 +189,23 @@ class ChatServer:
             with self._lock:
                 self._in_flight -= 1
 
+    def _fail(self, h: BaseHTTPRequestHandler, fault: Fault) -> bool:
+        """Apply ``fault``: wait its delay, then answer its error (True) or leave a malformed answer to come."""
+        if fault.delay_s:
+            time.sleep(fault.delay_s)
+        if fault.malformed is not None:
+            return False
+        headers = {} if fault.retry_after is None else {"Retry-After": str(fault.retry_after)}
+        self._send(h, fault.status, fault.body or {"error": {"message": f"injected fault {fault.status}",
+                                                             "type": "server_error"}}, headers)
+        return True
+
     def _completion(self, body: dict, content: str, scripted_lp: list | None) -> dict:
         prompt = sum(len(str(m.get("content", "")).split()) for m in body.get("messages", []))
         completion = len(content.split())
         choice: dict[str, Any] = {"index": 0, "message": {"role": "assistant", "content": content},
                                   "finish_reason": "stop", "logprobs": None}
-        if body.get("logprobs"):
+        if body.get("logprobs") and self.logprobs:
             lp = scripted_lp if scripted_lp is not None else [
                 {"token": t, "logprob": 0.0, "bytes": None,
                  "top_logprobs": [{"token": t, "logprob": 0.0, "bytes": None}][: body.get("top_logprobs") or 0]}
@@ -192,6 +215,11 @@ class ChatServer:
                 "model": body.get("model", "stand-in"), "choices": [choice],
                 "usage": {"prompt_tokens": prompt, "completion_tokens": completion,
                           "total_tokens": prompt + completion}}
+
+
+class _Server(ThreadingHTTPServer):
+    request_queue_size = 128    # the default backlog of 5 drops connections when many clients open at once
+    daemon_threads = True
 
 
 def main(argv: Sequence[str] | None = None) -> None:
