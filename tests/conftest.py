@@ -71,6 +71,15 @@ def gpt2_small(gpt2_tokenizer_dir, hf_home):
     return HookedTransformer.from_pretrained("gpt2", device="cpu").eval()
 
 
+@pytest.fixture(scope="module")
+def one_thread():
+    """One torch thread: on the shared 2-core machine a second busy process makes 2 threads far slower."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
 @pytest.fixture()
 def tokens() -> torch.Tensor:
     """A [batch, pos] batch of token ids valid for every tiny model (d_vocab = 50)."""

@@ -11,15 +11,6 @@ from tl_modular.training import ModularityLoss, alignment_matrix, graph_modulari
 from tl_modular.training.modularity import _params, _spec
 
 
-@pytest.fixture
-def one_thread():
-    """One torch thread: on the shared 2-core machine a second busy process makes 2 threads far slower."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 @pytest.fixture(scope="module")
 def planted():
     return planted_modules()

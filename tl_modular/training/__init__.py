@@ -3,10 +3,12 @@
 >>> import tl_modular as tlm
 >>> loss = tlm.training.ModularityLoss(n_modules=4)                             # doctest: +SKIP
 >>> result = tlm.training.train_modular(model, None, weight=1.0, steps=300)     # doctest: +SKIP
+>>> built = tlm.training.build_interpretable(model, None, steps_per_layer=200)  # doctest: +SKIP
 """
 
+from tl_modular.training.interpretable import BuildConfig, BuildResult, LayerRecord, build_interpretable, lm_task
 from tl_modular.training.loop import graph_modularity, train_modular
 from tl_modular.training.modularity import ModularityLoss, ModularityLossConfig, alignment_matrix, unit_names
 
-__all__ = ["ModularityLoss", "ModularityLossConfig", "alignment_matrix", "graph_modularity", "train_modular",
-           "unit_names"]
+__all__ = ["BuildConfig", "BuildResult", "LayerRecord", "ModularityLoss", "ModularityLossConfig", "alignment_matrix",
+           "build_interpretable", "graph_modularity", "lm_task", "train_modular", "unit_names"]
