@@ -16,6 +16,7 @@ cache file, an exception or a repr.
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import email.utils
 import hashlib
 import json
@@ -397,9 +398,28 @@ class ChatClient:
 
     def request_sync(self, messages: list[dict], schema: dict, **kwargs: Any) -> Reply:
         """:meth:`request` from sync code (also inside a running event loop, through a thread)."""
-        from tl_modular.labeling._labelers import _closing, _run
-
         return _run(_closing(self, self.request(messages, schema, **kwargs)))
+
+
+def _run(coro: Any) -> Any:
+    """Run a coroutine from sync code, also when an event loop is already running (Jupyter)."""
+    try:
+        asyncio.get_running_loop()
+    except RuntimeError:
+        return asyncio.run(coro)
+    with concurrent.futures.ThreadPoolExecutor(1) as pool:
+        return pool.submit(asyncio.run, coro).result()
+
+
+async def _closing(obj: Any, coro: Any) -> Any:
+    """Await ``coro``, then let ``obj`` close what it opened in this event loop (HTTP connections
+    must close before ``asyncio.run`` ends the loop)."""
+    try:
+        return await coro
+    finally:
+        close = getattr(obj, "aclose", None)
+        if close is not None:
+            await close()
 
 
 def _plain_logprob(item: Any) -> dict[str, Any]:

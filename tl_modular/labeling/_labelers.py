@@ -10,7 +10,6 @@ OpenAI-compatible server; :class:`OfflineLabeler` and :class:`OfflineSimulator` 
 
 from __future__ import annotations
 
-import asyncio
 import json
 import re
 from collections import defaultdict
@@ -20,6 +19,7 @@ from typing import Any, Protocol, runtime_checkable
 
 import numpy as np
 
+from tl_modular.labeling._client import _closing, _run
 from tl_modular.labeling._evidence import Context, Evidence
 from tl_modular.labeling._prompts import (
     EXPLANATION_SCHEMA,
@@ -77,29 +77,6 @@ class Simulator(Protocol):
 
     async def asimulate(self, label: str, contexts: Sequence[Sequence[str]], *, signed: bool = False
                         ) -> Simulation: ...
-
-
-def _run(coro: Any) -> Any:
-    """Run a coroutine from sync code, also when an event loop is already running (Jupyter)."""
-    try:
-        asyncio.get_running_loop()
-    except RuntimeError:
-        return asyncio.run(coro)
-    import concurrent.futures
-
-    with concurrent.futures.ThreadPoolExecutor(1) as pool:
-        return pool.submit(asyncio.run, coro).result()
-
-
-async def _closing(obj: Any, coro: Any) -> Any:
-    """Await ``coro``, then let ``obj`` close what it opened in this event loop (HTTP connections
-    must close before ``asyncio.run`` ends the loop)."""
-    try:
-        return await coro
-    finally:
-        close = getattr(obj, "aclose", None)
-        if close is not None:
-            await close()
 
 
 class _Sync:

@@ -11,6 +11,7 @@ import torch
 from jaxtyping import Int
 from tqdm.auto import tqdm
 
+from tl_modular.labeling._client import _run
 from tl_modular.labeling._evidence import Evidence, EvidenceConfig, collect_evidence
 from tl_modular.labeling._labelers import (
     Explanation,
@@ -19,7 +20,6 @@ from tl_modular.labeling._labelers import (
     OfflineSimulator,
     Simulation,
     Simulator,
-    _run,
 )
 from tl_modular.labeling._labels import Label, Labels
 from tl_modular.labeling._scoring import baseline_summary, holdout, score
@@ -57,6 +57,7 @@ class _Run:
         self.n_boot, self.keep_evidence, self.bar = n_boot, keep_evidence, bar
         self.labels: dict[str, Label] = {}
         self.stopped: str | None = None
+        self.baseline_usage: dict[str, Any] = {}
 
     async def one(self, unit: Unit) -> None:
         from tl_modular.labeling._client import BudgetExceeded, LLMError
@@ -116,7 +117,6 @@ class _Run:
             _add_usage(self.baseline_usage, sim.usage)
             return score(ev, sim.predictions, n_boot=0).correlation
 
-        self.baseline_usage: dict[str, Any] = {}
         out = await asyncio.gather(*(one(u, d) for u, d in zip(chosen, donors, strict=True)))
         return [c for c in out if c is not None]
 
@@ -207,7 +207,7 @@ def label(target: Any, model: Any, tokens: Int[torch.Tensor, "batch pos"], *,
     else:
         for lab in run.labels.values():
             _add_usage(usage, lab.cost)
-        _add_usage(usage, getattr(run, "baseline_usage", {}))
+        _add_usage(usage, run.baseline_usage)
     cfg = {"labeler": repr(labeler), "simulator": repr(simulator), "n_units": len(units),
            "n_sequences": int(tokens.shape[0]), "evidence": (evidence or EvidenceConfig()).__dict__}
     return Labels([run.labels[u.name] for u in units], baseline=baseline_summary(base, seed=seed), usage=usage,

@@ -212,8 +212,8 @@ def units_for(target: Any, model: Any, *, comp: Any | None = None, max_per_side:
             out += direction_units(model, target, name, max_per_side=max_per_side)
         return out
     if isinstance(target, ChannelGraph):
-        chans = set(segment(model).names)
-        members = [n for n in target.channels if n in chans and segment(model)[n].kind in ("head", "mlp")]
+        chans = segment(model)
+        members = [n for n in target.channels if n in chans.names and chans[n].kind in ("head", "mlp")]
         out = channel_units(model, members)
         for i, mod in enumerate(target.modules()):
             names = [n for n in members if n in mod]

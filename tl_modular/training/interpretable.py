@@ -397,7 +397,7 @@ def _simulate(simulator: Any, texts: list[str], contexts: list[list[str]]) -> tu
     """All units' simulations concurrently (an LLM simulator limits its own requests in flight)."""
     import asyncio
 
-    from tl_modular.labeling._labelers import _run
+    from tl_modular.labeling._client import _run
 
     catch = _llm_errors()
 
