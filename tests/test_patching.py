@@ -128,12 +128,38 @@ def test_mean_and_zero_baselines_and_effects():
     assert everything.fraction == pytest.approx(1.0, abs=1e-4)
 
 
+def _plain_sum(model, channels, tokens, routes, source, weights=None):
+    """Reference route patching: each port adds Σ weight · (source - write) over its routes' senders."""
+    from tl_modular.patching import _port, _write
+    weights = [1.0] * len(routes) if weights is None else weights
+    by_port = {}
+    for (s, p), w in zip(routes, weights, strict=True):
+        by_port.setdefault(p, []).append((channels[s], w))
+    current = {}
+    hooks = [(h, lambda a, hook: current.__setitem__(hook.name, a)) for h in
+             sorted({channels[s].source_hook for s, _ in routes if channels[s].source_hook})]
+    for p, cs in by_port.items():
+        hook, index, _ = _port(channels, p)
+
+        def fn(a, hook, cs=cs, index=index):
+            like = a if index is None else a[..., index, :]
+            d = sum(w * (source[c.name].to(like) - _write(c, current.get(c.source_hook), like)) for c, w in cs)
+            a = a.clone()
+            if index is None:
+                a += d
+            else:
+                a[..., index, :] += d
+            return a
+        hooks.append((hook, fn))
+    with split_inputs(model), model.hooks(fwd_hooks=hooks):
+        return model(tokens)
+
+
 @pytest.mark.parametrize("kind", ["gpt2", "parallel", "shortformer"])
 @torch.no_grad()
 def test_many_routes_match_a_plain_sum_over_senders(kind):
     """Patching most routes into a port goes through "all upstream minus the rest": check it against
     a plain sum of (source - write) over the patched senders of each port."""
-    from tl_modular.patching import _port, _write
     model = tiny_model(kind, seed=5, n_layers=3)
     task = _task(model)
     channels = tlm.segment(model)
@@ -143,29 +169,42 @@ def test_many_routes_match_a_plain_sum_over_senders(kind):
     for keep in (0.9, 0.5, 0.1):
         routes = [r for r in every if torch.rand(1, generator=rng) < keep]
         source = capture_writes(model, channels, task.corrupted, senders)
-        by_port = {}
-        for s, p in routes:
-            by_port.setdefault(p, []).append(channels[s])
-        current = {}
-        hooks = [(h, lambda a, hook, current=current: current.__setitem__(hook.name, a)) for h in
-                 sorted({channels[s].source_hook for s in senders})]
-        for p, cs in by_port.items():
-            hook, index, _ = _port(channels, p)
-
-            def fn(a, hook, cs=cs, index=index, current=current, source=source):
-                like = a if index is None else a[..., index, :]
-                d = sum(source[c.name].to(like) - _write(c, current.get(c.source_hook), like) for c in cs)
-                a = a.clone()
-                if index is None:
-                    a += d
-                else:
-                    a[..., index, :] += d
-                return a
-            hooks.append((hook, fn))
-        with split_inputs(model), model.hooks(fwd_hooks=hooks):
-            expected = model(task.clean)
         got = patch_routes(model, channels, task.clean, routes, source)
-        torch.testing.assert_close(got, expected, atol=ATOL, rtol=0)
+        torch.testing.assert_close(got, _plain_sum(model, channels, task.clean, routes, source), atol=ATOL, rtol=0)
+    assert count_hooks(model) == 0
+
+
+@pytest.mark.parametrize("kind", ["gpt2", "gqa", "attn_only"])
+def test_partial_patching_interpolates_each_route_and_is_differentiable(kind):
+    model = tiny_model(kind, seed=6, n_layers=2)
+    task = _task(model)
+    channels = tlm.segment(model)
+    senders = [c.name for c in channels if c.kind != "bias"]
+    routes = [(s, p) for s in senders for p in ports(channels) if valid_route(channels, s, p)]
+    source = capture_writes(model, channels, task.corrupted, senders)
+    amount = torch.rand(len(routes), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        torch.testing.assert_close(patch_routes(model, channels, task.clean, routes, source, amount=amount),
+                                   _plain_sum(model, channels, task.clean, routes, source, amount.tolist()),
+                                   atol=ATOL, rtol=0)
+        full = patch_routes(model, channels, task.clean, routes, source)
+        torch.testing.assert_close(patch_routes(model, channels, task.clean, routes, source,
+                                                amount=torch.ones(len(routes))), full, atol=ATOL, rtol=0)
+        torch.testing.assert_close(patch_routes(model, channels, task.clean, routes, source,
+                                                amount=torch.zeros(len(routes))), model(task.clean), atol=ATOL, rtol=0)
+    # the gradient w.r.t. the amounts matches central differences of the metric
+    amount = amount.double().requires_grad_(True)
+    f = lambda a: task.metric(patch_routes(model, channels, task.clean, routes, source, amount=a))  # noqa: E731
+    (grad,) = torch.autograd.grad(f(amount), [amount])
+    for i in torch.randperm(len(routes), generator=torch.Generator().manual_seed(2))[:4].tolist():
+        e = torch.zeros_like(amount)
+        e[i] = 1e-2
+        with torch.no_grad():
+            numeric = (f(amount + e) - f(amount - e)) / 2e-2
+        assert float(grad[i]) == pytest.approx(float(numeric), abs=2e-3 * (1 + abs(float(numeric))))
+    assert all(p.grad is None for p in model.parameters())
+    with pytest.raises(ValueError, match="one value per route"):
+        patch_routes(model, channels, task.clean, routes, source, amount=torch.ones(3))
     assert count_hooks(model) == 0
 
 

@@ -166,17 +166,23 @@ def _check_source(source: Mapping[str, torch.Tensor], names: set[str]) -> None:
 
 def patch_routes(model: Any, channels: ChannelSet, tokens: Int[torch.Tensor, "batch pos"],
                  routes: Sequence[Route], source: Mapping[str, torch.Tensor],
+                 amount: Float[torch.Tensor, " routes"] | None = None,
                  **forward_kwargs: Any) -> torch.Tensor:
     """Run ``tokens`` with each route ``(sender, port)`` carrying ``source[sender]``.
 
     Args:
         routes: ``(sender channel, receiver port)`` pairs; see :func:`ports`.
         source: Replacement writes per sender, broadcastable to ``[batch, pos, d_model]``.
+        amount: How far each route is patched, ``0`` (clean) to ``1`` (carries the source; the
+            default for all): the port sees ``write + amount * (source - write)``. Differentiable,
+            so a relaxed circuit (a mask over routes) can be learnt by gradient descent.
         **forward_kwargs: Passed to the model's forward (default ``return_type="logits"``).
 
     Returns:
         What the model's forward returns (the logits by default).
     """
+    if amount is not None and amount.shape != (len(routes),):
+        raise ValueError(f"amount must hold one value per route: shape ({len(routes)},), got {tuple(amount.shape)}")
     by_port: dict[str, list[Channel]] = {}
     for sender, port in routes:
         if not valid_route(channels, sender, port):
@@ -229,10 +235,39 @@ def patch_routes(model: Any, channels: ChannelSet, tokens: Int[torch.Tensor, "ba
             return activation
         return hook_fn
 
+    def blend(hook: str, slots: list[tuple[int | None, str, int]]):
+        # Partial patching, vectorised per hook: one stack of the senders' deltas and one mix for
+        # every head the hook feeds (a differentiable mask's forward runs many times).
+        names = sorted({s for _, s, _ in slots})
+        column = {s: j for j, s in enumerate(names)}
+        heads = torch.tensor([0 if h is None else h for h, _, _ in slots])
+        cols = torch.tensor([column[s] for _, s, _ in slots])
+        picks = torch.tensor([i for _, _, i in slots])
+        per_head = slots[0][0] is not None
+
+        def hook_fn(activation: torch.Tensor, hook: Any) -> torch.Tensor:
+            like = activation[..., 0, :] if per_head else activation
+            stack = torch.stack([delta(channels[s], like) for s in names])        # [senders, ..., d]
+            rows = activation.shape[-2] if per_head else 1
+            mix = torch.zeros(rows, len(names), dtype=like.dtype, device=like.device)
+            mix = mix.index_put((heads.to(like.device), cols.to(like.device)),
+                                amount[picks.to(amount.device)].to(like), accumulate=True)
+            if per_head:
+                return activation + torch.einsum("hs,s...d->...hd", mix, stack)
+            return activation + torch.einsum("s,s...->...", mix[0], stack)
+        return hook_fn
+
     fwd_hooks = [(h, remember) for h in sorted({c.source_hook for c in senders.values() if c.source_hook})]
-    for port, port_senders in by_port.items():
-        hook, index, read = _port(channels, port)
-        fwd_hooks.append((hook, receive(port_senders, index, read)))
+    if amount is None:
+        for port, port_senders in by_port.items():
+            hook, index, read = _port(channels, port)
+            fwd_hooks.append((hook, receive(port_senders, index, read)))
+    else:
+        by_hook: dict[str, list[tuple[int | None, str, int]]] = {}
+        for i, (sender, port) in enumerate(routes):
+            hook, index, _ = _port(channels, port)
+            by_hook.setdefault(hook, []).append((index, sender, i))
+        fwd_hooks += [(hook, blend(hook, slots)) for hook, slots in by_hook.items()]
     with split_inputs(model), model.hooks(fwd_hooks=fwd_hooks):
         return model(tokens, **forward_kwargs)
 
