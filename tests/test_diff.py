@@ -204,8 +204,12 @@ def test_bad_input_is_refused(pair, data):
 
 
 @pytest.mark.slow
-@pytest.mark.xfail(reason="not met yet: 40 AdamW steps on induction gave top-10 overlaps induction 6-7, "
-                          "modular_addition 5, brackets 8, sorting 8-9 (benchmarks/diff_finetune.py)", strict=False)
+@pytest.mark.xfail(reason="not met reliably: with a gentle fine-tune (AdamW lr 1e-4, eps 1e-6, 200 steps; every "
+                          "task stays at ~100%) induction's top-10 overlaps were 8/6/7/6 (induction/addition/brackets/"
+                          "sorting) for seeds 0 and 1 but 5/7/7/8 and 7/6/7/6 for seeds 2 and 3; by chance (random "
+                          "perturbations) the most changed routes already sit in the brackets and sorting circuits "
+                          "(2-4/5-7/8/6-8), which hold the strongest routes (benchmarks/diff_finetune.py)",
+                   strict=False)
 def test_finetuning_on_one_task_changes_its_circuit_most():
     from tl_modular import toy
 
@@ -221,10 +225,13 @@ def test_finetuning_on_one_task_changes_its_circuit_most():
     ga = graph_of(model)
     tasks = {name: gen(64, seed=5) for name, gen in toy.GENERATORS.items()}
     circuits = ga.circuits(model, tasks, n_boot=20, n_random=1, batch_size=64, progress=False)
-    tuned = copy.deepcopy(model)
-    toy.train(tuned, toy.induction(2000, seed=77), steps=40, warmup=0, weight_decay=0.0, eval_every=10_000,
-              progress=False)
-    d = tlm.diff(ga, graph_of(tuned))
-    top = {r.route for r in d.top_routes(10)}
-    overlap = {k: len(top & set(c.routes)) for k, c in circuits.items()}
-    assert all(overlap["induction"] > v for k, v in overlap.items() if k != "induction"), overlap
+    for seed in (0, 1, 2, 3):
+        tuned = copy.deepcopy(model)
+        # gentle: the task loss is ~1e-6 already; eps 1e-6 keeps weights with negligible gradient in place
+        toy.train(tuned, toy.induction(2000, seed=77), steps=200, warmup=0, lr=1e-4, eps=1e-6, weight_decay=0.0,
+                  eval_every=10_000, progress=False, seed=seed)
+        assert min(toy.evaluate(tuned, toy.eval_tasks(256)).values()) > 0.95   # gentle: no task is lost
+        d = tlm.diff(ga, graph_of(tuned), modules=False)
+        top = {r.route for r in d.top_routes(10)}
+        overlap = {k: len(top & set(c.routes)) for k, c in circuits.items()}
+        assert all(overlap["induction"] > v for k, v in overlap.items() if k != "induction"), (seed, overlap)

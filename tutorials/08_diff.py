@@ -11,7 +11,9 @@
 # - which channels changed **module**, with the adjusted Rand index of the two partitions;
 # - per circuit category, routes **gained and lost**; and label changes when labels are given.
 #
-# Here: the bundled model against a copy fine-tuned for a few steps on induction only.
+# Here: the bundled model against a copy fine-tuned briefly on induction only. Its loss is ~1e-6
+# already, so the fine-tune is gentle (AdamW lr 1e-4, eps 1e-6): with torch's eps, Adam turns even
+# vanishing gradients into steps of ~lr on every weight, and at lr 1e-3 the other tasks are lost.
 
 # %%
 import copy
@@ -30,9 +32,10 @@ torch.set_num_threads(2)
 
 model = toy.load_model()
 tuned = copy.deepcopy(model)  # the shipped model stays as it was
-result = toy.train(tuned, toy.induction(2000, seed=77), steps=40, warmup=0, weight_decay=0.0, eval_every=40,
-                   progress=False)
-print("induction accuracy after fine-tuning:", result.history[-1]["accuracy"])
+toy.train(tuned, toy.induction(2000, seed=77), steps=200, warmup=0, lr=1e-4, eps=1e-6, weight_decay=0.0,
+          eval_every=10_000, progress=False)
+print("accuracy after fine-tuning on induction:",
+      {k: round(v, 3) for k, v in toy.evaluate(tuned, toy.eval_tasks(256)).items()})
 
 # %% [markdown]
 # ## Two checkpoints, two graphs
@@ -63,9 +66,13 @@ print("empty:", same.is_empty, "largest angle", max(c.max_angle for c in same.ch
 # %% [markdown]
 # ## Do the changed routes belong to the induction circuit?
 # `benchmarks/diff_finetune.py` finds each task's circuit on the shipped model (tutorial 5) and
-# counts how many of the 10 most changed routes each holds. After 40 steps of fine-tuning the
-# answer is *not yet* "induction's most": the largest route changes are the strong routes every
-# task shares (embeddings → MLPs, MLPs → logits), which sit in the sorting and brackets circuits too.
+# counts how many of the 10 most changed routes each holds. With this fine-tune the induction
+# circuit holds 8 of them, more than any other (6/7/6 for addition/brackets/sorting) — but only
+# for two of four fine-tuning seeds; the others tie or lose to sorting. The largest route changes
+# are partly the strong routes the tasks share (embeddings → MLPs, MLPs → logits): even a random
+# perturbation's top routes sit mostly in the brackets and sorting circuits, which hold the
+# strongest routes. So issue 9's criterion ("the tuned task's circuit overlaps most") is not met
+# reliably yet; run the benchmark with `--null` to see the chance level.
 
 # %% [markdown]
 # ## The picture, and the diff on disk

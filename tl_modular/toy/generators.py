@@ -65,7 +65,7 @@ def _check_n(n: int) -> None:
         raise ValueError(f"n must be a positive number of examples, got {n!r}")
 
 
-def induction(n: int, *, seed: int = 0) -> Task:
+def induction(n: int, *, seed: int = 0, repeat: tuple[int, int] = _IND_K) -> Task:
     """Copying a random sequence: ``IND r1..rj x1..xk x1..xk`` with k in 8..11, j = 23 - 2k.
 
     All tokens before the repeat are distinct, so each repeated token has one earlier
@@ -73,13 +73,20 @@ def induction(n: int, *, seed: int = 0) -> Task:
     offset k rules out a positional shortcut. Scored: the last seven predictions inside the
     repeat. Corrupted: the first copy replaced by fresh distinct tokens; the wrong answer is
     the token the corrupted first copy holds where the clean answer stood.
+
+    ``repeat=(lo, hi)`` draws k from another range, 2 <= lo <= hi <= 11 (the bundled model was
+    trained on 8..11 and fails on repeats of 5 tokens or fewer: a shifted version of the task to
+    fine-tune on); below 8, the last ``lo - 1`` predictions are scored (all lie in the repeat).
     """
     _check_n(n)
+    lo, hi = repeat
+    if not (isinstance(lo, int) and isinstance(hi, int) and 2 <= lo <= hi <= (_IND_LEN - 2) // 2):
+        raise ValueError(f"repeat must be (lo, hi) with 2 <= lo <= hi <= {(_IND_LEN - 2) // 2}, got {repeat!r}")
     rng = random.Random(seed)
     clean, corrupted, positions, answers, wrong = [], [], [], [], []
-    first_scored = _IND_LEN - 1 - _IND_SCORED
+    first_scored = _IND_LEN - 1 - min(_IND_SCORED, lo - 1)
     for _ in range(n):
-        k = rng.randint(*_IND_K)
+        k = rng.randint(lo, hi)
         j = _IND_LEN - 1 - 2 * k
         pool = rng.sample(range(N_NUMBERS), j + 2 * k)
         filler, x, fresh = pool[:j], pool[j:j + k], pool[j + k:]

@@ -61,6 +61,10 @@ class TrainConfig:
     warmup: int = 200
     min_lr_ratio: float = 0.1     # cosine decay to lr * min_lr_ratio
     betas: tuple[float, float] = (0.9, 0.98)
+    # AdamW's epsilon. The default is torch's; a larger one (e.g. 1e-6) when continuing a model
+    # whose loss is already ~0 keeps parameters with negligible gradient where they are (Adam
+    # otherwise normalises even vanishing gradients to steps of ~lr, moving every weight).
+    eps: float = 1e-8
     grad_clip: float = 1.0
     pool_size: int = 20_000       # training examples generated per task (default data only)
     eval_every: int = 250
@@ -70,9 +74,10 @@ class TrainConfig:
         for name in ("steps", "batch_size", "pool_size", "eval_every"):
             if getattr(self, name) <= 0:
                 raise ValueError(f"TrainConfig.{name} must be positive, got {getattr(self, name)}")
-        if self.lr <= 0 or self.weight_decay < 0 or self.warmup < 0 or not 0 <= self.min_lr_ratio <= 1:
-            raise ValueError("TrainConfig needs lr > 0, weight_decay >= 0, warmup >= 0 and "
-                             f"0 <= min_lr_ratio <= 1; got {self}")
+        if (self.lr <= 0 or self.weight_decay < 0 or self.warmup < 0 or not 0 <= self.min_lr_ratio <= 1
+                or not self.eps > 0):
+            raise ValueError("TrainConfig needs lr > 0, weight_decay >= 0, warmup >= 0, "
+                             f"0 <= min_lr_ratio <= 1 and eps > 0; got {self}")
         self.betas = tuple(self.betas)
         self.no_decay = tuple(self.no_decay)
 
@@ -178,7 +183,8 @@ def train(
     plain = [p for n, p in named if any(k in n for k in cfg.no_decay)]
     decayed = [p for n, p in named if not any(k in n for k in cfg.no_decay)]
     groups = [{"params": decayed, "weight_decay": cfg.weight_decay}, {"params": plain, "weight_decay": 0.0}]
-    optimizer = torch.optim.AdamW([g for g in groups if g["params"]], lr=cfg.lr, betas=cfg.betas)
+    optimizer = torch.optim.AdamW([g for g in groups if g["params"]], lr=cfg.lr, betas=cfg.betas,
+                                  eps=cfg.eps)
     gen = torch.Generator().manual_seed(cfg.seed)
     result = TrainResult(model=model)
     path = Path(checkpoint_dir) / _CHECKPOINT if checkpoint_dir is not None else None
@@ -254,7 +260,9 @@ def _load_checkpoint(path: Path, model: Any, optimizer: torch.optim.Optimizer, g
                      cfg: TrainConfig) -> tuple[int, list[dict[str, Any]]]:
     tensors, meta = read_safetensors(path)
     free = ("steps", "eval_every")  # may change on resume: they do not alter the trajectory
-    saved = {k: v for k, v in meta.get("config", {}).items() if k not in free}
+    # fields added to TrainConfig later (eps) hold their defaults in older checkpoints
+    later = {"eps": TrainConfig.eps}
+    saved = {k: v for k, v in {**later, **meta.get("config", {})}.items() if k not in free}
     mine = {k: (list(v) if isinstance(v, tuple) else v) for k, v in asdict(cfg).items() if k not in free}
     saved = {k: (list(v) if isinstance(v, tuple) else v) for k, v in saved.items()}
     if meta.get("kind") != "toy_train_state" or saved != mine:
