@@ -20,7 +20,7 @@ import importlib
 from typing import Any
 
 from tl_modular.compression import ChannelCompression, Compression, ReadSpace, Side, compress
-from tl_modular.diff import ModelDiff, diff  # the function shadows the submodule of that name
+from tl_modular.diff import ModelDiff, diff, diff_null  # the function shadows the submodule of that name
 from tl_modular.errors import UnsupportedModelError
 from tl_modular.graph import ChannelGraph, build_graph
 from tl_modular.segmentation import Channel, ChannelSet, segment
@@ -50,6 +50,7 @@ __all__ = [
     "build_graph",
     "compress",
     "diff",
+    "diff_null",
     "segment",
     *sorted(_SUBMODULES),
 ]

@@ -340,7 +340,8 @@ def _patched_metric(model: Any, channels: ChannelSet, cat: _Category, routes: Se
 
 def _learn_mask(model: Any, channels: ChannelSet, cat: _Category, routes: list[Route], clean: np.ndarray,
                 empty: np.ndarray, target: float, faithful: Any, *, steps: int, batch_size: int,
-                check_every: int = 10) -> tuple[np.ndarray, list[Route] | None]:
+                check_every: int = 10, penalty: tuple[float, float] = (0.5, 30.0)
+                ) -> tuple[np.ndarray, list[Route] | None]:
     """Learn which routes a circuit needs by gradient descent on a relaxed mask (edge pruning,
     Bhaskar et al. 2024): each route is patched by ``1 - sigmoid(θ)``, and θ minimises
     ``10 (1 - faithfulness)₊² + λ · kept fraction`` with ``λ`` growing geometrically, so the
@@ -354,7 +355,7 @@ def _learn_mask(model: Any, channels: ChannelSet, cat: _Category, routes: list[R
     n = len(routes)
     theta = torch.full((n,), 3.0, dtype=torch.float32, requires_grad=True)
     optimizer = torch.optim.Adam([theta], lr=0.1)
-    lam0, lam1 = 0.5, 30.0                           # per kept fraction of the routes
+    lam0, lam1 = penalty                             # per kept fraction of the routes, first and last step
     starts = list(range(0, len(cat.tokens), batch_size))
     best: list[Route] | None = None
     device = model.cfg.device

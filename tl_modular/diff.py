@@ -14,7 +14,14 @@
 - per circuit category: routes gained and lost;
 - label changes (unit → text) when labels are given.
 
-Everything is ranked so the biggest changes come first.
+Everything is ranked so the biggest changes come first. Raw changes favour what is big and
+fragile: after any fine-tune the strong routes every input uses move most. With ``null=`` —
+graphs of copies of model ``a`` moved in random directions by as much as ``b`` moved, tensor by
+tensor (:func:`diff_null`) — each change also gets a z-score against those untargeted changes of
+equal size, and the ranking is by it: what changed *more than chance*.
+
+>>> null = [build(m) for m in tlm.diff_null(model, tuned, n=4)]   # doctest: +SKIP
+>>> tlm.diff(build(model), build(tuned), null=null).top_routes(5)  # doctest: +SKIP
 
 >>> d = tlm.diff(graph_before, graph_after)          # doctest: +SKIP
 >>> print(d.summary())                                # doctest: +SKIP
@@ -24,9 +31,10 @@ Everything is ranked so the biggest changes come first.
 
 from __future__ import annotations
 
+import copy
 import math
 import os
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -37,13 +45,16 @@ from jaxtyping import Float
 
 from tl_modular._io import SCHEMA_VERSION, read_versioned_json, write_json
 
-__all__ = ["ChannelChange", "ModelDiff", "RouteChange", "diff", "principal_angles"]
+__all__ = ["ChannelChange", "ModelDiff", "RouteChange", "diff", "diff_null", "principal_angles"]
 
 _SCHEMA = "tl_modular.ModelDiff"
 # Principal angles below this many degrees are fp noise of float32 storage (saved compressions)
 # and QR; route changes below this fraction of the total strength likewise.
 ANGLE_TOL_DEG = 1e-2
 ROUTE_TOL = 1e-6
+# z-scores divide by the null's RMS change, floored at this fraction of its median over routes
+# (channel sides): a route that chance never moves would otherwise turn fp noise into a huge z.
+NULL_FLOOR = 0.1
 
 
 def principal_angles(qa: Float[torch.Tensor, "d_model ra"], qb: Float[torch.Tensor, "d_model rb"]) -> torch.Tensor:
@@ -76,6 +87,7 @@ class ChannelChange:
     spectrum_change: float                  # ‖s_a/Σs_a - s_b/Σs_b‖₁ / 2 over the kept spectra (0..1)
     energy_ratio: float                     # Σs_b / Σs_a (the side's total worth, before → after)
     energy_moved: float | None = None       # spectrum-weighted share of each side outside the other (0..1)
+    z: float | None = None                  # score over the null's RMS score (diff(null=...)), else None
 
     @property
     def score(self) -> float:
@@ -102,6 +114,7 @@ class RouteChange:
     b: float
     share_a: float
     share_b: float
+    z: float | None = None                  # delta over the null's RMS delta (diff(null=...)), else None
 
     @property
     def delta(self) -> float:
@@ -146,7 +159,8 @@ class ModelDiff:
         return out
 
     def top_routes(self, n: int = 10) -> list[RouteChange]:
-        """The ``n`` routes whose share of the total strength changed most (primary weight)."""
+        """The ``n`` routes whose share of the total strength changed most (primary weight), or
+        with a null, whose change is largest against chance (``|z|``)."""
         return self.routes[:n]
 
     def changed_channels(self, tol_deg: float = 1.0) -> list[str]:
@@ -176,11 +190,13 @@ class ModelDiff:
         lines = [f"ModelDiff {m.get('label_a', 'a')} → {m.get('label_b', 'b')}: {m.get('n_channels', 0)} channels, "
                  f"{m.get('n_routes', 0)} routes" + (" — no change" if self.is_empty else "")]
         if self.channels and self.channels[0].max_angle is not None:
-            lines.append(f"Channels turned most (spectrum-weighted energy outside the other subspace; "
+            against = f", ranked by z over {m['n_null']} null models" if m.get("n_null") else ""
+            lines.append(f"Channels turned most (spectrum-weighted energy outside the other subspace{against}; "
                          f"{len(self.changed_channels())} with an angle beyond 1°):")
             for c in self.top_channels(n):
                 rank = f"rank {c.rank_a}→{c.rank_b}" if c.rank_a != c.rank_b else f"rank {c.rank_a}"
-                lines.append(f"  {c.channel:>10} {c.side:<7} energy moved {c.energy_moved:.3f}  "
+                z = "" if c.z is None else f"  z {c.z:.1f}"
+                lines.append(f"  {c.channel:>10} {c.side:<7} energy moved {c.energy_moved:.3f}{z}  "
                              f"largest angle {c.max_angle:5.1f}°  mean sin² {c.mean_sin2:.3f}  "
                              f"{rank}  spectrum Δ {c.spectrum_change:.3f}  energy ×{c.energy_ratio:.2f}")
         elif self.channels:
@@ -190,9 +206,13 @@ class ModelDiff:
                              f"spectrum Δ {c.spectrum_change:.3f}")
         if self.routes:
             lines.append(f"Routes changed most ({self.routes[0].weight} strength, share of total):")
+            if m.get("n_null"):
+                lines[-1] = (f"Routes changed most against chance ({self.routes[0].weight} strength, share of total; "
+                             f"ranked by |z| over {m['n_null']} null models):")
             for r in self.top_routes(n):
+                z = "" if r.z is None else f"  z {r.z:+.1f}"
                 lines.append(f"  {r.writer:>10} → {r.port:<12} {r.share_a:.4f} → {r.share_b:.4f}  "
-                             f"({r.relative:+.0%})")
+                             f"({r.relative:+.0%}){z}")
         if self.modules is not None:
             mo = self.modules
             lines.append(f"Modules: {mo['n_a']} → {mo['n_b']}, adjusted Rand index {mo['ari']:.3f}; "
@@ -455,7 +475,7 @@ def _circuit_changes(ca: Any, cb: Any) -> dict[str, dict[str, Any]]:
 
 def diff(a: Any, b: Any, labels_a: Any = None, labels_b: Any = None, *, circuits_a: Any = None,
          circuits_b: Any = None, weight: str | None = None, modules: bool = True,
-         names: tuple[str, str] = ("a", "b")) -> ModelDiff:
+         null: Sequence[Any] | None = None, names: tuple[str, str] = ("a", "b")) -> ModelDiff:
     """What changed from model ``a`` to model ``b`` (same architecture).
 
     Args:
@@ -469,6 +489,11 @@ def diff(a: Any, b: Any, labels_a: Any = None, labels_b: Any = None, *, circuits
         weight: Route strength ranked first (default ``"data"`` when both graphs have it, else
             ``"static"``); the other is kept in ``routes_other``.
         modules: Compare the graphs' modules (a Gomory–Hu tree per graph).
+        null: Graphs (or compressions, or directories) of null models, built exactly as ``b``'s
+            was (same data and options) from the copies :func:`diff_null` gives. Every route and
+            channel side then gets ``z``: its change over the RMS of its changes from ``a`` to the
+            null models (floored at ``NULL_FLOOR`` of the median RMS), and both lists are ranked
+            by ``|z|``: the changes bigger than an untargeted change of the same size would make.
         names: What to call the two models in the summary and plot.
 
     Returns:
@@ -500,9 +525,85 @@ def diff(a: Any, b: Any, labels_a: Any = None, labels_b: Any = None, *, circuits
         out.meta.update(n_routes=len(out.routes), weight=weight)
         if modules:
             out.modules = _module_changes(sa.graph, sb.graph, weight)
+    if null is not None:
+        _against_null(out, sa, [_unpack(x, None, f"null[{i}]") for i, x in enumerate(null)])
     if sa.circuits is not None and sb.circuits is not None:
         out.circuits = _circuit_changes(sa.circuits, sb.circuits)
     la, lb = _labels(labels_a, "labels_a"), _labels(labels_b, "labels_b")
     out.labels = [{"unit": u, "a": la.get(u), "b": lb.get(u)} for u in sorted(set(la) | set(lb))
                   if la.get(u) != lb.get(u)]
     return out
+
+
+# --- the null: changes of the same size in no particular direction ------------------------------------
+
+def diff_null(model_a: Any, model_b: Any, n: int = 4, *, seed: int = 0) -> Iterator[Any]:
+    """``n`` copies of ``model_a``, each moved as far as ``model_b`` is from it, in random directions.
+
+    Every parameter tensor becomes ``p_a + ‖p_b - p_a‖ · u`` with ``u`` a uniformly random unit
+    direction of its shape, so each tensor moves exactly as far as it did from ``a`` to ``b`` (those
+    that did not change stay as they are). Build each copy's graph the way ``b``'s was built and
+    pass them as ``diff(a, b, null=...)``: the null says how much each route and channel changes
+    when the model moves by as much as it did, but not towards anything. Yields one copy at a time,
+    so memory holds one extra model; the inputs are not modified.
+
+    >>> null = [graph_of(m) for m in tlm.diff_null(model, tuned, n=4)]   # doctest: +SKIP
+    """
+    if not isinstance(n, int) or isinstance(n, bool) or n < 1:
+        raise ValueError(f"n must be a positive number of null models, got {n!r}")
+    pa, pb = dict(model_a.named_parameters()), dict(model_b.named_parameters())
+    if pa.keys() != pb.keys() or any(pa[k].shape != pb[k].shape for k in pa):
+        odd = sorted(set(pa) ^ set(pb)) or [k for k in pa if pa[k].shape != pb[k].shape]
+        raise ValueError(f"the two models' parameters differ ({odd[:3]}...): diff_null needs two checkpoints of "
+                         "one architecture")
+    with torch.no_grad():
+        steps = {k: float((pb[k].double() - pa[k].double().to(pb[k].device)).norm()) for k in pa}
+    gen = torch.Generator().manual_seed(seed)
+    for _ in range(n):
+        copy_ = copy.deepcopy(model_a)
+        with torch.no_grad():
+            for k, p in copy_.named_parameters():
+                u = torch.randn(p.shape, generator=gen, dtype=torch.float64)
+                if steps[k] > 0:
+                    p.add_((u * (steps[k] / float(u.norm().clamp_min(1e-300)))).to(p))
+        yield copy_
+
+
+def _zscores(values: Mapping[Any, float], chance: Sequence[Mapping[Any, float]], tol: float) -> dict[Any, float]:
+    keys = list(values)
+    rms = np.sqrt(np.mean([[c[k] ** 2 for k in keys] for c in chance], 0))
+    floor = max(NULL_FLOOR * float(np.median(rms)), tol) if len(keys) else tol
+    return {k: float(values[k] / max(s, floor)) for k, s in zip(keys, rms, strict=True)}
+
+
+def _against_null(out: ModelDiff, sa: _Side, nulls: list[_Side]) -> None:
+    if not nulls:
+        raise ValueError("null= holds no null models; pass graphs of tlm.diff_null(model_a, model_b, n=4) copies")
+    for sn in nulls:
+        _check_architecture(sa, sn)
+    for lst in (out.routes, out.routes_other):
+        if not lst:
+            continue
+        if any(sn.graph is None for sn in nulls):
+            raise ValueError("route changes need a graph per null model: build each diff_null copy's graph as b's was")
+        weight = lst[0].weight
+        if weight == "data" and any(sn.graph.config.get("weight") != "data" for sn in nulls):
+            raise ValueError("the null graphs lack data strengths: build them with tokens, as b's was")
+        chance = [{r.route: r.delta for r in _route_changes(sa.graph, sn.graph, weight)} for sn in nulls]
+        z = _zscores({r.route: r.delta for r in lst}, chance, ROUTE_TOL)
+        for r in lst:
+            r.z = z[r.route]
+        lst.sort(key=lambda r: (-abs(r.z), r.writer, r.port))
+    if out.channels:
+        if out.channels[0].max_angle is not None:
+            if any(sn.comp is None for sn in nulls):
+                raise ValueError("channel changes need a compression per null model (a graph built this session "
+                                 "carries one; pass compression= when loading)")
+            chance = [{(c.channel, c.side): c.score for c in _channel_changes(sa.comp, sn.comp)} for sn in nulls]
+        else:
+            chance = [{(c.channel, c.side): c.score for c in _node_changes(sa.graph, sn.graph)} for sn in nulls]
+        z = _zscores({(c.channel, c.side): c.score for c in out.channels}, chance, 1e-6)
+        for c in out.channels:
+            c.z = z[(c.channel, c.side)]
+        out.channels.sort(key=lambda c: (-c.z, -c.score, c.channel, c.side))
+    out.meta["n_null"] = len(nulls)
