@@ -205,10 +205,10 @@ class ModelDiff:
                 lines.append(f"  {c.channel:>10} {c.side:<7} rank {c.rank_a}→{c.rank_b}  "
                              f"spectrum Δ {c.spectrum_change:.3f}")
         if self.routes:
-            lines.append(f"Routes changed most ({self.routes[0].weight} strength, share of total):")
+            how = f"{self.routes[0].weight} strength, share of total"
             if m.get("n_null"):
-                lines[-1] = (f"Routes changed most against chance ({self.routes[0].weight} strength, share of total; "
-                             f"ranked by |z| over {m['n_null']} null models):")
+                how = f"against chance: {how}; ranked by |z| over {m['n_null']} null models"
+            lines.append(f"Routes changed most ({how}):")
             for r in self.top_routes(n):
                 z = "" if r.z is None else f"  z {r.z:+.1f}"
                 lines.append(f"  {r.writer:>10} → {r.port:<12} {r.share_a:.4f} → {r.share_b:.4f}  "
@@ -563,8 +563,8 @@ def diff_null(model_a: Any, model_b: Any, n: int = 4, *, seed: int = 0) -> Itera
         copy_ = copy.deepcopy(model_a)
         with torch.no_grad():
             for k, p in copy_.named_parameters():
-                u = torch.randn(p.shape, generator=gen, dtype=torch.float64)
-                if steps[k] > 0:
+                if steps[k] > 0:   # no noise drawn for tensors b left alone (GPT-2's embedding is 38M floats)
+                    u = torch.randn(p.shape, generator=gen, dtype=torch.float64)
                     p.add_((u * (steps[k] / float(u.norm().clamp_min(1e-300)))).to(p))
         yield copy_
 
