@@ -166,12 +166,14 @@ def test_cli_data_loading(tmp_path, gpt2_small):
         cli._load_data(str(tmp_path / "missing.txt"), gpt2_small, 256, 16)
     text = tmp_path / "t.txt"
     text.write_text("The quick brown fox jumps over the lazy dog. " * 40)
-    tokens = cli._load_data(str(text), gpt2_small, 64, 16)
+    tokens, info = cli._load_data(str(text), gpt2_small, 64, 16)
     assert tokens.shape == (4, 16) and int(tokens[0, 0]) == gpt2_small.tokenizer.bos_token_id
+    assert info["kind"] == "text" and info["used"] == 4 * 15
     import numpy as np
 
     np.save(tmp_path / "ids.npy", np.random.default_rng(0).integers(0, 1000, (8, 12)))
-    assert cli._load_data(str(tmp_path / "ids.npy"), gpt2_small, 48, 16).shape == (4, 12)
+    ids, info = cli._load_data(str(tmp_path / "ids.npy"), gpt2_small, 48, 16)
+    assert ids.shape == (4, 12) and (info["read"], info["used"], info["dropped"]) == (96, 48, 48)
     np.save(tmp_path / "bad.npy", np.full((2, 4), 10**6))
     with pytest.raises(cli.UsageError, match="vocabulary"):
         cli._load_data(str(tmp_path / "bad.npy"), gpt2_small, 48, 16)
@@ -211,3 +213,6 @@ def test_cli_analyze_gpt2_from_an_offline_hub(tmp_path, gpt2_tokenizer_dir):
     assert run.returncode == 0, run.stderr[-3000:]
     summary = json.loads((tmp_path / "o" / "summary.json").read_text())
     assert summary["model"] == "gpt2" and "ioi" in summary["circuits"]["categories"]
+    assert summary["data"]["used"] == 16 * 63 and summary["data"]["read"] > summary["data"]["used"]
+    manifest = json.loads((tmp_path / "o" / "manifest.json").read_text())
+    assert manifest["data"] == summary["data"]

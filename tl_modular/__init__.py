@@ -19,6 +19,7 @@ simulation), ``tlm.training`` (the modularity loss), ``tlm.report`` (the whole f
 import importlib
 from typing import Any
 
+from tl_modular._tokens import TextCounts, tokens_from_text
 from tl_modular.compression import ChannelCompression, Compression, ReadSpace, Side, compress
 from tl_modular.diff import ModelDiff, diff, diff_null  # the function shadows the submodule of that name
 from tl_modular.errors import UnsupportedModelError
@@ -44,6 +45,7 @@ __all__ = [
     "ReadSpace",
     "Side",
     "Task",
+    "TextCounts",
     "UnsupportedModelError",
     *sorted(_LAZY),
     "__version__",
@@ -52,6 +54,7 @@ __all__ = [
     "diff",
     "diff_null",
     "segment",
+    "tokens_from_text",
     *sorted(_SUBMODULES),
 ]
 

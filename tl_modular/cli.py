@@ -92,10 +92,10 @@ def _analyze(args: argparse.Namespace) -> int:
         if args.data is None:
             raise UsageError("--model needs --data: a text file, a token file or a Hugging Face dataset name")
         model = _load_model(args.model, args.device)
-        tokens = _load_data(args.data, model, args.tokens, args.seq_len)
+        tokens, data = _load_data(args.data, model, args.tokens, args.seq_len)
         inputs = report.Inputs(model=model, tokens=tokens, name=args.model, categories=_categories(args, model),
                                saes=_saes(args, model), labeler=labeler, simulator=simulator,
-                               decode=getattr(model, "to_string", None))
+                               decode=getattr(model, "to_string", None), data=data)
         metric = args.metric or "loss"
     torch.manual_seed(0)
     path = report.analyze(inputs, args.out, report.AnalyzeConfig(metric=metric), reuse=not args.no_reuse,
@@ -170,7 +170,8 @@ def _load_model(name: str, device: str) -> Any:
             "--model for the bundled model, which needs no download.") from None
 
 
-def _load_data(spec: str, model: Any, n_tokens: int, seq_len: int) -> Any:
+def _load_data(spec: str, model: Any, n_tokens: int, seq_len: int) -> tuple[Any, dict[str, Any]]:
+    """The token rows to analyze and a record of what was read, used and dropped (for the manifest)."""
     import numpy as np
     import torch
 
@@ -188,54 +189,44 @@ def _load_data(spec: str, model: Any, n_tokens: int, seq_len: int) -> Any:
                 raise UsageError(f"{spec} has no 'tokens' tensor (it has {sorted(tensors)})")
             tokens = tensors["tokens"]
         else:
-            return _chunk(model, path.read_text(encoding="utf-8", errors="replace"), n_tokens, seq_len)
+            return _text_rows(spec, model, path.read_text(encoding="utf-8", errors="replace"), n_tokens, seq_len)
         if tokens.ndim != 2 or tokens.dtype.is_floating_point:
             raise UsageError(f"token file {spec} must hold an integer [batch, pos] array, got {tuple(tokens.shape)} "
                              f"{tokens.dtype}")
+        if tokens.shape[1] > model.cfg.n_ctx:
+            raise UsageError(f"token file {spec} has rows of {tokens.shape[1]} tokens, more than the model's "
+                             f"n_ctx={model.cfg.n_ctx}: cut them into rows of at most {model.cfg.n_ctx}")
         if int(tokens.max()) >= model.cfg.d_vocab or int(tokens.min()) < 0:
             raise UsageError(f"token ids in {spec} fall outside the model's vocabulary (0..{model.cfg.d_vocab - 1})")
         rows = max(1, n_tokens // tokens.shape[1])
-        return tokens[:rows].long()
-    return _chunk(model, _dataset_text(spec, n_tokens), n_tokens, seq_len)
+        used = tokens[:rows].long()
+        info = {"source": spec, "kind": "tokens", "read": int(tokens.numel()), "used": int(used.numel()),
+                "dropped": int(tokens.numel() - used.numel()), "rows": int(used.shape[0]),
+                "seq_len": int(tokens.shape[1])}
+        _say_data(info, n_tokens)
+        return used, info
+    return _text_rows(spec, model, _dataset_text(spec, n_tokens), n_tokens, seq_len, kind="dataset")
 
 
-def _dataset_text(name: str, n_tokens: int) -> str:
-    try:
-        import datasets
-    except ImportError:
-        raise UsageError(f"{name!r} is not a file; to read a Hugging Face dataset install `datasets`") from None
-    try:
-        ds = datasets.load_dataset(name, split="train", streaming=True)
-        texts, size = [], 0
-        for row in ds:
-            text = row.get("text")
-            if text is None:
-                raise UsageError(f"dataset {name!r} has no 'text' column (columns: {sorted(row)})")
-            texts.append(text)
-            size += len(text) // 3
-            if size > 2 * n_tokens:
-                break
-    except UsageError:
-        raise
-    except Exception as e:  # noqa: BLE001
-        raise UsageError(f"could not read the Hugging Face dataset {name!r}: {type(e).__name__}: {e}. Offline, pass "
-                         "a text or token file with --data instead") from None
-    return "\n\n".join(texts)
-
-
-def _chunk(model: Any, text: str, n_tokens: int, seq_len: int) -> Any:
-    import torch
+def _text_rows(spec: str, model: Any, text: str, n_tokens: int, seq_len: int,
+               kind: str = "text") -> tuple[Any, dict[str, Any]]:
+    from tl_modular._tokens import tokens_from_text
 
     if getattr(model, "tokenizer", None) is None:
         raise UsageError("this model has no tokenizer: pass token ids (.npy / .safetensors) with --data")
-    ids = model.to_tokens(text, prepend_bos=False)[0]
-    body = seq_len - 1
-    n = min(len(ids) // body, max(1, n_tokens // seq_len))
-    if n < 1:
-        raise UsageError(f"the text has {len(ids)} tokens, fewer than one sequence of {seq_len}")
-    bos = model.tokenizer.bos_token_id if model.tokenizer.bos_token_id is not None else int(ids[0])
-    rows = ids[: n * body].reshape(n, body)
-    return torch.cat([torch.full((n, 1), bos, dtype=rows.dtype), rows], 1)
+    try:
+        tokens, counts = tokens_from_text(model, text, n_tokens, seq_len, return_counts=True)
+    except ValueError as e:
+        raise UsageError(f"--data {spec}: {e}".replace("seq_len", "--seq-len")) from None
+    info = {"source": spec, "kind": kind, **{k: getattr(counts, k) for k in ("read", "used", "dropped", "rows",
+                                                                             "seq_len", "bos")}}
+    _say_data(info, n_tokens)
+    return tokens, info
+
+
+def _say_data(info: dict[str, Any], n_tokens: int) -> None:
+    print(f"data: {info['source']}: read {info['read']:,} tokens, used {info['used']:,} in {info['rows']:,} rows of "
+          f"{info['seq_len']}, dropped {info['dropped']:,} (--tokens {n_tokens:,})", file=sys.stderr)
 
 
 def _categories(args: argparse.Namespace, model: Any) -> dict[str, Any]:

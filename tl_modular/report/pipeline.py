@@ -73,6 +73,7 @@ class Inputs:
     labeler: Any = None
     simulator: Any = None
     decode: Callable[[list[int]], str] | None = None
+    data: Mapping[str, Any] | None = None   # where the tokens came from: read/used/dropped (recorded)
 
 
 def _digest(*tensors: torch.Tensor | None) -> str:
@@ -104,8 +105,8 @@ def cache_key(inputs: Inputs, config: AnalyzeConfig) -> str:
 class _Stages:
     """Runs stages, timing each and reusing what a previous run with the same key left."""
 
-    def __init__(self, out: Path, key: str, reuse: bool, progress: bool):
-        self.out, self.key, self.progress = out, key, progress
+    def __init__(self, out: Path, key: str, reuse: bool, progress: bool, data: Mapping[str, Any] | None = None):
+        self.out, self.key, self.progress, self.data = out, key, progress, dict(data or {})
         manifest = out / "manifest.json"
         old = read_json(manifest) if manifest.exists() else {}
         self.done: dict[str, Any] = old.get("stages", {}) if reuse and old.get("key") == key else {}
@@ -125,7 +126,7 @@ class _Stages:
         value = fn()
         self.times[name] = round(time.perf_counter() - start, 2)
         self.done[name] = {"seconds": self.times[name]}
-        write_json(self.out / "manifest.json", {"key": self.key, "stages": self.done})
+        write_json(self.out / "manifest.json", {"key": self.key, "data": self.data, "stages": self.done})
         return value
 
     def _say(self, text: str) -> None:
@@ -151,11 +152,11 @@ def analyze(inputs: Inputs, out: str | os.PathLike, config: AnalyzeConfig | None
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     model, tokens, mask = inputs.model, inputs.tokens, inputs.attention_mask
-    stages = _Stages(out, cache_key(inputs, cfg), reuse, progress)
+    stages = _Stages(out, cache_key(inputs, cfg), reuse, progress, inputs.data)
     summary: dict[str, Any] = {"schema": "tl_modular.Report", "version": SUMMARY_VERSION, "model": inputs.name,
                                "model_fingerprint": fingerprint(model), "n_sequences": int(tokens.shape[0]),
                                "n_tokens": int(tokens.numel() if mask is None else mask.sum()),
-                               "config": asdict(cfg)}
+                               "data": dict(inputs.data or {}), "config": asdict(cfg)}
     channels = tlm.segment(model)
     summary["channels"] = {"n": len(channels), "kinds": _count(c.kind for c in channels)}
 

@@ -1,0 +1,113 @@
+"""Tokens: text turned into the ``[batch, pos]`` rows every pass takes, with nothing dropped silently."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Literal, overload
+
+import torch
+from jaxtyping import Int
+
+
+@dataclass(frozen=True)
+class TextCounts:
+    """How much of a text :func:`tokens_from_text` used.
+
+    Attributes:
+        read: Tokens in the whole text (tokenized without truncation, no special tokens).
+        used: Text tokens placed in the rows (the BOS tokens added per row not counted).
+        dropped: ``read - used``: the tail past ``n_tokens``, and the last partial row.
+        rows, seq_len: The shape of the result.
+        bos: Whether each row starts with the tokenizer's BOS token.
+    """
+
+    read: int
+    used: int
+    dropped: int
+    rows: int
+    seq_len: int
+    bos: bool
+
+    def __str__(self) -> str:
+        per_row = f"BOS + {self.seq_len - 1}" if self.bos else str(self.seq_len)
+        return (f"read {self.read:,} tokens, used {self.used:,} in {self.rows:,} rows of {self.seq_len} "
+                f"({per_row} text tokens), dropped {self.dropped:,}")
+
+
+@overload
+def tokens_from_text(model: Any, text: str, n_tokens: int | None = ..., seq_len: int = ..., *,
+                     return_counts: Literal[False] = ...) -> Int[torch.Tensor, "batch pos"]: ...
+@overload
+def tokens_from_text(model: Any, text: str, n_tokens: int | None = ..., seq_len: int = ..., *,
+                     return_counts: Literal[True]) -> tuple[Int[torch.Tensor, "batch pos"], TextCounts]: ...
+
+
+def tokens_from_text(model: Any, text: str, n_tokens: int | None = None, seq_len: int = 128, *,
+                     return_counts: bool = False) -> Any:
+    """Cut a text into rows of ``seq_len`` tokens for analysis, reading all of it.
+
+    The whole text is tokenized by the model's tokenizer itself (``model.to_tokens`` would truncate
+    to ``n_ctx``), then laid out in rows of ``seq_len``: the BOS token and ``seq_len - 1`` text tokens
+    when the model prepends BOS by default, else ``seq_len`` text tokens. Rows are taken until
+    ``n_tokens`` tokens (rows included BOS) are reached; what is left is counted as dropped.
+
+    Args:
+        model: A HookedTransformer (or anything with ``tokenizer`` and ``cfg.n_ctx``), or a Hugging
+            Face tokenizer (then nothing bounds ``seq_len``).
+        text: The text.
+        n_tokens: Tokens wanted in all, BOS included (``None``: as many full rows as the text gives).
+            At least one row is always returned.
+        seq_len: Tokens per row, at most the model's ``n_ctx``.
+        return_counts: Also return a :class:`TextCounts` (read, used, dropped).
+
+    Raises:
+        ValueError: ``seq_len`` above ``n_ctx`` or below 2, ``n_tokens`` below 1, or a text too short
+            for one row (each naming the numbers).
+
+    >>> rows, counts = tlm.tokens_from_text(model, open("book.txt").read(), 4096, 128,
+    ...                                     return_counts=True)   # doctest: +SKIP
+    >>> print(counts)                                             # doctest: +SKIP
+    read 96,304 tokens, used 4,064 in 32 rows of 128 (BOS + 127 text tokens), dropped 92,240
+    """
+    tokenizer, n_ctx, bos_default = _tokenizer_of(model)
+    if not isinstance(text, str):
+        raise TypeError(f"text must be a str, got {type(text).__name__}")
+    if not isinstance(seq_len, int) or seq_len < 2:
+        raise ValueError(f"seq_len must be an integer >= 2, got {seq_len!r}")
+    if n_ctx is not None and seq_len > n_ctx:
+        raise ValueError(f"seq_len {seq_len} exceeds the model's context of n_ctx={n_ctx} tokens: pass "
+                         f"seq_len <= {n_ctx}")
+    if n_tokens is not None and (not isinstance(n_tokens, int) or n_tokens < 1):
+        raise ValueError(f"n_tokens must be a positive integer or None, got {n_tokens!r}")
+    bos = tokenizer.bos_token_id if bos_default else None
+    # verbose=False: the tokenizer would warn that the text exceeds its model_max_length, which is
+    # exactly what this function handles
+    ids = tokenizer(text, add_special_tokens=False, verbose=False)["input_ids"]
+    body = seq_len - (bos is not None)
+    if len(ids) < body:
+        raise ValueError(f"the text has {len(ids):,} tokens, fewer than one row of {seq_len} needs ({body} text "
+                         "tokens): pass a longer text or a smaller seq_len")
+    rows = len(ids) // body
+    if n_tokens is not None:
+        rows = max(1, min(rows, n_tokens // seq_len))
+    table = torch.tensor(ids[: rows * body], dtype=torch.long).reshape(rows, body)
+    if bos is not None:
+        table = torch.cat([torch.full((rows, 1), bos, dtype=torch.long), table], 1)
+    if not return_counts:
+        return table
+    counts = TextCounts(read=len(ids), used=rows * body, dropped=len(ids) - rows * body, rows=rows, seq_len=seq_len,
+                        bos=bos is not None)
+    return table, counts
+
+
+def _tokenizer_of(model: Any) -> tuple[Any, int | None, bool]:
+    """The tokenizer, the context length (None when unbounded) and whether rows start with BOS."""
+    cfg = getattr(model, "cfg", None)
+    if cfg is None and callable(model) and hasattr(model, "convert_ids_to_tokens"):     # a bare tokenizer
+        return model, None, model.bos_token_id is not None
+    tokenizer = getattr(model, "tokenizer", None)
+    if tokenizer is None:
+        raise ValueError("this model has no tokenizer: tokenize the text yourself and pass token ids, or set "
+                         "model.tokenizer")
+    prepend = bool(getattr(cfg, "default_prepend_bos", True)) and tokenizer.bos_token_id is not None
+    return tokenizer, getattr(cfg, "n_ctx", None), prepend
