@@ -29,7 +29,7 @@ from tl_modular.task import Task
 
 __version__ = "0.1.0.dev0"
 
-_SUBMODULES = {"toy", "tasks", "patching", "statistics", "fidelity", "testing", "circuits", "sae", "report",
+_SUBMODULES = {"toy", "textlm", "tasks", "patching", "statistics", "fidelity", "testing", "circuits", "sae", "report",
                "training", "labeling"}
 # names re-exported from submodules that load on first use (labeling pulls in the openai client lazily)
 _LAZY = {"label": "labeling", "Labels": "labeling", "OpenAILabeler": "labeling", "OfflineLabeler": "labeling",

@@ -27,7 +27,9 @@ def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="tl-modular", description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     sub = p.add_subparsers(dest="command", required=True)
     a = sub.add_parser("analyze", help="segment, compress, graph, modules, circuits, SAEs, labels → report directory")
-    a.add_argument("--model", default=None, help="a TransformerLens model name (default: the bundled model)")
+    a.add_argument("--model", default=None,
+                   help="a TransformerLens model name, or 'textlm' for the bundled real-text GPT-2 (default: the "
+                        "bundled task model)")
     a.add_argument("--data", default=None,
                    help="a text file, a token file (.npy or .safetensors with 'tokens' [batch, pos]), or a Hugging "
                         "Face dataset name (its 'text' column); required with --model")
@@ -74,7 +76,7 @@ def main(argv: list[str] | None = None) -> int:
 # --- analyze ------------------------------------------------------------------------------------
 
 def _analyze(args: argparse.Namespace) -> int:
-    if args.model is not None and args.data is not None:
+    if args.model not in (None, "textlm") and args.data is not None:
         _check_hub(args.model)          # before the slow imports: fail in seconds, not after retries
     import torch
 
@@ -88,6 +90,16 @@ def _analyze(args: argparse.Namespace) -> int:
             raise UsageError("--data needs --model (the bundled model analyzes its own task data)")
         inputs = report.bundled_inputs(labeler=labeler, simulator=simulator)
         metric = args.metric or "logit"
+    elif args.model == "textlm":                  # the bundled real-text GPT-2: its own text unless --data
+        from tl_modular import textlm
+
+        model = textlm.load_model(device=args.device)
+        tokens, data = (None, None) if args.data is None else _load_data(args.data, model, args.tokens, args.seq_len)
+        inputs = report.textlm_inputs(n_tokens=args.tokens, seq_len=args.seq_len, labeler=labeler,
+                                      simulator=simulator, model=model, tokens=tokens, data=data)
+        if args.circuits:
+            inputs.categories = _categories(args, model)
+        metric = args.metric or "loss"
     else:
         if args.data is None:
             raise UsageError("--model needs --data: a text file, a token file or a Hugging Face dataset name")
@@ -206,6 +218,30 @@ def _load_data(spec: str, model: Any, n_tokens: int, seq_len: int) -> tuple[Any,
         _say_data(info, n_tokens)
         return used, info
     return _text_rows(spec, model, _dataset_text(spec, n_tokens), n_tokens, seq_len, kind="dataset")
+
+
+def _dataset_text(name: str, n_tokens: int) -> str:
+    try:
+        import datasets
+    except ImportError:
+        raise UsageError(f"{name!r} is not a file; to read a Hugging Face dataset install `datasets`") from None
+    try:
+        ds = datasets.load_dataset(name, split="train", streaming=True)
+        texts, size = [], 0
+        for row in ds:
+            text = row.get("text")
+            if text is None:
+                raise UsageError(f"dataset {name!r} has no 'text' column (columns: {sorted(row)})")
+            texts.append(text)
+            size += len(text) // 3
+            if size > 2 * n_tokens:
+                break
+    except UsageError:
+        raise
+    except Exception as e:  # noqa: BLE001
+        raise UsageError(f"could not read the Hugging Face dataset {name!r}: {type(e).__name__}: {e}. Offline, pass "
+                         "a text or token file with --data instead") from None
+    return "\n\n".join(texts)
 
 
 def _text_rows(spec: str, model: Any, text: str, n_tokens: int, seq_len: int,

@@ -42,30 +42,49 @@ def fidelity(model: Any, comp: Any, tokens: Int[torch.Tensor, "batch pos"], *, b
     channel mean-ablated; ``loss_recovered = (ablated - compressed) / (ablated - clean)``; the
     mean KL divergence from the clean to the compressed next-token distribution. Predictions
     of padded positions are excluded."""
-    tokens = tokens.to(model.cfg.device)
-    weights = torch.ones(tokens[:, 1:].shape, device=tokens.device)
-    if attention_mask is not None:
-        attention_mask = attention_mask.to(tokens.device)
-        weights = weights * attention_mask[:, 1:]
-    clean = _logprobs(model, tokens, batch_size, attention_mask)
-    with comp.applied(model, channels):
-        compressed = _logprobs(model, tokens, batch_size, attention_mask)
-    with comp.truncated(rank=0).applied(model, channels):
-        ablated = _logprobs(model, tokens, batch_size, attention_mask)
-    losses = {k: _ce(v, tokens, weights, batch_size) for k, v in
-              (("clean_loss", clean), ("compressed_loss", compressed), ("ablated_loss", ablated))}
-    kl = sum(float(((c.exp() * (c - q)).sum(-1) * weights[i * batch_size:(i + 1) * batch_size]).sum())
-             for i, (c, q) in enumerate(zip(clean, compressed, strict=True))) / float(weights.sum())
-    gap = losses["ablated_loss"] - losses["clean_loss"]
-    recovered = (losses["ablated_loss"] - losses["compressed_loss"]) / gap if gap != 0 else float("nan")
-    return {**losses, "loss_recovered": recovered, "kl": kl, "dimensions": comp.total_rank,
-            "max_dimensions": comp.max_total_rank}
+    return _Reference(model, comp, tokens, batch_size, attention_mask, channels).score(comp)
+
+
+class _Reference:
+    """The clean and mean-ablated runs, computed once and scored against any number of
+    compressions of the same channels (a rank-fidelity curve needs one new run per point)."""
+
+    def __init__(self, model: Any, comp: Any, tokens: torch.Tensor, batch_size: int,
+                 attention_mask: torch.Tensor | None, channels: Sequence[str] | None):
+        self.model, self.batch_size, self.channels = model, batch_size, channels
+        self.tokens = tokens.to(model.cfg.device)
+        self.weights = torch.ones(self.tokens[:, 1:].shape, device=self.tokens.device)
+        self.mask = None
+        if attention_mask is not None:
+            self.mask = attention_mask.to(self.tokens.device)
+            self.weights = self.weights * self.mask[:, 1:]
+        self.clean = _logprobs(model, self.tokens, batch_size, self.mask)
+        with comp.truncated(rank=0).applied(model, channels):
+            ablated = _logprobs(model, self.tokens, batch_size, self.mask)
+        self.clean_loss = _ce(self.clean, self.tokens, self.weights, batch_size)
+        self.ablated_loss = _ce(ablated, self.tokens, self.weights, batch_size)
+
+    def score(self, comp: Any) -> dict[str, float]:
+        b, w = self.batch_size, self.weights
+        with comp.applied(self.model, self.channels):
+            compressed = _logprobs(self.model, self.tokens, b, self.mask)
+        loss = _ce(compressed, self.tokens, w, b)
+        kl = sum(float(((c.exp() * (c - q)).sum(-1) * w[i * b:(i + 1) * b]).sum())
+                 for i, (c, q) in enumerate(zip(self.clean, compressed, strict=True))) / float(w.sum())
+        gap = self.ablated_loss - self.clean_loss
+        recovered = (self.ablated_loss - loss) / gap if gap != 0 else float("nan")
+        return {"clean_loss": self.clean_loss, "compressed_loss": loss, "ablated_loss": self.ablated_loss,
+                "loss_recovered": recovered, "kl": kl, "dimensions": comp.total_rank,
+                "max_dimensions": comp.max_total_rank}
 
 
 def rank_fidelity_curve(model: Any, comp: Any, tokens: Int[torch.Tensor, "batch pos"],
-                        budgets: Sequence[int], **kwargs: Any) -> list[dict[str, float]]:
-    """:func:`fidelity` of ``comp.truncated(budget=b)`` for each total-dimension budget ``b``."""
+                        budgets: Sequence[int], *, batch_size: int = 32, attention_mask: torch.Tensor | None = None,
+                        channels: Sequence[str] | None = None) -> list[dict[str, float]]:
+    """:func:`fidelity` of ``comp.truncated(budget=b)`` for each total-dimension budget ``b`` (the
+    clean and ablated runs are shared by every point)."""
+    ref = _Reference(model, comp, tokens, batch_size, attention_mask, channels)
     rows = []
     for b in tqdm(budgets, desc="rank-fidelity", leave=False, disable=len(budgets) < 3):
-        rows.append({"budget": b, **fidelity(model, comp.truncated(budget=b), tokens, **kwargs)})
+        rows.append({"budget": b, **ref.score(comp.truncated(budget=b))})
     return rows

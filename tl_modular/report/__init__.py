@@ -16,7 +16,7 @@ from typing import Any
 from tl_modular.report.html import render
 from tl_modular.report.pipeline import AnalyzeConfig, Inputs, analyze, cache_key
 
-__all__ = ["AnalyzeConfig", "Inputs", "analyze", "bundled_inputs", "cache_key", "render"]
+__all__ = ["AnalyzeConfig", "Inputs", "analyze", "bundled_inputs", "cache_key", "render", "textlm_inputs"]
 
 
 def bundled_inputs(*, n_per_task: int = 128, n_examples: int = 64, seed: int = 0, labeler: Any = None,
@@ -31,3 +31,22 @@ def bundled_inputs(*, n_per_task: int = 128, n_examples: int = 64, seed: int = 0
     return Inputs(model=model, tokens=tokens, name="tl_modular bundled multi-task model", attention_mask=mask,
                   loss_mask=scored, categories=categories, saes=tlm.sae.bundled(model), labeler=labeler,
                   simulator=simulator, decode=toy.decode)
+
+
+def textlm_inputs(*, n_tokens: int = 4096, seq_len: int = 128, n_examples: int = 32, seed: int = 0,
+                  labeler: Any = None, simulator: Any = None, model: Any = None, tokens: Any = None,
+                  data: Any = None) -> Inputs:
+    """The bundled real-text GPT-2 (:mod:`tl_modular.textlm`) on its shipped text (Python
+    documentation and source), with the four GPT-2 prompt sets as circuit categories."""
+    from tl_modular import tasks, textlm
+
+    model = textlm.load_model() if model is None else model
+    if tokens is None:
+        tokens = textlm.tokens("train", n_tokens, seq_len)
+        data = {"source": "tl_modular.textlm train sample", "kind": "tokens", "read": len(textlm.token_stream()),
+                "used": int(tokens.shape[0] * (seq_len - 1)), "rows": int(tokens.shape[0]), "seq_len": seq_len}
+        data["dropped"] = data["read"] - data["used"]
+    categories = {name: getattr(tasks, name)(model.tokenizer, n_examples, seed=seed)
+                  for name in ("ioi", "greater_than", "docstring", "induction")}
+    return Inputs(model=model, tokens=tokens, name="tl_modular bundled real-text GPT-2 (textlm)",
+                  categories=categories, labeler=labeler, simulator=simulator, decode=model.to_string, data=data)

@@ -151,7 +151,8 @@ def render(summary: dict[str, Any], out: Path) -> Path:
     page = (f'<!DOCTYPE html><html lang="en"><head><meta charset="utf-8"><title>tl_modular report — '
             f'{_e(summary["model"])}</title><meta name="viewport" content="width=device-width,initial-scale=1">'
             f'<style>{_CSS}</style></head><body><header><h1>tl_modular report: {_e(summary["model"])}</h1>'
-            f'<p>{summary["n_sequences"]} sequences, {summary["n_tokens"]} tokens{_data_line(summary)}</p></header><main>'
+            f'<p>{summary["n_sequences"]} sequences, {summary["n_tokens"]} tokens{_data_line(summary)}</p>'
+            '</header><main>'
             + "".join(parts) + "</main></body></html>")
     path = Path(out) / "report.html"
     _atomic(path, lambda tmp: Path(tmp).write_text(page, encoding="utf-8"))
