@@ -20,7 +20,7 @@ def _exact_fisher(model, tokens, hook, select):
         _, cache = model.run_with_cache(row, names_filter=hook)
         base = cache[hook]
         for t in range(1, row.shape[1]):
-            def logits(delta, t=t):
+            def logits(delta, t=t, row=row):
                 def add(act, hook):
                     act = act.clone()
                     act[(0, t, *select)] += delta
