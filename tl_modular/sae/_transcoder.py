@@ -16,8 +16,9 @@ from typing import Any
 import torch
 from jaxtyping import Int
 
-from tl_modular.sae._attach import _width, check_tokens, iter_activations
-from tl_modular.sae._train import SAETrainConfig, _Batches, _shuffled, save_atomic
+from tl_modular._tokens import check_tokens
+from tl_modular.sae._attach import _width, iter_activations, save_atomic
+from tl_modular.sae._train import SAETrainConfig, _Batches, _shuffled
 
 
 def is_transcoder(sae: Any) -> bool:

@@ -29,7 +29,7 @@ import torch
 
 from tl_modular.patching import mean_writes, patch_channels, path_effect, route_effect
 from tl_modular.segmentation import segment
-from tl_modular.task import Task
+from tl_modular.tasks.task import Task
 from tl_modular.toy.generators import GENERATORS, induction
 from tl_modular.toy.vocab import N_NUMBERS, TASK_TOKENS, VOCAB
 

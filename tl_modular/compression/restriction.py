@@ -13,8 +13,8 @@ from typing import Any
 
 import torch
 
+from tl_modular.compression.statistics import read_map
 from tl_modular.segmentation import segment
-from tl_modular.statistics import read_map
 
 
 def restriction_hooks(model: Any, comp: Any, names: list[str], *, restrict_first: bool) -> list:

@@ -33,6 +33,7 @@ import torch
 from jaxtyping import Float, Int
 from tqdm.auto import tqdm
 
+from tl_modular._tokens import check_tokens, position_weights
 from tl_modular.segmentation import Channel, ChannelSet, segment
 
 __all__ = ["InputStats", "PortStats", "Statistics", "WriteStats", "collect_statistics", "read_map"]
@@ -152,30 +153,6 @@ def _batches(tokens: torch.Tensor, mask: torch.Tensor | None, batch_size: int
         yield tokens[start:start + batch_size], None if mask is None else mask[start:start + batch_size]
 
 
-def _check_tokens(model: Any, tokens: Any, attention_mask: Any) -> tuple[torch.Tensor, torch.Tensor | None]:
-    if not isinstance(tokens, torch.Tensor) or tokens.ndim != 2 or tokens.dtype not in (torch.long, torch.int):
-        raise TypeError("tokens must be a [batch, pos] integer tensor (model.to_tokens(...) gives one)")
-    if tokens.shape[0] == 0 or tokens.shape[1] < 2:
-        raise ValueError(f"need at least one sequence of two or more tokens, got shape {tuple(tokens.shape)}")
-    if tokens.shape[1] > model.cfg.n_ctx:
-        raise ValueError(f"sequences of {tokens.shape[1]} tokens exceed the model's n_ctx={model.cfg.n_ctx}; "
-                         "split them into shorter rows")
-    if tokens.min() < 0 or tokens.max() >= model.cfg.d_vocab:
-        raise ValueError(f"token ids must lie in [0, {model.cfg.d_vocab})")
-    if attention_mask is not None and attention_mask.shape != tokens.shape:
-        raise ValueError(f"attention_mask {tuple(attention_mask.shape)} must match tokens {tuple(tokens.shape)}")
-    return tokens, attention_mask
-
-
-def _weights(batch: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
-    """Token weights: 1 for real tokens after position 0, 0 for position 0 and padding."""
-    w = torch.ones(batch.shape, dtype=torch.float64, device=batch.device)
-    w[:, 0] = 0
-    if mask is not None:
-        w = w * mask.to(w)
-    return w
-
-
 def _query_moment(A: torch.Tensor, k: torch.Tensor, vc: torch.Tensor, kbar: torch.Tensor,
                   w: torch.Tensor) -> torch.Tensor:
     """``Σ_b Σ_i w_i y_i y_iᵀ`` with ``y_i = Σ_j A_ij (k_j - kbar_i) ⊗ vc_j``, without forming ``y``.
@@ -268,7 +245,7 @@ def collect_statistics(
     torch.Size([128, 128])
     """
     channels = channels or segment(model)
-    tokens, attention_mask = _check_tokens(model, tokens, attention_mask)
+    tokens, attention_mask = check_tokens(tokens, attention_mask, model=model)
     if method not in ("closed_form", "matrix_free"):
         raise ValueError(f"method must be 'closed_form' or 'matrix_free', got {method!r}")
     acc = _Accumulator(model, channels, method, n_probes, seed, names)
@@ -332,7 +309,7 @@ class _Accumulator:
         clock = time.perf_counter()
         _, cache = self.model.run_with_cache(batch, names_filter=lambda n: n in names, **kwargs)
         clock = self._tick("forward", clock)
-        w = _weights(batch, mask)
+        w = position_weights(batch, mask)
         valid = w > 0
         self.n_tokens += int(valid.sum())
         for hook in {c.input_hook for c in self.heads + self.mlps}:

@@ -1,0 +1,26 @@
+"""Compression: per-channel statistics, the low-rank read/write sides, their restriction, fidelity.
+
+- :mod:`~tl_modular.compression.statistics` — one streaming pass of input, output and Jacobian
+  moments per channel (:func:`collect_statistics`).
+- :mod:`~tl_modular.compression.compression` — :func:`compress` and :class:`Compression` (read and
+  write sides per channel, save/load, ``applied(model)``).
+- :mod:`~tl_modular.compression.restriction` — the hooks that run a model with channels restricted.
+- :mod:`~tl_modular.compression.fidelity` — CE loss recovered and KL, rank–fidelity curves.
+
+>>> comp = tlm.compress(model, tokens)                       # doctest: +SKIP
+>>> comp["L1.MLP"].read.basis.shape                           # doctest: +SKIP
+"""
+
+from tl_modular.compression.compression import ChannelCompression, Compression, ReadSpace, Side, compress
+from tl_modular.compression.fidelity import fidelity, rank_fidelity_curve
+from tl_modular.compression.statistics import (
+    InputStats,
+    PortStats,
+    Statistics,
+    WriteStats,
+    collect_statistics,
+    read_map,
+)
+
+__all__ = ["ChannelCompression", "Compression", "InputStats", "PortStats", "ReadSpace", "Side", "Statistics",
+           "WriteStats", "collect_statistics", "compress", "fidelity", "rank_fidelity_curve", "read_map"]
