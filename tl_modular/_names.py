@@ -29,8 +29,8 @@ from dataclasses import dataclass
 from typing import Literal, Protocol
 
 __all__ = [
-    "UNEMBED", "Name", "NameKind", "ReadPath", "channel_order", "head_name", "hook", "hook_layer", "mlp_name",
-    "neuron_name", "parse", "port_hook", "port_name", "split_port", "stream_index",
+    "UNEMBED", "Name", "NameKind", "ReadPath", "act_name", "bias_name", "channel_order", "head_name", "hook_layer",
+    "mlp_name", "neuron_name", "parse", "port_hook", "port_name", "split_port", "stream_index",
 ]
 
 #: The logits' port: routes into it are direct logit attribution.
@@ -69,7 +69,7 @@ class Name:
             return self.kind
         if self.head is not None:
             return head_name(self.layer, self.head)
-        return f"L{self.layer}.b_O" if self.kind == "bias" else mlp_name(self.layer)
+        return bias_name(self.layer) if self.kind == "bias" else mlp_name(self.layer)
 
     def __str__(self) -> str:
         if self.kind == "port":
@@ -126,6 +126,11 @@ def mlp_name(layer: int) -> str:
     return f"L{layer}.MLP"
 
 
+def bias_name(layer: int) -> str:
+    """``L{layer}.b_O``: the attention output bias, a channel of its own (shared by the heads)."""
+    return f"L{layer}.b_O"
+
+
 def neuron_name(layer: int, index: int) -> str:
     """``L{layer}.MLP.N{index}``."""
     return f"{mlp_name(layer)}.N{index}"
@@ -148,9 +153,9 @@ def split_port(port: str) -> tuple[str, str]:
 
 # --- hook points -----------------------------------------------------------------------------------
 
-def hook(name: str, layer: int | None = None, sub: str | None = None) -> str:
-    """TransformerLens' hook name: ``hook("resid_pre", 1)`` → ``blocks.1.hook_resid_pre``,
-    ``hook("q", 0)`` → ``blocks.0.attn.hook_q``, ``hook("normalized", 0, "ln1")`` →
+def act_name(name: str, layer: int | None = None, sub: str | None = None) -> str:
+    """TransformerLens' hook name: ``act_name("resid_pre", 1)`` → ``blocks.1.hook_resid_pre``,
+    ``act_name("q", 0)`` → ``blocks.0.attn.hook_q``, ``act_name("normalized", 0, "ln1")`` →
     ``blocks.0.ln1.hook_normalized`` (``transformer_lens.utilities.get_act_name``)."""
     from transformer_lens.utilities import get_act_name
 
@@ -183,9 +188,9 @@ def port_hook(channel: _PortReader, path: str) -> tuple[str, int | None]:
     (:func:`tl_modular.patching.split_inputs`).
     """
     if channel.kind == "head" and path in ("q", "k", "v"):
-        return hook(f"{path}_input", channel.layer), channel.head if path == "q" else channel.kv_head
+        return act_name(f"{path}_input", channel.layer), channel.head if path == "q" else channel.kv_head
     if channel.kind == "mlp" and path in ("", "in"):
-        return hook("mlp_in", channel.layer), None
+        return act_name("mlp_in", channel.layer), None
     raise ValueError(f"a {channel.kind} channel has no read path {path!r}: heads read through 'q', 'k', 'v'; "
                      "an MLP through its input")
 

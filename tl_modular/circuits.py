@@ -39,6 +39,7 @@ import torch
 from tqdm.auto import tqdm
 
 from tl_modular._io import SCHEMA_VERSION, read_versioned_json, write_json
+from tl_modular._names import split_port
 from tl_modular._stats import adjusted_rand_index, kmeans
 from tl_modular.graph import routes as _routes
 from tl_modular.graph.views import plot_circuits
@@ -79,7 +80,7 @@ class Circuit:
     @property
     def channels(self) -> set[str]:
         """Channels the circuit's routes leave from or arrive at (ports collapsed)."""
-        return {w for w, _ in self.routes} | {p.partition(":")[0] for _, p in self.routes}
+        return {w for w, _ in self.routes} | {split_port(p)[0] for _, p in self.routes}
 
     def to_json(self) -> dict[str, Any]:
         return {"category": self.category, "routes": [list(r) for r in self.routes],

@@ -27,7 +27,7 @@ from typing import Any, Literal
 import torch
 from jaxtyping import Float, Int
 
-from tl_modular._names import UNEMBED, port_hook, port_name, split_port, stream_index
+from tl_modular._names import UNEMBED, act_name, port_hook, port_name, split_port, stream_index
 from tl_modular.segmentation import Channel, ChannelSet, segment
 from tl_modular.tasks.task import Task
 
@@ -276,7 +276,7 @@ def patch_channels(model: Any, channels: ChannelSet, tokens: Int[torch.Tensor, "
         c = channels[name]
         if c.kind == "bias":
             # A bias is a constant: patch it where it enters, as a shift of the attention output.
-            by_layer_bias[f"blocks.{c.layer}.hook_attn_out"] = source[name] - c.weights["b_O"].detach()
+            by_layer_bias[act_name("attn_out", c.layer)] = source[name] - c.weights["b_O"].detach()
             continue
 
         w_o = c.weights["W_O"].detach() if c.kind == "head" else None

@@ -12,7 +12,7 @@
 """
 
 from tl_modular.compression.compression import ChannelCompression, Compression, ReadSpace, Side, compress
-from tl_modular.compression.fidelity import fidelity, rank_fidelity_curve
+from tl_modular.compression.fidelity import rank_fidelity_curve
 from tl_modular.compression.statistics import (
     InputStats,
     PortStats,
@@ -23,4 +23,4 @@ from tl_modular.compression.statistics import (
 )
 
 __all__ = ["ChannelCompression", "Compression", "InputStats", "PortStats", "ReadSpace", "Side", "Statistics",
-           "WriteStats", "collect_statistics", "compress", "fidelity", "rank_fidelity_curve", "read_map"]
+           "WriteStats", "collect_statistics", "compress", "rank_fidelity_curve", "read_map"]

@@ -38,6 +38,8 @@ from jaxtyping import Float, Int
 
 from tl_modular._io import read_json, read_safetensors, write_json, write_safetensors
 from tl_modular._models import fingerprint
+from tl_modular.compression.fidelity import fidelity
+from tl_modular.compression.restriction import restriction_hooks
 from tl_modular.compression.statistics import Statistics, collect_statistics, read_map
 from tl_modular.errors import UnsupportedModelError
 from tl_modular.segmentation import ChannelSet, segment
@@ -229,8 +231,6 @@ class Compression:
         ``restrict_first``.
         """
         self.check_model(model)
-        from tl_modular.compression.restriction import restriction_hooks
-
         names = list(self.channels) if channels is None else list(channels)
         for n in names:
             self[n]
@@ -246,8 +246,6 @@ class Compression:
 
     def fidelity(self, model: Any, tokens: Int[torch.Tensor, "batch pos"], **kwargs: Any) -> dict[str, float]:
         """Clean, compressed and mean-ablated CE loss, CE loss recovered and KL to the clean model."""
-        from tl_modular.compression.fidelity import fidelity
-
         return fidelity(model, self, tokens, **kwargs)
 
     def factored(self, model: Any, name: str, circuit: Literal["OV", "QK"] = "OV") -> Any:

@@ -33,6 +33,7 @@ import torch
 from jaxtyping import Float, Int
 from tqdm.auto import tqdm
 
+from tl_modular._names import act_name
 from tl_modular._tokens import check_tokens, position_weights
 from tl_modular.segmentation import Channel, ChannelSet, segment
 
@@ -290,14 +291,13 @@ class _Accumulator:
         for c in self.heads + self.mlps:
             names.add(c.input_hook)
         for l in {c.layer for c in self.heads}:
-            a = f"blocks.{l}.attn."
-            names |= {a + "hook_q", a + "hook_k", a + "hook_v", a + "hook_pattern", a + "hook_z"}
+            names |= {act_name(k, l) for k in ("q", "k", "v", "pattern", "z")}
             if self.cfg.positional_embedding_type == "rotary":
-                names |= {a + "hook_rot_q", a + "hook_rot_k"}
+                names |= {act_name("rot_q", l), act_name("rot_k", l)}
         for c in self.mlps:
-            names |= {f"blocks.{c.layer}.mlp.hook_pre", f"blocks.{c.layer}.hook_mlp_out"}
+            names |= {act_name("pre", c.layer), act_name("mlp_out", c.layer)}
             if self.cfg.gated_mlp:
-                names.add(f"blocks.{c.layer}.mlp.hook_pre_linear")
+                names.add(act_name("pre_linear", c.layer))
         return sorted(names)
 
     def _add(self, store: dict, key: Any, value: torch.Tensor) -> None:
@@ -329,21 +329,20 @@ class _Accumulator:
 
     # --- heads ----------------------------------------------------------------------------
     def _add_heads(self, layer: int, cache: Any, w: torch.Tensor, mask: torch.Tensor | None) -> None:
-        a = f"blocks.{layer}.attn."
         attn = self.model.blocks[layer].attn
         heads = [c for c in self.heads if c.layer == layer]
-        z = cache[a + "hook_z"].to(torch.float64)                       # [b, n, h, d]
+        z = cache[act_name("z", layer)].to(torch.float64)                       # [b, n, h, d]
         valid = w > 0
         for c in heads:
             self.src.setdefault(c.name, _Sum()).add(z[:, :, c.head][valid])
         if self.head_method == "matrix_free":
             self._add_heads_matrix_free(layer, heads, cache, w, mask)
             return
-        pattern = cache[a + "hook_pattern"].to(torch.float64)           # [b, h, i, j]
+        pattern = cache[act_name("pattern", layer)].to(torch.float64)           # [b, h, i, j]
         rotary = self.cfg.positional_embedding_type == "rotary"
-        q = cache[a + ("hook_rot_q" if rotary else "hook_q")].to(torch.float64)
-        k = cache[a + ("hook_rot_k" if rotary else "hook_k")].to(torch.float64)
-        v = cache[a + "hook_v"].to(torch.float64)
+        q = cache[act_name("rot_q" if rotary else "q", layer)].to(torch.float64)
+        k = cache[act_name("rot_k" if rotary else "k", layer)].to(torch.float64)
+        v = cache[act_name("v", layer)].to(torch.float64)
         scale = _attn_scale(self.model, layer)
         n = q.shape[1]
         rot = self._rotation(layer, attn, n) if rotary else None
@@ -384,9 +383,8 @@ class _Accumulator:
     def _add_heads_matrix_free(self, layer: int, heads: list[Channel], cache: Any, w: torch.Tensor,
                                mask: torch.Tensor | None) -> None:
         """Hutchinson estimate: random cotangents on every head's write, gradients at q, k, v."""
-        a = f"blocks.{layer}.attn."
         attn = self.model.blocks[layer].attn
-        leaves = {p: cache[a + f"hook_{p}"].detach().clone().requires_grad_(True) for p in "qkv"}
+        leaves = {p: cache[act_name(p, layer)].detach().clone().requires_grad_(True) for p in "qkv"}
         z_out: dict[str, torch.Tensor] = {}
 
         def replace(p: str):
@@ -396,7 +394,7 @@ class _Accumulator:
             z_out["z"] = act
 
         y = cache[heads[0].input_hook]
-        hooks = [(a + f"hook_{p}", replace(p)) for p in "qkv"] + [(a + "hook_z", keep_z)]
+        hooks = [(act_name(p, layer), replace(p)) for p in "qkv"] + [(act_name("z", layer), keep_z)]
         kwargs = {} if mask is None else {"attention_mask": mask}
         with torch.enable_grad(), self.model.hooks(fwd_hooks=hooks):
             attn(query_input=y, key_input=y, value_input=y, **kwargs)
@@ -418,7 +416,7 @@ class _Accumulator:
     def _add_mlp(self, c: Channel, cache: Any, valid: torch.Tensor) -> None:
         l = c.layer
         y = cache[c.input_hook][valid]
-        out = cache[f"blocks.{l}.hook_mlp_out"][valid]
+        out = cache[act_name("mlp_out", l)][valid]
         self.src.setdefault(c.name, _Sum()).add(out)
         yd, od = y.to(torch.float64), out.to(torch.float64)
         self._add(self.cross, c.name, yd.T @ od)
@@ -441,12 +439,12 @@ class _Accumulator:
 
     def _mlp_slopes(self, c: Channel, cache: Any, valid: torch.Tensor, mlp: Any) -> torch.Tensor:
         """Per-token slopes s with J = W_in' diag(s) W_out' (stacked for gated MLPs)."""
-        pre = cache[f"blocks.{c.layer}.mlp.hook_pre"][valid]
+        pre = cache[act_name("pre", c.layer)][valid]
         ones = torch.ones_like(pre)
         act, slope = torch.func.jvp(_act_fn(self.model, mlp), (pre,), (ones,))
         if not self.cfg.gated_mlp:
             return slope.to(torch.float64)
-        lin = cache[f"blocks.{c.layer}.mlp.hook_pre_linear"][valid]
+        lin = cache[act_name("pre_linear", c.layer)][valid]
         return torch.cat([slope * lin, act], dim=-1).to(torch.float64)
 
     # --- results --------------------------------------------------------------------------

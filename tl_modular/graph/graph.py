@@ -50,10 +50,12 @@ from jaxtyping import Int
 
 from tl_modular._io import SCHEMA_VERSION, read_versioned_json, write_json
 from tl_modular._models import fingerprint
+from tl_modular._names import channel_order, parse, split_port
 from tl_modular._stats import spearman
 from tl_modular._tokens import check_tokens
 from tl_modular.graph import mincut as _mincut
 from tl_modular.graph import routes as _routes
+from tl_modular.graph import views
 from tl_modular.graph.mincut import Backend, Split
 from tl_modular.segmentation import ChannelSet, segment
 
@@ -264,7 +266,7 @@ class ChannelGraph:
             groups: dict[tuple, list[int]] = {}
             for i, (w, port) in enumerate(keys):
                 owner = self.owner(port)
-                path = port.partition(":")[2] or self.nx.nodes[owner]["kind"]
+                path = split_port(port)[1] or self.nx.nodes[owner]["kind"]
                 groups.setdefault((self.nx.nodes[w]["layer"], self.nx.nodes[owner]["layer"], path), []).append(i)
             values = np.array([routes[k] for k in keys])
 
@@ -383,6 +385,8 @@ class ChannelGraph:
         """Per-category circuits: ``{name: Task or [batch, pos] tokens}`` → :class:`~tl_modular.circuits.CircuitSet`
         (attribution scores per example, greedy growth verified by route patching, bootstrap
         intervals; see :func:`tl_modular.circuits.find_circuits` for the options)."""
+        # the one call up the data flow: a convenience for tlm.circuits.find_circuits(graph, ...), which
+        # builds on the graph (so it is imported here, not at module level)
         from tl_modular.circuits import find_circuits
         return find_circuits(self, model, categories, **kwargs)
 
@@ -427,20 +431,17 @@ class ChannelGraph:
 
     def to_graphml(self, path: str | os.PathLike) -> Path:
         """Export to GraphML (networkx), e.g. for Gephi or Cytoscape."""
-        from tl_modular.graph.views import write_graphml
-        return write_graphml(self, Path(path))
+        return views.write_graphml(self, Path(path))
 
     def to_dot(self, path: str | os.PathLike, *, weight: Weight | None = None, modules=None) -> Path:
         """Export the channel-level graph to Graphviz DOT, modules as clusters."""
-        from tl_modular.graph.views import write_dot
-        return write_dot(self, Path(path), weight=weight or self.weight, modules=modules)
+        return views.write_dot(self, Path(path), weight=weight or self.weight, modules=modules)
 
     def plot(self, path: str | os.PathLike | None = None, *, weight: Weight | None = None,
              modules: Sequence[frozenset] | None = None, top: float = 0.9, ax: Any = None) -> Any:
         """Draw channels by stream position, modules coloured, edge widths by strength (the routes
         carrying the ``top`` fraction of all strength). Saves to ``path`` when given; returns the axes."""
-        from tl_modular.graph.views import plot
-        return plot(self, None if path is None else Path(path), weight=weight or self.weight,
+        return views.plot(self, None if path is None else Path(path), weight=weight or self.weight,
                     modules=modules, top=top, ax=ax)
 
 
@@ -500,7 +501,7 @@ def build_graph(comp: Any, model: Any | None = None, tokens: Int[torch.Tensor, "
         if r.port == "unembed":
             g.add_node("unembed", kind="sink", layer=_layers(comp, channels), order=math.inf)
         elif r.port != r.channel:
-            g.add_node(r.port, kind="port", channel=r.channel, path=r.port.partition(":")[2],
+            g.add_node(r.port, kind="port", channel=r.channel, path=split_port(r.port)[1],
                        layer=g.nodes[r.channel]["layer"], order=g.nodes[r.channel]["order"] - 0.25,
                        read_rank=int(len(r.spectrum)), read_energy=float(r.spectrum.sum()))
             g.add_edge(r.port, r.channel, kind="port")
@@ -521,18 +522,17 @@ def build_graph(comp: Any, model: Any | None = None, tokens: Int[torch.Tensor, "
 def _layers(comp: Any, channels: ChannelSet | None) -> int:
     if channels is not None:
         return channels.model.cfg.n_layers
-    return 1 + max(int(n.split(".")[0][1:]) for n in comp)
+    return 1 + max(parse(n).layer for n in comp)
 
 
 def _node_attrs(name: str, comp: Any, channels: ChannelSet | None) -> dict[str, Any]:
     if name in ("embed", "pos_embed"):
         return {"kind": name, "layer": -1, "order": -1.0}
     cc = comp[name]
-    layer_part, _, rest = name.partition(".")
-    layer = int(layer_part[1:])
-    attrs: dict[str, Any] = {"kind": cc.kind, "layer": layer, "order": 2.0 * layer + (1.0 if cc.kind == "mlp" else 0.0)}
+    parsed = parse(name)
+    attrs: dict[str, Any] = {"kind": cc.kind, "layer": parsed.layer, "order": channel_order(name, reading=True)}
     if cc.kind == "head":
-        attrs["head"] = int(rest[1:])
+        attrs["head"] = parsed.head
     spec = cc.write.spectrum[: cc.write.rank]
     attrs.update(write_rank=int(cc.write.rank), write_energy=float(spec.sum()),
                  write_effective_rank=_effective_rank(spec))

@@ -56,7 +56,7 @@ from tqdm.auto import tqdm
 
 from tl_modular._aio import run_sync
 from tl_modular._io import SCHEMA_VERSION, read_json, read_safetensors, write_json, write_safetensors
-from tl_modular._names import neuron_name
+from tl_modular._names import act_name, hook_layer, neuron_name
 from tl_modular._tokens import check_tokens, valid_positions
 from tl_modular.tasks.task import Task
 from tl_modular.training.trainer import evaluate, task_loss
@@ -285,7 +285,7 @@ def _frozen_names(model: Any, layer: int) -> list[str]:
     out = []
     for name, _ in model.named_parameters():
         if name.startswith("blocks."):
-            if int(name.split(".")[1]) <= layer:
+            if hook_layer(name) <= layer:          # parameters are named like hooks: blocks.{l}....
                 out.append(name)
         elif not name.startswith(("unembed", "ln_final")):
             out.append(name)          # embeddings (token, positional)
@@ -301,7 +301,7 @@ def _freeze(model: Any, names: Sequence[str]) -> None:
 def _acts(model: Any, layer: int, tokens: torch.Tensor, mask: torch.Tensor | None, idx: torch.Tensor,
           batch_size: int = 64) -> Float[torch.Tensor, "batch pos k"]:
     """Activations of neurons ``idx`` of ``layer`` (no grad), batched."""
-    hook = f"blocks.{layer}.mlp.hook_post"
+    hook = act_name("post", layer)
     device = next(model.parameters()).device
     out = []
     with torch.no_grad():
@@ -695,7 +695,7 @@ class _Match:
             return act
 
         kw = {"attention_mask": self.mask[pick]} if self.mask is not None else {}
-        with model.hooks(fwd_hooks=[(f"blocks.{self.layer}.mlp.hook_post", keep)]):
+        with model.hooks(fwd_hooks=[(act_name("post", self.layer), keep)]):
             model(self.tokens[pick], stop_at_layer=self.layer + 1, **kw)
         act = got["act"][..., self.idx]
         w = self.weight[pick]

@@ -18,6 +18,8 @@ from typing import Any
 
 import torch
 
+from tl_modular.compression.compression import compress
+from tl_modular.graph.graph import build_graph
 from tl_modular.tasks.task import Task
 from tl_modular.training.modularity import ModularityLoss, _params, _spec, alignment_matrix
 from tl_modular.training.trainer import TrainConfig
@@ -36,13 +38,11 @@ def graph_modularity(model: Any, tokens: torch.Tensor, *, attention_mask: torch.
     ``modules=`` (e.g. the loss's), ``"z_modules"`` and ``"Q_modules"``: the same score for that
     fixed partition (``graph.modularity(modules=...)``).
     """
-    import tl_modular as tlm
-
     was_training = model.training
     model.eval()
     try:
-        comp = tlm.compress(model, tokens, attention_mask=attention_mask, progress=False)
-        graph = tlm.build_graph(comp, model=model, tokens=tokens, attention_mask=attention_mask,
+        comp = compress(model, tokens, attention_mask=attention_mask, progress=False)
+        graph = build_graph(comp, model=model, tokens=tokens, attention_mask=attention_mask,
                                 loss_mask=loss_mask, metric=metric, progress=False)
         res = graph.modularity(n_null=n_null, n_modules=n_modules, seed=seed, progress=False)
         fixed = graph.modularity(n_null=n_null, seed=seed, modules=modules, progress=False) if modules else None
