@@ -24,6 +24,7 @@ Name(kind='port', layer=1, head=3, path='q', index=None)
 
 from __future__ import annotations
 
+import functools
 import re
 from dataclasses import dataclass
 from typing import Literal, Protocol
@@ -81,6 +82,7 @@ class Name:
         return self.channel
 
 
+@functools.lru_cache(maxsize=65536)   # names repeat in hot loops (route validity); Name is frozen
 def parse(name: str) -> Name:
     """Parse a channel, port, neuron or direction name.
 
@@ -153,6 +155,7 @@ def split_port(port: str) -> tuple[str, str]:
 
 # --- hook points -----------------------------------------------------------------------------------
 
+@functools.lru_cache(maxsize=4096)    # a model has few hook names; patching asks for them per route
 def act_name(name: str, layer: int | None = None, sub: str | None = None) -> str:
     """TransformerLens' hook name: ``act_name("resid_pre", 1)`` → ``blocks.1.hook_resid_pre``,
     ``act_name("q", 0)`` → ``blocks.0.attn.hook_q``, ``act_name("normalized", 0, "ln1")`` →
