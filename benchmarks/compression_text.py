@@ -74,9 +74,9 @@ def main() -> None:
     torch.set_num_threads(args.threads)
 
     import tl_modular as tlm
-    from tl_modular.fidelity import _Reference
-    from tl_modular.fisher import collect_fisher
-    from tl_modular.statistics import collect_statistics
+    from tl_modular.compression.fidelity import _Reference
+    from tl_modular.compression.fisher import collect_fisher
+    from tl_modular.compression.statistics import collect_statistics
 
     model = tlm.textlm.load_model()
     fit = tlm.textlm.tokens("train", args.fit_tokens, args.seq_len)

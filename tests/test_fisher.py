@@ -7,7 +7,7 @@ import torch
 
 from tl_modular._models import count_hooks, fingerprint
 from tl_modular.compression import compress
-from tl_modular.fisher import collect_fisher
+from tl_modular.compression.fisher import collect_fisher
 from tl_modular.testing import tiny_model
 
 

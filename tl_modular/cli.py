@@ -127,7 +127,7 @@ def _labeler(args: argparse.Namespace) -> tuple[Any, Any]:
         from tl_modular.labeling import OpenAILabeler
     except ImportError as e:
         raise UsageError(f"the OpenAI labeler is not available in this installation ({e})") from None
-    from tl_modular.labeling._client import ClientConfig
+    from tl_modular.labeling import ClientConfig
 
     if args.llm_concurrency < 1:
         raise UsageError("--llm-concurrency must be at least 1")
@@ -308,7 +308,7 @@ def _diff(args: argparse.Namespace) -> int:
         if not (Path(d) / "graph.json").exists():
             raise UsageError(f"{d} is not a report directory (no graph.json): run `tl-modular analyze --out {d}`")
     try:
-        from tl_modular.diff import diff
+        from tl_modular.diffing import diff
     except ImportError:
         raise UsageError("model diffing is not available in this version") from None
     from tl_modular.compression import Compression

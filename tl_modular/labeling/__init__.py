@@ -13,7 +13,8 @@ prediction (correlation, detection, fuzzing) against a random-label baseline.
 >>> labels = tlm.label(tlm.labeling.neurons(model, 0), model, tokens)        # doctest: +SKIP
 """
 
-from tl_modular.labeling._evidence import Context, Evidence, EvidenceConfig, collect_evidence, str_tokens
+from tl_modular.labeling._client import BudgetExceeded, ClientConfig, LLMError
+from tl_modular.labeling._evidence import Context, Evidence, EvidenceConfig, collect_evidence, split_rows, str_tokens
 from tl_modular.labeling._labelers import (
     Explanation,
     Labeler,
@@ -38,10 +39,13 @@ from tl_modular.labeling._units import (
 )
 
 __all__ = [
+    "BudgetExceeded",
+    "ClientConfig",
     "Context",
     "Evidence",
     "EvidenceConfig",
     "Explanation",
+    "LLMError",
     "Label",
     "Labeler",
     "Labels",
@@ -61,6 +65,7 @@ __all__ = [
     "neurons",
     "offline_chat_model",
     "score",
+    "split_rows",
     "str_tokens",
     "units_for",
 ]

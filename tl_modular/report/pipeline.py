@@ -144,7 +144,7 @@ def analyze(inputs: Inputs, out: str | os.PathLike, config: AnalyzeConfig | None
     import tl_modular as tlm
     from tl_modular.circuits import CircuitSet
     from tl_modular.compression import Compression
-    from tl_modular.fidelity import rank_fidelity_curve
+    from tl_modular.compression.fidelity import rank_fidelity_curve
     from tl_modular.graph import ChannelGraph
     from tl_modular.report.html import render
 

@@ -24,8 +24,7 @@ from tl_modular.toy.generators import (
     sorting,
 )
 from tl_modular.toy.model import BUNDLED_DIR, info, load_model, save_model
-from tl_modular.toy.superposition import Superposition, train_superposition
-from tl_modular.toy.training import (
+from tl_modular.toy.recipe import (
     TrainConfig,
     TrainResult,
     default_config,
@@ -34,6 +33,7 @@ from tl_modular.toy.training import (
     train,
     training_tasks,
 )
+from tl_modular.toy.superposition import Superposition, train_superposition
 from tl_modular.toy.vocab import N_NUMBERS, TASK_TOKENS, VOCAB, decode, encode, token_id
 
 __all__ = [

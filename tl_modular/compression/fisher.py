@@ -14,7 +14,7 @@ write="fisher")`` keeps the directions that matter to the output, and their spec
 same unit everywhere (twice the KL a dropped direction costs), so a budget is spent where it
 buys the most fidelity across all channels.
 
->>> fisher = tlm.fisher.collect_fisher(model, tokens)          # doctest: +SKIP
+>>> fisher = tlm.compression.collect_fisher(model, tokens)          # doctest: +SKIP
 >>> fisher.writes["blocks.1.hook_mlp_out"].shape               # doctest: +SKIP
 torch.Size([192, 192])
 """
@@ -29,6 +29,9 @@ import torch
 from jaxtyping import Float, Int
 from tqdm.auto import tqdm
 
+from tl_modular._names import act_name
+from tl_modular._tokens import check_tokens, position_weights
+from tl_modular.compression.statistics import read_map
 from tl_modular.segmentation import ChannelSet, segment
 
 __all__ = ["FisherStats", "collect_fisher"]
@@ -72,21 +75,20 @@ def collect_fisher(model: Any, tokens: Int[torch.Tensor, "batch pos"], channels:
     """
     import time
 
-    from tl_modular.statistics import _check_tokens, _weights, read_map
-
     started = time.perf_counter()
     channels = channels or segment(model)
-    tokens, attention_mask = _check_tokens(model, tokens, attention_mask)
+    tokens, attention_mask = check_tokens(tokens, attention_mask, model=model)
     chosen = [channels[n] for n in names] if names is not None else channels.of_kind("head", "mlp")
     heads = [c for c in chosen if c.kind == "head"]
     mlps = [c for c in chosen if c.kind == "mlp"]
     layers = sorted({c.layer for c in chosen})
     cfg = model.cfg
-    write_hooks = [f"blocks.{l}.hook_{k}_out" for l in layers for k in ("attn", "mlp")]
-    head_hooks = sorted({f"blocks.{c.layer}.attn.hook_{p}" for c in heads for p in "qkv"})
-    mlp_ports = {c.name: [("hook_pre", "gate" if cfg.gated_mlp else "in")]
-                 + ([("hook_pre_linear", "in")] if cfg.gated_mlp else []) for c in mlps}
-    mlp_hooks = sorted({f"blocks.{c.layer}.mlp.{h}" for c in mlps for h, _ in mlp_ports[c.name]})
+    write_hooks = [act_name(f"{k}_out", l) for l in layers for k in ("attn", "mlp")]
+    head_hooks = sorted({act_name(p, c.layer) for c in heads for p in "qkv"})
+    # an MLP's read ports: its pre-activation (the gate's, for gated MLPs) and the linear branch
+    mlp_ports = {c.name: [(act_name("pre", c.layer), "gate" if cfg.gated_mlp else "in")]
+                 + ([(act_name("pre_linear", c.layer), "in")] if cfg.gated_mlp else []) for c in mlps}
+    mlp_hooks = sorted({h for c in mlps for h, _ in mlp_ports[c.name]})
     hooks = write_hooks + head_hooks + mlp_hooks
     maps = {(c.name, port): read_map(c, port).to(cfg.device) for c in mlps for _, port in mlp_ports[c.name]}
     sums: dict[Any, torch.Tensor] = {}
@@ -111,7 +113,7 @@ def collect_fisher(model: Any, tokens: Int[torch.Tensor, "batch pos"], channels:
             acts[hook.name] = act
 
         kwargs = {} if mask is None else {"attention_mask": mask}
-        fwd = [("hook_embed", start_graph)] + [(h, grab) for h in hooks]
+        fwd = [(act_name("embed"), start_graph)] + [(h, grab) for h in hooks]
         with torch.enable_grad(), model.hooks(fwd_hooks=fwd):
             logits = model(batch, **kwargs).float()
             logp = logits[:, :-1].log_softmax(-1)
@@ -122,7 +124,7 @@ def collect_fisher(model: Any, tokens: Int[torch.Tensor, "batch pos"], channels:
                 picked = picked * mask[:, 1:].to(picked)
             ordered = [acts[h] for h in hooks]
             grads = dict(zip(hooks, torch.autograd.grad(picked.sum(), ordered, allow_unused=True), strict=True))
-        w = _weights(batch, mask)                                   # 0 at position 0 and padding
+        w = position_weights(batch, mask)                                   # 0 at position 0 and padding
         n_tokens += float(w.sum())
         for h in write_hooks:
             if grads[h] is not None:
@@ -133,8 +135,8 @@ def collect_fisher(model: Any, tokens: Int[torch.Tensor, "batch pos"], channels:
                 g = grads[h].to(torch.float64) * w[..., None, None].sqrt()          # [b, p, n_heads, d_head]
                 add(h, torch.einsum("bphi,bphj->hij", g, g))
         for c in mlps:
-            g_in = sum(grads[f"blocks.{c.layer}.mlp.{h}"].to(torch.float64) @ maps[(c.name, port)].T
-                       for h, port in mlp_ports[c.name])                            # [b, p, d_model]
+            g_in = sum(grads[h].to(torch.float64) @ maps[(c.name, port)].T
+                       for h, port in mlp_ports[c.name])                              # [b, p, d_model]
             g_in = g_in * w[..., None].sqrt()
             add(("mlp", c.name), torch.einsum("bpi,bpj->ij", g_in, g_in))
     if n_tokens == 0:
@@ -144,7 +146,7 @@ def collect_fisher(model: Any, tokens: Int[torch.Tensor, "batch pos"], channels:
     for c in heads:
         for p in "qkv":
             index = c.head if p == "q" else c.kv_head
-            ports[(c.name, p)] = sums[f"blocks.{c.layer}.attn.hook_{p}"][index] / n_tokens
+            ports[(c.name, p)] = sums[act_name(p, c.layer)][index] / n_tokens
     for c in mlps:
         ports[(c.name, "in")] = sums[("mlp", c.name)] / n_tokens
     return FisherStats(writes, ports, int(n_tokens), time.perf_counter() - started, [c.name for c in chosen])

@@ -20,6 +20,9 @@ import torch
 from jaxtyping import Int
 from tqdm.auto import tqdm
 
+from tl_modular._tokens import check_tokens
+from tl_modular.compression.restriction import restriction_hooks
+
 __all__ = ["refine"]
 
 
@@ -44,11 +47,8 @@ def refine(comp: Any, model: Any, tokens: Int[torch.Tensor, "batch pos"], *, ste
         A Compression with the same ranks; refined sides record ``statistic="<closed form>+refined"``
         and ``config["refined"]`` the settings and the KL before and after.
     """
-    from tl_modular._restriction import restriction_hooks
-    from tl_modular.statistics import _check_tokens
-
     comp.check_model(model)
-    tokens, attention_mask = _check_tokens(model, tokens, attention_mask)
+    tokens, attention_mask = check_tokens(tokens, attention_mask, model=model)
     if not isinstance(steps, int) or steps < 1:
         raise ValueError(f"steps must be a positive integer, got {steps!r}")
     device = model.cfg.device
@@ -95,9 +95,7 @@ def refine(comp: Any, model: Any, tokens: Int[torch.Tensor, "batch pos"], *, ste
         if key == "write":
             channels[name] = replace(c, write=new)
         else:
-            from tl_modular.compression import ReadSpace
-
-            channels[name] = replace(c, read=ReadSpace({**dict(c.read), key[5:]: new}))
+            channels[name] = replace(c, read=type(c.read)({**dict(c.read), key[5:]: new}))   # a ReadSpace
     tail = max(1, steps // 10)
     config = {**comp.config, "refined": {"steps": steps, "lr": lr, "batch_size": batch_size, "seed": seed,
                                          "kl_first": history[0], "kl_last": sum(history[-tail:]) / tail}}

@@ -38,9 +38,14 @@ from jaxtyping import Float, Int
 
 from tl_modular._io import read_json, read_safetensors, write_json, write_safetensors
 from tl_modular._models import fingerprint
+from tl_modular._names import act_name
+from tl_modular.compression.fidelity import fidelity
+from tl_modular.compression.fisher import FisherStats, collect_fisher
+from tl_modular.compression.refine import refine
+from tl_modular.compression.restriction import restriction_hooks
+from tl_modular.compression.statistics import Statistics, collect_statistics, read_map
 from tl_modular.errors import UnsupportedModelError
 from tl_modular.segmentation import ChannelSet, segment
-from tl_modular.statistics import Statistics, collect_statistics, read_map
 
 __all__ = ["ChannelCompression", "Compression", "ReadSpace", "Side", "compress"]
 
@@ -229,8 +234,6 @@ class Compression:
         ``restrict_first``.
         """
         self.check_model(model)
-        from tl_modular._restriction import restriction_hooks
-
         names = list(self.channels) if channels is None else list(channels)
         for n in names:
             self[n]
@@ -241,10 +244,8 @@ class Compression:
     def refined(self, model: Any, tokens: Int[torch.Tensor, "batch pos"], *, steps: int = 300, **kwargs: Any
                 ) -> Compression:
         """A copy whose kept directions are fitted end to end against the clean model's KL, ranks
-        fixed (:func:`tl_modular.refine.refine`). Choose ranks first: ``truncated`` afterwards
+        fixed (:func:`tl_modular.compression.refine.refine`). Choose ranks first: ``truncated`` afterwards
         keeps the refined directions but the added ones come from the closed form."""
-        from tl_modular.refine import refine
-
         return refine(self, model, tokens, steps=steps, **kwargs)
 
     def check_model(self, model: Any) -> None:
@@ -255,8 +256,6 @@ class Compression:
 
     def fidelity(self, model: Any, tokens: Int[torch.Tensor, "batch pos"], **kwargs: Any) -> dict[str, float]:
         """Clean, compressed and mean-ablated CE loss, CE loss recovered and KL to the clean model."""
-        from tl_modular.fidelity import fidelity
-
         return fidelity(model, self, tokens, **kwargs)
 
     def factored(self, model: Any, name: str, circuit: Literal["OV", "QK"] = "OV") -> Any:
@@ -393,7 +392,7 @@ def _write_side(c: Any, stats: Statistics, statistic: WriteStatistic, fisher: An
         # minimise E[δ F δᵀ] over the write's deviations δ: PCA of the output in the metric of the
         # Fisher at the layer's output (the oblique projector of _from_factor with the roles of
         # data and sensitivity exchanged: factor F^{1/2}, weighted by the output covariance)
-        hook = f"blocks.{c.layer}.hook_{'attn' if c.kind == 'head' else 'mlp'}_out"
+        hook = act_name("attn_out" if c.kind == "head" else "mlp_out", c.layer)
         cov = w.cov_write()
         enc, dec, spec = _from_factor(_factor(fisher.writes[hook]), _sym_sqrt(cov))
         return Side(enc, dec, w.mean_write(), spec, False, statistic, enc.shape[1], "write")
@@ -450,7 +449,7 @@ def _allocate(sides: Mapping[tuple[str, str], Side], budget: int) -> dict[tuple[
     # to their side's total — a channel's small-variance directions can carry what a task needs
     # (bracket depth at one position), and relative spectra allocate like a per-side energy
     # threshold, which measured better on the bundled model than raw squared-output units.
-    absolute = all(s.statistic == "fisher" for s in sides.values())
+    absolute = all(s.statistic.startswith("fisher") for s in sides.values())
     values = [(float(v if absolute else v / s.spectrum.sum()), key) for key, s in sides.items()
               if s.spectrum.sum() > 0 for v in s.spectrum]
     values.sort(key=lambda t: -t[0])
@@ -471,7 +470,7 @@ def compress(
     rank: int | None = None,
     budget: int | Mapping[str, int] | None = None,
     statistics: Statistics | None = None,
-    fisher: Any = None,
+    fisher: FisherStats | None = None,
     attention_mask: Int[torch.Tensor, "batch pos"] | None = None,
     batch_size: int = 16,
     method: Literal["closed_form", "matrix_free"] = "closed_form",
@@ -512,8 +511,6 @@ def compress(
     if "fisher" in (read, write) and fisher is None:
         if tokens is None:
             raise ValueError("read/write='fisher' needs tokens (or precomputed fisher=)")
-        from tl_modular.fisher import collect_fisher
-
         fisher = collect_fisher(model, tokens, chans, names=names, attention_mask=attention_mask,
                                 batch_size=batch_size, progress=progress)
     out, roots = {}, {}
