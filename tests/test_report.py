@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import re
@@ -21,12 +22,12 @@ from tl_modular.testing import tiny_model
 IDS = ("summary", "graph", "modules", "rank-fidelity", "circuits", "polysemanticity", "labels")
 
 
-def _sae(d_in: int, hook: str):
+def _sae(d_in: int, hook: str, seed: int = 0):
     from sae_lens import StandardSAE, StandardSAEConfig
 
     cfg = StandardSAEConfig(d_in=d_in, d_sae=32)
     cfg.metadata.hook_name = hook
-    torch.manual_seed(0)
+    torch.manual_seed(seed)
     return StandardSAE(cfg)
 
 
@@ -36,7 +37,7 @@ def tiny_report(tmp_path_factory):
     tokens = torch.randint(0, 50, (24, 10), generator=torch.Generator().manual_seed(0))
     saes = tlm.sae.SAESet([_sae(model.cfg.d_model, "blocks.1.hook_resid_mid")])
     inputs = report.Inputs(model=model, tokens=tokens, name="tiny <b>gpt2</b>", categories={"all": tokens[:16]},
-                           saes=saes)
+                           saes=saes, modules={"modules": [["L0.H0", "L1.H0"]], "source": "a test partition"})
     cfg = report.AnalyzeConfig(n_null=5, budgets=3, n_boot=10, n_random=2, batch_size=8)
     out = tmp_path_factory.mktemp("report")
     path = report.analyze(inputs, out, cfg, progress=False)
@@ -53,6 +54,9 @@ def test_analyze_writes_every_artifact_and_reuses_them(tiny_report):
     summary = json.loads((out / "summary.json").read_text())
     assert summary["model_fingerprint"] == tlm._models.fingerprint(inputs.model)
     assert set(summary["circuits"]["categories"]) == {"all"}
+    given = json.loads((out / "modules.json").read_text())["given"]      # the given partition, scored
+    assert given["modules"] == [["L0.H0", "L1.H0"]] and given["source"] == "a test partition"
+    assert set(given["modularity"]["Q"]) >= {"value", "z", "p"}
     assert summary["polysemanticity"]["rows"]
     # a second run with the same model, data and settings recomputes nothing
     report.analyze(inputs, out, cfg, progress=False)
@@ -75,6 +79,11 @@ def test_analyze_writes_every_artifact_and_reuses_them(tiny_report):
         _complete_labels(bad)
     # other settings make another key
     assert report.cache_key(inputs, cfg) != report.cache_key(inputs, report.AnalyzeConfig(n_null=6))
+    # so do other SAE weights at the same hook, and a given partition to test
+    retrained = tlm.sae.SAESet([_sae(inputs.model.cfg.d_model, "blocks.1.hook_resid_mid", seed=1)])
+    assert report.cache_key(dataclasses.replace(inputs, saes=retrained), cfg) != report.cache_key(inputs, cfg)
+    given = dataclasses.replace(inputs, modules={"modules": [["L0.H0", "L1.H0"]], "source": "test"})
+    assert report.cache_key(given, cfg) != report.cache_key(inputs, cfg)
 
 
 def _embedded(page: str) -> dict:

@@ -46,6 +46,15 @@ def test_accuracy_on_every_task(model, facts):
         assert facts["accuracy"][task] >= 0.95
 
 
+def test_read_write_alignment_stays_inside_the_modules(model, facts):
+    from tl_modular.training import ModularityLoss
+
+    plain, modular = ModularityLoss(), ModularityLoss()
+    plain.assign(toy.load_model(), facts["loss_modules"])
+    modular.assign(model, facts["loss_modules"])
+    assert modular.cross_fraction(model) <= 0.01 < 0.5 <= plain.cross_fraction(toy.load_model())
+
+
 def test_the_loss_modules_are_significant_on_the_graph(graph, facts):
     modules = facts["loss_modules"]
     assert len([m for m in modules if len(m) >= 2]) >= 3

@@ -100,7 +100,9 @@ def cache_key(inputs: Inputs, config: AnalyzeConfig) -> str:
     parts = {"model": fingerprint(inputs.model), "tokens": _digest(inputs.tokens, inputs.attention_mask,
                                                                      inputs.loss_mask),
              "categories": sorted(inputs.categories), "config": asdict(config),
-             "saes": sorted(inputs.saes) if inputs.saes is not None else None,
+             # the SAEs by their weights, not only their hooks: retrained SAEs must not reuse old scores
+             "saes": {h: _digest(getattr(inputs.saes[h], "W_dec", None)) for h in sorted(inputs.saes)}
+             if inputs.saes is not None else None,
              "labeler": _describe(inputs.labeler), "simulator": _describe(inputs.simulator),
              "modules": [sorted(m) for m in inputs.modules["modules"]] if inputs.modules else None}
     return hashlib.blake2b(json.dumps(parts, sort_keys=True, default=str).encode(), digest_size=16).hexdigest()

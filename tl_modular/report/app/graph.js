@@ -5,7 +5,7 @@
 // categories toggled on highlight their routes: shared by every toggled category, or specific.
 'use strict';
 
-T.GEOM = {colW: 170, rowH: 50, nodeW: 68, nodeH: 30, margin: 50};
+T.GEOM = {colW: 160, rowH: 58, nodeW: 68, nodeH: 30, margin: 50};
 
 T.layout = function (graph) {
   const cols = new Map();
@@ -89,6 +89,7 @@ T.GraphView = function (D, root) {
   }
   function modulePos(m) {
     const ps = D.modules.list[m].map((c) => layout.pos.get(c)).filter(Boolean);
+    if (!ps.length) return {x: G.margin, y: G.margin};
     return {x: ps.reduce((s, p) => s + p.x, 0) / ps.length, y: ps.reduce((s, p) => s + p.y, 0) / ps.length};
   }
   function strength(r) {
@@ -167,6 +168,7 @@ T.GraphView = function (D, root) {
   function drawNodes() {
     const ng = T.svg('g', {class: 'nodes'});
     const drawn = new Set();
+    const selected = S.selected ? (T.channelOf(S.selected) || S.selected) : null;   // a neuron marks its channel
     for (const id of graph.channels) {
       const shown = displayOf(id);
       if (drawn.has(shown)) continue;
@@ -180,7 +182,7 @@ T.GraphView = function (D, root) {
         const top = Math.max(1e-12, ...diff.channelScore.values());
         ring = 1 + 5 * diff.channelScore.get(id) / top;
       }
-      const g = T.svg('g', {class: 'node' + (S.selected === id ? ' selected' : '') + (ring ? ' changed' : ''),
+      const g = T.svg('g', {class: 'node' + (selected === id ? ' selected' : '') + (ring ? ' changed' : ''),
                             transform: `translate(${p.x},${p.y})`, tabindex: 0, role: 'button',
                             'aria-label': nodeLabel(id), dataset: {id, kind: n.kind, module: m === undefined ? '' : m},
                             onclick: () => T.select(id), onkeydown: (ev) => nodeKey(ev, id)}, [

@@ -63,7 +63,8 @@ T.color = function (i) {
   if (i < T.PALETTE.length) return T.PALETTE[i];
   return `hsl(${(i * 137.5) % 360}, 55%, 52%)`;
 };
-T.CATEGORY_COLORS = ['#e15759', '#4e79a7', '#59a14f', '#f28e2b', '#b07aa1', '#76b7b2', '#edc948', '#ff9da7'];
+// Circuit categories get colours of their own, apart from the modules' palette.
+T.CATEGORY_COLORS = ['#7b2cbf', '#0f9d8a', '#c2185b', '#8d6e00', '#3949ab', '#6d4c41', '#00838f', '#ad1457'];
 
 // The unit names tl_modular writes (the Python side parses them in one place too): channels `embed`, `L3.H7`, `L3.MLP`,
 // `L3.b_O`; ports `L3.H7:q`; neurons `L3.MLP.N42`; directions `L3.H7:k.d2`, `L3.MLP:in.d5`,
