@@ -82,7 +82,7 @@ def test_analyze_writes_every_artifact_and_reuses_them(tiny_report):
     # so do other SAE weights at the same hook, and a given partition to test
     retrained = tlm.sae.SAESet([_sae(inputs.model.cfg.d_model, "blocks.1.hook_resid_mid", seed=1)])
     assert report.cache_key(dataclasses.replace(inputs, saes=retrained), cfg) != report.cache_key(inputs, cfg)
-    given = dataclasses.replace(inputs, modules={"modules": [["L0.H0", "L1.H0"]], "source": "test"})
+    given = dataclasses.replace(inputs, modules={"modules": [["L0.H1", "L1.H1"]], "source": "test"})
     assert report.cache_key(given, cfg) != report.cache_key(inputs, cfg)
 
 
@@ -204,7 +204,8 @@ def test_cli_data_loading(tmp_path, gpt2_small):
 
 @pytest.mark.slow
 def test_cli_analyze_end_to_end_on_the_bundled_model(tmp_path):
-    """The README's flow: `tl-modular analyze` on the bundled model, offline, then a re-run."""
+    """The README's flow: `tl-modular analyze` on the bundled (modular) model, offline, then a re-run:
+    the first report shows the four trained modules, their labels and the routes between them."""
     out = tmp_path / "report"
     run = subprocess.run([sys.executable, "-m", "tl_modular.cli", "analyze", "--out", str(out), "--quiet"],
                          capture_output=True, text=True, timeout=600)
@@ -213,6 +214,12 @@ def test_cli_analyze_end_to_end_on_the_bundled_model(tmp_path):
     summary = json.loads((out / "summary.json").read_text())
     assert set(summary["circuits"]["categories"]) == set(tlm.toy.GENERATORS)
     assert len(summary["polysemanticity"]["rows"]) > 0
+    modules = summary["modules"]["modules"]
+    assert {frozenset(m) for m in modules} == {frozenset(m) for m in tlm.toy.info(tlm.toy.MODULAR_DIR)["loss_modules"]}
+    assert summary["modules"]["given"]["modularity"]["Q"]["z"] >= 2
+    labelled = {row["unit"] for row in summary["labels"]["labels"]}
+    assert {f"module:{i}" for i in range(len(modules))} <= labelled
+    assert (out / "report.html").stat().st_size <= 5 * 2 ** 20
     rerun = subprocess.run([sys.executable, "-m", "tl_modular.cli", "analyze", "--out", str(out), "--quiet"],
                            capture_output=True, text=True, timeout=600)
     assert rerun.returncode == 0
