@@ -1,6 +1,7 @@
 """``tl-modular``: the whole flow in one command.
 
-    tl-modular analyze                                  # the bundled model, offline, no API key
+    tl-modular analyze                                  # the bundled modular model, offline, no API key
+    tl-modular analyze --model toy                      # the bundled model before modularity training
     tl-modular analyze --model gpt2 --data corpus.txt   # any TransformerLens model name
     tl-modular analyze --labeler openai --llm-model gpt-4o-mini [--base-url http://localhost:8000/v1]
     tl-modular diff reportA reportB                     # what changed between two report directories
@@ -17,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 _TASKS = ("ioi", "greater_than", "docstring", "induction")
+_BUNDLED = ("toy-modular", "toy")   # tl_modular.report.BUNDLED_MODELS, named here to keep --help fast
 
 
 class UsageError(Exception):
@@ -28,8 +30,9 @@ def _parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="command", required=True)
     a = sub.add_parser("analyze", help="segment, compress, graph, modules, circuits, SAEs, labels → report directory")
     a.add_argument("--model", default=None,
-                   help="a TransformerLens model name, or 'textlm' for the bundled real-text GPT-2 (default: the "
-                        "bundled task model)")
+                   help="a TransformerLens model name, or a bundled model: toy-modular (the default: trained with "
+                        "the modularity loss, four modules), toy (the same model before, one module) or textlm "
+                        "(a GPT-2 trained on real text)")
     a.add_argument("--data", default=None,
                    help="a text file, a token file (.npy or .safetensors with 'tokens' [batch, pos]), or a Hugging "
                         "Face dataset name (its 'text' column); required with --model")
@@ -57,7 +60,7 @@ def _parser() -> argparse.ArgumentParser:
     d = sub.add_parser("diff", help="what changed between two report directories")
     d.add_argument("a")
     d.add_argument("b")
-    d.add_argument("--out", default=None, help="also write the diff as JSON here")
+    d.add_argument("--out", default=None, help="also write the diff here: diff.json and report.html (the viewer)")
     d.add_argument("--top", type=int, default=15)
     return p
 
@@ -76,7 +79,7 @@ def main(argv: list[str] | None = None) -> int:
 # --- analyze ------------------------------------------------------------------------------------
 
 def _analyze(args: argparse.Namespace) -> int:
-    if args.model not in (None, "textlm") and args.data is not None:
+    if args.model not in (None, "textlm", *_BUNDLED) and args.data is not None:
         _check_hub(args.model)          # before the slow imports: fail in seconds, not after retries
     import torch
 
@@ -85,10 +88,12 @@ def _analyze(args: argparse.Namespace) -> int:
     if args.tokens < 2 or args.seq_len < 2:
         raise UsageError("--tokens and --seq-len must be at least 2")
     labeler, simulator = _labeler(args)
-    if args.model is None:
+    if args.model is None or args.model in _BUNDLED:
         if args.data is not None:
-            raise UsageError("--data needs --model (the bundled model analyzes its own task data)")
-        inputs = report.bundled_inputs(labeler=labeler, simulator=simulator)
+            raise UsageError("--data needs --model with a TransformerLens model name (the bundled models analyze "
+                             "their own task data)")
+        inputs = report.bundled_inputs(labeler=labeler, simulator=simulator,
+                                       variant="plain" if args.model == "toy" else "modular")
         metric = args.metric or "logit"
     elif args.model == "textlm":                  # the bundled real-text GPT-2: its own text unless --data
         from tl_modular import textlm
@@ -321,6 +326,9 @@ def _diff(args: argparse.Namespace) -> int:
     print(result.summary(args.top) if hasattr(result, "summary") else result)
     if args.out:
         result.save(args.out)
+        from tl_modular.report.html import render_diff
+
+        print(f"report: {render_diff(args.out, args.a, args.b)}")   # the diff in the report's viewer
     return 0
 
 
