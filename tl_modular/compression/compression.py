@@ -366,14 +366,14 @@ def _read_sides(c: Any, stats: Statistics, statistic: ReadStatistic, model: Any,
     to_res = _centering(c, model)
     sides = {}
     for port, ps in stats.reads[c.name].items():
-        if ps.map is None:
-            factor = _factor(ps.jacobian)
+        # the moment whose factor defines the side: what the output uses (the loss gradient's
+        # moment at the port) for "fisher", the channel's own Jacobian moment otherwise
+        moment = fisher.ports[(c.name, port)] if statistic == "fisher" else ps.jacobian
+        if ps.map is None or moment.shape[0] != ps.map.shape[1]:
+            factor = _factor(moment)
         else:  # heads: E[JJᵀ] = R M Rᵀ with R [d, d_head]
-            factor = ps.map @ _factor(ps.jacobian)
+            factor = ps.map @ _factor(moment)
         stat = statistic
-        if statistic == "fisher":         # the gradient moment at the port: what the output uses
-            g = fisher.ports[(c.name, port)]
-            factor = _factor(g) if ps.map is None or g.shape[0] != ps.map.shape[1] else ps.map @ _factor(g)
         if statistic == "rrr":
             if c.kind == "mlp":
                 w = stats.writes[c.name]
@@ -505,6 +505,12 @@ def compress(
     for name in names:
         if chans[name].kind not in ("head", "mlp"):
             raise ValueError(f"{name} is a {chans[name].kind} channel; only heads and MLPs are compressed")
+    if statistics is None and tokens is not None and read == "fisher" and write in ("fisher", "output") \
+            and fisher is None:
+        # one pass: gradients and the moments Fisher sides need (no Jacobian moments)
+        fisher = collect_fisher(model, tokens, chans, names=names, attention_mask=attention_mask,
+                                batch_size=batch_size, moments=True, progress=progress)
+        statistics = fisher.statistics
     if statistics is None:
         statistics = collect_statistics(model, tokens, chans, names=names, attention_mask=attention_mask,
                                         batch_size=batch_size, method=method, progress=progress)
@@ -513,6 +519,9 @@ def compress(
             raise ValueError("read/write='fisher' needs tokens (or precomputed fisher=)")
         fisher = collect_fisher(model, tokens, chans, names=names, attention_mask=attention_mask,
                                 batch_size=batch_size, progress=progress)
+    if statistics.method == "moments only" and (read != "fisher" or write == "jacobian"):
+        raise ValueError(f"read={read!r}, write={write!r} need Jacobian moments; these statistics were collected "
+                         "without them: pass statistics from collect_statistics(model, tokens)")
     out, roots = {}, {}
     for name in names:
         c = chans[name]

@@ -31,7 +31,7 @@ from tqdm.auto import tqdm
 
 from tl_modular._names import act_name
 from tl_modular._tokens import check_tokens, position_weights
-from tl_modular.compression.statistics import read_map
+from tl_modular.compression.statistics import Statistics, _Accumulator, read_map
 from tl_modular.segmentation import ChannelSet, segment
 
 __all__ = ["FisherStats", "collect_fisher"]
@@ -55,11 +55,13 @@ class FisherStats:
     n_tokens: int
     seconds: float = 0.0
     channel_names: list[str] = field(default_factory=list)
+    #: The first and second moments of the same pass (inputs, writes), with ``moments=True``.
+    statistics: Statistics | None = None
 
 
 def collect_fisher(model: Any, tokens: Int[torch.Tensor, "batch pos"], channels: ChannelSet | None = None, *,
                    names: Sequence[str] | None = None, attention_mask: Int[torch.Tensor, "batch pos"] | None = None,
-                   batch_size: int = 16, seed: int = 0, progress: bool = True) -> FisherStats:
+                   batch_size: int = 16, seed: int = 0, moments: bool = False, progress: bool = True) -> FisherStats:
     """One forward and backward pass per batch, labels sampled from the model (see module docs).
 
     Gradients are taken with ``torch.autograd.grad`` with respect to the hooked activations only:
@@ -72,6 +74,9 @@ def collect_fisher(model: Any, tokens: Int[torch.Tensor, "batch pos"], channels:
         channels, names: The heads and MLPs whose read ports get moments (all by default).
         attention_mask: 1 for real tokens; padded positions are neither inputs nor predictions.
         seed: Seeds the sampled labels.
+        moments: Also accumulate, from the same forward pass, the input and write moments
+            Fisher-based compression needs (``.statistics``, without Jacobian moments): one pass
+            for ``compress(read="fisher", write="fisher")``.
     """
     import time
 
@@ -89,7 +94,9 @@ def collect_fisher(model: Any, tokens: Int[torch.Tensor, "batch pos"], channels:
     mlp_ports = {c.name: [(act_name("pre", c.layer), "gate" if cfg.gated_mlp else "in")]
                  + ([(act_name("pre_linear", c.layer), "in")] if cfg.gated_mlp else []) for c in mlps}
     mlp_hooks = sorted({h for c in mlps for h, _ in mlp_ports[c.name]})
-    hooks = write_hooks + head_hooks + mlp_hooks
+    acc = _Accumulator(model, channels, "closed_form", 1, seed, [c.name for c in chosen], jacobians=False) \
+        if moments else None
+    hooks = sorted(set(write_hooks + head_hooks + mlp_hooks + (acc.hook_names() if acc else [])))
     maps = {(c.name, port): read_map(c, port).to(cfg.device) for c in mlps for _, port in mlp_ports[c.name]}
     sums: dict[Any, torch.Tensor] = {}
     n_tokens = 0.0
@@ -124,6 +131,8 @@ def collect_fisher(model: Any, tokens: Int[torch.Tensor, "batch pos"], channels:
                 picked = picked * mask[:, 1:].to(picked)
             ordered = [acts[h] for h in hooks]
             grads = dict(zip(hooks, torch.autograd.grad(picked.sum(), ordered, allow_unused=True), strict=True))
+        if acc is not None:
+            acc.consume({h: a.detach() for h, a in acts.items()}, batch, mask)
         w = position_weights(batch, mask)                                   # 0 at position 0 and padding
         n_tokens += float(w.sum())
         for h in write_hooks:
@@ -149,4 +158,5 @@ def collect_fisher(model: Any, tokens: Int[torch.Tensor, "batch pos"], channels:
             ports[(c.name, p)] = sums[act_name(p, c.layer)][index] / n_tokens
     for c in mlps:
         ports[(c.name, "in")] = sums[("mlp", c.name)] / n_tokens
-    return FisherStats(writes, ports, int(n_tokens), time.perf_counter() - started, [c.name for c in chosen])
+    return FisherStats(writes, ports, int(n_tokens), time.perf_counter() - started, [c.name for c in chosen],
+                       acc.finish() if acc is not None else None)

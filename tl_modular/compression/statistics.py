@@ -85,7 +85,7 @@ class PortStats:
     """
 
     input_hook: str
-    jacobian: Float[torch.Tensor, "k k"]
+    jacobian: Float[torch.Tensor, "k k"] | None      # None when collected without Jacobians
     map: Float[torch.Tensor, "d_y k"] | None = None
 
     def in_input_coordinates(self) -> torch.Tensor:
@@ -260,9 +260,13 @@ def collect_statistics(
 
 
 class _Accumulator:
+    """Streaming sums of one pass. ``jacobians=False`` keeps the first and second moments only
+    (inputs, writes, input/output cross-covariances): what Fisher-based compression needs, which
+    gets its read sensitivities from gradients instead (:mod:`tl_modular.compression.fisher`)."""
+
     def __init__(self, model: Any, channels: ChannelSet, method: Method, n_probes: int, seed: int,
-                 names: Sequence[str] | None = None) -> None:
-        self.model, self.channels, self.cfg = model, channels, model.cfg
+                 names: Sequence[str] | None = None, jacobians: bool = True) -> None:
+        self.model, self.channels, self.cfg, self.jacobians = model, channels, model.cfg, jacobians
         chosen = [channels[n] for n in names] if names is not None else channels.of_kind("head", "mlp")
         bad = [c.name for c in chosen if c.kind not in ("head", "mlp")]
         if bad:
@@ -291,13 +295,17 @@ class _Accumulator:
         for c in self.heads + self.mlps:
             names.add(c.input_hook)
         for l in {c.layer for c in self.heads}:
-            names |= {act_name(k, l) for k in ("q", "k", "v", "pattern", "z")}
-            if self.cfg.positional_embedding_type == "rotary":
-                names |= {act_name("rot_q", l), act_name("rot_k", l)}
+            names.add(act_name("z", l))
+            if self.jacobians:
+                names |= {act_name(k, l) for k in ("q", "k", "v", "pattern")}
+                if self.cfg.positional_embedding_type == "rotary":
+                    names |= {act_name("rot_q", l), act_name("rot_k", l)}
         for c in self.mlps:
-            names |= {act_name("pre", c.layer), act_name("mlp_out", c.layer)}
-            if self.cfg.gated_mlp:
-                names.add(act_name("pre_linear", c.layer))
+            names.add(act_name("mlp_out", c.layer))
+            if self.jacobians:
+                names.add(act_name("pre", c.layer))
+                if self.cfg.gated_mlp:
+                    names.add(act_name("pre_linear", c.layer))
         return sorted(names)
 
     def _add(self, store: dict, key: Any, value: torch.Tensor) -> None:
@@ -308,7 +316,12 @@ class _Accumulator:
         kwargs = {} if mask is None else {"attention_mask": mask}
         clock = time.perf_counter()
         _, cache = self.model.run_with_cache(batch, names_filter=lambda n: n in names, **kwargs)
-        clock = self._tick("forward", clock)
+        self._tick("forward", clock)
+        self.consume(cache, batch, mask)
+
+    def consume(self, cache: Any, batch: torch.Tensor, mask: torch.Tensor | None) -> None:
+        """Add one batch from its cached activations (``hook_names()``; any mapping of them)."""
+        clock = time.perf_counter()
         w = position_weights(batch, mask)
         valid = w > 0
         self.n_tokens += int(valid.sum())
@@ -335,6 +348,8 @@ class _Accumulator:
         valid = w > 0
         for c in heads:
             self.src.setdefault(c.name, _Sum()).add(z[:, :, c.head][valid])
+        if not self.jacobians:
+            return
         if self.head_method == "matrix_free":
             self._add_heads_matrix_free(layer, heads, cache, w, mask)
             return
@@ -420,6 +435,8 @@ class _Accumulator:
         self.src.setdefault(c.name, _Sum()).add(out)
         yd, od = y.to(torch.float64), out.to(torch.float64)
         self._add(self.cross, c.name, yd.T @ od)
+        if not self.jacobians:
+            return
         mlp = self.model.blocks[l].mlp
         ln_w, ln_b = _norm_affine(c)
         if self.mlp_method == "closed_form":
@@ -458,22 +475,25 @@ class _Accumulator:
         n = float(self.n_tokens)
         for c in self.heads:
             wts = c.weights
-            reads[c.name] = {p: PortStats(c.input_hook, self.port[(c.name, p)] / n, read_map(c, p))
-                             for p in "qkv"}
+            reads[c.name] = {p: PortStats(c.input_hook, self.port[(c.name, p)] / n if self.jacobians else None,
+                                          read_map(c, p)) for p in "qkv"}
             s = self.src[c.name]
             writes[c.name] = WriteStats(s.mean(), s.cov(), wts["W_O"].detach().to(torch.float64))
         for c in self.mlps:
             s = self.src[c.name]
             mu_y = self.inputs[c.input_hook].mean()
             cross = self.cross[c.name] / s.n - torch.outer(mu_y, s.mean())
-            if c.name in self.mlp_m:
+            if not self.jacobians:
+                read = write = None
+            elif c.name in self.mlp_m:
                 read, write = self._mlp_closed_form(c, self.mlp_m[c.name] / n)
             else:
                 read, write = self.port[(c.name, "in")] / n, self.mlp_write[c.name] / n
             reads[c.name] = {"in": PortStats(c.input_hook, read)}
             writes[c.name] = WriteStats(s.mean(), s.cov(), None, write, cross)
-        stats = Statistics(inputs, reads, writes, self.n_tokens, f"heads: {self.head_method}, mlps: {self.mlp_method}",
-                           [c.name for c in self.heads + self.mlps], self.timings)
+        method = f"heads: {self.head_method}, mlps: {self.mlp_method}" if self.jacobians else "moments only"
+        stats = Statistics(inputs, reads, writes, self.n_tokens, method, [c.name for c in self.heads + self.mlps],
+                           self.timings)
         self.timings["finish"] = time.perf_counter() - start
         return stats
 
