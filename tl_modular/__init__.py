@@ -22,7 +22,7 @@ from typing import Any
 from tl_modular._tokens import TextCounts, tokens_from_text
 from tl_modular.compression import ChannelCompression, Compression, ReadSpace, Side, compress
 from tl_modular.diff import ModelDiff, diff, diff_null  # the function shadows the submodule of that name
-from tl_modular.errors import UnsupportedModelError
+from tl_modular.errors import ArtifactError, LabelingError, UnsupportedModelError
 from tl_modular.graph import ChannelGraph, build_graph
 from tl_modular.segmentation import Channel, ChannelSet, segment
 from tl_modular.task import Task
@@ -36,11 +36,13 @@ _LAZY = {"label": "labeling", "Labels": "labeling", "OpenAILabeler": "labeling",
          "OfflineSimulator": "labeling"}
 
 __all__ = [
+    "ArtifactError",
     "Channel",
     "ChannelCompression",
     "ChannelGraph",
     "ChannelSet",
     "Compression",
+    "LabelingError",
     "ModelDiff",
     "ReadSpace",
     "Side",

@@ -13,6 +13,7 @@ prediction (correlation, detection, fuzzing) against a random-label baseline.
 >>> labels = tlm.label(tlm.labeling.neurons(model, 0), model, tokens)        # doctest: +SKIP
 """
 
+from tl_modular.errors import LabelingError
 from tl_modular.labeling._evidence import Context, Evidence, EvidenceConfig, collect_evidence, str_tokens
 from tl_modular.labeling._labelers import (
     Explanation,
@@ -44,6 +45,7 @@ __all__ = [
     "Explanation",
     "Label",
     "Labeler",
+    "LabelingError",
     "Labels",
     "OfflineLabeler",
     "OfflineSimulator",
