@@ -31,8 +31,8 @@ from safetensors.torch import load_file, safe_open, save_file
 
 from tl_modular.errors import ArtifactError, UnsupportedModelError
 
-__all__ = ["SCHEMA_VERSION", "ArtifactError", "check_shapes", "read_json", "read_safetensors", "read_versioned_json",
-           "reading", "write_json", "write_safetensors", "write_text"]
+__all__ = ["SCHEMA_VERSION", "ArtifactError", "check_shapes", "read_json", "read_safetensors",
+           "read_safetensors_header", "read_versioned_json", "reading", "write_json", "write_safetensors", "write_text"]
 
 #: Version of the on-disk formats written by tl_modular.
 SCHEMA_VERSION = 1
@@ -98,21 +98,12 @@ def read_safetensors(path: str | os.PathLike, device: str | torch.device = "cpu"
     of another shape than ``shapes`` (``None`` entries match any size).
     """
     path = Path(path)
-    if not path.exists():
-        raise FileNotFoundError(f"no such artifact: {path}" + _hint(writer))
+    metadata = read_safetensors_header(path, writer=writer)
     try:
-        with safe_open(str(path), framework="pt") as f:
-            raw = (f.metadata() or {}).get("tl_modular")
         tensors = load_file(str(path), device="cpu")
-    except (FileNotFoundError, PermissionError, IsADirectoryError):
-        raise
     except Exception as e:  # noqa: BLE001 - SafetensorError derives from Exception only
         raise ArtifactError(f"{path} is not a readable safetensors file ({_short(e)}): it is damaged or was cut "
                             f"short" + _hint(writer), path=path) from None
-    metadata = _json_text(raw, path, writer, "its tl_modular metadata") if raw else {}
-    if not isinstance(metadata, dict):
-        raise ArtifactError(f"{path}: its tl_modular metadata is not a JSON object" + _hint(writer), path=path)
-    _check_version(metadata.get("schema_version"), path, "safetensors", writer, None)
     expected = metadata.pop("sha256", None)
     if expected is not None and _content_hash(tensors) != expected:
         raise ArtifactError(f"{path}: its tensors do not match the content hash written with them: the file is "
@@ -122,6 +113,27 @@ def read_safetensors(path: str | os.PathLike, device: str | torch.device = "cpu"
     if str(device) != "cpu":
         tensors = {k: v.to(device) for k, v in tensors.items()}
     return tensors, metadata
+
+
+def read_safetensors_header(path: str | os.PathLike, *, writer: str | None = None) -> dict[str, Any]:
+    """The tl_modular metadata of a safetensors file without loading its tensors (the header is
+    checked against the file's size, so a truncated file is refused here)."""
+    path = Path(path)
+    if not path.exists():
+        raise FileNotFoundError(f"no such artifact: {path}" + _hint(writer))
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            raw = (f.metadata() or {}).get("tl_modular")
+    except (FileNotFoundError, PermissionError, IsADirectoryError):
+        raise
+    except Exception as e:  # noqa: BLE001 - SafetensorError derives from Exception only
+        raise ArtifactError(f"{path} is not a readable safetensors file ({_short(e)}): it is damaged or was cut "
+                            f"short" + _hint(writer), path=path) from None
+    metadata = _json_text(raw, path, writer, "its tl_modular metadata") if raw else {}
+    if not isinstance(metadata, dict):
+        raise ArtifactError(f"{path}: its tl_modular metadata is not a JSON object" + _hint(writer), path=path)
+    _check_version(metadata.get("schema_version"), path, "safetensors", writer, None)
+    return metadata
 
 
 def check_shapes(tensors: Mapping[str, torch.Tensor], shapes: Mapping[str, Sequence[int | None]],

@@ -42,6 +42,8 @@ def fidelity(model: Any, comp: Any, tokens: Int[torch.Tensor, "batch pos"], *, b
     channel mean-ablated; ``loss_recovered = (ablated - compressed) / (ablated - clean)``; the
     mean KL divergence from the clean to the compressed next-token distribution. Predictions
     of padded positions are excluded."""
+    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+        raise ValueError(f"batch_size must be a positive integer (sequences per forward pass), got {batch_size!r}")
     tokens = tokens.to(model.cfg.device)
     weights = torch.ones(tokens[:, 1:].shape, device=tokens.device)
     if attention_mask is not None:
@@ -64,7 +66,12 @@ def fidelity(model: Any, comp: Any, tokens: Int[torch.Tensor, "batch pos"], *, b
 
 def rank_fidelity_curve(model: Any, comp: Any, tokens: Int[torch.Tensor, "batch pos"],
                         budgets: Sequence[int], **kwargs: Any) -> list[dict[str, float]]:
-    """:func:`fidelity` of ``comp.truncated(budget=b)`` for each total-dimension budget ``b``."""
+    """:func:`fidelity` of ``comp.truncated(budget=b)`` for each total-dimension budget ``b``
+    (at most ``comp.max_total_rank``: a larger budget is an error, not the full compression relabeled)."""
+    over = [b for b in budgets if b > comp.max_total_rank]
+    if over:
+        raise ValueError(f"budgets {over[:5]} exceed the {comp.max_total_rank} dimensions this compression can give "
+                         f"(comp.max_total_rank): pass budgets <= {comp.max_total_rank}")
     rows = []
     for b in tqdm(budgets, desc="rank-fidelity", leave=False, disable=len(budgets) < 3):
         rows.append({"budget": b, **fidelity(model, comp.truncated(budget=b), tokens, **kwargs)})

@@ -178,7 +178,8 @@ def label(target: Any, model: Any, tokens: Int[torch.Tensor, "batch pos"], *,
             ``graph`` defaults to ``target`` when that is a ChannelGraph.
         max_units: Label at most this many units (modules first, then the others in order).
         evidence: How many contexts, windows, tokens to show (:class:`EvidenceConfig`).
-        n_baseline: Units scored with a random (another unit's) label, for the baseline.
+        n_baseline: Units scored with a random (another unit's) label, for the baseline (at most
+            the labeled units; ``labels.baseline["n"]`` says how many were).
         keep_evidence: Store what the labeler saw with each label.
         on_error: What to do when some units fail for a reason that may pass (a server error or
             rate limit after the retries, a timeout, an invalid answer): ``"keep"`` returns the
@@ -203,6 +204,8 @@ def label(target: Any, model: Any, tokens: Int[torch.Tensor, "batch pos"], *,
 
     if on_error not in ("keep", "raise"):
         raise ValueError(f"on_error must be 'keep' or 'raise', got {on_error!r}")
+    if n_baseline < 0 or n_boot < 0:
+        raise ValueError(f"n_baseline and n_boot must be >= 0, got n_baseline={n_baseline}, n_boot={n_boot}")
     labeler = labeler if labeler is not None else OfflineLabeler()
     if simulator is None:
         simulator = labeler if isinstance(labeler, Simulator) else OfflineSimulator()

@@ -20,12 +20,12 @@ __all__ = ["AnalyzeConfig", "Inputs", "analyze", "bundled_inputs", "cache_key", 
 
 
 def bundled_inputs(*, n_per_task: int = 128, n_examples: int = 64, seed: int = 0, labeler: Any = None,
-                   simulator: Any = None) -> Inputs:
-    """The bundled model, its four tasks' prompts as data and as circuit categories, its SAEs."""
+                   simulator: Any = None, device: str = "cpu") -> Inputs:
+    """The bundled model (on ``device``), its four tasks' prompts as data and as circuit categories, its SAEs."""
     import tl_modular as tlm
     from tl_modular import toy
 
-    model = toy.load_model()
+    model = toy.load_model(device=device)
     tokens, mask, scored = toy.mixed_tokens(n_per_task=n_per_task, seed=seed, scored=True)
     categories = {name: gen(n_examples, seed=seed + 100 + i) for i, (name, gen) in enumerate(toy.GENERATORS.items())}
     return Inputs(model=model, tokens=tokens, name="tl_modular bundled multi-task model", attention_mask=mask,
