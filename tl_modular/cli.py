@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -91,9 +92,13 @@ def main(argv: list[str] | None = None) -> int:
         return status
 
     try:
-        if args.command == "analyze":
-            return _analyze(args)
-        return _diff(args)
+        with warnings.catch_warnings():
+            # a warning is one line on stderr, like the errors (and as free of secrets)
+            warnings.showwarning = lambda message, category, *_, **__: print(
+                redact(f"tl-modular: warning: {message}"), file=sys.stderr)
+            if args.command == "analyze":
+                return _analyze(args)
+            return _diff(args)
     except UsageError as e:
         return fail(f"error: {e}", 2)
     except KeyboardInterrupt:

@@ -150,9 +150,11 @@ async def _all_or_none(coros: Iterable[Coroutine[Any, Any, Any]]) -> list[Any]:
     for t in pending:
         t.cancel()
     await asyncio.gather(*pending, return_exceptions=True)
-    for t in tasks:
-        if t in done and not t.cancelled() and t.exception() is not None:
-            raise t.exception()  # type: ignore[misc]
+    # every exception is retrieved (asyncio would log the others as never retrieved); the first is raised
+    errors = [t.exception() for t in tasks if t in done and not t.cancelled()]
+    first = next((e for e in errors if e is not None), None)
+    if first is not None:
+        raise first
     return [t.result() for t in tasks]
 
 
