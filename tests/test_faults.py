@@ -113,6 +113,23 @@ def test_labeling_succeeds_with_the_key_in_the_url_and_the_environment(tiny, lea
     assert "***@127.0.0.1" in labels.config["labeler"]          # the endpoint is shown, its credentials are not
 
 
+def test_a_server_echoing_the_key_in_its_answers_does_not_get_it_written(tiny, leaks, tmp_path):
+    model, tokens, units = tiny
+
+    def respond(body):
+        answer = json.loads(labeling.offline_chat_model(body))
+        if "label" in answer:
+            answer["label"] = f"fires on {KEY} and on {answer['label']}"
+        return json.dumps(answer)
+    with ChatServer(respond, api_key=KEY) as server:
+        labels = tlm.label(units, model, tokens, labeler=_labeler(_url(server), tmp_path / "cache"), n_baseline=0,
+                           n_boot=5, progress=False)
+    tried()
+    saved = json.loads(labels.save(tmp_path / "labels.json").read_text())
+    assert all(lab["text"].startswith("fires on *** and on") for lab in saved["labels"])
+    assert len(list((tmp_path / "cache").rglob("*.json"))) == 2 * UNITS     # cached, the key masked (leaks checks)
+
+
 @pytest.mark.parametrize("mode", ["401", "403", "404 model", "404 route", "400 x3", "unreachable", "tls", "no key"])
 def test_labeling_that_cannot_label_stops_at_once_naming_reason_and_endpoint(tiny, leaks, tmp_path, mode,
                                                                               monkeypatch):

@@ -34,7 +34,7 @@ from pathlib import Path
 from typing import Any
 
 from tl_modular._io import ArtifactError, read_json, write_text
-from tl_modular._redact import redact, redact_url, register
+from tl_modular._redact import mask_secrets, redact, redact_url, register
 
 #: Format version of a cache entry; entries of another version are asked again.
 CACHE_VERSION = 1
@@ -478,7 +478,7 @@ class ChatClient:
             entry = {"version": CACHE_VERSION, "key": key, "model": self.config.model, "name": name, "data": data,
                      "logprobs": lp, "usage": usage.to_json()}
             text = json.dumps(entry, ensure_ascii=False, separators=(",", ":"))
-            write_text(path, text)
+            write_text(path, mask_secrets(text, self._key()))     # a server that echoes the key: not stored
         return Reply(data, lp, usage, cached=False)
 
     async def aclose(self) -> None:

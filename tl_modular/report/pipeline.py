@@ -23,7 +23,7 @@ import torch
 
 from tl_modular._io import ArtifactError, read_json, write_json
 from tl_modular._models import fingerprint
-from tl_modular._redact import redact_url
+from tl_modular._redact import redact_obj, redact_url
 
 SUMMARY_VERSION = 1
 
@@ -278,7 +278,7 @@ def _label_stage(inputs: Inputs, graph: Any, modules: list, summary: dict, out: 
                                 attention_mask=inputs.attention_mask, graph=graph, circuits=circuits,
                                 progress=False)
         labels.save(out / "labels.json")
-        rows = [lab.to_json(evidence=False) for lab in labels]
+        rows = redact_obj([lab.to_json(evidence=False) for lab in labels])   # as labels.json: no secret
         write_json(out / "labels_summary.json", {"labels": rows, "baseline": labels.baseline,
                                                  "usage": labels.usage, "stopped": labels.stopped})
         return {"labels": rows, "baseline": labels.baseline, "usage": labels.usage, "stopped": labels.stopped}
