@@ -73,8 +73,11 @@ def redact(text: Any, *secrets: str | None) -> str:
     >>> redact("POST https://u:p4ssw0rd-xyz@h/v1 Authorization: Bearer sk-1234567890")
     'POST https://***@h/v1 Authorization: ***'
     """
-    text = str(text)
-    for s in _secrets(secrets):
+    return _redact(str(text), _secrets(secrets))
+
+
+def _redact(text: str, keys: list[str]) -> str:
+    for s in keys:
         if s in text:
             text = text.replace(s, MASK)
         quoted = _percent(s)                     # the same key as it appears inside a URL
@@ -118,14 +121,16 @@ def redact_obj(obj: Any, *secrets: str | None) -> Any:
     return walk(obj)
 
 
-_HINTS = ("://", "?", "uthoriz", "bearer", "api_key", "api-key", "apikey", "passw", "secret")
+# what a string must contain for a pattern to apply (checked lower-cased): most strings of a labels
+# file (tokens, labels) contain none and skip the regular expressions
+_HINTS = ("://", "uthoriz", "bearer", "api", "key=", "token=", "auth=", "passw", "secret=", "sig=", "signature=")
 
 
 def _redact_with(text: str, keys: list[str]) -> str:
-    # the cheap test first: most strings of a labels file (tokens, labels) hold nothing to hide
-    if not any(k in text for k in keys) and not any(h in text.lower() for h in _HINTS):
-        return text
-    return redact(text, *keys)
+    if any(k in text for k in keys):
+        return _redact(text, keys)
+    low = text.lower()
+    return _redact(text, keys) if any(h in low for h in _HINTS) else text
 
 
 def _percent(secret: str) -> str:

@@ -468,7 +468,7 @@ def find_circuits(graph: Any, model: Any, categories: Mapping[str, Task | torch.
     if n_boot < 0 or n_random < 0 or batch_size < 1:
         raise ValueError(f"n_boot and n_random must be >= 0 and batch_size >= 1, got n_boot={n_boot}, "
                          f"n_random={n_random}, batch_size={batch_size}")
-    empty = [k for k, v in categories.items() if len(v.tokens if isinstance(v, Task) else v) == 0]
+    empty = [k for k, v in categories.items() if len(v.clean if isinstance(v, Task) else v) == 0]
     if empty:
         raise ValueError(f"categories {empty} hold no examples: give each at least one prompt")
     channels = segment(model)

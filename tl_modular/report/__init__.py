@@ -29,5 +29,5 @@ def bundled_inputs(*, n_per_task: int = 128, n_examples: int = 64, seed: int = 0
     tokens, mask, scored = toy.mixed_tokens(n_per_task=n_per_task, seed=seed, scored=True)
     categories = {name: gen(n_examples, seed=seed + 100 + i) for i, (name, gen) in enumerate(toy.GENERATORS.items())}
     return Inputs(model=model, tokens=tokens, name="tl_modular bundled multi-task model", attention_mask=mask,
-                  loss_mask=scored, categories=categories, saes=tlm.sae.bundled(model), labeler=labeler,
+                  loss_mask=scored, categories=categories, saes=tlm.sae.bundled(model, device=device), labeler=labeler,
                   simulator=simulator, decode=toy.decode)
