@@ -441,3 +441,16 @@ def test_no_key_is_a_usage_error_before_anything_runs(monkeypatch, tmp_path, cap
     cli._check_options(args)
     with raises(cli.UsageError, match=r"needs an API key in \$OPENAI_API_KEY"):
         cli._labeler(args)
+
+
+def test_a_failed_model_load_leaves_no_empty_report_directory(monkeypatch, tmp_path, capsys):
+    text = tmp_path / "t.txt"
+    text.write_text("hello world")
+
+    def unknown(name, device):
+        raise cli.UsageError(f"{name!r} is not a TransformerLens model name")
+    monkeypatch.setattr(cli, "_check_hub", lambda name: None)
+    monkeypatch.setattr(cli, "_load_model", unknown)
+    tried()
+    assert cli.main(["analyze", "--model", "nope", "--data", str(text), "--out", str(tmp_path / "o")]) == 2
+    assert "is not a TransformerLens model name" in capsys.readouterr().err and not (tmp_path / "o").exists()

@@ -13,6 +13,7 @@ far stay in the report directory and the same command reuses them.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import sys
 import warnings
@@ -137,22 +138,28 @@ def _analyze(args: argparse.Namespace) -> int:
     if args.model is not None:
         _check_hub(args.model)          # before the slow imports: fail in seconds, not after retries
     labeler, simulator = _labeler(args)
-    _check_out(args.out)
-    device = _check_device(args.device)
-    import torch
+    created = _check_out(args.out)
+    try:
+        device = _check_device(args.device)
+        import torch
 
-    from tl_modular import report
+        from tl_modular import report
 
-    if args.model is None:
-        inputs = report.bundled_inputs(labeler=labeler, simulator=simulator, device=device)
-        metric = args.metric or "logit"
-    else:
-        model = _load_model(args.model, device)
-        tokens, data = _load_data(args.data, model, args.tokens, args.seq_len)
-        inputs = report.Inputs(model=model, tokens=tokens, name=args.model, categories=_categories(args, model),
-                               saes=_saes(args, model), labeler=labeler, simulator=simulator,
-                               decode=getattr(model, "to_string", None), data=data)
-        metric = args.metric or "loss"
+        if args.model is None:
+            inputs = report.bundled_inputs(labeler=labeler, simulator=simulator, device=device)
+            metric = args.metric or "logit"
+        else:
+            model = _load_model(args.model, device)
+            tokens, data = _load_data(args.data, model, args.tokens, args.seq_len)
+            inputs = report.Inputs(model=model, tokens=tokens, name=args.model, categories=_categories(args, model),
+                                   saes=_saes(args, model), labeler=labeler, simulator=simulator,
+                                   decode=getattr(model, "to_string", None), data=data)
+            metric = args.metric or "loss"
+    except BaseException:
+        if created:                     # nothing was written yet: leave no empty report directory behind
+            with contextlib.suppress(OSError):
+                Path(args.out).rmdir()
+        raise
     torch.manual_seed(0)
     path = report.analyze(inputs, args.out, report.AnalyzeConfig(metric=metric), reuse=not args.no_reuse,
                           progress=not args.quiet)
@@ -214,13 +221,14 @@ def _check_data(spec: str) -> None:
         raise UsageError(f"--data {spec!r} is not a file; to read a Hugging Face dataset install `datasets`")
 
 
-def _check_out(out: str) -> None:
-    """--out is (or can be made) a directory this process can write."""
+def _check_out(out: str) -> bool:
+    """--out is (or can be made) a directory this process can write; True when it was made here."""
     import tempfile
 
     path = Path(out)
     if path.exists() and not path.is_dir():
         raise UsageError(f"--out {out} is a file, not a directory: choose another --out (or move the file away)")
+    created = not path.exists()
     try:
         path.mkdir(parents=True, exist_ok=True)
         with tempfile.TemporaryFile(dir=path):
@@ -228,6 +236,7 @@ def _check_out(out: str) -> None:
     except OSError as e:
         what = "cannot be created" if not path.is_dir() else "is not writable"
         raise UsageError(f"--out {out} {what} ({e.strerror or e}): choose a directory you can write") from None
+    return created
 
 
 def _available_devices() -> list[str]:
