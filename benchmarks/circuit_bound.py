@@ -35,8 +35,9 @@ def main() -> None:
     torch.set_num_threads(args.threads)
 
     import tl_modular as tlm
-    from tl_modular import _routes, toy
     from tl_modular import circuits as cm
+    from tl_modular import toy
+    from tl_modular.graph import routes as _routes
 
     model = toy.load_model()
     tokens, mask, scored = toy.mixed_tokens(n_per_task=32, seed=2, scored=True)

@@ -37,8 +37,9 @@ def main() -> None:
     args.examples = args.examples or 128
 
     import tl_modular as tlm
-    from tl_modular import _routes, toy
     from tl_modular import circuits as circuits_mod
+    from tl_modular import toy
+    from tl_modular.graph import routes as _routes
     from tl_modular.graph import spearman
     from tl_modular.patching import capture_writes, patch_routes
 
@@ -84,8 +85,8 @@ def gpt2(args: argparse.Namespace) -> None:
     from transformers import AutoTokenizer
 
     import tl_modular as tlm
-    from tl_modular import _routes
     from tl_modular import circuits as circuits_mod
+    from tl_modular.graph import routes as _routes
     from tl_modular.graph import spearman
     from tl_modular.patching import capture_writes, patch_routes
     from tl_modular.testing import gpt2_small_model

@@ -26,7 +26,7 @@ def main() -> None:
     torch.set_num_threads(args.threads)
 
     import tl_modular as tlm
-    from tl_modular.statistics import collect_statistics
+    from tl_modular.compression.statistics import collect_statistics
     from tl_modular.testing import gpt2_small_model
 
     model = gpt2_small_model(seed=0)

@@ -26,7 +26,7 @@ def main() -> None:
 
     import tl_modular as tlm
     from tl_modular import toy
-    from tl_modular.statistics import collect_statistics
+    from tl_modular.compression.statistics import collect_statistics
 
     model = toy.load_model()
     tokens, mask = toy.mixed_tokens(n_per_task=args.n_per_task, seed=0)

@@ -26,7 +26,7 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
 
-    from tl_modular.statistics import collect_statistics
+    from tl_modular.compression.statistics import collect_statistics
     from tl_modular.testing import tiny_model
 
     model = tiny_model("gpt2", n_layers=1, d_model=768, n_heads=12, d_head=64, d_mlp=3072, d_vocab=1000,

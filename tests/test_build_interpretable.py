@@ -115,7 +115,7 @@ def test_resume_from_a_finished_and_from_an_interrupted_run(built, data, tmp_pat
 
 
 def test_lm_task_loss_is_transformer_lens_loss(one_thread, data):
-    from tl_modular.toy.training import _loss
+    from tl_modular.training.trainer import task_loss as _loss
 
     model = tiny_model("gpt2", seed=4)
     with torch.no_grad():

@@ -8,7 +8,7 @@ import torch
 import tl_modular as tlm
 from tl_modular._models import count_hooks
 from tl_modular.compression import Compression, compress
-from tl_modular.fidelity import rank_fidelity_curve
+from tl_modular.compression.fidelity import rank_fidelity_curve
 from tl_modular.testing import tiny_model
 
 KINDS = ["gpt2", "ln_pre", "no_norm", "rms_pre", "rotary", "gated_rms", "parallel", "shortformer", "solu",

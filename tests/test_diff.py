@@ -15,7 +15,7 @@ import torch
 
 import tl_modular as tlm
 from tl_modular.circuits import Circuit, CircuitSet
-from tl_modular.diff import ModelDiff, principal_angles
+from tl_modular.diffing import ModelDiff, principal_angles
 from tl_modular.graph import ChannelGraph
 from tl_modular.testing import planted_modules, tiny_model
 

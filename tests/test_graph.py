@@ -12,8 +12,8 @@ import pytest
 import torch
 
 import tl_modular as tlm
-from tl_modular import _mincut
 from tl_modular._models import count_hooks
+from tl_modular.graph import mincut as _mincut
 from tl_modular.graph import spearman
 from tl_modular.testing import planted_modules, tiny_model
 

@@ -20,7 +20,7 @@ from tl_modular.patching import (
     split_inputs,
     valid_route,
 )
-from tl_modular.task import Task
+from tl_modular.tasks.task import Task
 from tl_modular.testing import tiny_model
 
 ATOL = 1e-5  # fp32 logits of a tiny model (|logit| ~ 1): a few ulps after re-ordered sums
@@ -130,7 +130,8 @@ def test_mean_and_zero_baselines_and_effects():
 
 def _plain_sum(model, channels, tokens, routes, source, weights=None):
     """Reference route patching: each port adds Σ weight · (source - write) over its routes' senders."""
-    from tl_modular.patching import _port, _write
+    from tl_modular.patching import _port
+    from tl_modular.patching import channel_write as _write
     weights = [1.0] * len(routes) if weights is None else weights
     by_port = {}
     for (s, p), w in zip(routes, weights, strict=True):

@@ -1,9 +1,11 @@
-"""The report directory, its HTML in a real browser, and the `tl-modular` command."""
+"""The report directory, its page (the browser tests are in test_report_app.py), and the `tl-modular` command."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
+import re
 import shutil
 import socket
 import subprocess
@@ -20,12 +22,12 @@ from tl_modular.testing import tiny_model
 IDS = ("summary", "graph", "modules", "rank-fidelity", "circuits", "polysemanticity", "labels")
 
 
-def _sae(d_in: int, hook: str):
+def _sae(d_in: int, hook: str, seed: int = 0):
     from sae_lens import StandardSAE, StandardSAEConfig
 
     cfg = StandardSAEConfig(d_in=d_in, d_sae=32)
     cfg.metadata.hook_name = hook
-    torch.manual_seed(0)
+    torch.manual_seed(seed)
     return StandardSAE(cfg)
 
 
@@ -35,7 +37,7 @@ def tiny_report(tmp_path_factory):
     tokens = torch.randint(0, 50, (24, 10), generator=torch.Generator().manual_seed(0))
     saes = tlm.sae.SAESet([_sae(model.cfg.d_model, "blocks.1.hook_resid_mid")])
     inputs = report.Inputs(model=model, tokens=tokens, name="tiny <b>gpt2</b>", categories={"all": tokens[:16]},
-                           saes=saes)
+                           saes=saes, modules={"modules": [["L0.H0", "L1.H0"]], "source": "a test partition"})
     cfg = report.AnalyzeConfig(n_null=5, budgets=3, n_boot=10, n_random=2, batch_size=8)
     out = tmp_path_factory.mktemp("report")
     path = report.analyze(inputs, out, cfg, progress=False)
@@ -46,12 +48,15 @@ def test_analyze_writes_every_artifact_and_reuses_them(tiny_report):
     inputs, cfg, out, path = tiny_report
     assert path == out / "report.html"
     for name in ("summary.json", "graph.json", "circuits.json", "modules.json", "polysemanticity.json",
-                 "rank_fidelity.json", "graph.png", "manifest.json", "labels.json"):
+                 "rank_fidelity.json", "figures/graph.png", "figures.json", "manifest.json", "labels.json"):
         assert (out / name).exists(), name
     assert (out / "compression").is_dir()
     summary = json.loads((out / "summary.json").read_text())
     assert summary["model_fingerprint"] == tlm._models.fingerprint(inputs.model)
     assert set(summary["circuits"]["categories"]) == {"all"}
+    given = json.loads((out / "modules.json").read_text())["given"]      # the given partition, scored
+    assert given["modules"] == [["L0.H0", "L1.H0"]] and given["source"] == "a test partition"
+    assert set(given["modularity"]["Q"]) >= {"value", "z", "p"}
     assert summary["polysemanticity"]["rows"]
     # a second run with the same model, data and settings recomputes nothing
     report.analyze(inputs, out, cfg, progress=False)
@@ -74,50 +79,66 @@ def test_analyze_writes_every_artifact_and_reuses_them(tiny_report):
         _complete_labels(bad)
     # other settings make another key
     assert report.cache_key(inputs, cfg) != report.cache_key(inputs, report.AnalyzeConfig(n_null=6))
+    # so do other SAE weights at the same hook, and a given partition to test
+    retrained = tlm.sae.SAESet([_sae(inputs.model.cfg.d_model, "blocks.1.hook_resid_mid", seed=1)])
+    assert report.cache_key(dataclasses.replace(inputs, saes=retrained), cfg) != report.cache_key(inputs, cfg)
+    given = dataclasses.replace(inputs, modules={"modules": [["L0.H1", "L1.H1"]], "source": "test"})
+    assert report.cache_key(given, cfg) != report.cache_key(inputs, cfg)
 
 
-def test_html_is_self_contained_and_escapes_text(tiny_report, tmp_path):
+def _embedded(page: str) -> dict:
+    tag = '<script type="application/json" id="tlm-data">'
+    start = page.index(tag) + len(tag)
+    return json.loads(page[start:page.index("</script>", start)])
+
+
+def test_page_embeds_the_directory_json_and_opens_offline(tiny_report, tmp_path):
     _, _, out, path = tiny_report
     page = path.read_text()
     assert "tiny &lt;b&gt;gpt2&lt;/b&gt;" in page and "<b>gpt2</b>" not in page
-    for i in IDS:
-        assert f'id="{i}"' in page
-    assert "data:image/png;base64," in page
-    assert "http://" not in page and "https://" not in page           # opens offline
+    # nothing is fetched: a strict policy (own script and style by hash), no external source
+    assert "Content-Security-Policy" in page and "default-src 'none'" in page and "'unsafe-inline'" not in page
+    assert not re.search(r"""(src|href)\s*=\s*["']?(https?:)?//""", page) and "@import" not in page
+    assert page.count("<script") == 2
+    # the files are the single source: the page embeds them as they are (NaN/Infinity as null)
+    data = _embedded(page)
+    assert data["problems"] == []
+    for name in ("graph.json", "modules.json", "circuits.json", "labels.json", "polysemanticity.json",
+                 "rank_fidelity.json", "compression/compression.json"):
+        assert data["files"][name] == report.html._finite(json.loads((out / name).read_text())), name
+    assert data["figures"] and all((out / f).exists() for f in data["figures"])
+    # text that would end the data block or become markup is escaped inside the JSON
     summary = json.loads((out / "summary.json").read_text())
-    row = dict(summary["labels"]["labels"][0], text="<script>alert(1)</script>")
-    summary["labels"]["labels"] = [row]
     shutil.copytree(out, tmp_path / "r", dirs_exist_ok=True)
+    labels = json.loads((tmp_path / "r" / "labels.json").read_text())
+    labels["labels"][0]["text"] = "</script><script>alert(1)</script>\u2028&amp;"
+    (tmp_path / "r" / "labels.json").write_text(json.dumps(labels))
     page = report.render(summary, tmp_path / "r").read_text()
-    assert "<script>alert" not in page and "&lt;script&gt;alert(1)&lt;/script&gt;" in page
+    assert "<script>alert" not in page and page.lower().count("</script") == 2
+    assert _embedded(page)["files"]["labels.json"]["labels"][0]["text"] == labels["labels"][0]["text"]
+    # re-rendered from the directory alone, by the module's command
+    (tmp_path / "r" / "report.html").unlink()
+    run = subprocess.run([sys.executable, "-m", "tl_modular.report", str(tmp_path / "r")], capture_output=True,
+                         text=True, timeout=120)
+    assert run.returncode == 0 and (tmp_path / "r" / "report.html").exists(), run.stderr
 
 
-def _chromium() -> str | None:
-    return shutil.which("chromium") or shutil.which("chromium-browser") or shutil.which("google-chrome")
-
-
-def test_report_renders_in_headless_chromium(tiny_report, tmp_path):
-    browser = _chromium()
-    if browser is None:
-        pytest.skip("no chromium: `apt-get install chromium` (CI installs it in its system-packages stage)")
-    _, _, out, path = tiny_report
-    flags = [browser, "--headless", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage",
-             f"--user-data-dir={tmp_path / 'profile'}"]
-    dom = subprocess.run([*flags, "--dump-dom", path.as_uri()], capture_output=True, text=True, timeout=120)
-    assert dom.returncode == 0, dom.stderr[-2000:]
-    for i in IDS:
-        assert f'id="{i}"' in dom.stdout, i
-    shot = tmp_path / "shot.png"
-    run = subprocess.run([*flags, f"--screenshot={shot}", "--window-size=1200,1600", path.as_uri()],
-                         capture_output=True, text=True, timeout=120)
-    assert run.returncode == 0 and shot.exists(), run.stderr[-2000:]
-    from PIL import Image
-
-    img = Image.open(shot).convert("L")
-    lo, hi = img.getextrema()
-    assert hi - lo > 100                                               # not a blank page
-    colors = len(set(img.resize((200, 260)).getdata()))
-    assert colors > 20
+def test_page_names_missing_and_corrupt_files(tiny_report, tmp_path):
+    _, _, out, _ = tiny_report
+    d = tmp_path / "r"
+    shutil.copytree(out, d)
+    (d / "circuits.json").unlink()
+    (d / "modules.json").write_text("{oops")
+    (d / "summary.json").unlink()
+    data = _embedded(report.render(None, d).read_text())
+    problems = {p["file"]: p["problem"] for p in data["problems"]}
+    assert "not valid JSON (line 1, column 2" in problems["modules.json"]
+    assert "missing" in problems["summary.json"]
+    assert "circuits.json" not in problems       # without summary.json nobody says circuits were made
+    assert "graph.json" in data["files"]
+    (d / "summary.json").write_text((out / "summary.json").read_text())
+    data = _embedded(report.render(None, d).read_text())
+    assert "missing" in {p["file"]: p["problem"] for p in data["problems"]}["circuits.json"]
 
 
 # --- the command -------------------------------------------------------------------------------
@@ -183,7 +204,8 @@ def test_cli_data_loading(tmp_path, gpt2_small):
 
 @pytest.mark.slow
 def test_cli_analyze_end_to_end_on_the_bundled_model(tmp_path):
-    """The README's flow: `tl-modular analyze` on the bundled model, offline, then a re-run."""
+    """The README's flow: `tl-modular analyze` on the bundled (modular) model, offline, then a re-run:
+    the first report shows the four trained modules, their labels and the routes between them."""
     out = tmp_path / "report"
     run = subprocess.run([sys.executable, "-m", "tl_modular.cli", "analyze", "--out", str(out), "--quiet"],
                          capture_output=True, text=True, timeout=600)
@@ -192,6 +214,12 @@ def test_cli_analyze_end_to_end_on_the_bundled_model(tmp_path):
     summary = json.loads((out / "summary.json").read_text())
     assert set(summary["circuits"]["categories"]) == set(tlm.toy.GENERATORS)
     assert len(summary["polysemanticity"]["rows"]) > 0
+    modules = summary["modules"]["modules"]
+    assert {frozenset(m) for m in modules} == {frozenset(m) for m in tlm.toy.info(tlm.toy.MODULAR_DIR)["loss_modules"]}
+    assert summary["modules"]["given"]["modularity"]["Q"]["z"] >= 2
+    labelled = {row["unit"] for row in summary["labels"]["labels"]}
+    assert {f"module:{i}" for i in range(len(modules))} <= labelled
+    assert (out / "report.html").stat().st_size <= 5 * 2 ** 20
     rerun = subprocess.run([sys.executable, "-m", "tl_modular.cli", "analyze", "--out", str(out), "--quiet"],
                            capture_output=True, text=True, timeout=600)
     assert rerun.returncode == 0

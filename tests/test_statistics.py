@@ -7,7 +7,7 @@ import torch
 
 import tl_modular as tlm
 from tl_modular._models import count_hooks
-from tl_modular.statistics import collect_statistics
+from tl_modular.compression.statistics import collect_statistics
 from tl_modular.testing import tiny_model
 
 KINDS = ["gpt2", "ln_pre", "no_norm", "rms_pre", "rotary", "gated_rms", "parallel", "shortformer", "alibi"]

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from tl_modular import tasks
-from tl_modular.task import Task
+from tl_modular.tasks.task import Task
 
 GENERATORS = [tasks.ioi, tasks.greater_than, tasks.docstring, tasks.induction]
 

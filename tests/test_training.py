@@ -164,7 +164,7 @@ def test_training_raises_modularity_on_a_small_model(tmp_path, one_thread):
 
 def _tokens_task(model):
     """A copy task on random tokens (any learnable objective will do for the modularity test)."""
-    from tl_modular.task import Task
+    from tl_modular.tasks.task import Task
 
     gen = torch.Generator().manual_seed(0)
     half = torch.randint(1, model.cfg.d_vocab, (256, 5), generator=gen)

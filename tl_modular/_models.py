@@ -10,11 +10,14 @@ functions, so that ``import tl_modular`` stays cheap.
 from __future__ import annotations
 
 import hashlib
+import inspect
 import json
+from collections.abc import Sequence
 from typing import Any
 
 import torch
 
+from tl_modular._names import hook_layer
 from tl_modular.errors import UnsupportedModelError
 
 SUPPORTED = (
@@ -143,3 +146,21 @@ def fingerprint(model: Any) -> str:
         h.update(name.encode())
         h.update(tensor.detach().to("cpu").contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
     return h.hexdigest()
+
+
+def stop_layer(model: Any, hooks: Sequence[str]) -> int | None:
+    """The first block no hook needs, so the forward pass can stop early (``stop_at_layer``;
+    HookedTransformer only: ``None`` when the model cannot stop early or a hook needs the whole pass)."""
+    if "stop_at_layer" not in inspect.signature(model.forward).parameters:
+        return None
+    layers = []
+    for h in hooks:
+        layer = hook_layer(h)
+        if layer is None:
+            if h not in ("hook_embed", "hook_pos_embed"):
+                return None
+            layers.append(1)          # embeddings: the first block is enough (other hooks may need more)
+            continue
+        layers.append(layer + 1)
+    top = max(layers)
+    return top if top < model.cfg.n_layers else None

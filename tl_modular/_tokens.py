@@ -1,4 +1,9 @@
-"""Tokens: text turned into the ``[batch, pos]`` rows every pass takes, with nothing dropped silently."""
+"""Tokens: text turned into the ``[batch, pos]`` rows every pass takes, with nothing dropped silently;
+the one check every stage runs on token batches, and the one rule for which positions count.
+
+Position 0 (BOS in GPT-2; an outlier residual norm in trained models) and padding never enter
+statistics: :func:`valid_positions` is that rule, :func:`position_weights` the same as weights.
+"""
 
 from __future__ import annotations
 
@@ -6,7 +11,69 @@ from dataclasses import dataclass
 from typing import Any, Literal, overload
 
 import torch
-from jaxtyping import Int
+from jaxtyping import Bool, Float, Int
+
+__all__ = ["TextCounts", "check_tokens", "position_weights", "tokens_from_text", "valid_positions"]
+
+
+def check_tokens(tokens: Any, attention_mask: Any = None, *, model: Any = None
+                 ) -> tuple[Int[torch.Tensor, "batch pos"], Int[torch.Tensor, "batch pos"] | None]:
+    """Check a ``[batch, pos]`` token batch (and its mask) before a pass; returns them unchanged.
+
+    With ``model``, also check the length against ``model.cfg.n_ctx`` and the ids against
+    ``model.cfg.d_vocab``.
+
+    Raises:
+        TypeError: ``tokens`` is not a 2-D integer tensor.
+        ValueError: no sequence of at least two tokens (position 0 is excluded from statistics),
+            rows longer than ``n_ctx``, ids outside the vocabulary, or a mask of another shape.
+
+    >>> check_tokens(torch.tensor([[1, 2, 3]]))[0].shape
+    torch.Size([1, 3])
+    """
+    if not isinstance(tokens, torch.Tensor) or tokens.ndim != 2 or tokens.dtype not in (torch.long, torch.int):
+        raise TypeError(f"tokens must be a [batch, pos] integer tensor (model.to_tokens(...) gives one), got "
+                        f"{getattr(tokens, 'shape', type(tokens))}")
+    if tokens.shape[0] == 0 or tokens.shape[1] < 2:
+        raise ValueError(f"tokens {list(tokens.shape)} are empty: need at least one sequence of two or more "
+                         "tokens (position 0 is excluded from statistics)")
+    if model is not None:
+        if tokens.shape[1] > model.cfg.n_ctx:
+            raise ValueError(f"sequences of {tokens.shape[1]} tokens exceed the model's n_ctx={model.cfg.n_ctx}; "
+                             "split them into shorter rows")
+        if tokens.min() < 0 or tokens.max() >= model.cfg.d_vocab:
+            raise ValueError(f"token ids must lie in [0, {model.cfg.d_vocab})")
+    if attention_mask is not None and attention_mask.shape != tokens.shape:
+        raise ValueError(f"attention_mask {list(attention_mask.shape)} must match tokens {list(tokens.shape)}")
+    return tokens, attention_mask
+
+
+def valid_positions(tokens: Int[torch.Tensor, "batch pos"], attention_mask: torch.Tensor | None = None
+                    ) -> Bool[torch.Tensor, "batch pos"]:
+    """Positions that enter statistics: not position 0 (BOS outlier) and not padding.
+
+    >>> valid_positions(torch.tensor([[5, 6, 7]]), torch.tensor([[1, 1, 0]])).tolist()
+    [[False, True, False]]
+    """
+    keep = torch.ones_like(tokens, dtype=torch.bool)
+    keep[:, 0] = False
+    if attention_mask is not None:
+        keep &= attention_mask.to(torch.bool).to(keep.device)
+    return keep
+
+
+def position_weights(tokens: Int[torch.Tensor, "batch pos"], attention_mask: torch.Tensor | None = None
+                     ) -> Float[torch.Tensor, "batch pos"]:
+    """:func:`valid_positions` as float64 weights: 1 for real tokens after position 0, else 0.
+
+    >>> position_weights(torch.tensor([[5, 6, 7]])).tolist()
+    [[0.0, 1.0, 1.0]]
+    """
+    w = torch.ones(tokens.shape, dtype=torch.float64, device=tokens.device)
+    w[:, 0] = 0
+    if attention_mask is not None:
+        w = w * attention_mask.to(w)
+    return w
 
 
 @dataclass(frozen=True)

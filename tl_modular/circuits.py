@@ -38,11 +38,14 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from tl_modular import _routes
 from tl_modular._io import SCHEMA_VERSION, read_versioned_json, reading, write_json
+from tl_modular._names import split_port
+from tl_modular._stats import adjusted_rand_index, kmeans
+from tl_modular.graph import routes as _routes
+from tl_modular.graph.views import plot_circuits
 from tl_modular.patching import capture_writes, patch_routes
 from tl_modular.segmentation import ChannelSet, segment
-from tl_modular.task import Task
+from tl_modular.tasks.task import Task
 
 __all__ = ["Circuit", "CircuitSet", "adjusted_rand_index", "find_circuits"]
 
@@ -77,7 +80,7 @@ class Circuit:
     @property
     def channels(self) -> set[str]:
         """Channels the circuit's routes leave from or arrive at (ports collapsed)."""
-        return {w for w, _ in self.routes} | {p.partition(":")[0] for _, p in self.routes}
+        return {w for w, _ in self.routes} | {split_port(p)[0] for _, p in self.routes}
 
     def to_json(self) -> dict[str, Any]:
         return {"category": self.category, "routes": [list(r) for r in self.routes],
@@ -161,7 +164,7 @@ class CircuitSet(Mapping[str, Circuit]):
         x = (x - x.mean(0)) / np.where(x.std(0) > 0, x.std(0), 1.0)
         truth = np.concatenate([np.full(len(c.usage), i) for i, c in enumerate(self.values())])
         k = len(self) if k is None else int(k)
-        labels = _kmeans(x, k, np.random.default_rng(seed))
+        labels = kmeans(x, k, np.random.default_rng(seed))
         majority = sum(np.bincount(truth[labels == j]).max() for j in np.unique(labels))
         out, start = {}, 0
         for name, c in self.items():
@@ -173,7 +176,6 @@ class CircuitSet(Mapping[str, Circuit]):
     def plot(self, graph: Any, path: str | os.PathLike | None = None) -> Any:
         """Each category's circuit on the layer layout (routes shared by all in red, routes only this
         category uses in blue); saves to ``path`` when given and returns the axes."""
-        from tl_modular._graph_views import plot_circuits
         return plot_circuits(self, graph, None if path is None else Path(path))
 
     def save(self, directory: str | os.PathLike) -> Path:
@@ -190,41 +192,6 @@ class CircuitSet(Mapping[str, Circuit]):
         with reading(Path(directory) / "circuits.json", "CircuitSet.save"):
             return cls({d["category"]: Circuit.from_json(d) for d in meta["circuits"]}, meta["n_routes"],
                        meta.get("channels", []))
-
-
-def _kmeans(x: np.ndarray, k: int, rng: np.random.Generator, iters: int = 100, restarts: int = 8) -> np.ndarray:
-    """Lloyd's k-means with k-means++ seeding, best of ``restarts`` by within-cluster sum of squares."""
-    best, best_cost = None, np.inf
-    for _ in range(restarts):
-        centres = [x[rng.integers(len(x))]]
-        for _ in range(1, k):
-            d2 = np.min([((x - c) ** 2).sum(1) for c in centres], axis=0)
-            centres.append(x[rng.choice(len(x), p=d2 / d2.sum())] if d2.sum() > 0 else x[rng.integers(len(x))])
-        centres = np.array(centres)
-        for _ in range(iters):
-            labels = ((x[:, None] - centres[None]) ** 2).sum(-1).argmin(1)
-            new = np.array([x[labels == j].mean(0) if (labels == j).any() else centres[j] for j in range(k)])
-            if np.allclose(new, centres):
-                break
-            centres = new
-        cost = ((x - centres[labels]) ** 2).sum()
-        if cost < best_cost:
-            best, best_cost = labels, cost
-    return best
-
-
-def adjusted_rand_index(a: Sequence[int], b: Sequence[int]) -> float:
-    """Adjusted Rand index of two labelings (Hubert & Arabie)."""
-    a, b = np.asarray(a), np.asarray(b)
-    _, ai = np.unique(a, return_inverse=True)
-    _, bi = np.unique(b, return_inverse=True)
-    table = np.zeros((ai.max() + 1, bi.max() + 1))
-    np.add.at(table, (ai, bi), 1)
-    comb = lambda n: n * (n - 1) / 2  # noqa: E731
-    index, rows, cols = comb(table).sum(), comb(table.sum(1)).sum(), comb(table.sum(0)).sum()
-    expected = rows * cols / comb(len(a)) if len(a) > 1 else 0.0
-    top = (rows + cols) / 2
-    return 1.0 if top == expected else float((index - expected) / (top - expected))
 
 
 # --- one category ----------------------------------------------------------------------------------
@@ -312,7 +279,7 @@ def _scores(model: Any, channels: ChannelSet, graph: Any, cat: _Category, routes
                 for k, v in g.items():
                     grads[k] += v / steps
         base = torch.stack([cat.baseline[w.name][index].to(writes) for w in ws])
-        deltas = torch.stack([_routes._project_writer(w, b - x) for w, b, x in zip(ws, base, writes, strict=True)])
+        deltas = torch.stack([_routes.project_writer(w, b - x) for w, b, x in zip(ws, base, writes, strict=True)])
         b, p = batch.shape
         full = torch.zeros(b, len(ws), len(rs), dtype=torch.float64)
         for s, per in _routes.per_position(rs, deltas, grads, chunk):
@@ -460,7 +427,7 @@ def find_circuits(graph: Any, model: Any, categories: Mapping[str, Task | torch.
         ig_steps: 0 for attribution patching (one forward and backward pass per batch); else
             integrated gradients over that many interpolation steps of the embeddings.
     """
-    graph._check_data(model)
+    graph.check_data(model)
     if not categories:
         raise ValueError("pass at least one category: {name: task or tokens}")
     if search not in ("mask", "greedy"):
@@ -477,7 +444,7 @@ def find_circuits(graph: Any, model: Any, categories: Mapping[str, Task | torch.
     writers = {w.name: w for w in _routes.writers(graph.compression, channels)}
     n = len(routes)
     grid = sorted({int(round(x)) for x in np.geomspace(1, n, 16)} | {n}) if sizes is None else sorted(set(sizes))
-    names = graph._nodes(io=True)
+    names = graph.partition_nodes(io=True)
     touches = np.zeros((n, len(names)))                      # route -> the channels at its two ends
     column = {c: i for i, c in enumerate(names)}
     for i, (w, p) in enumerate(routes):

@@ -1,6 +1,7 @@
 """``tl-modular``: the whole flow in one command.
 
-    tl-modular analyze                                  # the bundled model, offline, no API key
+    tl-modular analyze                                  # the bundled modular model, offline, no API key
+    tl-modular analyze --model toy                      # the bundled model before modularity training
     tl-modular analyze --model gpt2 --data corpus.txt   # any TransformerLens model name
     tl-modular analyze --labeler openai --llm-model gpt-4o-mini [--base-url http://localhost:8000/v1]
     tl-modular diff reportA reportB                     # what changed between two report directories
@@ -21,6 +22,7 @@ from pathlib import Path
 from typing import Any
 
 _TASKS = ("ioi", "greater_than", "docstring", "induction")
+_BUNDLED = ("toy-modular", "toy")   # tl_modular.report.BUNDLED_MODELS, named here to keep --help fast
 _DEFAULTS = {"tokens": 4096, "seq_len": 128, "llm_model": "gpt-4o-mini", "api_key_env": "OPENAI_API_KEY",
              "llm_concurrency": 16}
 _LLM_OPTIONS = ("llm_model", "base_url", "api_key_env", "llm_budget", "llm_concurrency")
@@ -42,7 +44,10 @@ def _parser() -> argparse.ArgumentParser:
                        help="segment, compress, graph, modules, circuits, SAEs, labels → report directory")
     # options whose defaults are None are filled in after parsing, so that one given where it does not
     # apply (e.g. --sae with the bundled model) is an error instead of being ignored
-    a.add_argument("--model", default=None, help="a TransformerLens model name (default: the bundled model)")
+    a.add_argument("--model", default=None,
+                   help="a TransformerLens model name, or a bundled model: toy-modular (the default: trained with "
+                        "the modularity loss, four modules), toy (the same model before, one module) or textlm "
+                        "(a GPT-2 trained on real text)")
     a.add_argument("--data", default=None,
                    help="a text file, a token file (.npy or .safetensors with 'tokens' [batch, pos]), or a Hugging "
                         "Face dataset name (its 'text' column); required with --model")
@@ -72,7 +77,7 @@ def _parser() -> argparse.ArgumentParser:
     d = sub.add_parser("diff", parents=[debug], help="what changed between two report directories")
     d.add_argument("a")
     d.add_argument("b")
-    d.add_argument("--out", default=None, help="also write the diff as JSON into this directory")
+    d.add_argument("--out", default=None, help="also write the diff here: diff.json and report.html (the viewer)")
     d.add_argument("--top", type=int, default=15)
     return p
 
@@ -135,7 +140,7 @@ def _analyze(args: argparse.Namespace) -> int:
     _check_options(args)
     if args.data is not None:
         _check_data(args.data)          # before any model is loaded
-    if args.model is not None:
+    if args.model not in (None, "textlm", *_BUNDLED):
         _check_hub(args.model)          # before the slow imports: fail in seconds, not after retries
     labeler, simulator = _labeler(args)
     created = _check_out(args.out)
@@ -145,9 +150,23 @@ def _analyze(args: argparse.Namespace) -> int:
 
         from tl_modular import report
 
-        if args.model is None:
-            inputs = report.bundled_inputs(labeler=labeler, simulator=simulator, device=device)
+        if args.model is None or args.model in _BUNDLED:
+            inputs = report.bundled_inputs(labeler=labeler, simulator=simulator, device=device,
+                                           variant="plain" if args.model == "toy" else "modular")
             metric = args.metric or "logit"
+        elif args.model == "textlm":              # the bundled real-text GPT-2: its own text unless --data
+            from tl_modular import textlm
+
+            model = textlm.load_model(device=device)
+            tokens, data = (None, None) if args.data is None else _load_data(args.data, model, args.tokens,
+                                                                             args.seq_len)
+            inputs = report.textlm_inputs(n_tokens=args.tokens, seq_len=args.seq_len, labeler=labeler,
+                                          simulator=simulator, model=model, tokens=tokens, data=data)
+            if args.circuits:
+                inputs.categories = _categories(args, model)
+            if args.sae:
+                inputs.saes = _saes(args, model)
+            metric = args.metric or "loss"
         else:
             model = _load_model(args.model, device)
             tokens, data = _load_data(args.data, model, args.tokens, args.seq_len)
@@ -170,15 +189,16 @@ def _analyze(args: argparse.Namespace) -> int:
 def _check_options(args: argparse.Namespace) -> None:
     """Options given where they do not apply are errors (never silently ignored); then the defaults."""
     given = lambda name: getattr(args, name) not in (None, [])  # noqa: E731
-    if args.model is None:
+    if args.model is None or args.model in _BUNDLED:
         if args.data is not None:
-            raise UsageError("--data needs --model (the bundled model analyzes its own task data)")
+            raise UsageError("--data needs --model with a TransformerLens model name (the bundled models analyze "
+                             "their own task data)")
         for name, why in (("sae", "it uses its own SAEs"), ("circuits", "it always uses its four tasks"),
                           ("tokens", "it analyzes its own task data"), ("seq_len", "it analyzes its own task data")):
             if given(name):
                 raise UsageError(f"--{name.replace('_', '-')} does not apply to the bundled model ({why}): drop it, "
                                  "or analyze a model of your own with --model NAME --data FILE")
-    elif args.data is None:
+    elif args.model != "textlm" and args.data is None:
         raise UsageError("--model needs --data: a text file, a token file or a Hugging Face dataset name")
     if args.labeler != "openai":
         for name in _LLM_OPTIONS:
@@ -287,7 +307,7 @@ def _labeler(args: argparse.Namespace) -> tuple[Any, Any]:
         from tl_modular.labeling import OpenAILabeler
     except ImportError as e:
         raise UsageError(f"the OpenAI labeler is not available in this installation ({e})") from None
-    from tl_modular.labeling._client import ClientConfig
+    from tl_modular.labeling import ClientConfig
 
     # replies are cached by content under the report directory: a re-run costs nothing
     config = ClientConfig(model=args.llm_model, base_url=args.base_url, api_key=key or "none",
@@ -474,7 +494,7 @@ def _diff(args: argparse.Namespace) -> int:
     if args.out is not None:
         _check_out(args.out)
     try:
-        from tl_modular.diff import diff
+        from tl_modular.diffing import diff
     except ImportError:
         raise UsageError("model diffing is not available in this version") from None
     from tl_modular.compression import Compression
@@ -487,6 +507,9 @@ def _diff(args: argparse.Namespace) -> int:
     print(result.summary(args.top) if hasattr(result, "summary") else result)
     if args.out:
         result.save(args.out)
+        from tl_modular.report.html import render_diff
+
+        print(f"report: {render_diff(args.out, args.a, args.b)}")   # the diff in the report's viewer
     return 0
 
 

@@ -27,13 +27,15 @@ from typing import Any, Literal
 import torch
 from jaxtyping import Float, Int
 
+from tl_modular._names import UNEMBED, act_name, port_hook, port_name, split_port, stream_index
 from tl_modular.segmentation import Channel, ChannelSet, segment
-from tl_modular.task import Task
+from tl_modular.tasks.task import Task
 
 __all__ = [
     "PatchEffect",
     "Route",
     "capture_writes",
+    "channel_write",
     "channel_effect",
     "mean_writes",
     "patch_channels",
@@ -51,44 +53,31 @@ Baseline = Literal["corrupted", "mean", "zero"]
 
 # --- ports and the order of the residual stream -----------------------------------------
 
-def _stream_index(hook: str, n_layers: int) -> int:
-    """Position of a residual hook in the stream: resid_pre of layer l is 2l, resid_mid 2l+1."""
-    if hook == "hook_pos_embed":
-        return 0
-    parts = hook.split(".")
-    layer, kind = int(parts[1]), parts[2]
-    return {"hook_resid_pre": 2 * layer, "hook_resid_mid": 2 * layer + 1,
-            "hook_resid_post": 2 * layer + 2}[kind]
-
-
 def ports(channels: ChannelSet) -> list[str]:
     """Every receiver port of the model, in forward order: heads' ``:q``, ``:k``, ``:v``,
     MLPs, and ``unembed``."""
     out = []
     for c in channels:
         if c.kind == "head":
-            out += [f"{c.name}:q", f"{c.name}:k", f"{c.name}:v"]
+            out += [port_name(c.name, path) for path in ("q", "k", "v")]
         elif c.kind == "mlp":
-            out.append(c.name)
-    return out + ["unembed"]
+            out.append(port_name(c.name))
+    return out + [UNEMBED]
 
 
 def _port(channels: ChannelSet, port: str) -> tuple[str, int | None, int]:
     """(hook name, head index into that hook or None, stream index read) of a port."""
     n_layers = channels.model.cfg.n_layers
-    if port == "unembed":
+    if port == UNEMBED:
         return channels.final_hook, None, 2 * n_layers
-    name, _, path = port.partition(":")
+    name, path = split_port(port)
     if name not in channels:
         raise KeyError(f"unknown port {port!r}: no channel {name!r}; ports look like 'L1.H3:k', "
                        "'L1.MLP' or 'unembed'")
     c = channels[name]
-    read = _stream_index(c.reads[0], n_layers)
-    if c.kind == "head" and path in ("q", "k", "v"):
-        index = c.head if path == "q" else c.kv_head
-        return f"blocks.{c.layer}.hook_{path}_input", index, read
-    if c.kind == "mlp" and not path:
-        return f"blocks.{c.layer}.hook_mlp_in", None, read
+    read = stream_index(c.reads[0])
+    if (c.kind == "head" and path in ("q", "k", "v")) or (c.kind == "mlp" and not path):
+        return (*port_hook(c, path), read)
     raise KeyError(f"unknown port {port!r}: heads have ports ':q', ':k', ':v'; an MLP's port is its "
                    "channel name; the logits' port is 'unembed'")
 
@@ -96,13 +85,17 @@ def _port(channels: ChannelSet, port: str) -> tuple[str, int | None, int]:
 def valid_route(channels: ChannelSet, sender: str, port: str) -> bool:
     """Whether ``sender`` writes into the residual stream before ``port`` reads it."""
     c = channels[sender]
-    return _stream_index(c.writes, channels.model.cfg.n_layers) <= _port(channels, port)[2]
+    return stream_index(c.writes) <= _port(channels, port)[2]
 
 
 # --- writes --------------------------------------------------------------------------------
 
-def _write(channel: Channel, activation: torch.Tensor | None, like: torch.Tensor) -> torch.Tensor:
-    """A channel's write into the residual stream from its source activation."""
+def channel_write(channel: Channel, activation: torch.Tensor | None, like: torch.Tensor) -> torch.Tensor:
+    """A channel's write into the residual stream from its source activation (``activation`` of its
+    ``source_hook``; a bias channel's constant write is shaped ``like``).
+
+    >>> write = channel_write(channels["L0.H3"], cache["blocks.0.attn.hook_z"], resid)   # doctest: +SKIP
+    """
     if channel.kind == "bias":
         return channel.weights["b_O"].detach().to(like).expand_as(like)
     if channel.kind == "head":
@@ -191,8 +184,7 @@ def patch_routes(model: Any, channels: ChannelSet, tokens: Int[torch.Tensor, "ba
         by_port.setdefault(port, []).append(channels[sender])
     _check_source(source, {s for s, _ in routes})
     senders = {c.name: c for cs in by_port.values() for c in cs}
-    n_layers = channels.model.cfg.n_layers
-    order = sorted(senders.values(), key=lambda c: _stream_index(c.writes, n_layers))
+    order = sorted(senders.values(), key=lambda c: stream_index(c.writes))
     current: dict[str, torch.Tensor] = {}
     deltas: dict[str, torch.Tensor] = {}      # source - write of each sender, computed once per run
     prefix: list[Any] = [0, None]             # how many of `order` are summed, and their sum
@@ -202,13 +194,13 @@ def patch_routes(model: Any, channels: ChannelSet, tokens: Int[torch.Tensor, "ba
 
     def delta(c: Channel, like: torch.Tensor) -> torch.Tensor:
         if c.name not in deltas:
-            deltas[c.name] = source[c.name].to(like) - _write(c, current.get(c.source_hook), like)
+            deltas[c.name] = source[c.name].to(like) - channel_write(c, current.get(c.source_hook), like)
         return deltas[c.name]
 
     def upstream(read: int, like: torch.Tensor) -> torch.Tensor:
         """Σ of every sender's delta written at or before stream index ``read`` (hooks fire in order)."""
         k, total = prefix
-        while k < len(order) and _stream_index(order[k].writes, n_layers) <= read:
+        while k < len(order) and stream_index(order[k].writes) <= read:
             total = delta(order[k], like) if total is None else total + delta(order[k], like)
             k += 1
         prefix[:] = [k, total]
@@ -218,7 +210,7 @@ def patch_routes(model: Any, channels: ChannelSet, tokens: Int[torch.Tensor, "ba
         # Patching most routes into a port (a circuit's complement) is cheaper as "every upstream
         # sender minus the few left clean" than as a sum over the patched ones.
         names = {c.name for c in port_senders}
-        left = [c for c in order if _stream_index(c.writes, n_layers) <= read and c.name not in names]
+        left = [c for c in order if stream_index(c.writes) <= read and c.name not in names]
         by_complement = len(left) < len(port_senders)
 
         def hook_fn(activation: torch.Tensor, hook: Any) -> torch.Tensor:
@@ -284,7 +276,7 @@ def patch_channels(model: Any, channels: ChannelSet, tokens: Int[torch.Tensor, "
         c = channels[name]
         if c.kind == "bias":
             # A bias is a constant: patch it where it enters, as a shift of the attention output.
-            by_layer_bias[f"blocks.{c.layer}.hook_attn_out"] = source[name] - c.weights["b_O"].detach()
+            by_layer_bias[act_name("attn_out", c.layer)] = source[name] - c.weights["b_O"].detach()
             continue
 
         w_o = c.weights["W_O"].detach() if c.kind == "head" else None

@@ -24,6 +24,7 @@ import torch
 from jaxtyping import Float
 
 from tl_modular._models import check_supported
+from tl_modular._names import act_name, bias_name, head_name, mlp_name
 
 __all__ = ["Channel", "ChannelKind", "ChannelSet", "segment"]
 
@@ -222,7 +223,7 @@ class ChannelSet(Sequence[Channel]):
         for layer, rows in head_rows.items():
             # One einsum per layer over the requested heads: z_h @ W_O[h].
             heads = [h for _, h in rows]
-            z = _get(cache, f"blocks.{layer}.attn.hook_z")[..., heads, :]
+            z = _get(cache, act_name("z", layer))[..., heads, :]
             w_o = self.model.blocks[layer].attn.W_O.detach()[heads].to(z)
             result = torch.einsum("...hd,hdm->h...m", z, w_o)
             out[[r for r, _ in rows]] = result
@@ -275,17 +276,17 @@ def segment(model: Any) -> ChannelSet:
     # Shortformer positions are read by the query/key paths but never added to the residual
     # stream, so they are an input of the heads rather than a channel.
     for l in range(cfg.n_layers):
-        pre, mid, post = (f"blocks.{l}.hook_resid_{s}" for s in ("pre", "mid", "post"))
+        pre, mid, post = (act_name(f"resid_{s}", l) for s in ("pre", "mid", "post"))
         attn_writes = post if (attn_only or parallel) else mid
         head_reads = (pre, "hook_pos_embed") if shortformer else (pre,)
-        ln1 = f"blocks.{l}.ln1.hook_normalized" if has_norm else pre
+        ln1 = act_name("normalized", l, "ln1") if has_norm else pre
         for h in range(cfg.n_heads):
-            chans.append(Channel(f"L{l}.H{h}", "head", l, h, h // group, head_reads, ln1,
-                                 f"blocks.{l}.attn.hook_z", attn_writes, model))
-        chans.append(Channel(f"L{l}.b_O", "bias", l, writes=attn_writes, _model=model))
+            chans.append(Channel(head_name(l, h), "head", l, h, h // group, head_reads, ln1,
+                                 act_name("z", l), attn_writes, model))
+        chans.append(Channel(bias_name(l), "bias", l, writes=attn_writes, _model=model))
         if not attn_only:
             mlp_reads = pre if parallel else mid
-            ln2 = f"blocks.{l}.ln2.hook_normalized" if has_norm else mlp_reads
-            chans.append(Channel(f"L{l}.MLP", "mlp", l, None, None, (mlp_reads,), ln2,
-                                 f"blocks.{l}.hook_mlp_out", post, model))
-    return ChannelSet(chans, model, f"blocks.{cfg.n_layers - 1}.hook_resid_post")
+            ln2 = act_name("normalized", l, "ln2") if has_norm else mlp_reads
+            chans.append(Channel(mlp_name(l), "mlp", l, None, None, (mlp_reads,), ln2,
+                                 act_name("mlp_out", l), post, model))
+    return ChannelSet(chans, model, act_name("resid_post", cfg.n_layers - 1))

@@ -25,6 +25,8 @@ from typing import Any
 
 import torch
 
+from tl_modular._names import head_name, mlp_name
+
 __all__ = [
     "GPT2_SMALL_CONFIG",
     "TINY_KINDS",
@@ -153,13 +155,13 @@ def planted_modules(n_modules: int = 3, *, n_layers: int = 3, n_heads: int = 3, 
             attn = block.attn
             for h in range(n_heads):
                 m = (layer + h) % n_modules
-                module_of[f"L{layer}.H{h}"] = m
+                module_of[head_name(layer, h)] = m
                 rows = block_mask(m)[:, None] / d_block**0.5
                 for w in (attn.W_Q, attn.W_K, attn.W_V):
                     w[h] = randn(d_model, d_head) * rows
                 attn.W_O[h] = randn(d_head, d_model) * rows.T / d_head**0.5
             m = layer % n_modules
-            module_of[f"L{layer}.MLP"] = m
+            module_of[mlp_name(layer)] = m
             block.mlp.W_in.copy_(randn(d_model, d_mlp) * block_mask(m)[:, None] / d_block**0.5)
             block.mlp.W_out.copy_(randn(d_mlp, d_model) * block_mask(m)[None, :] / d_mlp**0.5)
 

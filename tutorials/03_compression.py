@@ -19,7 +19,7 @@ import torch
 
 import tl_modular as tlm
 from tl_modular import toy
-from tl_modular.fidelity import rank_fidelity_curve
+from tl_modular.compression.fidelity import rank_fidelity_curve
 
 out = Path(os.environ.get("TLM_TUTORIAL_OUT", "tutorials/_output"))
 out.mkdir(parents=True, exist_ok=True)

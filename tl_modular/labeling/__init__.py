@@ -14,7 +14,8 @@ prediction (correlation, detection, fuzzing) against a random-label baseline.
 """
 
 from tl_modular.errors import LabelingError
-from tl_modular.labeling._evidence import Context, Evidence, EvidenceConfig, collect_evidence, str_tokens
+from tl_modular.labeling._client import BudgetExceeded, ClientConfig, LLMError, LLMUnavailable
+from tl_modular.labeling._evidence import Context, Evidence, EvidenceConfig, collect_evidence, split_rows, str_tokens
 from tl_modular.labeling._labelers import (
     Explanation,
     Labeler,
@@ -39,10 +40,14 @@ from tl_modular.labeling._units import (
 )
 
 __all__ = [
+    "BudgetExceeded",
+    "ClientConfig",
     "Context",
     "Evidence",
     "EvidenceConfig",
     "Explanation",
+    "LLMError",
+    "LLMUnavailable",
     "Label",
     "Labeler",
     "LabelingError",
@@ -63,6 +68,7 @@ __all__ = [
     "neurons",
     "offline_chat_model",
     "score",
+    "split_rows",
     "str_tokens",
     "units_for",
 ]

@@ -23,8 +23,10 @@ import torch
 from jaxtyping import Int
 from tqdm.auto import tqdm
 
+from tl_modular._models import stop_layer as _stop_layer
+from tl_modular._tokens import check_tokens
+from tl_modular._tokens import valid_positions as _valid
 from tl_modular.labeling._units import Unit
-from tl_modular.sae._attach import _stop_layer, _valid, check_tokens
 
 
 @dataclass(kw_only=True)

@@ -135,7 +135,7 @@ def direction_units(model: Any, comp: Any, name: str, *, sides: Sequence[str] | 
                     max_per_side: int | None = None) -> list[Unit]:
     """The basis directions of channel ``name``'s compressed read subspaces (per port, read off its
     normalized input) and write subspace (read off its write), most important first."""
-    from tl_modular.sae._readers import subspace_readers
+    from tl_modular.sae import subspace_readers
 
     c = segment(model)[name]
     cc = comp[name]
@@ -163,7 +163,7 @@ def direction_units(model: Any, comp: Any, name: str, *, sides: Sequence[str] | 
 
 def feature_units(sae: Any, indices: Sequence[int] | None = None, *, model: Any | None = None) -> list[Unit]:
     """SAE (or transcoder) features as units: ``sae.encode`` of the SAE's hook, feature by feature."""
-    from tl_modular.sae._attach import hook_name
+    from tl_modular.sae import hook_name
 
     hook = hook_name(sae)
     d_sae = int(sae.cfg.d_sae)

@@ -1,4 +1,4 @@
-"""The report's pictures, drawn with matplotlib into the report directory (PNG)."""
+"""The report's static pictures for papers, drawn with matplotlib into ``figures/`` of the report directory (PNG)."""
 
 from __future__ import annotations
 
@@ -9,16 +9,18 @@ from tl_modular._io import write_json
 
 
 def draw_all(out: Path, graph: Any, modules: list, summary: dict[str, Any], circuits: Any) -> dict[str, str]:
-    """Draw every figure the summary has data for; returns ``{figure: file name}``."""
+    """Draw every figure the summary has data for into ``out/figures/``; returns ``{figure: path
+    relative to out}`` (also written to ``out/figures.json``)."""
     import matplotlib
 
     matplotlib.use("Agg", force=False)
     import matplotlib.pyplot as plt
 
     figures: dict[str, str] = {}
-    graph.plot(out / "graph.png", modules=modules)
+    (out / "figures").mkdir(parents=True, exist_ok=True)
+    graph.plot(out / "figures" / "graph.png", modules=modules)
     plt.close("all")
-    figures["graph"] = "graph.png"
+    figures["graph"] = "figures/graph.png"
 
     rows = summary.get("rank_fidelity") or []
     if rows:
@@ -30,14 +32,14 @@ def draw_all(out: Path, graph: Any, modules: list, summary: dict[str, Any], circ
         ax.set_title("rank–fidelity")
         ax.legend()
         fig.tight_layout()
-        fig.savefig(out / "rank_fidelity.png", dpi=110)
+        fig.savefig(out / "figures" / "rank_fidelity.png", dpi=110)
         plt.close(fig)
-        figures["rank_fidelity"] = "rank_fidelity.png"
+        figures["rank_fidelity"] = "figures/rank_fidelity.png"
 
     if circuits is not None and len(circuits):
-        circuits.plot(graph, out / "circuits.png")
+        circuits.plot(graph, out / "figures" / "circuits.png")
         plt.close("all")
-        figures["circuits"] = "circuits.png"
+        figures["circuits"] = "figures/circuits.png"
 
     poly = summary.get("polysemanticity")
     if poly and poly["rows"]:
@@ -50,8 +52,8 @@ def draw_all(out: Path, graph: Any, modules: list, summary: dict[str, Any], circ
         ax.set_xlabel("effective number of SAE features")
         ax.set_title("most polysemantic units")
         fig.tight_layout()
-        fig.savefig(out / "polysemanticity.png", dpi=110)
+        fig.savefig(out / "figures" / "polysemanticity.png", dpi=110)
         plt.close(fig)
-        figures["polysemanticity"] = "polysemanticity.png"
+        figures["polysemanticity"] = "figures/polysemanticity.png"
     write_json(out / "figures.json", figures)
     return figures

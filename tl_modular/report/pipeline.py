@@ -75,6 +75,9 @@ class Inputs:
     simulator: Any = None
     decode: Callable[[list[int]], str] | None = None
     data: Mapping[str, Any] | None = None   # where the tokens came from: read/used/dropped (recorded)
+    # A partition to test besides the graph's own modules (e.g. the modules a modularity loss was
+    # trained with): scored as a fixed partition against the same null, {"modules": [[...]], "source": str}
+    modules: Mapping[str, Any] | None = None
 
 
 def _digest(*tensors: torch.Tensor | None) -> str:
@@ -99,8 +102,11 @@ def cache_key(inputs: Inputs, config: AnalyzeConfig) -> str:
     parts = {"model": fingerprint(inputs.model), "tokens": _digest(inputs.tokens, inputs.attention_mask,
                                                                      inputs.loss_mask),
              "categories": sorted(inputs.categories), "config": asdict(config),
-             "saes": sorted(inputs.saes) if inputs.saes is not None else None,
-             "labeler": _describe(inputs.labeler), "simulator": _describe(inputs.simulator)}
+             # the SAEs by their weights, not only their hooks: retrained SAEs must not reuse old scores
+             "saes": {h: _digest(getattr(inputs.saes[h], "W_dec", None)) for h in sorted(inputs.saes)}
+             if inputs.saes is not None else None,
+             "labeler": _describe(inputs.labeler), "simulator": _describe(inputs.simulator),
+             "modules": [sorted(m) for m in inputs.modules["modules"]] if inputs.modules else None}
     return hashlib.blake2b(json.dumps(parts, sort_keys=True, default=str).encode(), digest_size=16).hexdigest()
 
 
@@ -153,7 +159,7 @@ def analyze(inputs: Inputs, out: str | os.PathLike, config: AnalyzeConfig | None
     import tl_modular as tlm
     from tl_modular.circuits import CircuitSet
     from tl_modular.compression import Compression
-    from tl_modular.fidelity import rank_fidelity_curve
+    from tl_modular.compression.fidelity import rank_fidelity_curve
     from tl_modular.graph import ChannelGraph
     from tl_modular.report.html import render
 
@@ -199,6 +205,11 @@ def analyze(inputs: Inputs, out: str | os.PathLike, config: AnalyzeConfig | None
         modules = graph.modules()
         scores = graph.modularity(n_null=cfg.n_null, progress=progress) if cfg.n_null > 1 else {}
         result = {"modules": [sorted(m) for m in modules], "modularity": scores}
+        if inputs.modules:   # a known partition, scored as fixed on the graph and on every null graph
+            given = [sorted(m) for m in inputs.modules["modules"]]
+            result["given"] = {"modules": given, "source": str(inputs.modules.get("source", "given")),
+                               "modularity": graph.modularity(n_null=cfg.n_null, modules=given, progress=False)
+                               if cfg.n_null > 1 else {}}
         write_json(out / "modules.json", result)
         return result
     summary["modules"] = stages.run("modules", modules_stage, lambda: read_json(out / "modules.json"))

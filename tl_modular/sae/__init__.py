@@ -28,10 +28,20 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from tl_modular.sae._attach import SAESet, check_fits, collect, feature_directions, hook_name, load, quality, spliced
+from tl_modular.sae._attach import (
+    SAESet,
+    check_fits,
+    collect,
+    feature_directions,
+    hook_name,
+    load,
+    quality,
+    save_atomic,
+    spliced,
+)
 from tl_modular.sae._poly import PolysemanticityTable, UnitScores, feature_spread, polysemanticity, score_model
 from tl_modular.sae._readers import Readers, neuron_readers, readers_for, subspace_readers
-from tl_modular.sae._train import SAETrainConfig, save_atomic, train_on_activations, train_sae
+from tl_modular.sae._train import SAETrainConfig, train_on_activations, train_sae
 from tl_modular.sae._transcoder import train_transcoder
 from tl_modular.sae._unfold import Unfolding, expand, unfold
 

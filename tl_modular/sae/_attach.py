@@ -5,6 +5,8 @@ from __future__ import annotations
 import contextlib
 import math
 import os
+import shutil
+import tempfile
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -13,7 +15,8 @@ import torch
 from jaxtyping import Float, Int
 
 from tl_modular._io import read_json, read_safetensors_header, reading
-from tl_modular._models import fingerprint
+from tl_modular._models import fingerprint, stop_layer
+from tl_modular._tokens import check_tokens, valid_positions
 
 #: ``edit(hook_name, feature_acts) -> feature_acts``: an intervention on features while spliced.
 FeatureEdit = Callable[[str, torch.Tensor], torch.Tensor]
@@ -105,24 +108,25 @@ def _flat(act: torch.Tensor) -> torch.Tensor:
     return act.reshape(*act.shape[:2], -1)
 
 
-def _valid(tokens: torch.Tensor, attention_mask: torch.Tensor | None) -> torch.Tensor:
-    """Positions that enter statistics: not position 0 (BOS outlier) and not padding."""
-    keep = torch.ones_like(tokens, dtype=torch.bool)
-    keep[:, 0] = False
-    if attention_mask is not None:
-        keep &= attention_mask.to(torch.bool).to(keep.device)
-    return keep
-
-
-def check_tokens(tokens: Any, attention_mask: Any = None) -> tuple[torch.Tensor, torch.Tensor | None]:
-    if not isinstance(tokens, torch.Tensor) or tokens.ndim != 2 or tokens.dtype not in (torch.long, torch.int):
-        raise TypeError(f"tokens must be a [batch, pos] integer tensor, got {getattr(tokens, 'shape', type(tokens))}")
-    if tokens.shape[0] == 0 or tokens.shape[1] < 2:
-        raise ValueError(f"tokens {list(tokens.shape)} are empty: need at least one sequence of >= 2 tokens "
-                         "(position 0 is excluded from statistics)")
-    if attention_mask is not None and attention_mask.shape != tokens.shape:
-        raise ValueError(f"attention_mask {list(attention_mask.shape)} must match tokens {list(tokens.shape)}")
-    return tokens, attention_mask
+def save_atomic(sae: Any, path: str | os.PathLike) -> Path:
+    """``sae.save_model(path)`` written to a sibling folder first, then moved into place."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
+    try:
+        tmp.chmod(0o755)  # mkdtemp makes it private; the result is an ordinary folder
+        sae.save_model(tmp)
+        if path.exists():
+            old = path.with_name(f".{path.name}.old")
+            shutil.rmtree(old, ignore_errors=True)
+            path.rename(old)
+            tmp.rename(path)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            tmp.rename(path)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return path
 
 
 def iter_activations(model: Any, tokens: Int[torch.Tensor, "batch pos"], hooks: Sequence[str], *,
@@ -131,36 +135,17 @@ def iter_activations(model: Any, tokens: Int[torch.Tensor, "batch pos"], hooks: 
     """Yield ``{hook: [n_valid, width]}`` per batch (position 0 and padding dropped), streaming."""
     tokens, attention_mask = check_tokens(tokens, attention_mask)
     hooks = list(dict.fromkeys(hooks))
-    stop = _stop_layer(model, hooks)
+    stop = stop_layer(model, hooks)
     for start in range(0, tokens.shape[0], batch_size):
         batch = tokens[start:start + batch_size].to(model.cfg.device)
         mask = None if attention_mask is None else attention_mask[start:start + batch_size]
-        keep = _valid(batch, mask).to(model.cfg.device)
+        keep = valid_positions(batch, mask).to(model.cfg.device)
         kwargs: dict[str, Any] = {"attention_mask": mask.to(model.cfg.device)} if mask is not None else {}
         if stop is not None:
             kwargs["stop_at_layer"] = stop
         with torch.no_grad():
             _, cache = model.run_with_cache(batch, names_filter=lambda n: n in hooks, return_type=None, **kwargs)
         yield {h: _flat(cache[h])[keep] for h in hooks}
-
-
-def _stop_layer(model: Any, hooks: Sequence[str]) -> int | None:
-    """The first block no hook needs, so the forward pass can stop early (HookedTransformer only)."""
-    import inspect
-
-    if "stop_at_layer" not in inspect.signature(model.forward).parameters:
-        return None
-    layers = []
-    for h in hooks:
-        parts = h.split(".")
-        if parts[0] != "blocks":
-            if h not in ("hook_embed", "hook_pos_embed"):
-                return None
-            layers.append(1)          # embeddings: the first block is enough (other hooks may need more)
-            continue
-        layers.append(int(parts[1]) + 1)
-    top = max(layers)
-    return top if top < model.cfg.n_layers else None
 
 
 def collect(model: Any, tokens: Int[torch.Tensor, "batch pos"], hooks: Sequence[str], *,
@@ -348,8 +333,6 @@ class SAESet(Mapping[str, Any]):
 
     def save(self, directory: str | os.PathLike) -> Path:
         """One sae-lens folder per hook under ``directory`` (``SAE.load_from_disk`` reads each)."""
-        from tl_modular.sae._train import save_atomic
-
         directory = Path(directory)
         for hook, sae in self._saes.items():
             save_atomic(sae, directory / hook)

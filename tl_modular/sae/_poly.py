@@ -18,15 +18,9 @@ import numpy as np
 import torch
 from jaxtyping import Float
 
-from tl_modular.sae._readers import Readers
-
-
-def _effective(weights: torch.Tensor) -> torch.Tensor:
-    """exp(entropy) of each row's normalized non-negative weights (nan for an all-zero row)."""
-    total = weights.sum(-1, keepdim=True)
-    p = weights / total
-    h = -(p * torch.where(p > 0, p.log(), torch.zeros_like(p))).sum(-1)
-    return torch.where(total.squeeze(-1) > 0, h.exp(), torch.full_like(h, float("nan")))
+from tl_modular._stats import effective_number
+from tl_modular.sae._attach import check_fits, collect
+from tl_modular.sae._readers import Readers, readers_for
 
 
 @dataclass
@@ -113,7 +107,7 @@ def polysemanticity(sae: Any, acts: Float[torch.Tensor, "n d_in"],
         c = (torch.sparse.mm(z_t, indicator) * dw[:, sl]).T             # [chunk, d_sae]: Σ_t |c_tf|
         if merge is not None:
             c = _merge_duplicates(c, directions, merge)
-        scores.append(_effective(c))
+        scores.append(effective_number(c))
         share = c / c.sum(-1, keepdim=True).clamp_min(1e-30)
         sv, si = share.topk(min(n_features, share.shape[-1]), dim=-1)
         tops += [[(int(f), float(v)) for f, v in zip(fi, fv, strict=True) if v > 0]
@@ -130,7 +124,7 @@ def feature_spread(sae: Any, readers: Readers | Float[torch.Tensor, "d_in n_unit
     """
     w = (readers.vectors if isinstance(readers, Readers) else readers).to(sae.W_dec.dtype)
     reach = (sae.W_dec.detach() @ (w / w.norm(dim=0, keepdim=True).clamp_min(1e-30))).abs()
-    return _effective(reach).cpu().numpy()
+    return effective_number(reach).cpu().numpy()
 
 
 def _sparse_codes(sae: Any, acts: torch.Tensor, factor: torch.Tensor, chunk: int = 4096) -> torch.Tensor:
@@ -202,9 +196,6 @@ def score_model(model: Any, saes: Any, tokens: torch.Tensor, *, comp: Any | None
     >>> table = tlm.sae.score_model(model, tlm.sae.bundled(model), tokens, comp=comp)   # doctest: +SKIP
     >>> print(table.to_markdown(10))                                                    # doctest: +SKIP
     """
-    from tl_modular.sae._attach import check_fits, collect
-    from tl_modular.sae._readers import readers_for
-
     if hasattr(saes, "values"):
         saes = list(saes.values())
     elif not isinstance(saes, (list, tuple)):

@@ -15,6 +15,7 @@ from dataclasses import dataclass
 import torch
 from jaxtyping import Float
 
+from tl_modular._names import mlp_name, neuron_name
 from tl_modular.segmentation import Channel, segment
 
 
@@ -54,13 +55,13 @@ def to_hook(model: object, channel: Channel, vectors: torch.Tensor, hook: str) -
 def neuron_readers(model: object, layer: int, hook: str) -> Readers:
     """Every neuron of MLP ``layer`` as a reader of ``hook`` (its pre-activation, bias left out)."""
     channels = segment(model)
-    c = channels[f"L{layer}.MLP"]
+    c = channels[mlp_name(layer)]
     w = c.weights
     v = w["W_in"].detach()
     if "ln2.w" in w:
         v = w["ln2.w"].detach()[:, None] * v
     vectors, scale = to_hook(model, c, v, hook)
-    return Readers(hook, [f"{c.name}.N{i}" for i in range(v.shape[1])], vectors, scale)
+    return Readers(hook, [neuron_name(layer, i) for i in range(v.shape[1])], vectors, scale)
 
 
 def subspace_readers(model: object, comp: object, name: str, hook: str, *, ports: tuple[str, ...] | None = None

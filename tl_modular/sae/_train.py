@@ -3,17 +3,16 @@
 from __future__ import annotations
 
 import os
-import shutil
 import tempfile
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any, Literal
 
 import torch
 from jaxtyping import Int
 
-from tl_modular.sae._attach import check_tokens, iter_activations
+from tl_modular._tokens import check_tokens
+from tl_modular.sae._attach import _width, iter_activations, save_atomic
 
 Architecture = Literal["standard", "topk", "jumprelu"]
 
@@ -133,27 +132,6 @@ def _inference(trained: Any) -> Any:
         return SAE.load_from_disk(tmp)
 
 
-def save_atomic(sae: Any, path: str | os.PathLike) -> Path:
-    """``sae.save_model(path)`` written to a sibling folder first, then moved into place."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
-    try:
-        tmp.chmod(0o755)  # mkdtemp makes it private; the result is an ordinary folder
-        sae.save_model(tmp)
-        if path.exists():
-            old = path.with_name(f".{path.name}.old")
-            shutil.rmtree(old, ignore_errors=True)
-            path.rename(old)
-            tmp.rename(path)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            tmp.rename(path)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-    return path
-
-
 def _shuffled(model: Any, tokens: torch.Tensor, hooks: list[str], attention_mask: torch.Tensor | None,
               cfg: SAETrainConfig, batch_size: int, rows: Callable[[dict[str, torch.Tensor]], torch.Tensor] | None
               = None) -> Iterator[torch.Tensor]:
@@ -194,8 +172,6 @@ def train_sae(model: Any, tokens: Int[torch.Tensor, "batch pos"], hook: str, con
     """
     tokens, attention_mask = check_tokens(tokens, attention_mask)
     cfg = config or SAETrainConfig()
-    from tl_modular.sae._attach import _width
-
     d_in = 1
     for s in _width(model, hook):
         d_in *= s

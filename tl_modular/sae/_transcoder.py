@@ -16,8 +16,11 @@ from typing import Any
 import torch
 from jaxtyping import Int
 
-from tl_modular.sae._attach import _width, check_tokens, iter_activations
-from tl_modular.sae._train import SAETrainConfig, _Batches, _shuffled, save_atomic
+from tl_modular._names import act_name, mlp_name
+from tl_modular._tokens import check_tokens
+from tl_modular.sae._attach import _width, iter_activations, save_atomic
+from tl_modular.sae._train import SAETrainConfig, _Batches, _shuffled
+from tl_modular.segmentation import segment
 
 
 def is_transcoder(sae: Any) -> bool:
@@ -76,14 +79,12 @@ def train_transcoder(model: Any, tokens: Int[torch.Tensor, "batch pos"], layer: 
     """
     from sae_lens import Transcoder, TranscoderConfig
 
-    from tl_modular.segmentation import segment
-
     tokens, attention_mask = check_tokens(tokens, attention_mask)
     cfg = config or SAETrainConfig()
     if cfg.architecture != "standard":
         raise ValueError("transcoders train with the standard (ReLU + L1) architecture")
-    channel = segment(model)[f"L{layer}.MLP"]
-    hooks = (channel.input_hook, f"blocks.{layer}.hook_mlp_out")
+    channel = segment(model)[mlp_name(layer)]
+    hooks = (channel.input_hook, act_name("mlp_out", layer))
     d_in, d_out = (int(torch.tensor(_width(model, h)).prod()) for h in hooks)
     # scales from one batch of data: mean norm sqrt(d) on each side
     first = next(iter_activations(model, tokens[:model_batch_size], list(hooks),

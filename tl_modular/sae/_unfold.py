@@ -21,6 +21,7 @@ import networkx as nx
 import numpy as np
 import torch
 
+from tl_modular._names import stream_index
 from tl_modular.sae._attach import check_fits, collect
 from tl_modular.sae._readers import to_hook
 from tl_modular.segmentation import segment
@@ -73,11 +74,7 @@ def _write_hook_ok(channel: Any, hook: str) -> bool:
     if "hook_resid" not in hook:
         return False
     # a residual hook at or after the point the write appears
-    order = ["hook_resid_pre", "hook_resid_mid", "hook_resid_post"]
-    def pos(h: str) -> tuple[int, int]:
-        parts = h.split(".")
-        return int(parts[1]), order.index(parts[2])
-    return pos(hook) >= pos(channel.writes) if channel.writes.startswith("blocks.") else True
+    return stream_index(hook) >= stream_index(channel.writes) if channel.writes.startswith("blocks.") else True
 
 
 @torch.no_grad()

@@ -23,9 +23,8 @@ from tl_modular.toy.generators import (
     modular_addition,
     sorting,
 )
-from tl_modular.toy.model import BUNDLED_DIR, info, load_model, save_model
-from tl_modular.toy.superposition import Superposition, train_superposition
-from tl_modular.toy.training import (
+from tl_modular.toy.model import BUNDLED_DIR, MODULAR_DIR, info, load_model, load_modular_model, save_model
+from tl_modular.toy.recipe import (
     TrainConfig,
     TrainResult,
     default_config,
@@ -34,12 +33,14 @@ from tl_modular.toy.training import (
     train,
     training_tasks,
 )
+from tl_modular.toy.superposition import Superposition, train_superposition
 from tl_modular.toy.vocab import N_NUMBERS, TASK_TOKENS, VOCAB, decode, encode, token_id
 
 __all__ = [
-    "BUNDLED_DIR", "GENERATORS", "HELD_OUT_FRACTION", "MODULUS", "N_NUMBERS", "TASK_TOKENS", "VOCAB",
+    "BUNDLED_DIR", "GENERATORS", "HELD_OUT_FRACTION", "MODULAR_DIR", "MODULUS", "N_NUMBERS", "TASK_TOKENS", "VOCAB",
     "Superposition", "TrainConfig", "TrainResult", "addition_pairs", "brackets", "decode", "default_config", "encode",
-    "eval_tasks", "evaluate", "induction", "info", "load_model", "mixed_tokens", "modular_addition",
+    "eval_tasks", "evaluate", "induction", "info", "load_model", "load_modular_model", "mixed_tokens",
+    "modular_addition",
     "save_model",
     "sorting", "token_id", "train", "train_superposition", "training_tasks",
 ]

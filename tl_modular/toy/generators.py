@@ -25,7 +25,7 @@ from collections.abc import Callable, Mapping, Sequence
 
 import torch
 
-from tl_modular.task import Task
+from tl_modular.tasks.task import Task
 from tl_modular.toy.vocab import N_NUMBERS, TASK_TOKENS, token_id
 
 __all__ = [

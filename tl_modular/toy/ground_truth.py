@@ -27,9 +27,10 @@ from typing import Any
 
 import torch
 
+from tl_modular._names import head_name
 from tl_modular.patching import mean_writes, patch_channels, path_effect, route_effect
 from tl_modular.segmentation import segment
-from tl_modular.task import Task
+from tl_modular.tasks.task import Task
 from tl_modular.toy.generators import GENERATORS, induction
 from tl_modular.toy.vocab import N_NUMBERS, TASK_TOKENS, VOCAB
 
@@ -74,7 +75,7 @@ def known_heads(model: Any, scores: Mapping[str, torch.Tensor] | None = None) ->
     prev = int(scores["previous_token"][0].argmax())
     later = scores["induction"][1:]
     layer, head = divmod(int(later.argmax()), later.shape[1])
-    return {"previous_token": f"L0.H{prev}", "induction": f"L{layer + 1}.H{head}"}
+    return {"previous_token": head_name(0, prev), "induction": head_name(layer + 1, head)}
 
 
 def induction_heads(model: Any, scores: Mapping[str, torch.Tensor] | None = None, *,
@@ -82,7 +83,7 @@ def induction_heads(model: Any, scores: Mapping[str, torch.Tensor] | None = None
     """Every head after layer 0 whose induction score reaches ``threshold``, strongest first."""
     scores = head_scores(model) if scores is None else scores
     ind = scores["induction"]
-    found = [(float(ind[layer, h]), f"L{layer}.H{h}") for layer in range(1, ind.shape[0])
+    found = [(float(ind[layer, h]), head_name(layer, h)) for layer in range(1, ind.shape[0])
              for h in range(ind.shape[1]) if ind[layer, h] >= threshold]
     return [name for _, name in sorted(found, reverse=True)]
 

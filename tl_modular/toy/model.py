@@ -15,10 +15,14 @@ import torch
 from tl_modular._io import ArtifactError, read_json, read_safetensors, reading, write_json, write_safetensors
 from tl_modular.toy.vocab import VOCAB
 
-__all__ = ["BUNDLED_DIR", "info", "load_model", "save_model", "tokenizer"]
+__all__ = ["BUNDLED_DIR", "MODULAR_DIR", "info", "load_model", "load_modular_model", "save_model", "tokenizer"]
 
 #: Folder of the shipped checkpoint (``model.safetensors`` + ``config.json``).
 BUNDLED_DIR = Path(__file__).with_name("checkpoint")
+
+#: Folder of the shipped modular variant: the bundled model continued with the modularity loss
+#: (``python tools/train_toy_modular.py``), with its SAEs under ``saes/``.
+MODULAR_DIR = Path(__file__).with_name("checkpoint_modular")
 
 # HookedTransformerConfig fields that are derived in __post_init__ or hold objects, so they are
 # not written to config.json (they are recomputed on load).
@@ -88,6 +92,20 @@ def load_model(directory: str | os.PathLike | None = None, *, device: str | torc
 
         model.set_tokenizer(AutoTokenizer.from_pretrained(str(directory)), default_padding_side="right")
     return model.to(device, print_details=False).eval()
+
+
+def load_modular_model(*, device: str | torch.device = "cpu") -> Any:
+    """The bundled model's modular variant: the same four tasks, trained with the modularity loss.
+
+    ``tools/train_toy_modular.py`` continued :func:`load_model`'s checkpoint with
+    ``tlm.training.train_modular``; ``info(MODULAR_DIR)`` holds the loss's modules, their z-score
+    on the channel graph against its null model, the modules the graph's own Gomory–Hu rule finds,
+    and the accuracies (all asserted by the tests).
+
+    >>> model = tlm.toy.load_modular_model()                 # doctest: +SKIP
+    >>> tlm.toy.info(tlm.toy.MODULAR_DIR)["loss_modules"]    # doctest: +SKIP
+    """
+    return load_model(MODULAR_DIR, device=device)
 
 
 def info(directory: str | os.PathLike | None = None) -> dict[str, Any]:

@@ -17,6 +17,8 @@ from dataclasses import dataclass
 import torch
 from jaxtyping import Float
 
+from tl_modular._stats import effective_number
+
 
 @dataclass
 class Superposition:
@@ -50,10 +52,8 @@ class Superposition:
     def unit_features(self) -> torch.Tensor:
         """Known effective number of features per hidden unit: exp(entropy) over features of
         how much each one, alone at full strength, moves the unit (nan for a unit none moves)."""
-        from tl_modular.sae._poly import _effective
-
         d = (torch.relu(self.W + self.b) - torch.relu(self.b)).abs()
-        return _effective(d.T)
+        return effective_number(d.T)
 
 
 def _sample(n: int, n_features: int, p: float, generator: torch.Generator) -> torch.Tensor:

@@ -1,5 +1,9 @@
 """Training for legibility: the modularity loss and training with it.
 
+:mod:`~tl_modular.training.trainer` is the one training loop (next-token prediction at the tasks'
+scored positions, resumable checkpoints, ``extra_loss`` for penalties); the workbench
+(:func:`tl_modular.toy.train`), :func:`train_modular` and :func:`build_interpretable` all run it.
+
 >>> import tl_modular as tlm
 >>> loss = tlm.training.ModularityLoss(n_modules=4)                             # doctest: +SKIP
 >>> result = tlm.training.train_modular(model, None, weight=1.0, steps=300)     # doctest: +SKIP

@@ -54,6 +54,7 @@ import torch
 from jaxtyping import Float, Int
 from tqdm.auto import tqdm
 
+from tl_modular._aio import run_sync
 from tl_modular._io import (
     SCHEMA_VERSION,
     read_json,
@@ -64,7 +65,10 @@ from tl_modular._io import (
     write_json,
     write_safetensors,
 )
-from tl_modular.task import Task
+from tl_modular._names import act_name, hook_layer, neuron_name
+from tl_modular._tokens import check_tokens, valid_positions
+from tl_modular.tasks.task import Task
+from tl_modular.training.trainer import evaluate, task_loss
 
 __all__ = ["BuildConfig", "BuildResult", "LayerRecord", "build_interpretable", "lm_task"]
 
@@ -290,7 +294,7 @@ def _frozen_names(model: Any, layer: int) -> list[str]:
     out = []
     for name, _ in model.named_parameters():
         if name.startswith("blocks."):
-            if int(name.split(".")[1]) <= layer:
+            if hook_layer(name) <= layer:          # parameters are named like hooks: blocks.{l}....
                 out.append(name)
         elif not name.startswith(("unembed", "ln_final")):
             out.append(name)          # embeddings (token, positional)
@@ -306,7 +310,7 @@ def _freeze(model: Any, names: Sequence[str]) -> None:
 def _acts(model: Any, layer: int, tokens: torch.Tensor, mask: torch.Tensor | None, idx: torch.Tensor,
           batch_size: int = 64) -> Float[torch.Tensor, "batch pos k"]:
     """Activations of neurons ``idx`` of ``layer`` (no grad), batched."""
-    hook = f"blocks.{layer}.mlp.hook_post"
+    hook = act_name("post", layer)
     device = next(model.parameters()).device
     out = []
     with torch.no_grad():
@@ -343,7 +347,7 @@ def _mean(xs: Sequence[float | None]) -> float | None:
 
 
 def _summary(labels: Any, idx: Sequence[int], layer: int) -> dict[str, Any]:
-    vals = [labels[f"L{layer}.MLP.N{i}"].score for i in idx]
+    vals = [labels[neuron_name(layer, i)].score for i in idx]
     vals = [v for v in vals if v is not None]
     return {"mean": float(np.mean(vals)) if vals else None, "median": float(np.median(vals)) if vals else None,
             "n": len(vals)}
@@ -351,8 +355,6 @@ def _summary(labels: Any, idx: Sequence[int], layer: int) -> dict[str, Any]:
 
 def _original(model: Any, eval_sets: Mapping[str, Task]) -> tuple[float, dict[str, float]]:
     """Mean cross-entropy over the evaluation tasks at their scored positions, and accuracy per task."""
-    from tl_modular.toy.training import _loss, evaluate
-
     device = next(model.parameters()).device
     was = model.training
     model.eval()
@@ -360,7 +362,7 @@ def _original(model: Any, eval_sets: Mapping[str, Task]) -> tuple[float, dict[st
         with torch.no_grad():
             losses = []
             for t in eval_sets.values():
-                parts = [(float(_loss(model, t[s:s + 256].to(device))), len(t[s:s + 256]))
+                parts = [(float(task_loss(model, t[s:s + 256].to(device))), len(t[s:s + 256]))
                          for s in range(0, len(t), 256)]
                 losses.append(sum(v * n for v, n in parts) / sum(n for _, n in parts))
         acc = evaluate(model, eval_sets)
@@ -370,10 +372,8 @@ def _original(model: Any, eval_sets: Mapping[str, Task]) -> tuple[float, dict[st
 
 
 def _llm_errors() -> tuple[type[BaseException], ...]:
-    try:
-        from tl_modular.labeling._client import LLMError
-    except ImportError:      # the request layer is optional here: without it no LLM error can occur
-        return ()
+    from tl_modular.labeling import LLMError  # labeling loads on first use (it costs ~1 s to import)
+
     return (LLMError,)
 
 
@@ -407,8 +407,6 @@ def _simulate(simulator: Any, texts: list[str], contexts: list[list[str]]) -> tu
     """All units' simulations concurrently (an LLM simulator limits its own requests in flight)."""
     import asyncio
 
-    from tl_modular.labeling._client import _run
-
     catch = _llm_errors()
 
     async def one(text: str) -> tuple[list, str | None]:
@@ -421,7 +419,7 @@ def _simulate(simulator: Any, texts: list[str], contexts: list[list[str]]) -> tu
     async def main() -> list[tuple[list, str | None]]:
         return await asyncio.gather(*(one(t) for t in texts))
 
-    out = _run(main())
+    out = run_sync(main())
     return [p for p, _ in out], [e for _, e in out]
 
 
@@ -493,11 +491,12 @@ def build_interpretable(
     """
     from transformer_lens import HookedTransformer
 
+    # labeling loads on first use (~1 s to import); the workbench supplies default data, and toy imports
+    # this package's trainer, so it is imported here rather than at module level
     from tl_modular import labeling
-    from tl_modular.labeling._evidence import split_rows
-    from tl_modular.sae._attach import _valid, check_tokens
+    from tl_modular.labeling import split_rows
     from tl_modular.toy.generators import mixed_tokens
-    from tl_modular.toy.training import eval_tasks, train
+    from tl_modular.toy.recipe import eval_tasks, train
 
     base = {f.name: getattr(config, f.name) for f in fields(config)} if config is not None else {}
     cfg = BuildConfig(**{**base, **options})
@@ -538,7 +537,7 @@ def build_interpretable(
     tokens, attention_mask = check_tokens(tokens, attention_mask)
     if eval_sets is None:
         eval_sets = eval_tasks() if tasks is None else {t.name: t[:512] for t in tasks}
-    valid = _valid(tokens, attention_mask)
+    valid = valid_positions(tokens, attention_mask)
     # a row's simulated context is its real tokens in order; predictions go back to the same positions
     real = attention_mask.bool() if attention_mask is not None else torch.ones_like(tokens, dtype=torch.bool)
     strs = labeling.str_tokens(model, tokens)
@@ -635,11 +634,11 @@ def _make_targets(model: Any, layer: int, labels: Any, labeled: list[int], keep_
                   tokens: torch.Tensor, mask: torch.Tensor | None, strs: list[list[str]], valid: torch.Tensor,
                   real: torch.Tensor, train_rows: torch.Tensor, heldout_rows: torch.Tensor) -> _Targets:
     """Choose the constrained neurons, simulate them from their labels, map predictions to activations."""
-    names = [f"L{layer}.MLP.N{i}" for i in labeled]
+    names = [neuron_name(layer, i) for i in labeled]
     ok = [i for i, n in zip(labeled, names, strict=True) if labels[n].ok]
     # the worst-labeled neurons stay free: the messy remainder the labels do not explain
-    order = sorted(ok, key=lambda i: (labels[f"L{layer}.MLP.N{i}"].score
-                                      if labels[f"L{layer}.MLP.N{i}"].score is not None else -np.inf, i))
+    order = sorted(ok, key=lambda i: (labels[neuron_name(layer, i)].score
+                                      if labels[neuron_name(layer, i)].score is not None else -np.inf, i))
     constrained = sorted(order[keep_free:])
     idx = torch.tensor(constrained, dtype=torch.long)
     all_acts = _acts(model, layer, tokens, mask, idx)
@@ -649,14 +648,14 @@ def _make_targets(model: Any, layer: int, labels: Any, labeled: list[int], keep_
     contexts = [[s for s, r in zip(strs[int(row)], real[int(row)].tolist(), strict=True) if r] for row in rows]
     texts = []
     for i in constrained:
-        lab = labels[f"L{layer}.MLP.N{i}"]
+        lab = labels[neuron_name(layer, i)]
         texts.append(lab.text + (f" (negative: {lab.negative_text})" if lab.negative_text else ""))
     preds, errs = _simulate(simulator, texts, contexts) if constrained else ([], [])
     n = len(train_rows)
     target, weight = _grid([p[:n] for p in preds], train_rows, tokens, real, scale)
     h_target, h_weight = _grid([p[n:] for p in preds], heldout_rows, tokens, real, scale)
     vt, vh = valid[train_rows][..., None].float(), valid[heldout_rows][..., None].float()
-    errors = [f"L{layer}.MLP.N{i}: {e}" for i, e in zip(constrained, errs, strict=True) if e]
+    errors = [f"{neuron_name(layer, i)}: {e}" for i, e in zip(constrained, errs, strict=True) if e]
     return _Targets(neurons=idx, scale=scale, rows=train_rows, target=target, weight=weight * vt,
                     heldout_rows=heldout_rows, heldout_target=h_target, heldout_weight=h_weight * vh, errors=errors)
 
@@ -706,7 +705,7 @@ class _Match:
             return act
 
         kw = {"attention_mask": self.mask[pick]} if self.mask is not None else {}
-        with model.hooks(fwd_hooks=[(f"blocks.{self.layer}.mlp.hook_post", keep)]):
+        with model.hooks(fwd_hooks=[(act_name("post", self.layer), keep)]):
             model(self.tokens[pick], stop_at_layer=self.layer + 1, **kw)
         act = got["act"][..., self.idx]
         w = self.weight[pick]

@@ -13,13 +13,17 @@ graph tokens are given) the graph's modularity z-score against its null model.
 from __future__ import annotations
 
 import os
+import warnings
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import torch
 
-from tl_modular.task import Task
-from tl_modular.training.modularity import ModularityLoss
+from tl_modular.compression.compression import compress
+from tl_modular.graph.graph import build_graph
+from tl_modular.tasks.task import Task
+from tl_modular.training.modularity import ModularityLoss, _params, _spec, alignment_matrix
+from tl_modular.training.trainer import TrainConfig
 
 __all__ = ["graph_modularity", "train_modular"]
 
@@ -38,15 +42,11 @@ def graph_modularity(model: Any, tokens: torch.Tensor, *, attention_mask: torch.
     ``n_modules`` is at most this many: the graph's tree may admit fewer modules of the minimum
     size (then as many as it admits, with a warning; ``"modules"`` lists those found).
     """
-    import warnings
-
-    import tl_modular as tlm
-
     was_training = model.training
     model.eval()
     try:
-        comp = tlm.compress(model, tokens, attention_mask=attention_mask, progress=False)
-        graph = tlm.build_graph(comp, model=model, tokens=tokens, attention_mask=attention_mask,
+        comp = compress(model, tokens, attention_mask=attention_mask, progress=False)
+        graph = build_graph(comp, model=model, tokens=tokens, attention_mask=attention_mask,
                                 loss_mask=loss_mask, metric=metric, progress=False)
         if n_modules is not None:
             most = len(graph.hierarchy()) + 1
@@ -109,7 +109,9 @@ def train_modular(
         ``cross_fraction`` and ``modules`` and, where measured, ``graph`` (:func:`graph_modularity`).
         ``result.initial`` holds the same measures before training.
     """
-    from tl_modular.toy.training import train
+    # the workbench supplies the defaults (model and data None); toy imports this package's trainer,
+    # so toy is imported when called rather than at module level
+    from tl_modular.toy.recipe import default_config, train
 
     if weight < 0:
         raise ValueError(f"weight must be >= 0, got {weight}")
@@ -118,7 +120,6 @@ def train_modular(
     if model is None:
         from transformer_lens import HookedTransformer
 
-        from tl_modular.toy.training import TrainConfig, default_config
         model = HookedTransformer(default_config(TrainConfig(**config).seed))
     loss = loss if loss is not None else ModularityLoss(refresh_every=100)
     if graph_tokens is not None and not isinstance(graph_tokens, tuple):
@@ -156,6 +157,4 @@ def train_modular(
 
 
 def _alignment(model: Any, loss: ModularityLoss) -> torch.Tensor:
-    from tl_modular.training.modularity import _params, _spec, alignment_matrix
-
     return alignment_matrix({k: v.detach() for k, v in _params(model).items()}, _spec(model), loss.config.level)

@@ -28,6 +28,8 @@ import numpy as np
 import torch
 from jaxtyping import Float
 
+from tl_modular._names import head_name, mlp_name, neuron_name, parse
+
 __all__ = ["ModularityLoss", "ModularityLossConfig", "alignment_matrix", "unit_names"]
 
 Level = Literal["channel", "neuron"]
@@ -85,10 +87,10 @@ def unit_names(model: Any, level: Level = "channel") -> list[str]:
 def _units(spec: _Spec, level: Level) -> tuple[list[str], list[float]]:
     names, order = [], []
     for layer in range(spec.n_layers):
-        names += [f"L{layer}.H{h}" for h in range(spec.n_heads)]
+        names += [head_name(layer, h) for h in range(spec.n_heads)]
         order += [2 * layer] * spec.n_heads
         if not spec.attn_only:
-            names += [f"L{layer}.MLP"] if level == "channel" else [f"L{layer}.MLP.N{k}" for k in range(spec.d_mlp)]
+            names += [mlp_name(layer)] if level == "channel" else [neuron_name(layer, k) for k in range(spec.d_mlp)]
             n = 1 if level == "channel" else spec.d_mlp
             order += [2 * layer + (0 if spec.parallel else 1)] * n
     return names, order
@@ -218,7 +220,7 @@ class ModularityLoss:
         extra = max(of.values(), default=-1) + 1
         labels = []
         for name in names:
-            channel = name.rsplit(".N", 1)[0] if ".MLP.N" in name else name
+            channel = parse(name).channel
             if channel not in of:
                 of[channel] = extra
                 extra += 1

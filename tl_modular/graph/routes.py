@@ -32,9 +32,10 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
-from tl_modular.patching import _write, patch_routes, split_inputs, valid_route
+from tl_modular._names import UNEMBED, channel_order, port_hook, split_port
+from tl_modular._tokens import check_tokens, position_weights
+from tl_modular.patching import channel_write, patch_routes, split_inputs, valid_route
 from tl_modular.segmentation import Channel, ChannelSet
-from tl_modular.statistics import _check_tokens, _weights
 
 
 @dataclass
@@ -95,9 +96,9 @@ def _embedding_writer(c: Channel, tokens: torch.Tensor | None, mask: torch.Tenso
     if tokens is None:
         weight[0 if c.kind == "embed" else 1:] = 1
     elif c.kind == "embed":
-        weight.index_add_(0, tokens.flatten().cpu(), _weights(tokens, mask).cpu().flatten())
+        weight.index_add_(0, tokens.flatten().cpu(), position_weights(tokens, mask).cpu().flatten())
     else:
-        weight[: tokens.shape[1]] = _weights(tokens, mask).cpu().sum(0)
+        weight[: tokens.shape[1]] = position_weights(tokens, mask).cpu().sum(0)
     weight = (weight / weight.sum()).to(table.device)
     mean = weight @ table
     cov = (table * weight[:, None]).T @ table - torch.outer(mean, mean)
@@ -146,13 +147,10 @@ def static_strengths(readers_: list[Reader], writers_: list[Writer], valid: torc
 
 
 def _port_hooks(channels: ChannelSet, port: str) -> tuple[str, int | None]:
-    if port == "unembed":
+    if port == UNEMBED:
         return channels.final_hook, None
-    name, _, path = port.partition(":")
-    c = channels[name]
-    if path:
-        return f"blocks.{c.layer}.hook_{path}_input", c.head if path == "q" else c.kv_head
-    return f"blocks.{c.layer}.hook_mlp_in", None
+    name, path = split_port(port)
+    return port_hook(channels[name], path)
 
 
 def _writes_now(channels: ChannelSet, writers_: list[Writer], acts: Mapping[str, torch.Tensor]) -> torch.Tensor:
@@ -161,7 +159,7 @@ def _writes_now(channels: ChannelSet, writers_: list[Writer], acts: Mapping[str,
     for w in writers_:
         c = channels[w.name]
         act = acts[c.source_hook]
-        out.append(_write(c, act, act))
+        out.append(channel_write(c, act, act))
     return torch.stack(out)
 
 
@@ -237,14 +235,14 @@ def forward_backward(model: Any, channels: ChannelSet, writers_: list[Writer], r
     return _writes_now(channels, writers_, acts), out
 
 
-def _project_reader(r: Reader, g: torch.Tensor) -> torch.Tensor:
+def project_reader(r: Reader, g: torch.Tensor) -> torch.Tensor:
     """``g D Eᵀ``: the gradient seen through the read restriction ``δ ↦ δ E Dᵀ``."""
     if r.encoder is None:
         return g
     return (g @ r.decoder.to(g)) @ r.encoder.to(g).T
 
 
-def _project_writer(w: Writer, delta: torch.Tensor) -> torch.Tensor:
+def project_writer(w: Writer, delta: torch.Tensor) -> torch.Tensor:
     if w.basis is None:
         return delta
     b = w.basis.to(delta)
@@ -255,7 +253,7 @@ def _deltas(writers_: list[Writer], writes: torch.Tensor, weight: torch.Tensor) 
     """``[W, b, p, d]``: ``Π_w (μ_w - w)`` at scored positions, 0 at position 0 and padding."""
     out = []
     for w, x in zip(writers_, writes, strict=True):
-        out.append(_project_writer(w, (w.mean.to(x) - x) * weight[..., None].to(x)))
+        out.append(project_writer(w, (w.mean.to(x) - x) * weight[..., None].to(x)))
     return torch.stack(out)
 
 
@@ -279,7 +277,7 @@ def per_position(readers_: list[Reader], deltas: torch.Tensor, grads: Mapping[st
     flat = deltas.flatten(1, 2).transpose(0, 1).contiguous()                          # [N, W, d]
     for start in range(0, len(readers_), chunk):
         part = readers_[start:start + chunk]
-        g = torch.stack([_project_reader(r, grads[r.port]).flatten(0, 1) for r in part], -1)  # [N, d, c]
+        g = torch.stack([project_reader(r, grads[r.port]).flatten(0, 1) for r in part], -1)  # [N, d, c]
         yield start, torch.bmm(flat, g.to(flat)).double()
 
 
@@ -290,7 +288,7 @@ def attributions(model: Any, channels: ChannelSet, writers_: list[Writer], reade
     """``(signed, magnitude)``, each ``[writers, readers]`` per counted prediction: the first-order
     change of the metric when each route is mean-ablated, and the mean over positions of its
     per-position magnitude (which does not cancel between positions that push either way)."""
-    tokens, mask = _check_tokens(model, tokens, mask)
+    tokens, mask = check_tokens(tokens, mask, model=model)
     _check_loss_mask(tokens, mask, loss_mask)
     signed = torch.zeros(len(writers_), len(readers_), dtype=torch.float64)
     magnitude = torch.zeros_like(signed)
@@ -300,7 +298,7 @@ def attributions(model: Any, channels: ChannelSet, writers_: list[Writer], reade
     for batch, m, target in bar:
         writes, grads = forward_backward(model, channels, writers_, readers_, batch, m,
                                          lambda logits, b=batch, t=target: _loss(b, t, logits, metric))
-        deltas = _deltas(writers_, writes, _weights(batch, m))
+        deltas = _deltas(writers_, writes, position_weights(batch, m))
         for start, per in per_position(readers_, deltas, grads, chunk):
             signed[:, start:start + per.shape[-1]] += per.sum(0).cpu()
             magnitude[:, start:start + per.shape[-1]] += per.abs().sum(0).cpu()
@@ -315,7 +313,7 @@ def ablation_effects(model: Any, channels: ChannelSet, route_sets: list[tuple[li
     (position 0 and padding keep their clean writes): one clean pass per batch, one patched pass
     per set. A set given with a reader (one route) has its ablated part projected through the
     writer's write side and that reader's read side, as the attribution is."""
-    tokens, mask = _check_tokens(model, tokens, mask)
+    tokens, mask = check_tokens(tokens, mask, model=model)
     _check_loss_mask(tokens, mask, loss_mask)
     device = model.cfg.device
     senders = sorted({w for routes, _ in route_sets for w, _ in routes})
@@ -330,7 +328,7 @@ def ablation_effects(model: Any, channels: ChannelSet, route_sets: list[tuple[li
                 clean = float(_loss(batch, target, model(batch, **kwargs), metric))
             ws = [writers_[w] for w in senders]
             writes = dict(zip(senders, _writes_now(channels, ws, acts), strict=True))
-            weight = _weights(batch, m).to(device)
+            weight = position_weights(batch, m).to(device)
             for k, (routes, through) in enumerate(route_sets):
                 if not routes:
                     continue
@@ -360,20 +358,8 @@ def valid_matrix(channels: ChannelSet | None, writers_: list[Writer], readers_: 
             if channels is not None:
                 out[i, j] = valid_route(channels, w.name, r.port)
             else:
-                out[i, j] = _order(w.name) < _order(r.channel, reading=True)
+                out[i, j] = channel_order(w.name) < channel_order(r.channel, reading=True)
     return out
-
-
-def _order(name: str, reading: bool = False) -> float:
-    """Stream order from names alone (sequential blocks): a layer's heads read, then write, then its MLP."""
-    if name == "unembed":
-        return float("inf")
-    if name in ("embed", "pos_embed"):
-        return -1.0
-    layer_part, _, kind = name.partition(".")
-    layer = int(layer_part[1:])
-    is_mlp = kind == "MLP"
-    return 2 * layer + (1 if is_mlp else 0) + (0 if reading else 0.5)
 
 
 def iter_routes(writers_: list[Writer], readers_: list[Reader], valid: torch.Tensor) -> Iterator[tuple[int, int]]:

@@ -38,14 +38,19 @@ from jaxtyping import Float, Int
 
 from tl_modular._io import check_shapes, read_safetensors, read_versioned_json, reading, write_json, write_safetensors
 from tl_modular._models import fingerprint
+from tl_modular._names import act_name
+from tl_modular.compression.fidelity import fidelity
+from tl_modular.compression.fisher import FisherStats, collect_fisher
+from tl_modular.compression.refine import refine
+from tl_modular.compression.restriction import restriction_hooks
+from tl_modular.compression.statistics import Statistics, collect_statistics, read_map
 from tl_modular.errors import UnsupportedModelError
 from tl_modular.segmentation import ChannelSet, segment
-from tl_modular.statistics import Statistics, collect_statistics, read_map
 
 __all__ = ["ChannelCompression", "Compression", "ReadSpace", "Side", "compress"]
 
-ReadStatistic = Literal["jacobian", "whitened", "rrr"]
-WriteStatistic = Literal["output", "jacobian"]
+ReadStatistic = Literal["jacobian", "whitened", "rrr", "fisher"]
+WriteStatistic = Literal["output", "jacobian", "fisher"]
 # Directions whose singular value is below this fraction of the largest carry only rounding
 # noise (fp32 activations give ~1e-7) and are dropped; eigenvalues of covariances use its square.
 _REL_TOL = 1e-6
@@ -204,7 +209,7 @@ class Compression:
         return sum(s.max_rank for s in self.sides().values())
 
     def truncated(self, *, energy: float | None = None, rank: int | None = None,
-                  budget: int | None = None) -> Compression:
+                  budget: int | Mapping[str, int] | None = None) -> Compression:
         """A copy with ranks chosen anew from the stored spectra (no new pass over data).
 
         Exactly one of: ``energy`` (per side, the smallest rank keeping that fraction of the
@@ -229,14 +234,19 @@ class Compression:
         ``restrict_first``.
         """
         self.check_model(model)
-        from tl_modular._restriction import restriction_hooks
-
         names = list(self.channels) if channels is None else list(channels)
         for n in names:
             self[n]
         hooks = restriction_hooks(model, self, names, restrict_first=restrict_first)
         with model.hooks(fwd_hooks=hooks):
             yield model
+
+    def refined(self, model: Any, tokens: Int[torch.Tensor, "batch pos"], *, steps: int = 300, **kwargs: Any
+                ) -> Compression:
+        """A copy whose kept directions are fitted end to end against the clean model's KL, ranks
+        fixed (:func:`tl_modular.compression.refine.refine`). Choose ranks first: ``truncated`` afterwards
+        keeps the refined directions but the added ones come from the closed form."""
+        return refine(self, model, tokens, steps=steps, **kwargs)
 
     def check_model(self, model: Any) -> None:
         """Raise if ``model`` is not the model this compression was computed on."""
@@ -246,8 +256,6 @@ class Compression:
 
     def fidelity(self, model: Any, tokens: Int[torch.Tensor, "batch pos"], **kwargs: Any) -> dict[str, float]:
         """Clean, compressed and mean-ablated CE loss, CE loss recovered and KL to the clean model."""
-        from tl_modular.fidelity import fidelity
-
         return fidelity(model, self, tokens, **kwargs)
 
     def factored(self, model: Any, name: str, circuit: Literal["OV", "QK"] = "OV") -> Any:
@@ -356,7 +364,7 @@ def _centering(channel: Any, model: Any) -> bool:
 
 
 def _read_sides(c: Any, stats: Statistics, statistic: ReadStatistic, model: Any,
-                roots: dict[str, tuple[torch.Tensor, torch.Tensor]]) -> dict[str, Side]:
+                roots: dict[str, tuple[torch.Tensor, torch.Tensor]], fisher: Any = None) -> dict[str, Side]:
     """``roots`` caches ``_sym_sqrt`` of each input covariance: every head of a layer shares it."""
     inp = stats.inputs[c.input_hook]
     if c.input_hook not in roots:
@@ -369,6 +377,9 @@ def _read_sides(c: Any, stats: Statistics, statistic: ReadStatistic, model: Any,
         else:  # heads: E[JJᵀ] = R M Rᵀ with R [d, d_head]
             factor = ps.map @ _factor(ps.jacobian)
         stat = statistic
+        if statistic == "fisher":         # the gradient moment at the port: what the output uses
+            g = fisher.ports[(c.name, port)]
+            factor = _factor(g) if ps.map is None or g.shape[0] != ps.map.shape[1] else ps.map @ _factor(g)
         if statistic == "rrr":
             if c.kind == "mlp":
                 w = stats.writes[c.name]
@@ -381,8 +392,16 @@ def _read_sides(c: Any, stats: Statistics, statistic: ReadStatistic, model: Any,
     return sides
 
 
-def _write_side(c: Any, stats: Statistics, statistic: WriteStatistic) -> Side:
+def _write_side(c: Any, stats: Statistics, statistic: WriteStatistic, fisher: Any = None) -> Side:
     w = stats.writes[c.name]
+    if statistic == "fisher":
+        # minimise E[δ F δᵀ] over the write's deviations δ: PCA of the output in the metric of the
+        # Fisher at the layer's output (the oblique projector of _from_factor with the roles of
+        # data and sensitivity exchanged: factor F^{1/2}, weighted by the output covariance)
+        hook = act_name("attn_out" if c.kind == "head" else "mlp_out", c.layer)
+        cov = w.cov_write()
+        enc, dec, spec = _from_factor(_factor(fisher.writes[hook]), _sym_sqrt(cov))
+        return Side(enc, dec, w.mean_write(), spec, False, statistic, enc.shape[1], "write")
     if statistic == "output":
         factor = _factor(w.cov) if w.map is None else w.map.T @ _factor(w.cov)
     elif w.jacobian is not None:
@@ -394,7 +413,7 @@ def _write_side(c: Any, stats: Statistics, statistic: WriteStatistic) -> Side:
 
 
 def _choose_ranks(sides: Mapping[tuple[str, str], Side], *, energy: float | None, rank: int | None,
-                  budget: int | None) -> dict[tuple[str, str], int]:
+                  budget: int | Mapping[str, int] | None) -> dict[tuple[str, str], int]:
     given = sum(x is not None for x in (energy, rank, budget))
     if given != 1:
         raise ValueError("choose ranks with exactly one of energy=, rank= or budget=")
@@ -415,14 +434,30 @@ def _choose_ranks(sides: Mapping[tuple[str, str], Side], *, energy: float | None
         if rank < 0:
             raise ValueError(f"rank must be non-negative, got {rank}")
         return {key: min(rank, s.max_rank) for key, s in sides.items()}
-    if budget < 0:
-        raise ValueError(f"budget must be non-negative, got {budget}")
-    # Give the budget to the directions worth most relative to their side's total: a channel's
-    # small-variance directions can carry what a task needs (bracket depth at one position),
-    # and relative spectra allocate like a per-side energy threshold, which measured better on
-    # the bundled model than comparing raw squared-output units across channels.
-    values = [(float(v / s.spectrum.sum()), key) for key, s in sides.items() if s.spectrum.sum() > 0
-              for v in s.spectrum]
+    if isinstance(budget, Mapping):                      # separate budgets for the read and the write sides
+        if set(budget) - {"read", "write"}:
+            raise ValueError(f"a budget mapping takes the keys 'read' and 'write', got {sorted(budget)}")
+        out = {key: 0 for key in sides}
+        for role, b in budget.items():
+            part = {k: s for k, s in sides.items() if (k[1] == "write") == (role == "write")}
+            out.update(_allocate(part, b))
+        return out
+    return _allocate(sides, budget)
+
+
+def _allocate(sides: Mapping[tuple[str, str], Side], budget: int) -> dict[tuple[str, str], int]:
+    """Give ``budget`` dimensions to the directions worth most across ``sides``."""
+    if not isinstance(budget, int) or budget < 0:
+        raise ValueError(f"budget must be a non-negative integer, got {budget!r}")
+    # Fisher spectra are in one unit everywhere (twice the KL a dropped direction costs), so the
+    # directions are compared as they are: the marginal loss decides. Other statistics measure
+    # each channel in its own units; there the budget goes to the directions worth most relative
+    # to their side's total — a channel's small-variance directions can carry what a task needs
+    # (bracket depth at one position), and relative spectra allocate like a per-side energy
+    # threshold, which measured better on the bundled model than raw squared-output units.
+    absolute = all(s.statistic.startswith("fisher") for s in sides.values())
+    values = [(float(v if absolute else v / s.spectrum.sum()), key) for key, s in sides.items()
+              if s.spectrum.sum() > 0 for v in s.spectrum]
     values.sort(key=lambda t: -t[0])
     out = {key: 0 for key in sides}
     for _, key in values[:budget]:
@@ -439,8 +474,9 @@ def compress(
     write: WriteStatistic = "output",
     energy: float | None = None,
     rank: int | None = None,
-    budget: int | None = None,
+    budget: int | Mapping[str, int] | None = None,
     statistics: Statistics | None = None,
+    fisher: FisherStats | None = None,
     attention_mask: Int[torch.Tensor, "batch pos"] | None = None,
     batch_size: int = 16,
     method: Literal["closed_form", "matrix_free"] = "closed_form",
@@ -466,9 +502,9 @@ def compress(
     if getattr(model.cfg, "n_key_value_heads", None):
         raise UnsupportedModelError("compression of grouped-query attention (keys and values are shared by "
                                     "the heads of a group) is not supported yet; segmentation and patching are")
-    if read not in ("jacobian", "whitened", "rrr") or write not in ("output", "jacobian"):
-        raise ValueError(f"read must be 'jacobian', 'whitened' or 'rrr' and write 'output' or 'jacobian'; "
-                         f"got read={read!r}, write={write!r}")
+    if read not in ("jacobian", "whitened", "rrr", "fisher") or write not in ("output", "jacobian", "fisher"):
+        raise ValueError(f"read must be 'jacobian', 'whitened', 'rrr' or 'fisher' and write 'output', 'jacobian' or "
+                         f"'fisher'; got read={read!r}, write={write!r}")
     if statistics is None and tokens is None:
         raise ValueError("pass tokens (or precomputed statistics=)")
     if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
@@ -480,13 +516,18 @@ def compress(
     if statistics is None:
         statistics = collect_statistics(model, tokens, chans, names=names, attention_mask=attention_mask,
                                         batch_size=batch_size, method=method, progress=progress)
+    if "fisher" in (read, write) and fisher is None:
+        if tokens is None:
+            raise ValueError("read/write='fisher' needs tokens (or precomputed fisher=)")
+        fisher = collect_fisher(model, tokens, chans, names=names, attention_mask=attention_mask,
+                                batch_size=batch_size, progress=progress)
     out, roots = {}, {}
     for name in names:
         c = chans[name]
         if name not in statistics.reads:
             raise ValueError(f"the statistics hold no channel {name!r}")
-        sides = _read_sides(c, statistics, read, model, roots)
-        out[name] = ChannelCompression(name, c.kind, ReadSpace(sides), _write_side(c, statistics, write))
+        sides = _read_sides(c, statistics, read, model, roots, fisher)
+        out[name] = ChannelCompression(name, c.kind, ReadSpace(sides), _write_side(c, statistics, write, fisher))
     comp = Compression(out, fingerprint(model), statistics.n_tokens,
                        {"read": read, "write": write, "method": statistics.method})
     if energy is None and rank is None and budget is None:

@@ -41,9 +41,13 @@ from typing import Any
 
 import numpy as np
 import torch
-from jaxtyping import Float
 
 from tl_modular._io import SCHEMA_VERSION, read_versioned_json, reading, write_json
+from tl_modular._stats import adjusted_rand_index, principal_angles
+from tl_modular.circuits import CircuitSet
+from tl_modular.compression.compression import Compression
+from tl_modular.graph.graph import ChannelGraph
+from tl_modular.graph.views import Layout, pyplot, save_figure
 
 __all__ = ["ChannelChange", "ModelDiff", "RouteChange", "diff", "diff_null", "principal_angles"]
 
@@ -55,22 +59,6 @@ ROUTE_TOL = 1e-6
 # z-scores divide by the null's RMS change, floored at this fraction of its median over routes
 # (channel sides): a route that chance never moves would otherwise turn fp noise into a huge z.
 NULL_FLOOR = 0.1
-
-
-def principal_angles(qa: Float[torch.Tensor, "d_model ra"], qb: Float[torch.Tensor, "d_model rb"]) -> torch.Tensor:
-    """Principal angles (radians, ascending) between the spans of two orthonormal bases.
-
-    ``min(ra, rb)`` angles. Cosines and sines both come from SVDs and are combined by ``atan2``,
-    which keeps small angles accurate (``arccos`` alone loses them below ~1e-4 rad).
-    """
-    qa, qb = qa.double(), qb.double()
-    if qa.shape[1] < qb.shape[1]:
-        qa, qb = qb, qa
-    if qb.shape[1] == 0:
-        return torch.zeros(0, dtype=torch.float64)
-    cos = torch.linalg.svdvals(qa.T @ qb).clamp(0, 1)                   # descending
-    sin = torch.linalg.svdvals(qb - qa @ (qa.T @ qb)).clamp(0, 1).flip(0)  # ascending
-    return torch.atan2(sin, cos)
 
 
 @dataclass
@@ -263,10 +251,9 @@ class ModelDiff:
     def plot(self, graph: Any, path: str | os.PathLike | None = None, *, n_routes: int = 15) -> Any:
         """The graph's layer layout, channels shaded by energy moved (red) and the
         ``n_routes`` most changed routes drawn (red: stronger, blue: weaker; width by change)."""
-        from tl_modular._graph_views import _Layout, _pyplot, _save
 
-        plt = _pyplot(path is not None)
-        layout = _Layout(graph, graph._nodes(io=True))
+        plt = pyplot(path is not None)
+        layout = Layout(graph, graph.partition_nodes(io=True))
         cmap = plt.get_cmap("Reds")
         score: dict[str, float] = {}
         for c in self.channels:
@@ -283,7 +270,7 @@ class ModelDiff:
         layout.draw(ax, edges, colors, f"{m.get('label_a', 'a')} → {m.get('label_b', 'b')}: channels by energy moved "
                     f"out of the other subspace (darker = more); top {len(edges)} route changes (red up, blue down)")
         if path is not None:
-            _save(ax.figure, Path(path))
+            save_figure(ax.figure, Path(path))
         return ax
 
 
@@ -304,10 +291,6 @@ def _check_n(n: int) -> None:
 
 
 def _unpack(x: Any, circuits: Any, name: str) -> _Side:
-    from tl_modular.circuits import CircuitSet
-    from tl_modular.compression import Compression
-    from tl_modular.graph import ChannelGraph
-
     if isinstance(x, (str, os.PathLike)):
         d = Path(x)
         if not d.is_dir():
@@ -448,9 +431,7 @@ def _route_changes(ga: Any, gb: Any, weight: str) -> list[RouteChange]:
 
 
 def _module_changes(ga: Any, gb: Any, weight: str) -> dict[str, Any]:
-    from scipy.optimize import linear_sum_assignment
-
-    from tl_modular.circuits import adjusted_rand_index
+    from scipy.optimize import linear_sum_assignment  # scipy loads on first use (import tl_modular stays quick)
 
     ma, mb = ga.modules(weight=weight), gb.modules(weight=weight)
     la = {n: i for i, m in enumerate(ma) for n in m}
@@ -523,7 +504,7 @@ def diff(a: Any, b: Any, labels_a: Any = None, labels_b: Any = None, *, circuits
         out.meta["n_channels"] = len(sa.comp)
     elif sa.graph is not None and sb.graph is not None:
         out.channels = _node_changes(sa.graph, sb.graph)
-        out.meta["n_channels"] = len(sa.graph._nodes(io=False))
+        out.meta["n_channels"] = len(sa.graph.partition_nodes(io=False))
     else:
         raise ValueError("diff needs two compressions or two graphs (one of each compares nothing)")
     if sa.graph is not None and sb.graph is not None:

@@ -13,12 +13,17 @@ from typing import Any
 
 import torch
 
+from tl_modular._names import act_name
+from tl_modular.compression.statistics import read_map
 from tl_modular.segmentation import segment
-from tl_modular.statistics import read_map
 
 
-def restriction_hooks(model: Any, comp: Any, names: list[str], *, restrict_first: bool) -> list:
+def restriction_hooks(model: Any, comp: Any, names: list[str], *, restrict_first: bool,
+                      override: dict[tuple[str, str], tuple[torch.Tensor, ...]] | None = None) -> list:
+    """The hooks restricting ``names``; ``override[(channel, side_key)] = (mean, encoder, decoder)``
+    replaces a side's tensors (trainable ones, for ``Compression.refined``)."""
     channels = segment(model)
+    override = override or {}
     dtype = next(model.parameters()).dtype
     device = model.cfg.device
     cast = lambda t: t.to(device=device, dtype=dtype)  # noqa: E731
@@ -37,8 +42,11 @@ def restriction_hooks(model: Any, comp: Any, names: list[str], *, restrict_first
             captured[name] = act
         return fn
 
-    def disc_fn(side: Any):
-        mu, enc, dec = cast(side.mean), cast(side.encoder), cast(side.decoder)
+    def disc_fn(side: Any, key: tuple[str, str]):
+        if key in override:
+            mu, enc, dec = (cast(t) for t in override[key])
+        else:
+            mu, enc, dec = cast(side.mean), cast(side.encoder), cast(side.decoder)
         return lambda x: (x - mu) - ((x - mu) @ enc) @ dec.T
 
     def shift_port(index: int, pairs: list):
@@ -62,29 +70,33 @@ def restriction_hooks(model: Any, comp: Any, names: list[str], *, restrict_first
         if c.kind == "head":
             for p in "qkv":
                 index = c.head if p == "q" else c.kv_head
-                key = (f"blocks.{c.layer}.attn.hook_{p}", index)
-                by_hook.setdefault(key, []).append((c.input_hook, disc_fn(cc.read[p]), cast(read_map(c, p))))
-            head_writes.setdefault(c.layer, []).append((c.head, cast(c.weights["W_O"].detach()), disc_fn(cc.write)))
+                key = (act_name(p, c.layer), index)
+                by_hook.setdefault(key, []).append((c.input_hook, disc_fn(cc.read[p], (name, f"read:{p}")),
+                                                    cast(read_map(c, p))))
+            head_writes.setdefault(c.layer, []).append((c.head, cast(c.weights["W_O"].detach()),
+                                                        disc_fn(cc.write, (name, "write"))))
         else:
             side = cc.read["in"]
-            by_hook.setdefault((f"blocks.{c.layer}.mlp.hook_pre", None), []).append(
-                (c.input_hook, disc_fn(side), cast(read_map(c, "gate" if "W_gate" in c.weights else "in"))))
+            disc = disc_fn(side, (name, "read:in"))
+            by_hook.setdefault((act_name("pre", c.layer), None), []).append(
+                (c.input_hook, disc, cast(read_map(c, "gate" if "W_gate" in c.weights else "in"))))
             if "W_gate" in c.weights:
-                by_hook.setdefault((f"blocks.{c.layer}.mlp.hook_pre_linear", None), []).append(
-                    (c.input_hook, disc_fn(side), cast(read_map(c, "in"))))
-            hooks.append((f"blocks.{c.layer}.hook_mlp_out", _write_hook(disc_fn(cc.write), first_mask)))
+                by_hook.setdefault((act_name("pre_linear", c.layer), None), []).append(
+                    (c.input_hook, disc, cast(read_map(c, "in"))))
+            write = disc_fn(cc.write, (name, "write"))
+            hooks.append((act_name("mlp_out", c.layer), _write_hook(write, first_mask)))
     hooks = [(h, capture(h)) for h in sorted(inputs)] + hooks
     for (hook, index), pairs in by_hook.items():
         hooks.append((hook, shift_port(index, pairs)))
     for layer, writes in head_writes.items():
-        z_name = f"blocks.{layer}.attn.hook_z"
+        z_name = act_name("z", layer)
         hooks.append((z_name, capture(z_name)))
 
         def attn_out(act: torch.Tensor, hook: Any, writes: list = writes, z_name: str = z_name) -> torch.Tensor:
             z = captured[z_name]
             delta = sum(disc(z[:, :, h] @ w_o) for h, w_o, disc in writes)
             return act - delta * first_mask(act)
-        hooks.append((f"blocks.{layer}.hook_attn_out", attn_out))
+        hooks.append((act_name("attn_out", layer), attn_out))
     return hooks
 
 

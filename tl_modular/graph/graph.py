@@ -13,7 +13,7 @@
   change of the mean loss when the route is mean-ablated through the subspaces) and ``data`` (the
   mean per-position magnitude of that attribution). Routes into ``unembed`` are direct logit
   attribution on the loss.
-  See :mod:`tl_modular._routes` for the definitions.
+  See :mod:`tl_modular.graph.routes` for the definitions.
 
 Modules come from min cuts: the routes collapse onto an undirected *capacity graph* on channels
 and ``unembed`` (capacity of a pair = the summed strength of the routes between them), whose
@@ -48,33 +48,21 @@ import numpy as np
 import torch
 from jaxtyping import Int
 
-from tl_modular import _mincut, _routes
 from tl_modular._io import SCHEMA_VERSION, read_versioned_json, reading, write_json
-from tl_modular._mincut import Backend, Split
 from tl_modular._models import fingerprint
+from tl_modular._names import channel_order, parse, split_port
+from tl_modular._stats import spearman
+from tl_modular._tokens import check_tokens
+from tl_modular.graph import mincut as _mincut
+from tl_modular.graph import routes as _routes
+from tl_modular.graph import views
+from tl_modular.graph.mincut import Backend, Split
 from tl_modular.segmentation import ChannelSet, segment
 
 __all__ = ["ChannelGraph", "Split", "build_graph", "spearman"]
 
 Weight = Literal["data", "static"]
 _SCHEMA = "tl_modular.ChannelGraph"
-
-
-def spearman(a: Sequence[float], b: Sequence[float]) -> float:
-    """Spearman rank correlation (ties get their average rank)."""
-    def ranks(x: Sequence[float]) -> np.ndarray:
-        x = np.asarray(x, dtype=float)
-        order = np.argsort(x, kind="mergesort")
-        r = np.empty(len(x))
-        r[order] = np.arange(len(x))
-        for v in np.unique(x):  # average ranks over ties
-            tie = x == v
-            r[tie] = r[tie].mean()
-        return r
-    ra, rb = ranks(a), ranks(b)
-    if len(ra) < 2 or ra.std() == 0 or rb.std() == 0:
-        return float("nan")
-    return float(np.corrcoef(ra, rb)[0, 1])
 
 
 def _effective_rank(spectrum: torch.Tensor) -> float:
@@ -137,7 +125,13 @@ class ChannelGraph:
         """
         return self._capacity_from(self.routes(weight), io=io)
 
-    def _nodes(self, io: bool) -> list[str]:
+    def partition_nodes(self, io: bool = False) -> list[str]:
+        """The nodes modules are cut from: heads and MLPs, in stream order; with ``io`` also the
+        embeddings (first) and ``unembed`` (last).
+
+        >>> graph.partition_nodes()[:2]                  # doctest: +SKIP
+        ['L0.H0', 'L0.H1']
+        """
         inner = [n for n in self.channels if self.nx.nodes[n]["kind"] in ("head", "mlp")]
         if not io:
             return inner
@@ -145,7 +139,7 @@ class ChannelGraph:
 
     def _capacity_from(self, routes: dict[tuple[str, str], float], *, io: bool) -> nx.Graph:
         g = nx.Graph()
-        g.add_nodes_from(self._nodes(io))
+        g.add_nodes_from(self.partition_nodes(io))
         for (w, port), s in routes.items():
             u, v = w, self.owner(port)
             if u in g and v in g:
@@ -166,7 +160,7 @@ class ChannelGraph:
         return max(2, round(0.05 * n)) if min_size is None else int(min_size)
 
     def _counted(self, io: bool) -> list[str]:
-        return [n for n in self._nodes(io) if n != "unembed"]
+        return [n for n in self.partition_nodes(io) if n != "unembed"]
 
     def _partition(self, capacity: nx.Graph, *, io: bool, min_size: int | None, n_modules: int | None,
                    max_cut: float | None, backend: Backend, clamp: bool = False) -> tuple[list[frozenset], list[Split]]:
@@ -271,14 +265,14 @@ class ChannelGraph:
         return [p for p in parts if p] + [frozenset([n]) for n in capacity.nodes if n not in seen]
 
     def _null_sampler(self, weight: Weight, null: str, rng: np.random.Generator, io: bool):
-        nodes = set(self._nodes(io))
+        nodes = set(self.partition_nodes(io))
         routes = {k: v for k, v in self.routes(weight).items() if k[0] in nodes and self.owner(k[1]) in nodes}
         keys = list(routes)
         if null == "permute":
             groups: dict[tuple, list[int]] = {}
             for i, (w, port) in enumerate(keys):
                 owner = self.owner(port)
-                path = port.partition(":")[2] or self.nx.nodes[owner]["kind"]
+                path = split_port(port)[1] or self.nx.nodes[owner]["kind"]
                 groups.setdefault((self.nx.nodes[w]["layer"], self.nx.nodes[owner]["layer"], path), []).append(i)
             values = np.array([routes[k] for k in keys])
 
@@ -337,7 +331,7 @@ class ChannelGraph:
         ``spearman`` ranks the routes' ``data`` strengths against ``|actual|``, ``spearman_signed``
         their signed ``attribution`` against ``actual``.
         """
-        self._check_data(model)
+        self.check_data(model)
         if routes is None and n < 1:
             raise ValueError(f"n must be >= 1 routes to sample, got {n}")
         channels = segment(model)
@@ -367,7 +361,7 @@ class ChannelGraph:
         A modular graph loses less from its cross-module routes than from random ones
         (``ratio = cross / random_mean < 1``).
         """
-        self._check_data(model)
+        self.check_data(model)
         weight = weight or self.weight
         modules = list(modules) if modules is not None else self.modules(weight=weight)
         label = {n: i for i, m in enumerate(modules) for n in m}
@@ -400,10 +394,17 @@ class ChannelGraph:
         """Per-category circuits: ``{name: Task or [batch, pos] tokens}`` → :class:`~tl_modular.circuits.CircuitSet`
         (attribution scores per example, greedy growth verified by route patching, bootstrap
         intervals; see :func:`tl_modular.circuits.find_circuits` for the options)."""
+        # the one call up the data flow: a convenience for tlm.circuits.find_circuits(graph, ...), which
+        # builds on the graph (so it is imported here, not at module level)
         from tl_modular.circuits import find_circuits
         return find_circuits(self, model, categories, **kwargs)
 
-    def _check_data(self, model: Any) -> None:
+    def check_data(self, model: Any) -> None:
+        """Raise ``ValueError`` unless the graph holds its compression and belongs to ``model``: what
+        every method that runs the model needs (route checks, lesions, circuits).
+
+        >>> graph.check_data(model)                      # doctest: +SKIP
+        """
         if self.compression is None:
             raise ValueError("this needs the compression the graph was built from: build it in this session "
                              "or load it with ChannelGraph.load(dir, compression=comp)")
@@ -441,20 +442,17 @@ class ChannelGraph:
 
     def to_graphml(self, path: str | os.PathLike) -> Path:
         """Export to GraphML (networkx), e.g. for Gephi or Cytoscape."""
-        from tl_modular._graph_views import write_graphml
-        return write_graphml(self, Path(path))
+        return views.write_graphml(self, Path(path))
 
     def to_dot(self, path: str | os.PathLike, *, weight: Weight | None = None, modules=None) -> Path:
         """Export the channel-level graph to Graphviz DOT, modules as clusters."""
-        from tl_modular._graph_views import write_dot
-        return write_dot(self, Path(path), weight=weight or self.weight, modules=modules)
+        return views.write_dot(self, Path(path), weight=weight or self.weight, modules=modules)
 
     def plot(self, path: str | os.PathLike | None = None, *, weight: Weight | None = None,
              modules: Sequence[frozenset] | None = None, top: float = 0.9, ax: Any = None) -> Any:
         """Draw channels by stream position, modules coloured, edge widths by strength (the routes
         carrying the ``top`` fraction of all strength). Saves to ``path`` when given; returns the axes."""
-        from tl_modular._graph_views import plot
-        return plot(self, None if path is None else Path(path), weight=weight or self.weight,
+        return views.plot(self, None if path is None else Path(path), weight=weight or self.weight,
                     modules=modules, top=top, ax=ax)
 
 
@@ -499,7 +497,7 @@ def build_graph(comp: Any, model: Any | None = None, tokens: Int[torch.Tensor, "
     if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
         raise ValueError(f"batch_size must be a positive integer (sequences per pass), got {batch_size!r}")
     if tokens is not None:
-        tokens, attention_mask = _routes._check_tokens(model, tokens, attention_mask)
+        tokens, attention_mask = check_tokens(tokens, attention_mask, model=model)
     ws = _routes.writers(comp, channels, tokens, attention_mask)
     rs = _routes.readers(comp, model)
     valid = _routes.valid_matrix(channels, ws, rs)
@@ -516,7 +514,7 @@ def build_graph(comp: Any, model: Any | None = None, tokens: Int[torch.Tensor, "
         if r.port == "unembed":
             g.add_node("unembed", kind="sink", layer=_layers(comp, channels), order=math.inf)
         elif r.port != r.channel:
-            g.add_node(r.port, kind="port", channel=r.channel, path=r.port.partition(":")[2],
+            g.add_node(r.port, kind="port", channel=r.channel, path=split_port(r.port)[1],
                        layer=g.nodes[r.channel]["layer"], order=g.nodes[r.channel]["order"] - 0.25,
                        read_rank=int(len(r.spectrum)), read_energy=float(r.spectrum.sum()))
             g.add_edge(r.port, r.channel, kind="port")
@@ -537,18 +535,17 @@ def build_graph(comp: Any, model: Any | None = None, tokens: Int[torch.Tensor, "
 def _layers(comp: Any, channels: ChannelSet | None) -> int:
     if channels is not None:
         return channels.model.cfg.n_layers
-    return 1 + max(int(n.split(".")[0][1:]) for n in comp)
+    return 1 + max(parse(n).layer for n in comp)
 
 
 def _node_attrs(name: str, comp: Any, channels: ChannelSet | None) -> dict[str, Any]:
     if name in ("embed", "pos_embed"):
         return {"kind": name, "layer": -1, "order": -1.0}
     cc = comp[name]
-    layer_part, _, rest = name.partition(".")
-    layer = int(layer_part[1:])
-    attrs: dict[str, Any] = {"kind": cc.kind, "layer": layer, "order": 2.0 * layer + (1.0 if cc.kind == "mlp" else 0.0)}
+    parsed = parse(name)
+    attrs: dict[str, Any] = {"kind": cc.kind, "layer": parsed.layer, "order": channel_order(name, reading=True)}
     if cc.kind == "head":
-        attrs["head"] = int(rest[1:])
+        attrs["head"] = parsed.head
     spec = cc.write.spectrum[: cc.write.rank]
     attrs.update(write_rank=int(cc.write.rank), write_energy=float(spec.sum()),
                  write_effective_rank=_effective_rank(spec))

@@ -50,7 +50,7 @@ def write_dot(graph: Any, path: Path, *, weight: str, modules: Sequence[frozense
     return path
 
 
-def _pyplot(headless: bool) -> Any:
+def pyplot(headless: bool) -> Any:
     import matplotlib
 
     if headless:
@@ -59,7 +59,7 @@ def _pyplot(headless: bool) -> Any:
     return plt
 
 
-class _Layout:
+class Layout:
     """Channels by stream position (embeddings left, logits right), heads stacked in their column."""
 
     def __init__(self, graph: Any, names: list[str]) -> None:
@@ -105,7 +105,7 @@ class _Layout:
             ax.spines[side].set_visible(False)
 
 
-def _save(fig: Any, path: Path) -> None:
+def save_figure(fig: Any, path: Path) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.NamedTemporaryFile(dir=path.parent, suffix=path.suffix, delete=False) as tmp:
         pass
@@ -118,10 +118,10 @@ def _save(fig: Any, path: Path) -> None:
 
 def plot(graph: Any, path: Path | None, *, weight: str, modules: Sequence[frozenset] | None,
          top: float, ax: Any) -> Any:
-    plt = _pyplot(ax is None and path is not None)
+    plt = pyplot(ax is None and path is not None)
     modules = graph.modules(weight=weight) if modules is None else list(modules)
     cap = graph.capacity_graph(weight, io=True)
-    layout = _Layout(graph, list(cap.nodes))
+    layout = Layout(graph, list(cap.nodes))
     if ax is None:
         _, ax = plt.subplots(figsize=layout.size())
     edges = sorted(cap.edges(data="capacity"), key=lambda e: -e[2])
@@ -138,15 +138,15 @@ def plot(graph: Any, path: Path | None, *, weight: str, modules: Sequence[frozen
     layout.draw(ax, [(u, v, 0.3 + 5 * c / biggest, "0.35") for u, v, c in kept], colors,
                 f"{len(modules)} modules; {weight} strengths; edges carrying {top:.0%} of the total")
     if path is not None:
-        _save(ax.figure, path)
+        save_figure(ax.figure, path)
     return ax
 
 
 def plot_circuits(circuits: Any, graph: Any, path: Path | None) -> Any:
     """One panel per category: its circuit's routes (ports collapsed onto channels), widths by
     score; red routes are in every category's circuit, blue ones in this category's only."""
-    plt = _pyplot(path is not None)
-    layout = _Layout(graph, graph._nodes(io=True))
+    plt = pyplot(path is not None)
+    layout = Layout(graph, graph.partition_nodes(io=True))
     shared, specific = circuits.shared(), circuits.specific()
     w, h = layout.size()
     fig, axes = plt.subplots(len(circuits), 1, figsize=(w, h * len(circuits)), squeeze=False)
@@ -161,5 +161,5 @@ def plot_circuits(circuits: Any, graph: Any, path: Path | None) -> Any:
                     f"{name}: {c.size} routes, faithfulness {c.faithfulness:.2f} (red: shared by all; blue: only here)")
     fig.tight_layout()
     if path is not None:
-        _save(fig, path)
+        save_figure(fig, path)
     return axes[:, 0]

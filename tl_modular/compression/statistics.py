@@ -33,6 +33,8 @@ import torch
 from jaxtyping import Float, Int
 from tqdm.auto import tqdm
 
+from tl_modular._names import act_name
+from tl_modular._tokens import check_tokens, position_weights
 from tl_modular.segmentation import Channel, ChannelSet, segment
 
 __all__ = ["InputStats", "PortStats", "Statistics", "WriteStats", "collect_statistics", "read_map"]
@@ -152,30 +154,6 @@ def _batches(tokens: torch.Tensor, mask: torch.Tensor | None, batch_size: int
         yield tokens[start:start + batch_size], None if mask is None else mask[start:start + batch_size]
 
 
-def _check_tokens(model: Any, tokens: Any, attention_mask: Any) -> tuple[torch.Tensor, torch.Tensor | None]:
-    if not isinstance(tokens, torch.Tensor) or tokens.ndim != 2 or tokens.dtype not in (torch.long, torch.int):
-        raise TypeError("tokens must be a [batch, pos] integer tensor (model.to_tokens(...) gives one)")
-    if tokens.shape[0] == 0 or tokens.shape[1] < 2:
-        raise ValueError(f"need at least one sequence of two or more tokens, got shape {tuple(tokens.shape)}")
-    if tokens.shape[1] > model.cfg.n_ctx:
-        raise ValueError(f"sequences of {tokens.shape[1]} tokens exceed the model's n_ctx={model.cfg.n_ctx}; "
-                         "split them into shorter rows")
-    if tokens.min() < 0 or tokens.max() >= model.cfg.d_vocab:
-        raise ValueError(f"token ids must lie in [0, {model.cfg.d_vocab})")
-    if attention_mask is not None and attention_mask.shape != tokens.shape:
-        raise ValueError(f"attention_mask {tuple(attention_mask.shape)} must match tokens {tuple(tokens.shape)}")
-    return tokens, attention_mask
-
-
-def _weights(batch: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
-    """Token weights: 1 for real tokens after position 0, 0 for position 0 and padding."""
-    w = torch.ones(batch.shape, dtype=torch.float64, device=batch.device)
-    w[:, 0] = 0
-    if mask is not None:
-        w = w * mask.to(w)
-    return w
-
-
 def _query_moment(A: torch.Tensor, k: torch.Tensor, vc: torch.Tensor, kbar: torch.Tensor,
                   w: torch.Tensor) -> torch.Tensor:
     """``Σ_b Σ_i w_i y_i y_iᵀ`` with ``y_i = Σ_j A_ij (k_j - kbar_i) ⊗ vc_j``, without forming ``y``.
@@ -268,7 +246,7 @@ def collect_statistics(
     torch.Size([128, 128])
     """
     channels = channels or segment(model)
-    tokens, attention_mask = _check_tokens(model, tokens, attention_mask)
+    tokens, attention_mask = check_tokens(tokens, attention_mask, model=model)
     if method not in ("closed_form", "matrix_free"):
         raise ValueError(f"method must be 'closed_form' or 'matrix_free', got {method!r}")
     acc = _Accumulator(model, channels, method, n_probes, seed, names)
@@ -313,14 +291,13 @@ class _Accumulator:
         for c in self.heads + self.mlps:
             names.add(c.input_hook)
         for l in {c.layer for c in self.heads}:
-            a = f"blocks.{l}.attn."
-            names |= {a + "hook_q", a + "hook_k", a + "hook_v", a + "hook_pattern", a + "hook_z"}
+            names |= {act_name(k, l) for k in ("q", "k", "v", "pattern", "z")}
             if self.cfg.positional_embedding_type == "rotary":
-                names |= {a + "hook_rot_q", a + "hook_rot_k"}
+                names |= {act_name("rot_q", l), act_name("rot_k", l)}
         for c in self.mlps:
-            names |= {f"blocks.{c.layer}.mlp.hook_pre", f"blocks.{c.layer}.hook_mlp_out"}
+            names |= {act_name("pre", c.layer), act_name("mlp_out", c.layer)}
             if self.cfg.gated_mlp:
-                names.add(f"blocks.{c.layer}.mlp.hook_pre_linear")
+                names.add(act_name("pre_linear", c.layer))
         return sorted(names)
 
     def _add(self, store: dict, key: Any, value: torch.Tensor) -> None:
@@ -332,7 +309,7 @@ class _Accumulator:
         clock = time.perf_counter()
         _, cache = self.model.run_with_cache(batch, names_filter=lambda n: n in names, **kwargs)
         clock = self._tick("forward", clock)
-        w = _weights(batch, mask)
+        w = position_weights(batch, mask)
         valid = w > 0
         self.n_tokens += int(valid.sum())
         for hook in {c.input_hook for c in self.heads + self.mlps}:
@@ -352,21 +329,20 @@ class _Accumulator:
 
     # --- heads ----------------------------------------------------------------------------
     def _add_heads(self, layer: int, cache: Any, w: torch.Tensor, mask: torch.Tensor | None) -> None:
-        a = f"blocks.{layer}.attn."
         attn = self.model.blocks[layer].attn
         heads = [c for c in self.heads if c.layer == layer]
-        z = cache[a + "hook_z"].to(torch.float64)                       # [b, n, h, d]
+        z = cache[act_name("z", layer)].to(torch.float64)                       # [b, n, h, d]
         valid = w > 0
         for c in heads:
             self.src.setdefault(c.name, _Sum()).add(z[:, :, c.head][valid])
         if self.head_method == "matrix_free":
             self._add_heads_matrix_free(layer, heads, cache, w, mask)
             return
-        pattern = cache[a + "hook_pattern"].to(torch.float64)           # [b, h, i, j]
+        pattern = cache[act_name("pattern", layer)].to(torch.float64)           # [b, h, i, j]
         rotary = self.cfg.positional_embedding_type == "rotary"
-        q = cache[a + ("hook_rot_q" if rotary else "hook_q")].to(torch.float64)
-        k = cache[a + ("hook_rot_k" if rotary else "hook_k")].to(torch.float64)
-        v = cache[a + "hook_v"].to(torch.float64)
+        q = cache[act_name("rot_q" if rotary else "q", layer)].to(torch.float64)
+        k = cache[act_name("rot_k" if rotary else "k", layer)].to(torch.float64)
+        v = cache[act_name("v", layer)].to(torch.float64)
         scale = _attn_scale(self.model, layer)
         n = q.shape[1]
         rot = self._rotation(layer, attn, n) if rotary else None
@@ -407,9 +383,8 @@ class _Accumulator:
     def _add_heads_matrix_free(self, layer: int, heads: list[Channel], cache: Any, w: torch.Tensor,
                                mask: torch.Tensor | None) -> None:
         """Hutchinson estimate: random cotangents on every head's write, gradients at q, k, v."""
-        a = f"blocks.{layer}.attn."
         attn = self.model.blocks[layer].attn
-        leaves = {p: cache[a + f"hook_{p}"].detach().clone().requires_grad_(True) for p in "qkv"}
+        leaves = {p: cache[act_name(p, layer)].detach().clone().requires_grad_(True) for p in "qkv"}
         z_out: dict[str, torch.Tensor] = {}
 
         def replace(p: str):
@@ -419,7 +394,7 @@ class _Accumulator:
             z_out["z"] = act
 
         y = cache[heads[0].input_hook]
-        hooks = [(a + f"hook_{p}", replace(p)) for p in "qkv"] + [(a + "hook_z", keep_z)]
+        hooks = [(act_name(p, layer), replace(p)) for p in "qkv"] + [(act_name("z", layer), keep_z)]
         kwargs = {} if mask is None else {"attention_mask": mask}
         with torch.enable_grad(), self.model.hooks(fwd_hooks=hooks):
             attn(query_input=y, key_input=y, value_input=y, **kwargs)
@@ -441,7 +416,7 @@ class _Accumulator:
     def _add_mlp(self, c: Channel, cache: Any, valid: torch.Tensor) -> None:
         l = c.layer
         y = cache[c.input_hook][valid]
-        out = cache[f"blocks.{l}.hook_mlp_out"][valid]
+        out = cache[act_name("mlp_out", l)][valid]
         self.src.setdefault(c.name, _Sum()).add(out)
         yd, od = y.to(torch.float64), out.to(torch.float64)
         self._add(self.cross, c.name, yd.T @ od)
@@ -464,12 +439,12 @@ class _Accumulator:
 
     def _mlp_slopes(self, c: Channel, cache: Any, valid: torch.Tensor, mlp: Any) -> torch.Tensor:
         """Per-token slopes s with J = W_in' diag(s) W_out' (stacked for gated MLPs)."""
-        pre = cache[f"blocks.{c.layer}.mlp.hook_pre"][valid]
+        pre = cache[act_name("pre", c.layer)][valid]
         ones = torch.ones_like(pre)
         act, slope = torch.func.jvp(_act_fn(self.model, mlp), (pre,), (ones,))
         if not self.cfg.gated_mlp:
             return slope.to(torch.float64)
-        lin = cache[f"blocks.{c.layer}.mlp.hook_pre_linear"][valid]
+        lin = cache[act_name("pre_linear", c.layer)][valid]
         return torch.cat([slope * lin, act], dim=-1).to(torch.float64)
 
     # --- results --------------------------------------------------------------------------

@@ -27,7 +27,7 @@ from typing import Any
 
 import torch
 
-from tl_modular.task import Task
+from tl_modular.tasks.task import Task
 
 __all__ = ["IOI_TEMPLATES", "docstring", "greater_than", "induction", "ioi"]
 

@@ -1,10 +1,11 @@
-"""The workbench's training loop: from scratch on the task mix, or continuing a model on given data.
+"""The training loop: next-token prediction at the tasks' scored positions, with resumable checkpoints.
 
-Later stages reuse it rather than write another: model diffing fine-tunes the bundled model on
-one task, and modularity training adds its penalty through ``extra_loss``.
+One loop for everything that trains: the workbench trains and continues its model with it
+(:func:`tl_modular.toy.train` adds the workbench's architecture and task mix as defaults), model
+diffing fine-tunes with it, and modularity training adds its penalty through ``extra_loss``.
 
->>> result = train(steps=6000, checkpoint_dir="runs/toy")      # doctest: +SKIP
->>> result.model, result.history[-1]["accuracy"]                # doctest: +SKIP
+>>> result = train(model, tasks, steps=300, checkpoint_dir="runs/ft")   # doctest: +SKIP
+>>> result.model, result.history[-1]["accuracy"]                         # doctest: +SKIP
 """
 
 from __future__ import annotations
@@ -20,31 +21,11 @@ import torch
 from tqdm.auto import tqdm
 
 from tl_modular._io import read_safetensors, reading, write_safetensors
-from tl_modular.task import Task
-from tl_modular.toy.generators import GENERATORS, modular_addition
-from tl_modular.toy.vocab import VOCAB
+from tl_modular.tasks.task import Task
 
-__all__ = ["TrainConfig", "TrainResult", "default_config", "evaluate", "eval_tasks", "train",
-           "training_tasks"]
+__all__ = ["TrainConfig", "TrainResult", "evaluate", "task_loss", "train"]
 
 _CHECKPOINT = "train_state.safetensors"
-
-
-def default_config(seed: int = 0) -> Any:
-    """The bundled model's architecture: 2 layers, d_model 128, 4 heads of 32, d_mlp 512, GELU,
-    LayerNorm, rotary positions.
-
-    Rotary positions keep absolute positions out of the residual stream, so induction is
-    learned by the textbook circuit (a previous-token head feeding an induction head's keys);
-    with learned absolute positions the model found a positional workaround instead.
-    """
-    from transformer_lens import HookedTransformerConfig
-
-    return HookedTransformerConfig(
-        n_layers=2, d_model=128, n_heads=4, d_head=32, d_mlp=512, d_vocab=len(VOCAB), n_ctx=32,
-        act_fn="gelu", normalization_type="LN", positional_embedding_type="rotary", rotary_dim=32,
-        default_prepend_bos=False, seed=seed, model_name="tl-modular-toy",
-    )
 
 
 @dataclass(kw_only=True)
@@ -91,27 +72,9 @@ class TrainResult:
     step: int = 0
 
 
-def training_tasks(pool_size: int = 20_000, seed: int = 0) -> list[Task]:
-    """The default training data: a pool of each task (modular addition from its train split)."""
-    return [gen(pool_size, seed=seed * 1000 + i) if name != "modular_addition"
-            else modular_addition(pool_size, seed=seed * 1000 + i, split="train")
-            for i, (name, gen) in enumerate(GENERATORS.items())]
-
-
-def eval_tasks(n: int = 512, seed: int = 10_000) -> dict[str, Task]:
-    """Fresh evaluation sets (seeds no training pool uses); modular addition on every held-out
-    pair (``modular_addition_heldout``) and on the training pairs."""
-    tasks = {name: gen(n, seed=seed + i) for i, (name, gen) in enumerate(GENERATORS.items())
-             if name != "modular_addition"}
-    tasks["modular_addition"] = modular_addition(None, split="train")
-    tasks["modular_addition_heldout"] = modular_addition(None, split="test")
-    return tasks
-
-
 @torch.no_grad()
-def evaluate(model: Any, tasks: Mapping[str, Task] | None = None, batch_size: int = 512) -> dict[str, float]:
-    """Accuracy (argmax at every scored position) per task; defaults to :func:`eval_tasks`."""
-    tasks = eval_tasks() if tasks is None else tasks
+def evaluate(model: Any, tasks: Mapping[str, Task], batch_size: int = 512) -> dict[str, float]:
+    """Accuracy (argmax at every scored position) per task."""
     device = next(model.parameters()).device
     out = {}
     for name, task in tasks.items():
@@ -123,7 +86,8 @@ def evaluate(model: Any, tasks: Mapping[str, Task] | None = None, batch_size: in
     return out
 
 
-def _loss(model: Any, task: Task) -> torch.Tensor:
+def task_loss(model: Any, task: Task) -> torch.Tensor:
+    """Mean cross-entropy of ``model`` on ``task``'s answers at its scored positions."""
     logits = task.scored_logits(model(task.clean))
     return torch.nn.functional.cross_entropy(logits.flatten(0, 1), task.answers.flatten())
 
@@ -136,8 +100,8 @@ def _lr_factor(step: int, cfg: TrainConfig) -> float:
 
 
 def train(
-    model: Any = None,
-    data: Task | Sequence[Task] | Mapping[str, Task] | None = None,
+    model: Any,
+    data: Task | Sequence[Task] | Mapping[str, Task],
     *,
     extra_loss: Callable[[Any], torch.Tensor] | None = None,
     callback: Callable[[int, Any, dict[str, Any]], bool | None] | None = None,
@@ -150,18 +114,17 @@ def train(
     """Train a ``HookedTransformer`` on next-token prediction at the tasks' scored positions.
 
     Args:
-        model: The model to continue; ``None`` builds :func:`default_config` from scratch.
+        model: The ``HookedTransformer`` to train (it is trained in place and returned).
         data: Tasks to train on (their ``clean`` tokens, ``answers`` at ``positions``); each
-            step draws ``batch_size`` examples from every task. ``None``: the four-task mix
-            (:func:`training_tasks`).
+            step draws ``batch_size`` examples from every task.
         extra_loss: ``extra_loss(model) -> scalar`` added to the loss every step (e.g. a
             modularity penalty).
         callback: ``callback(step, model, record)`` after every evaluation; return ``True``
             to stop early.
         checkpoint_dir: Save a resumable checkpoint here every ``checkpoint_every`` steps and
             at the end; if it already holds one, training resumes from it.
-        eval_sets: Tasks evaluated every ``eval_every`` steps; default :func:`eval_tasks`
-            when ``data`` is ``None``, else ``data`` itself.
+        eval_sets: Tasks evaluated every ``eval_every`` steps; default: the first 512 examples
+            of each task in ``data``.
         progress: Show a progress bar.
         **config: Fields of :class:`TrainConfig` (``steps``, ``lr``, ``seed``, ...).
 
@@ -169,13 +132,9 @@ def train(
         :class:`TrainResult` with the model (in eval mode) and the evaluation history.
     """
     cfg = TrainConfig(**config)
-    if model is None:
-        from transformer_lens import HookedTransformer
-
-        model = HookedTransformer(default_config(cfg.seed))
-    tasks = _as_tasks(data, cfg)
+    tasks = _as_tasks(data)
     if eval_sets is None:
-        eval_sets = eval_tasks() if data is None else {t.name: t[:512] for t in tasks}
+        eval_sets = {t.name: t[:512] for t in tasks}
     device = next(model.parameters()).device
     tasks = [t.to(device) for t in tasks]
 
@@ -200,7 +159,7 @@ def train(
     try:
         while result.step < cfg.steps and not stop:
             optimizer.zero_grad(set_to_none=True)
-            losses = {t.name: _loss(model, t[torch.randint(len(t), (cfg.batch_size,), generator=gen)])
+            losses = {t.name: task_loss(model, t[torch.randint(len(t), (cfg.batch_size,), generator=gen)])
                       for t in tasks}
             loss = torch.stack(list(losses.values())).mean()
             extra = extra_loss(model) if extra_loss is not None else None
@@ -231,15 +190,13 @@ def train(
     return result
 
 
-def _as_tasks(data: Any, cfg: TrainConfig) -> list[Task]:
-    if data is None:
-        return training_tasks(cfg.pool_size, cfg.seed)
+def _as_tasks(data: Any) -> list[Task]:
     if isinstance(data, Task):
         return [data]
     tasks = list(data.values()) if isinstance(data, Mapping) else list(data)
     if not tasks or not all(isinstance(t, Task) for t in tasks):
         raise TypeError("data must be a Task, a non-empty sequence or mapping of Tasks, or None for "
-                        f"the default task mix; got {type(data).__name__}")
+                        f"the default task mix (tl_modular.toy.train); got {type(data).__name__}")
     return tasks
 
 

@@ -1,0 +1,93 @@
+"""The name grammar (_names): every name round-trips, hooks are TransformerLens' own, stream order agrees
+with the hooks, and the shared plumbing (_tokens, _stats) keeps its rules."""
+
+import pytest
+import torch
+
+import tl_modular as tlm
+from tl_modular import _names, _stats, _tokens
+from tl_modular.patching import ports, valid_route
+from tl_modular.testing import tiny_model
+
+
+@pytest.fixture(scope="module")
+def channels():
+    return tlm.segment(tiny_model())
+
+
+def test_every_channel_and_port_round_trips(channels):
+    for name in [*channels.names, *ports(channels)]:
+        parsed = _names.parse(name)
+        assert str(parsed) == name
+        assert parsed.channel == (name.partition(":")[0] if name != "unembed" else "unembed")
+        if parsed.kind in ("head", "mlp", "bias"):
+            c = channels[name]
+            assert (parsed.kind, parsed.layer, parsed.head) == (c.kind, c.layer, c.head)
+
+
+@pytest.mark.parametrize("name,kind,fields", [
+    ("L0.MLP.N12", "neuron", dict(layer=0, index=12)),
+    ("L1.H3:q.d0", "direction", dict(layer=1, head=3, path="q", index=0)),
+    ("L2.MLP:in.d4", "direction", dict(layer=2, path="in", index=4)),
+    ("L1.H3:write.d1", "direction", dict(layer=1, head=3, path="write", index=1)),
+    ("L1.b_O", "bias", dict(layer=1)),
+])
+def test_unit_names(name, kind, fields):
+    parsed = _names.parse(name)
+    assert parsed.kind == kind and str(parsed) == name
+    assert all(getattr(parsed, k) == v for k, v in fields.items())
+
+
+@pytest.mark.parametrize("bad", ["L1", "H3", "L1.H3:x", "L1.MLP:q", "L1.H3.N2", "l1.h3", "L1.MLP.N", ""])
+def test_bad_names_say_what_is_expected(bad):
+    with pytest.raises(ValueError, match="L1.H3|heads have ports"):
+        _names.parse(bad)
+
+
+def test_hooks_are_transformer_lens_names(channels):
+    model = channels.model
+    for c in channels:
+        for hook in (*c.reads, c.input_hook, c.source_hook, c.writes):
+            assert hook is None or hook in model.hook_dict
+    assert _names.act_name("resid_pre", 1) == "blocks.1.hook_resid_pre"
+    assert _names.port_hook(channels["L1.H2"], "k") == ("blocks.1.hook_k_input", channels["L1.H2"].kv_head)
+    assert _names.port_hook(channels["L0.MLP"], "") == ("blocks.0.hook_mlp_in", None)
+    with pytest.raises(ValueError, match="read path"):
+        _names.port_hook(channels["L0.MLP"], "q")
+
+
+def test_stream_order_from_names_agrees_with_hooks(channels):
+    writers = [c.name for c in channels if c.kind != "bias"]
+    for w in writers:
+        for p in ports(channels):
+            reader = p.partition(":")[0]
+            if w == reader:
+                continue
+            by_name = _names.channel_order(w) < _names.channel_order(reader, reading=True)
+            assert by_name == valid_route(channels, w, p), (w, p)
+
+
+def test_token_check_and_valid_positions():
+    model = tiny_model()
+    tokens = torch.tensor([[1, 2, 3], [4, 5, 6]])
+    mask = torch.tensor([[1, 1, 1], [1, 1, 0]])
+    assert _tokens.valid_positions(tokens, mask).tolist() == [[False, True, True], [False, True, False]]
+    assert torch.equal(_tokens.position_weights(tokens, mask), _tokens.valid_positions(tokens, mask).double())
+    with pytest.raises(TypeError, match=r"\[batch, pos\] integer tensor"):
+        _tokens.check_tokens(tokens.float())
+    with pytest.raises(ValueError, match="empty"):
+        _tokens.check_tokens(tokens[:, :1])
+    with pytest.raises(ValueError, match="attention_mask"):
+        _tokens.check_tokens(tokens, mask[:, :2])
+    with pytest.raises(ValueError, match="n_ctx"):
+        _tokens.check_tokens(torch.zeros(1, model.cfg.n_ctx + 1, dtype=torch.long), model=model)
+    with pytest.raises(ValueError, match="token ids"):
+        _tokens.check_tokens(torch.full((1, 3), model.cfg.d_vocab), model=model)
+
+
+def test_stats():
+    assert _stats.spearman([1, 2, 3, 4], [1, 3, 2, 4]) == pytest.approx(0.8)
+    assert _stats.adjusted_rand_index([0, 0, 1, 1], [5, 5, 7, 7]) == 1.0
+    angles = _stats.principal_angles(torch.eye(4)[:, :2], torch.eye(4)[:, 1:3])
+    assert angles.tolist() == pytest.approx([0.0, torch.pi / 2])
+    assert _stats.effective_number(torch.tensor([[1.0, 1.0, 1.0, 1.0]])).item() == pytest.approx(4.0)

@@ -1,0 +1,152 @@
+"""Fisher moments: which directions of each channel's input and output the model's predictions use.
+
+A channel restricted to a subspace changes the residual stream by some ``δ``; to second order
+the predictions move by ``KL ≈ ½ δᵀ F δ``, where ``F = E[g gᵀ]`` is the Fisher information of
+the model's next-token distributions with respect to that activation: ``g`` is the gradient of
+``Σ_t log p(y_t)`` with every ``y_t`` *sampled from the model itself* (so ``F`` is the true
+Fisher, the Hessian of the KL to the clean model — not the empirical one of the training labels).
+One forward and one backward pass per batch give, for every layer, ``F`` at the attention and
+MLP outputs (what the channels' writes are judged by) and, per head and MLP, the moment of the
+gradient at each read port (what their reads are judged by), all in float64, streaming.
+
+Those moments make compression *downstream-aware*: ``tlm.compress(..., read="fisher",
+write="fisher")`` keeps the directions that matter to the output, and their spectra are in the
+same unit everywhere (twice the KL a dropped direction costs), so a budget is spent where it
+buys the most fidelity across all channels.
+
+>>> fisher = tlm.compression.collect_fisher(model, tokens)          # doctest: +SKIP
+>>> fisher.writes["blocks.1.hook_mlp_out"].shape               # doctest: +SKIP
+torch.Size([192, 192])
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from jaxtyping import Float, Int
+from tqdm.auto import tqdm
+
+from tl_modular._names import act_name
+from tl_modular._tokens import check_tokens, position_weights
+from tl_modular.compression.statistics import read_map
+from tl_modular.segmentation import ChannelSet, segment
+
+__all__ = ["FisherStats", "collect_fisher"]
+
+
+@dataclass
+class FisherStats:
+    """Fisher moments of one pass.
+
+    Attributes:
+        writes: ``{hook: F}`` at each layer's ``hook_attn_out`` and ``hook_mlp_out``,
+            ``[d_model, d_model]``: the Fisher of what a channel of that layer writes.
+        ports: ``{(channel, port): G}``: the gradient moment at a head's ``q``/``k``/``v``
+            (``[d_head, d_head]``, the head's own slice) or an MLP's input, mapped to its input
+            coordinates (``[d_model, d_model]``).
+        n_tokens: Positions averaged over (position 0 and padding excluded).
+    """
+
+    writes: dict[str, Float[torch.Tensor, "d_model d_model"]]
+    ports: dict[tuple[str, str], torch.Tensor]
+    n_tokens: int
+    seconds: float = 0.0
+    channel_names: list[str] = field(default_factory=list)
+
+
+def collect_fisher(model: Any, tokens: Int[torch.Tensor, "batch pos"], channels: ChannelSet | None = None, *,
+                   names: Sequence[str] | None = None, attention_mask: Int[torch.Tensor, "batch pos"] | None = None,
+                   batch_size: int = 16, seed: int = 0, progress: bool = True) -> FisherStats:
+    """One forward and backward pass per batch, labels sampled from the model (see module docs).
+
+    Gradients are taken with ``torch.autograd.grad`` with respect to the hooked activations only:
+    no parameter gradient is computed or left behind, and the model's ``requires_grad`` flags are
+    untouched. Hooks are removed on exit, also on error or interrupt.
+
+    Args:
+        model: A HookedTransformer (or TransformerBridge in compatibility mode).
+        tokens: ``[batch, pos]`` token ids.
+        channels, names: The heads and MLPs whose read ports get moments (all by default).
+        attention_mask: 1 for real tokens; padded positions are neither inputs nor predictions.
+        seed: Seeds the sampled labels.
+    """
+    import time
+
+    started = time.perf_counter()
+    channels = channels or segment(model)
+    tokens, attention_mask = check_tokens(tokens, attention_mask, model=model)
+    chosen = [channels[n] for n in names] if names is not None else channels.of_kind("head", "mlp")
+    heads = [c for c in chosen if c.kind == "head"]
+    mlps = [c for c in chosen if c.kind == "mlp"]
+    layers = sorted({c.layer for c in chosen})
+    cfg = model.cfg
+    write_hooks = [act_name(f"{k}_out", l) for l in layers for k in ("attn", "mlp")]
+    head_hooks = sorted({act_name(p, c.layer) for c in heads for p in "qkv"})
+    # an MLP's read ports: its pre-activation (the gate's, for gated MLPs) and the linear branch
+    mlp_ports = {c.name: [(act_name("pre", c.layer), "gate" if cfg.gated_mlp else "in")]
+                 + ([(act_name("pre_linear", c.layer), "in")] if cfg.gated_mlp else []) for c in mlps}
+    mlp_hooks = sorted({h for c in mlps for h, _ in mlp_ports[c.name]})
+    hooks = write_hooks + head_hooks + mlp_hooks
+    maps = {(c.name, port): read_map(c, port).to(cfg.device) for c in mlps for _, port in mlp_ports[c.name]}
+    sums: dict[Any, torch.Tensor] = {}
+    n_tokens = 0.0
+    gen = torch.Generator(device=cfg.device).manual_seed(seed)
+
+    def add(key: Any, value: torch.Tensor) -> None:
+        sums[key] = value if key not in sums else sums[key] + value
+
+    bar = tqdm(range(0, tokens.shape[0], batch_size), disable=not progress, desc="fisher", leave=False)
+    for start in bar:
+        batch = tokens[start:start + batch_size].to(cfg.device)
+        mask = None if attention_mask is None else attention_mask[start:start + batch_size].to(cfg.device)
+        acts: dict[str, torch.Tensor] = {}
+
+        def start_graph(act: torch.Tensor, hook: Any) -> torch.Tensor:
+            # the token embedding as a leaf of our own: every later activation requires grad
+            # whatever the parameters' requires_grad flags say
+            return act.detach().requires_grad_(True)
+
+        def grab(act: torch.Tensor, hook: Any, acts: dict = acts) -> None:
+            acts[hook.name] = act
+
+        kwargs = {} if mask is None else {"attention_mask": mask}
+        fwd = [(act_name("embed"), start_graph)] + [(h, grab) for h in hooks]
+        with torch.enable_grad(), model.hooks(fwd_hooks=fwd):
+            logits = model(batch, **kwargs).float()
+            logp = logits[:, :-1].log_softmax(-1)
+            with torch.no_grad():
+                sampled = torch.multinomial(logp.exp().reshape(-1, logp.shape[-1]), 1, generator=gen)
+            picked = logp.reshape(-1, logp.shape[-1]).gather(-1, sampled).reshape(logp.shape[:2])
+            if mask is not None:
+                picked = picked * mask[:, 1:].to(picked)
+            ordered = [acts[h] for h in hooks]
+            grads = dict(zip(hooks, torch.autograd.grad(picked.sum(), ordered, allow_unused=True), strict=True))
+        w = position_weights(batch, mask)                                   # 0 at position 0 and padding
+        n_tokens += float(w.sum())
+        for h in write_hooks:
+            if grads[h] is not None:
+                g = grads[h].to(torch.float64) * w[..., None].sqrt()
+                add(h, torch.einsum("bpi,bpj->ij", g, g))
+        for h in head_hooks:
+            if grads[h] is not None:
+                g = grads[h].to(torch.float64) * w[..., None, None].sqrt()          # [b, p, n_heads, d_head]
+                add(h, torch.einsum("bphi,bphj->hij", g, g))
+        for c in mlps:
+            g_in = sum(grads[h].to(torch.float64) @ maps[(c.name, port)].T
+                       for h, port in mlp_ports[c.name])                              # [b, p, d_model]
+            g_in = g_in * w[..., None].sqrt()
+            add(("mlp", c.name), torch.einsum("bpi,bpj->ij", g_in, g_in))
+    if n_tokens == 0:
+        raise ValueError("no position after the first is a real token: nothing to average")
+    writes = {h: sums[h] / n_tokens for h in write_hooks if h in sums}
+    ports: dict[tuple[str, str], torch.Tensor] = {}
+    for c in heads:
+        for p in "qkv":
+            index = c.head if p == "q" else c.kv_head
+            ports[(c.name, p)] = sums[act_name(p, c.layer)][index] / n_tokens
+    for c in mlps:
+        ports[(c.name, "in")] = sums[("mlp", c.name)] / n_tokens
+    return FisherStats(writes, ports, int(n_tokens), time.perf_counter() - started, [c.name for c in chosen])
