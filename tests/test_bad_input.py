@@ -38,8 +38,8 @@ def world(tmp_path_factory):
     """One saved artifact of every kind tl_modular reads, from a tiny model."""
     from sae_lens import StandardSAE, StandardSAEConfig
 
-    from tl_modular.toy.training import TrainConfig, TrainResult, _save_checkpoint
     from tl_modular.training.interpretable import _MODEL, BuildConfig, _save_state
+    from tl_modular.training.trainer import TrainConfig, TrainResult, _save_checkpoint
 
     torch.manual_seed(0)
     root = tmp_path_factory.mktemp("artifacts")
@@ -74,7 +74,7 @@ def world(tmp_path_factory):
 
 
 def _load_train_state(w, path):
-    from tl_modular.toy.training import _load_checkpoint
+    from tl_modular.training.trainer import _load_checkpoint
 
     model = tiny_model("gpt2", seed=0)
     return _load_checkpoint(path, model, torch.optim.AdamW(model.parameters()), torch.Generator(), w.train_cfg)
@@ -261,7 +261,7 @@ def test_artifacts_of_another_model_are_refused(world, tmp_path):
     (toy / "config.json").write_text(json.dumps({**doc, "vocab": doc["vocab"][:-1]}))
     with raises(ArtifactError, match="another toy vocabulary"):
         tlm.toy.load_model(toy)
-    from tl_modular.toy.training import TrainConfig, _load_checkpoint
+    from tl_modular.training.trainer import TrainConfig, _load_checkpoint
 
     m = tiny_model("gpt2", seed=0)
     with raises(ValueError, match="checkpoint of a different run"):
