@@ -84,3 +84,10 @@ def one_thread():
 def tokens() -> torch.Tensor:
     """A [batch, pos] batch of token ids valid for every tiny model (d_vocab = 50)."""
     return torch.randint(0, 50, (3, 7), generator=torch.Generator().manual_seed(0))
+
+
+def pytest_terminal_summary(terminalreporter):
+    import _bad
+
+    if _bad.COUNT["n"]:
+        terminalreporter.write_line(f"bad inputs and faults tried (each gets a clear error): {_bad.COUNT['n']}")

@@ -334,10 +334,12 @@ def test_openai_unusable_answers_and_budget_stop_cleanly(toy, toy_data, tmp_path
     tokens, mask = toy_data
     units = [_indicator(toy, t) for t in ("=", ">", "+")]
     with ChatServer(lambda body: '{"label": 3}') as server:          # never valid, even after the repair
-        labels = tlm.label(units, toy, tokens, attention_mask=mask, labeler=_labeler(server, tmp_path / "a"),
-                           n_baseline=0, progress=False)
+        with pytest.warns(RuntimeWarning, match=r"3 of 3 units could not be labeled \(3 invalid answer\)"):
+            labels = tlm.label(units, toy, tokens, attention_mask=mask, labeler=_labeler(server, tmp_path / "a"),
+                               n_baseline=0, progress=False)
     assert all(lab.status.startswith("failed:") and lab.score is None for lab in labels)
-    assert labels.usage["failures"] == 3
+    assert labels.usage["failures"] == 3 and labels.failures() == {"invalid_answer": 3}
+    assert "not labeled: 3 invalid answer" in repr(labels)
     with ChatServer(labeling.offline_chat_model, latency_s=0.05) as server:
         labeler = _labeler(server, tmp_path / "b", budget_usd=1e-5, max_concurrency=1)
         labels = tlm.label(units, toy, tokens, attention_mask=mask, labeler=labeler, n_baseline=0, progress=False)

@@ -174,7 +174,7 @@ def test_cli_diff_of_a_report_with_itself_is_empty(tiny_report, tmp_path, capsys
 @pytest.mark.parametrize("argv, message", [
     (["analyze", "--data", "x.txt"], "--data needs --model"),
     (["analyze", "--model", "gpt2"], "--model needs --data"),
-    (["analyze", "--tokens", "1"], "at least 2"),
+    (["analyze", "--model", "gpt2", "--data", "x.txt", "--tokens", "1"], "at least 2"),
     (["diff", "nowhere_a", "nowhere_b"], "not a report directory"),
 ])
 def test_cli_bad_arguments_exit_2_with_a_message(argv, message, capsys):

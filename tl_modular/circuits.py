@@ -38,7 +38,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from tl_modular._io import SCHEMA_VERSION, read_versioned_json, write_json
+from tl_modular._io import SCHEMA_VERSION, read_versioned_json, reading, write_json
 from tl_modular._names import split_port
 from tl_modular._stats import adjusted_rand_index, kmeans
 from tl_modular.graph import routes as _routes
@@ -188,9 +188,10 @@ class CircuitSet(Mapping[str, Circuit]):
 
     @classmethod
     def load(cls, directory: str | os.PathLike) -> CircuitSet:
-        meta = read_versioned_json(directory, "circuits.json", _SCHEMA, "CircuitSet.save")
-        return cls({d["category"]: Circuit.from_json(d) for d in meta["circuits"]}, meta["n_routes"],
-                   meta.get("channels", []))
+        meta = read_versioned_json(directory, "circuits.json", _SCHEMA, "CircuitSet.save", required=("circuits",))
+        with reading(Path(directory) / "circuits.json", "CircuitSet.save"):
+            return cls({d["category"]: Circuit.from_json(d) for d in meta["circuits"]}, meta["n_routes"],
+                       meta.get("channels", []))
 
 
 # --- one category ----------------------------------------------------------------------------------
@@ -431,6 +432,12 @@ def find_circuits(graph: Any, model: Any, categories: Mapping[str, Task | torch.
         raise ValueError("pass at least one category: {name: task or tokens}")
     if search not in ("mask", "greedy"):
         raise ValueError(f"search must be 'mask' or 'greedy', got {search!r}")
+    if n_boot < 0 or n_random < 0 or batch_size < 1:
+        raise ValueError(f"n_boot and n_random must be >= 0 and batch_size >= 1, got n_boot={n_boot}, "
+                         f"n_random={n_random}, batch_size={batch_size}")
+    empty = [k for k, v in categories.items() if len(v.clean if isinstance(v, Task) else v) == 0]
+    if empty:
+        raise ValueError(f"categories {empty} hold no examples: give each at least one prompt")
     channels = segment(model)
     routes = sorted(graph.routes("static"))
     senders = sorted({w for w, _ in routes})

@@ -6,19 +6,26 @@
     tl-modular analyze --labeler openai --llm-model gpt-4o-mini [--base-url http://localhost:8000/v1]
     tl-modular diff reportA reportB                     # what changed between two report directories
 
-Exit status: 0 on success, 2 on bad arguments or inputs (the message says what to do).
+Exit status: 0 on success; 2 on bad arguments or inputs (one message says what to do; the traceback
+only with --debug); 1 on an internal error; 130 when interrupted (Ctrl-C) — the stages finished so
+far stay in the report directory and the same command reuses them.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import sys
+import warnings
 from pathlib import Path
 from typing import Any
 
 _TASKS = ("ioi", "greater_than", "docstring", "induction")
 _BUNDLED = ("toy-modular", "toy")   # tl_modular.report.BUNDLED_MODELS, named here to keep --help fast
+_DEFAULTS = {"tokens": 4096, "seq_len": 128, "llm_model": "gpt-4o-mini", "api_key_env": "OPENAI_API_KEY",
+             "llm_concurrency": 16}
+_LLM_OPTIONS = ("llm_model", "base_url", "api_key_env", "llm_budget", "llm_concurrency")
 
 
 class UsageError(Exception):
@@ -27,8 +34,16 @@ class UsageError(Exception):
 
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="tl-modular", description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    debug = argparse.ArgumentParser(add_help=False)
+    debug.add_argument("--debug", action="store_true", default=argparse.SUPPRESS,
+                       help="show the traceback of an error (secrets masked)")
+    p.add_argument("--debug", action="store_true", default=argparse.SUPPRESS,
+                   help="show the traceback of an error (secrets masked)")
     sub = p.add_subparsers(dest="command", required=True)
-    a = sub.add_parser("analyze", help="segment, compress, graph, modules, circuits, SAEs, labels → report directory")
+    a = sub.add_parser("analyze", parents=[debug],
+                       help="segment, compress, graph, modules, circuits, SAEs, labels → report directory")
+    # options whose defaults are None are filled in after parsing, so that one given where it does not
+    # apply (e.g. --sae with the bundled model) is an error instead of being ignored
     a.add_argument("--model", default=None,
                    help="a TransformerLens model name, or a bundled model: toy-modular (the default: trained with "
                         "the modularity loss, four modules), toy (the same model before, one module) or textlm "
@@ -36,28 +51,30 @@ def _parser() -> argparse.ArgumentParser:
     a.add_argument("--data", default=None,
                    help="a text file, a token file (.npy or .safetensors with 'tokens' [batch, pos]), or a Hugging "
                         "Face dataset name (its 'text' column); required with --model")
-    a.add_argument("--tokens", type=int, default=4096, help="tokens of --data to analyze (default 4096)")
-    a.add_argument("--seq-len", type=int, default=128, help="sequence length for text data (default 128)")
+    a.add_argument("--tokens", type=int, default=None, help="tokens of --data to analyze (default 4096)")
+    a.add_argument("--seq-len", type=int, default=None, help="sequence length for text data (default 128)")
     a.add_argument("--circuits", default=None,
                    help=f"comma-separated GPT-2 prompt sets for circuits with --model ({', '.join(_TASKS)}); "
                         "the bundled model always uses its four tasks")
     a.add_argument("--sae", action="append", default=[], metavar="RELEASE:ID_OR_PATH",
-                   help="an sae-lens SAE for the polysemanticity table (repeatable): release:sae_id or a folder")
+                   help="an sae-lens SAE for the polysemanticity table with --model (repeatable): release:sae_id "
+                        "or a folder; the bundled model uses its own SAEs")
     a.add_argument("--labeler", choices=("offline", "openai"), default="offline")
-    a.add_argument("--llm-model", default="gpt-4o-mini", help="the labeling model (with --labeler openai)")
+    a.add_argument("--llm-model", default=None, help="the labeling model (with --labeler openai; default gpt-4o-mini)")
     a.add_argument("--base-url", default=None, help="an OpenAI-compatible server, e.g. http://localhost:8000/v1")
-    a.add_argument("--api-key-env", default="OPENAI_API_KEY", help="environment variable holding the API key")
+    a.add_argument("--api-key-env", default=None,
+                   help="environment variable holding the API key (default OPENAI_API_KEY)")
     a.add_argument("--llm-budget", type=float, default=None, metavar="USD",
                    help="stop labeling cleanly once this much is spent (from the server's token usage)")
-    a.add_argument("--llm-concurrency", type=int, default=16, help="LLM requests in flight at once (default 16)")
+    a.add_argument("--llm-concurrency", type=int, default=None, help="LLM requests in flight at once (default 16)")
     a.add_argument("--metric", choices=("loss", "logit"), default=None,
                    help="route strengths from the loss or the correct logit (default: logit for the bundled "
                         "model, loss otherwise)")
     a.add_argument("--out", default="tl_modular_report", help="report directory (default ./tl_modular_report)")
-    a.add_argument("--device", default="cpu")
+    a.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, mps ... (an error when not available)")
     a.add_argument("--no-reuse", action="store_true", help="recompute every stage even if the directory has it")
     a.add_argument("--quiet", action="store_true")
-    d = sub.add_parser("diff", help="what changed between two report directories")
+    d = sub.add_parser("diff", parents=[debug], help="what changed between two report directories")
     d.add_argument("a")
     d.add_argument("b")
     d.add_argument("--out", default=None, help="also write the diff here: diff.json and report.html (the viewer)")
@@ -66,54 +83,102 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Run ``tl-modular``; returns the exit status (see the module docs)."""
+    from tl_modular._redact import redact
+
     args = _parser().parse_args(argv)
+    debug = getattr(args, "debug", False)
+
+    def fail(message: str, status: int) -> int:
+        if debug:
+            import traceback
+
+            print(redact(traceback.format_exc()), file=sys.stderr, end="")
+        print(redact(f"tl-modular: {message}"), file=sys.stderr)
+        return status
+
     try:
-        if args.command == "analyze":
-            return _analyze(args)
-        return _diff(args)
+        with warnings.catch_warnings():
+            # a warning is one line on stderr, like the errors (and as free of secrets)
+            warnings.showwarning = lambda message, category, *_, **__: print(
+                redact(f"tl-modular: warning: {message}"), file=sys.stderr)
+            if args.command == "analyze":
+                return _analyze(args)
+            return _diff(args)
     except UsageError as e:
-        print(f"tl-modular: error: {e}", file=sys.stderr)
-        return 2
+        return fail(f"error: {e}", 2)
+    except KeyboardInterrupt:
+        return fail(f"interrupted{_saved_stages(args)}", 130)
+    except Exception as e:  # noqa: BLE001 - the user gets one message; --debug shows the traceback
+        from tl_modular.errors import ArtifactError, LabelingError
+
+        if isinstance(e, (ArtifactError, LabelingError)):       # a bad file, key, server: the user can fix it
+            return fail(f"error: {e}{_saved_stages(args)}", 2)
+        return fail(f"internal error: {type(e).__name__}: {e}\n(run again with --debug for the traceback; "
+                    "please report it)", 1)
+
+
+def _saved_stages(args: argparse.Namespace) -> str:
+    """Which stages of ``analyze`` are saved in the report directory (for the interrupt message)."""
+    if args.command != "analyze":
+        return ""
+    import json
+
+    try:
+        stages = list(json.loads((Path(args.out) / "manifest.json").read_text()).get("stages", {}))
+    except (OSError, ValueError, AttributeError):
+        stages = []
+    if not stages:
+        return f"; no stage was finished in {args.out}"
+    return (f"; the stages finished so far ({', '.join(stages)}) are saved in {args.out}: run the same command "
+            "again to reuse them")
 
 
 # --- analyze ------------------------------------------------------------------------------------
 
 def _analyze(args: argparse.Namespace) -> int:
-    if args.model not in (None, "textlm", *_BUNDLED) and args.data is not None:
+    _check_options(args)
+    if args.data is not None:
+        _check_data(args.data)          # before any model is loaded
+    if args.model not in (None, "textlm", *_BUNDLED):
         _check_hub(args.model)          # before the slow imports: fail in seconds, not after retries
-    import torch
-
-    from tl_modular import report
-
-    if args.tokens < 2 or args.seq_len < 2:
-        raise UsageError("--tokens and --seq-len must be at least 2")
     labeler, simulator = _labeler(args)
-    if args.model is None or args.model in _BUNDLED:
-        if args.data is not None:
-            raise UsageError("--data needs --model with a TransformerLens model name (the bundled models analyze "
-                             "their own task data)")
-        inputs = report.bundled_inputs(labeler=labeler, simulator=simulator,
-                                       variant="plain" if args.model == "toy" else "modular")
-        metric = args.metric or "logit"
-    elif args.model == "textlm":                  # the bundled real-text GPT-2: its own text unless --data
-        from tl_modular import textlm
+    created = _check_out(args.out)
+    try:
+        device = _check_device(args.device)
+        import torch
 
-        model = textlm.load_model(device=args.device)
-        tokens, data = (None, None) if args.data is None else _load_data(args.data, model, args.tokens, args.seq_len)
-        inputs = report.textlm_inputs(n_tokens=args.tokens, seq_len=args.seq_len, labeler=labeler,
-                                      simulator=simulator, model=model, tokens=tokens, data=data)
-        if args.circuits:
-            inputs.categories = _categories(args, model)
-        metric = args.metric or "loss"
-    else:
-        if args.data is None:
-            raise UsageError("--model needs --data: a text file, a token file or a Hugging Face dataset name")
-        model = _load_model(args.model, args.device)
-        tokens, data = _load_data(args.data, model, args.tokens, args.seq_len)
-        inputs = report.Inputs(model=model, tokens=tokens, name=args.model, categories=_categories(args, model),
-                               saes=_saes(args, model), labeler=labeler, simulator=simulator,
-                               decode=getattr(model, "to_string", None), data=data)
-        metric = args.metric or "loss"
+        from tl_modular import report
+
+        if args.model is None or args.model in _BUNDLED:
+            inputs = report.bundled_inputs(labeler=labeler, simulator=simulator, device=device,
+                                           variant="plain" if args.model == "toy" else "modular")
+            metric = args.metric or "logit"
+        elif args.model == "textlm":              # the bundled real-text GPT-2: its own text unless --data
+            from tl_modular import textlm
+
+            model = textlm.load_model(device=device)
+            tokens, data = (None, None) if args.data is None else _load_data(args.data, model, args.tokens,
+                                                                             args.seq_len)
+            inputs = report.textlm_inputs(n_tokens=args.tokens, seq_len=args.seq_len, labeler=labeler,
+                                          simulator=simulator, model=model, tokens=tokens, data=data)
+            if args.circuits:
+                inputs.categories = _categories(args, model)
+            if args.sae:
+                inputs.saes = _saes(args, model)
+            metric = args.metric or "loss"
+        else:
+            model = _load_model(args.model, device)
+            tokens, data = _load_data(args.data, model, args.tokens, args.seq_len)
+            inputs = report.Inputs(model=model, tokens=tokens, name=args.model, categories=_categories(args, model),
+                                   saes=_saes(args, model), labeler=labeler, simulator=simulator,
+                                   decode=getattr(model, "to_string", None), data=data)
+            metric = args.metric or "loss"
+    except BaseException:
+        if created:                     # nothing was written yet: leave no empty report directory behind
+            with contextlib.suppress(OSError):
+                Path(args.out).rmdir()
+        raise
     torch.manual_seed(0)
     path = report.analyze(inputs, args.out, report.AnalyzeConfig(metric=metric), reuse=not args.no_reuse,
                           progress=not args.quiet)
@@ -121,10 +186,120 @@ def _analyze(args: argparse.Namespace) -> int:
     return 0
 
 
+def _check_options(args: argparse.Namespace) -> None:
+    """Options given where they do not apply are errors (never silently ignored); then the defaults."""
+    given = lambda name: getattr(args, name) not in (None, [])  # noqa: E731
+    if args.model is None or args.model in _BUNDLED:
+        if args.data is not None:
+            raise UsageError("--data needs --model with a TransformerLens model name (the bundled models analyze "
+                             "their own task data)")
+        for name, why in (("sae", "it uses its own SAEs"), ("circuits", "it always uses its four tasks"),
+                          ("tokens", "it analyzes its own task data"), ("seq_len", "it analyzes its own task data")):
+            if given(name):
+                raise UsageError(f"--{name.replace('_', '-')} does not apply to the bundled model ({why}): drop it, "
+                                 "or analyze a model of your own with --model NAME --data FILE")
+    elif args.model != "textlm" and args.data is None:
+        raise UsageError("--model needs --data: a text file, a token file or a Hugging Face dataset name")
+    if args.labeler != "openai":
+        for name in _LLM_OPTIONS:
+            if given(name):
+                raise UsageError(f"--{name.replace('_', '-')} applies only with --labeler openai: add "
+                                 "--labeler openai, or drop it")
+    for name, value in _DEFAULTS.items():
+        if getattr(args, name) is None:
+            setattr(args, name, value)
+    if args.tokens < 2 or args.seq_len < 2:
+        raise UsageError("--tokens and --seq-len must be at least 2")
+    if args.llm_concurrency < 1:
+        raise UsageError("--llm-concurrency must be at least 1")
+    if args.llm_budget is not None and not args.llm_budget >= 0:
+        raise UsageError(f"--llm-budget must be a number of USD >= 0, got {args.llm_budget}")
+
+
+def _is_path(spec: str) -> bool:
+    return Path(spec).suffix in (".txt", ".md", ".npy", ".safetensors") or os.sep in spec or Path(spec).exists()
+
+
+def _check_data(spec: str) -> None:
+    """A --data file that exists and can be read, or a dataset name with `datasets` installed."""
+    path = Path(spec)
+    if _is_path(spec):
+        if not path.exists():
+            raise UsageError(f"--data {spec}: no such file; give a text file (.txt/.md), a token file (.npy, "
+                             ".safetensors) or a Hugging Face dataset name")
+        if not path.is_file():
+            raise UsageError(f"--data {spec} is a directory; give a text or token file")
+        try:
+            with path.open("rb") as f:
+                f.read(1)
+        except OSError as e:
+            raise UsageError(f"--data {spec} cannot be read ({e.strerror or e})") from None
+        return
+    import importlib.util
+
+    if importlib.util.find_spec("datasets") is None:
+        raise UsageError(f"--data {spec!r} is not a file; to read a Hugging Face dataset install `datasets`")
+
+
+def _check_out(out: str) -> bool:
+    """--out is (or can be made) a directory this process can write; True when it was made here."""
+    import tempfile
+
+    path = Path(out)
+    if path.exists() and not path.is_dir():
+        raise UsageError(f"--out {out} is a file, not a directory: choose another --out (or move the file away)")
+    created = not path.exists()
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=path):
+            pass
+    except OSError as e:
+        what = "cannot be created" if not path.is_dir() else "is not writable"
+        raise UsageError(f"--out {out} {what} ({e.strerror or e}): choose a directory you can write") from None
+    return created
+
+
+def _available_devices() -> list[str]:
+    import torch
+
+    found = ["cpu"]
+    if torch.cuda.is_available():
+        found += [f"cuda:{i}" for i in range(torch.cuda.device_count())]
+    mps = getattr(torch.backends, "mps", None)
+    if mps is not None and mps.is_available():
+        found.append("mps")
+    return found
+
+
+def _check_device(spec: str) -> str:
+    """``spec`` when this machine has that device; else an error naming the devices it has."""
+    import torch
+
+    available = _available_devices()
+    try:
+        device = torch.device(spec)
+    except (RuntimeError, ValueError):
+        raise UsageError(f"--device {spec!r} is not a device name; available here: {', '.join(available)}") from None
+    if device.type == "cpu":
+        return spec
+    if device.type == "cuda":
+        ok = torch.cuda.is_available() and (device.index is None or device.index < torch.cuda.device_count())
+    else:
+        backend = getattr(torch.backends, device.type, None) or getattr(torch, device.type, None)
+        ok = bool(getattr(backend, "is_available", lambda: False)())
+    if not ok:
+        raise UsageError(f"--device {spec} is not available on this machine (available: {', '.join(available)}): "
+                         "choose one of those")
+    return spec
+
+
 def _labeler(args: argparse.Namespace) -> tuple[Any, Any]:
     if args.labeler == "offline":
         return None, None
+    from tl_modular._redact import register
+
     key = os.environ.get(args.api_key_env)
+    register(key)
     if not key and args.base_url is None:
         raise UsageError(f"--labeler openai needs an API key in ${args.api_key_env} (or --base-url for a local "
                          "server that takes none)")
@@ -134,8 +309,6 @@ def _labeler(args: argparse.Namespace) -> tuple[Any, Any]:
         raise UsageError(f"the OpenAI labeler is not available in this installation ({e})") from None
     from tl_modular.labeling import ClientConfig
 
-    if args.llm_concurrency < 1:
-        raise UsageError("--llm-concurrency must be at least 1")
     # replies are cached by content under the report directory: a re-run costs nothing
     config = ClientConfig(model=args.llm_model, base_url=args.base_url, api_key=key or "none",
                           max_concurrency=args.llm_concurrency, budget_usd=args.llm_budget,
@@ -193,21 +366,24 @@ def _load_data(spec: str, model: Any, n_tokens: int, seq_len: int) -> tuple[Any,
     import torch
 
     path = Path(spec)
-    if path.suffix in (".txt", ".md", ".npy", ".safetensors") or os.sep in spec:
-        if not path.exists():
-            raise UsageError(f"no such file: {spec}")
+    if _is_path(spec):
+        _check_data(spec)
         if path.suffix == ".npy":
-            tokens = torch.as_tensor(np.load(path, allow_pickle=False))
+            try:
+                tokens = torch.as_tensor(np.load(path, allow_pickle=False))
+            except (ValueError, OSError, EOFError) as e:
+                raise UsageError(f"--data {spec} is not a readable .npy array of token ids ({e}); write it with "
+                                 "numpy.save (no pickled objects)") from None
         elif path.suffix == ".safetensors":
-            from safetensors.torch import load_file
+            from tl_modular._io import read_safetensors
 
-            tensors = load_file(str(path))
+            tensors, _ = read_safetensors(path)
             if "tokens" not in tensors:
                 raise UsageError(f"{spec} has no 'tokens' tensor (it has {sorted(tensors)})")
             tokens = tensors["tokens"]
         else:
             return _text_rows(spec, model, path.read_text(encoding="utf-8", errors="replace"), n_tokens, seq_len)
-        if tokens.ndim != 2 or tokens.dtype.is_floating_point:
+        if tokens.ndim != 2 or tokens.dtype.is_floating_point or tokens.dtype == torch.bool or tokens.numel() == 0:
             raise UsageError(f"token file {spec} must hold an integer [batch, pos] array, got {tuple(tokens.shape)} "
                              f"{tokens.dtype}")
         if tokens.shape[1] > model.cfg.n_ctx:
@@ -310,8 +486,13 @@ def _saes(args: argparse.Namespace, model: Any) -> Any:
 
 def _diff(args: argparse.Namespace) -> int:
     for d in (args.a, args.b):
+        if not Path(d).is_dir():
+            raise UsageError(f"{d} is not a report directory (no such directory): give two directories written by "
+                             "`tl-modular analyze --out DIR`")
         if not (Path(d) / "graph.json").exists():
             raise UsageError(f"{d} is not a report directory (no graph.json): run `tl-modular analyze --out {d}`")
+    if args.out is not None:
+        _check_out(args.out)
     try:
         from tl_modular.diffing import diff
     except ImportError:

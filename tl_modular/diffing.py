@@ -42,7 +42,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from tl_modular._io import SCHEMA_VERSION, read_versioned_json, write_json
+from tl_modular._io import SCHEMA_VERSION, read_versioned_json, reading, write_json
 from tl_modular._stats import adjusted_rand_index, principal_angles
 from tl_modular.circuits import CircuitSet
 from tl_modular.compression.compression import Compression
@@ -136,7 +136,10 @@ class ModelDiff:
 
     def top_channels(self, n: int = 10, *, by_channel: bool = True) -> list[ChannelChange]:
         """The ``n`` most changed sides; ``by_channel`` keeps each channel's biggest side only."""
+        _check_n(n)
         out, seen = [], set()
+        if n == 0:
+            return out
         for c in self.channels:
             if by_channel and c.channel in seen:
                 continue
@@ -149,6 +152,7 @@ class ModelDiff:
     def top_routes(self, n: int = 10) -> list[RouteChange]:
         """The ``n`` routes whose share of the total strength changed most (primary weight), or
         with a null, whose change is largest against chance (``|z|``)."""
+        _check_n(n)
         return self.routes[:n]
 
     def changed_channels(self, tol_deg: float = 1.0) -> list[str]:
@@ -174,6 +178,7 @@ class ModelDiff:
 
     def summary(self, n: int = 10) -> str:
         """A text report, biggest changes first."""
+        _check_n(n)
         m = self.meta
         lines = [f"ModelDiff {m.get('label_a', 'a')} → {m.get('label_b', 'b')}: {m.get('n_channels', 0)} channels, "
                  f"{m.get('n_routes', 0)} routes" + (" — no change" if self.is_empty else "")]
@@ -239,7 +244,9 @@ class ModelDiff:
 
     @classmethod
     def load(cls, directory: str | os.PathLike) -> ModelDiff:
-        return cls.from_json(read_versioned_json(directory, "diff.json", _SCHEMA, "ModelDiff.save"))
+        meta = read_versioned_json(directory, "diff.json", _SCHEMA, "ModelDiff.save")
+        with reading(Path(directory) / "diff.json", "ModelDiff.save"):
+            return cls.from_json(meta)
 
     def plot(self, graph: Any, path: str | os.PathLike | None = None, *, n_routes: int = 15) -> Any:
         """The graph's layer layout, channels shaded by energy moved (red) and the
@@ -275,6 +282,12 @@ class _Side:
     comp: Any = None
     circuits: Any = None
     name: str = "a"
+
+
+def _check_n(n: int) -> None:
+    # a negative n would slice from the end: the list minus its last items, silently
+    if isinstance(n, bool) or not isinstance(n, int) or n < 0:
+        raise ValueError(f"n must be a non-negative integer (how many to show), got {n!r}")
 
 
 def _unpack(x: Any, circuits: Any, name: str) -> _Side:

@@ -166,6 +166,10 @@ class ChannelSet(Sequence[Channel]):
 
     def in_layer(self, layer: int) -> list[Channel]:
         """Channels of one block (heads, MLP and the attention bias)."""
+        layers = sorted({c.layer for c in self._channels if c.layer is not None})
+        if layer not in layers:
+            raise ValueError(f"no layer {layer}: this model's blocks are {layers[0]}..{layers[-1]}" if layers
+                             else f"no layer {layer}: this channel set holds no blocks")
         return [c for c in self._channels if c.layer == layer]
 
     # --- caches ----------------------------------------------------------------------------

@@ -36,7 +36,7 @@ from typing import Any, Literal
 import torch
 from jaxtyping import Float, Int
 
-from tl_modular._io import read_json, read_safetensors, write_json, write_safetensors
+from tl_modular._io import check_shapes, read_safetensors, read_versioned_json, reading, write_json, write_safetensors
 from tl_modular._models import fingerprint
 from tl_modular._names import act_name
 from tl_modular.compression.fidelity import fidelity
@@ -299,23 +299,29 @@ class Compression:
     @classmethod
     def load(cls, directory: str | os.PathLike, model: Any | None = None) -> Compression:
         """Read a saved compression; with ``model``, refuse it unless it is the same model."""
-        directory = Path(directory)
-        meta = read_json(directory / "compression.json")
-        if meta.get("kind") != "compression":
-            raise ValueError(f"{directory} does not hold a tl_modular compression")
-        tensors, _ = read_safetensors(directory / "compression.safetensors")
+        directory, writer = Path(directory), "Compression.save (compress again)"
+        meta = read_versioned_json(directory, "compression.json", "compression", writer, schema_key="kind",
+                                   version_key="schema_version", required=("channels", "model_fingerprint"))
+        tensors, _ = read_safetensors(directory / "compression.safetensors", writer=writer)
         tensors = {k: v.to(torch.float64) for k, v in tensors.items()}
         channels = {}
-        for name, info in meta["channels"].items():
-            sides = {}
-            for key, side in info["sides"].items():
-                p = f"{name}/{key}/"
-                sides[key] = Side(tensors[p + "full_encoder"], tensors[p + "full_decoder"], tensors[p + "mean"],
-                                  tensors[p + "spectrum"], side["centered"], side["statistic"], side["rank"],
-                                  "write" if key == "write" else "read")
-            read = ReadSpace({k[5:]: s for k, s in sides.items() if k.startswith("read:")})
-            channels[name] = ChannelCompression(name, info["kind"], read, sides["write"])
-        comp = cls(channels, meta["model_fingerprint"], meta["n_tokens"], meta["config"])
+        with reading(directory / "compression.json", writer):
+            for name, info in meta["channels"].items():
+                sides = {}
+                for key, side in info["sides"].items():
+                    p = f"{name}/{key}/"
+                    enc = tensors.get(p + "full_encoder", torch.empty(0, 0))
+                    check_shapes(tensors, {p + "full_encoder": (None, None), p + "full_decoder": enc.shape,
+                                           p + "mean": enc.shape[:1], p + "spectrum": enc.shape[1:]},
+                                 directory / "compression.safetensors", writer)
+                    if not 0 <= side["rank"] <= enc.shape[1]:
+                        raise ValueError(f"{name} {key}: rank {side['rank']} outside 0..{enc.shape[1]}")
+                    sides[key] = Side(tensors[p + "full_encoder"], tensors[p + "full_decoder"], tensors[p + "mean"],
+                                      tensors[p + "spectrum"], side["centered"], side["statistic"], side["rank"],
+                                      "write" if key == "write" else "read")
+                read = ReadSpace({k[5:]: s for k, s in sides.items() if k.startswith("read:")})
+                channels[name] = ChannelCompression(name, info["kind"], read, sides["write"])
+            comp = cls(channels, meta["model_fingerprint"], meta.get("n_tokens"), meta.get("config", {}))
         if model is not None:
             comp.check_model(model)
         return comp
@@ -501,6 +507,8 @@ def compress(
                          f"'fisher'; got read={read!r}, write={write!r}")
     if statistics is None and tokens is None:
         raise ValueError("pass tokens (or precomputed statistics=)")
+    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+        raise ValueError(f"batch_size must be a positive integer (sequences per forward pass), got {batch_size!r}")
     names = [c.name for c in chans.of_kind("head", "mlp")] if channels is None else list(channels)
     for name in names:
         if chans[name].kind not in ("head", "mlp"):

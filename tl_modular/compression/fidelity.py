@@ -51,6 +51,8 @@ class _Reference:
 
     def __init__(self, model: Any, comp: Any, tokens: torch.Tensor, batch_size: int,
                  attention_mask: torch.Tensor | None, channels: Sequence[str] | None):
+        if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+            raise ValueError(f"batch_size must be a positive integer (sequences per forward pass), got {batch_size!r}")
         self.model, self.batch_size, self.channels = model, batch_size, channels
         self.tokens = tokens.to(model.cfg.device)
         self.weights = torch.ones(self.tokens[:, 1:].shape, device=self.tokens.device)
@@ -82,7 +84,12 @@ def rank_fidelity_curve(model: Any, comp: Any, tokens: Int[torch.Tensor, "batch 
                         budgets: Sequence[int], *, batch_size: int = 32, attention_mask: torch.Tensor | None = None,
                         channels: Sequence[str] | None = None) -> list[dict[str, float]]:
     """:func:`fidelity` of ``comp.truncated(budget=b)`` for each total-dimension budget ``b`` (the
-    clean and ablated runs are shared by every point)."""
+    clean and ablated runs are shared by every point). A budget above ``comp.max_total_rank`` is an
+    error, not the full compression relabeled."""
+    over = [b for b in budgets if b > comp.max_total_rank]
+    if over:
+        raise ValueError(f"budgets {over[:5]} exceed the {comp.max_total_rank} dimensions this compression can give "
+                         f"(comp.max_total_rank): pass budgets <= {comp.max_total_rank}")
     ref = _Reference(model, comp, tokens, batch_size, attention_mask, channels)
     rows = []
     for b in tqdm(budgets, desc="rank-fidelity", leave=False, disable=len(budgets) < 3):

@@ -48,7 +48,7 @@ import numpy as np
 import torch
 from jaxtyping import Int
 
-from tl_modular._io import SCHEMA_VERSION, read_versioned_json, write_json
+from tl_modular._io import SCHEMA_VERSION, read_versioned_json, reading, write_json
 from tl_modular._models import fingerprint
 from tl_modular._names import channel_order, parse, split_port
 from tl_modular._stats import spearman
@@ -154,16 +154,19 @@ class ChannelGraph:
         return _mincut.gomory_hu_tree(self.capacity_graph(weight, io=io), backend)
 
     def _min_size(self, min_size: int | None, io: bool) -> int:
-        return max(2, round(0.05 * len(self._counted(io)))) if min_size is None else int(min_size)
+        n = len(self._counted(io))
+        if min_size is not None and not 1 <= min_size <= n:
+            raise ValueError(f"min_size must lie in 1..{n} (the channels of this graph), got {min_size}")
+        return max(2, round(0.05 * n)) if min_size is None else int(min_size)
 
     def _counted(self, io: bool) -> list[str]:
         return [n for n in self.partition_nodes(io) if n != "unembed"]
 
     def _partition(self, capacity: nx.Graph, *, io: bool, min_size: int | None, n_modules: int | None,
-                   max_cut: float | None, backend: Backend) -> tuple[list[frozenset], list[Split]]:
+                   max_cut: float | None, backend: Backend, clamp: bool = False) -> tuple[list[frozenset], list[Split]]:
         parts, splits, _ = _mincut.find_modules(capacity, min_size=self._min_size(min_size, io),
                                                 counted=self._counted(io), n_modules=n_modules,
-                                                max_cut=max_cut, backend=backend)
+                                                max_cut=max_cut, backend=backend, clamp=clamp)
         return parts, splits
 
     def modules(self, *, weight: Weight | None = None, io: bool = False, min_size: int | None = None,
@@ -172,7 +175,8 @@ class ChannelGraph:
         """Modules: channel sets cut from the Gomory–Hu tree of :meth:`capacity_graph`.
 
         Tree edges are cut from the weakest up while both sides keep ``min_size`` channels
-        (default 5% of them, at least 2); ``n_modules`` fixes how many, ``max_cut`` cuts every
+        (default 5% of them, at least 2); ``n_modules`` fixes how many (more than the tree admits is
+        an error naming the maximum), ``max_cut`` cuts every
         admissible edge up to that value, and by default the level of the hierarchy with the
         highest Newman Q is taken. Modules list channel names only (no ports, no ``unembed``),
         largest first; the embeddings join a module only with ``io=True``.
@@ -219,6 +223,8 @@ class ChannelGraph:
         """
         from tqdm.auto import tqdm
 
+        if n_null < 2:
+            raise ValueError(f"n_null must be >= 2 null graphs (a z-score needs their spread), got {n_null}")
         weight = weight or self.weight
         rule = {"io": io, "min_size": min_size, "n_modules": n_modules, "max_cut": max_cut, "backend": backend}
         capacity = self.capacity_graph(weight, io=io)
@@ -231,7 +237,7 @@ class ChannelGraph:
         nulls = []
         for _ in tqdm(range(n_null), desc=f"null model ({null})", disable=not progress):
             cap = sampler()
-            p = fixed if modules is not None else self._partition(cap, **rule)[0]
+            p = fixed if modules is not None else self._partition(cap, **rule, clamp=True)[0]
             nulls.append(_mincut.partition_scores(cap, p))
         out: dict[str, Any] = {"modules": len(parts), "null": null, "n_null": n_null}
         for key, higher in (("crossing", False), ("ncut", False), ("Q", True)):
@@ -317,14 +323,17 @@ class ChannelGraph:
     def check_routes(self, model: Any, tokens: Int[torch.Tensor, "batch pos"], *, n: int = 50, seed: int = 0,
                      attention_mask: torch.Tensor | None = None, loss_mask: torch.Tensor | None = None,
                      batch_size: int = 16, routes: Sequence[tuple[str, str]] | None = None) -> dict[str, Any]:
-        """Compare data strengths with real ablation: mean-ablate each of ``n`` sampled routes (or
-        the given ``routes``) through the subspaces and measure the change of the mean CE loss.
+        """Compare data strengths with real ablation: mean-ablate each of ``n`` sampled routes (all
+        of them when the graph has fewer; or the given ``routes``) through the subspaces and measure
+        the change of the mean CE loss.
 
         Returns ``{"routes", "predicted", "strength", "actual", "spearman", "spearman_signed"}``:
         ``spearman`` ranks the routes' ``data`` strengths against ``|actual|``, ``spearman_signed``
         their signed ``attribution`` against ``actual``.
         """
         self.check_data(model)
+        if routes is None and n < 1:
+            raise ValueError(f"n must be >= 1 routes to sample, got {n}")
         channels = segment(model)
         ws = {w.name: w for w in _routes.writers(self.compression, channels, tokens, attention_mask)}
         rs = {r.port: r for r in _routes.readers(self.compression, model)}
@@ -417,14 +426,16 @@ class ChannelGraph:
     @classmethod
     def load(cls, directory: str | os.PathLike, *, compression: Any = None) -> ChannelGraph:
         """Read a graph written by :meth:`save` (pass ``compression=`` for the checks that need it)."""
-        meta = read_versioned_json(directory, "graph.json", _SCHEMA, "ChannelGraph.save")
+        meta = read_versioned_json(directory, "graph.json", _SCHEMA, "ChannelGraph.save",
+                                   required=("nodes", "edges", "model_fingerprint", "config"))
         g = nx.DiGraph()
-        for node in meta["nodes"]:
-            attrs = dict(node)
-            g.add_node(attrs.pop("id"), **attrs)
-        for edge in meta["edges"]:
-            attrs = dict(edge)
-            g.add_edge(attrs.pop("source"), attrs.pop("target"), **attrs)
+        with reading(Path(directory) / "graph.json", "ChannelGraph.save"):
+            for node in meta["nodes"]:
+                attrs = dict(node)
+                g.add_node(attrs.pop("id"), **attrs)
+            for edge in meta["edges"]:
+                attrs = dict(edge)
+                g.add_edge(attrs.pop("source"), attrs.pop("target"), **attrs)
         if compression is not None and meta["model_fingerprint"] not in (None, compression.model_fingerprint):
             raise ValueError("the compression belongs to another model than the graph")
         return cls(g, meta["model_fingerprint"], meta["config"], compression)
@@ -483,6 +494,8 @@ def build_graph(comp: Any, model: Any | None = None, tokens: Int[torch.Tensor, "
         raise ValueError("data strengths need the model: pass model= with tokens=")
     if len(comp) == 0:
         raise ValueError("the compression holds no channels")
+    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+        raise ValueError(f"batch_size must be a positive integer (sequences per pass), got {batch_size!r}")
     if tokens is not None:
         tokens, attention_mask = check_tokens(tokens, attention_mask, model=model)
     ws = _routes.writers(comp, channels, tokens, attention_mask)

@@ -193,9 +193,12 @@ def best_level(graph: nx.Graph, splits: Sequence[Split]) -> int:
 
 def find_modules(graph: nx.Graph, *, min_size: int, counted: Iterable[Hashable] | None = None,
                  n_modules: int | None = None, max_cut: float | None = None,
-                 backend: Backend = "auto") -> tuple[list[frozenset], list[Split], nx.Graph]:
+                 backend: Backend = "auto", clamp: bool = False) -> tuple[list[frozenset], list[Split], nx.Graph]:
     """(modules, hierarchy, Gomory–Hu tree): cut the tree's weakest admissible edges, as many as
-    ``n_modules - 1``, or all below ``max_cut``, or (by default) the number that maximizes Q."""
+    ``n_modules - 1``, or all below ``max_cut``, or (by default) the number that maximizes Q.
+
+    ``n_modules`` above what the tree admits (every side keeping ``min_size``) is an error naming
+    the maximum, unless ``clamp`` (null graphs: each finds as many as it can, up to ``n_modules``)."""
     if n_modules is not None and max_cut is not None:
         raise ValueError("choose modules with at most one of n_modules= or max_cut=")
     tree = gomory_hu_tree(graph, backend)
@@ -203,6 +206,9 @@ def find_modules(graph: nx.Graph, *, min_size: int, counted: Iterable[Hashable] 
     if n_modules is not None:
         if n_modules < 1:
             raise ValueError(f"n_modules must be >= 1, got {n_modules}")
+        if n_modules - 1 > len(splits) and not clamp:
+            raise ValueError(f"n_modules={n_modules} is more than this graph can give: at most {len(splits) + 1} "
+                             f"modules of at least min_size={min_size} channels each; ask for fewer, or lower min_size")
         k = min(n_modules - 1, len(splits))
     elif max_cut is not None:
         k = sum(s.value <= max_cut for s in splits)

@@ -13,7 +13,8 @@ prediction (correlation, detection, fuzzing) against a random-label baseline.
 >>> labels = tlm.label(tlm.labeling.neurons(model, 0), model, tokens)        # doctest: +SKIP
 """
 
-from tl_modular.labeling._client import BudgetExceeded, ClientConfig, LLMError
+from tl_modular.errors import LabelingError
+from tl_modular.labeling._client import BudgetExceeded, ClientConfig, LLMError, LLMUnavailable
 from tl_modular.labeling._evidence import Context, Evidence, EvidenceConfig, collect_evidence, split_rows, str_tokens
 from tl_modular.labeling._labelers import (
     Explanation,
@@ -46,8 +47,10 @@ __all__ = [
     "EvidenceConfig",
     "Explanation",
     "LLMError",
+    "LLMUnavailable",
     "Label",
     "Labeler",
+    "LabelingError",
     "Labels",
     "OfflineLabeler",
     "OfflineSimulator",

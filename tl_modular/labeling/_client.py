@@ -6,7 +6,12 @@ adds what a long labeling run needs: retries with exponential backoff and full j
 persistent content-addressed cache of valid answers (a re-run costs nothing, an interrupted run
 resumes); token and cost accounting from ``usage`` with a budget that stops cleanly; JSON-schema
 validation of every answer with one repair request. The API key is never part of a cache key, a
-cache file, an exception or a repr.
+cache file, an exception, a log line or a repr (``tl_modular._redact``): credentials inside
+``base_url`` (``https://user:KEY@proxy/v1``) are sent as HTTP Basic auth and shown as ``***``.
+
+Failures that retrying cannot fix (no key, a key the server refuses, an unknown model or route, a
+server that cannot be reached after the retries) raise :class:`LLMUnavailable`, and once one is
+seen every further request of the client fails with it at once, without being sent.
 
 >>> client = ChatClient(ClientConfig(model="gpt-4o-mini", cache_dir="llm_cache"))      # doctest: +SKIP
 >>> reply = client.request_sync([{"role": "user", "content": "..."}], schema, name="answer")  # doctest: +SKIP
@@ -23,26 +28,60 @@ import json
 import os
 import random
 import time
+import warnings
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
-from tl_modular._io import write_text
+from tl_modular._io import ArtifactError, read_json, write_text
+from tl_modular._redact import mask_secrets, redact, redact_url, register
 
 #: Format version of a cache entry; entries of another version are asked again.
 CACHE_VERSION = 1
 
 
 class LLMError(RuntimeError):
-    """A request failed for good (after its retries, or at once for errors a retry cannot fix)."""
+    """A request failed for good (after its retries, or at once for errors a retry cannot fix).
+
+    Attributes:
+        reason: Why, as a short code: ``"server_error"`` (5xx after the retries), ``"rate_limited"``
+            (429), ``"timeout"``, ``"connection"``, ``"refused"`` (another 4xx), ``"invalid_answer"``,
+            ``"budget"``; for :class:`LLMUnavailable` ``"no_key"``, ``"auth"``, ``"not_found"``,
+            ``"unreachable"``.
+    """
+
+    reason = "error"
+
+    def __init__(self, message: str, *, reason: str | None = None, endpoint: str | None = None) -> None:
+        super().__init__(message)
+        if reason is not None:
+            self.reason = reason
+        self.endpoint = endpoint
+
+
+class LLMUnavailable(LLMError):
+    """No request can succeed: no key, a key the server refuses (401/403), an unknown model or
+    route (404), a server that cannot be reached after the retries, or one that refuses every
+    request. Retrying will not help; the message says what to change."""
 
 
 class BudgetExceeded(LLMError):
     """The budget is spent: no further request is sent."""
 
+    reason = "budget"
+
 
 class InvalidAnswer(LLMError):
     """The answer did not match its schema, even after one repair request."""
+
+    reason = "invalid_answer"
+
+
+#: Human words for :attr:`LLMError.reason` (warnings, ``repr(Labels)``).
+REASONS = {"server_error": "server error", "rate_limited": "rate limited", "timeout": "timed out",
+           "connection": "connection failed", "refused": "request refused", "invalid_answer": "invalid answer",
+           "budget": "budget spent", "no_key": "no API key", "auth": "API key refused",
+           "not_found": "model or route not found", "unreachable": "server unreachable", "error": "error"}
 
 
 @dataclass(kw_only=True)
@@ -81,10 +120,12 @@ class ClientConfig:
 
     def __repr__(self) -> str:                    # the dataclass repr, minus the key (also inside base_url)
         shown = ", ".join(f"{f.name}={getattr(self, f.name)!r}" for f in fields(self) if f.repr)
-        key = self.api_key or os.environ.get("OPENAI_API_KEY")
-        return f"ClientConfig({shown.replace(key, '***') if key and len(key) > 3 else shown})"
+        return f"ClientConfig({redact(shown, self.api_key)})"
 
     def __post_init__(self) -> None:
+        register(self.api_key)                     # replaced wherever tl_modular shows or writes text
+        if self.base_url is not None and not isinstance(self.base_url, str):
+            raise TypeError(f"base_url must be a string URL, got {type(self.base_url).__name__}")
         if not self.model:
             raise ValueError("ClientConfig.model must name a chat model")
         for name in ("max_concurrency", "max_retries", "max_total_tokens", "seed"):
@@ -231,6 +272,10 @@ class ChatClient:
         self._semaphores: dict[int, asyncio.Semaphore] = {}
         self.usage = Usage()
         self._cache = Path(self.config.cache_dir) if self.config.cache_dir is not None else None
+        self._answered = False                  # a response (any status) came from the server at least once
+        self._succeeded = False                 # a request succeeded at least once
+        self._refusals = 0                      # non-retryable 4xx answers while nothing has succeeded
+        self._unavailable: LLMUnavailable | None = None   # set once: every later request fails with it
 
     def __repr__(self) -> str:
         return f"ChatClient(model={self.config.model!r}, base_url={self._public_url()!r})"
@@ -244,31 +289,45 @@ class ChatClient:
         if loop not in self._clients:
             import openai
 
-            key = self.config.api_key or os.environ.get("OPENAI_API_KEY")
+            key = self._key()
             if not key:
-                raise LLMError("no API key: set $OPENAI_API_KEY, pass api_key=, or api_key='none' for a local "
-                               "server that takes none")
-            self._clients[loop] = openai.AsyncOpenAI(api_key=key, base_url=self.config.base_url,
-                                                     max_retries=0, timeout=self.config.timeout_s)
+                raise self._fail_for_good(LLMUnavailable(
+                    "no API key: set $OPENAI_API_KEY, pass api_key=, or api_key='none' for a local server that takes "
+                    f"none (endpoint {self.endpoint})", reason="no_key", endpoint=self.endpoint))
+            register(key)
+            url, auth = _split_credentials(self.config.base_url)
+            # credentials inside base_url travel as HTTP Basic auth, never in a URL the HTTP stack logs
+            http = openai.DefaultAsyncHttpxClient(auth=auth) if auth is not None else None
+            self._clients[loop] = openai.AsyncOpenAI(api_key=key, base_url=url, max_retries=0,
+                                                     timeout=self.config.timeout_s, http_client=http)
         return self._clients[loop], self._semaphores[loop]
+
+    def _key(self) -> str | None:
+        return self.config.api_key or os.environ.get("OPENAI_API_KEY")
 
     def _public_url(self) -> str | None:
         """``base_url`` without credentials (``user:password@``, or the key itself in a query string)."""
-        url = self.config.base_url
-        if not url:
-            return url
-        scheme, sep, rest = url.partition("://")
-        host, slash, path = rest.partition("/")
-        url = f"{scheme}{sep}{host.rpartition('@')[2]}{slash}{path}"
-        key = self.config.api_key or os.environ.get("OPENAI_API_KEY")
-        return url.replace(key, "***") if key and len(key) > 3 else url
+        return redact_url(self.config.base_url, self._key())
+
+    @property
+    def endpoint(self) -> str:
+        """The server asked, fit to show (no credentials)."""
+        return self._public_url() or "https://api.openai.com/v1"
+
+    def _fail_for_good(self, error: LLMUnavailable) -> LLMUnavailable:
+        """Remember ``error``: every later request fails with it at once, without being sent."""
+        if self._unavailable is None:
+            self._unavailable = error
+        return error
 
     # --- cache ---------------------------------------------------------------------------------------
 
     def cache_key(self, messages: list[dict], schema: dict, name: str, logprobs: bool, top_logprobs: int,
                   max_tokens: int) -> str:
         """sha256 over everything that shapes the answer (never the key)."""
-        base = self._public_url() if self.config.base_url else "openai"
+        # who asks (credentials in the URL, the key) does not change the answer: not part of the key
+        url = self.config.base_url
+        base = redact_url(_split_credentials(url)[0], self._key()) if url else "openai"
         doc = {"model": self.config.model, "base_url": base, "messages": messages, "schema": schema, "name": name,
                "temperature": self.config.temperature, "seed": self.config.seed, "logprobs": logprobs,
                "top_logprobs": top_logprobs if logprobs else None, "max_tokens": max_tokens}
@@ -307,29 +366,33 @@ class ChatClient:
         if logprobs:
             kwargs["logprobs"], kwargs["top_logprobs"] = True, top_logprobs
         attempt = 0
+        connection_only = True                # every attempt of this request failed to connect
         while True:
             wait: float | None = None
             try:
                 async with semaphore:
+                    if self._unavailable is not None:   # settled by another request: do not send this one
+                        raise _again(self._unavailable)
                     self._check_budget()      # checked in the queue's order: what waited sees what was spent
                     response = await client.chat.completions.create(**kwargs)
             except openai.APIStatusError as e:
+                self._answered = True
+                connection_only = False
                 status = e.status_code
                 if status not in (408, 409, 429) and status < 500:
-                    hint = " — check the API key ($OPENAI_API_KEY or api_key=)" if status in (401, 403) else ""
-                    text = _message(e)
-                    key = self.config.api_key or os.environ.get("OPENAI_API_KEY")
-                    if key and len(key) > 3:            # a server that echoes the key does not leak it here
-                        text = text.replace(key, "***")
                     usage.failures += 1
                     self.usage.failures += 1
-                    raise LLMError(f"the server refused the request (HTTP {status}){hint}: {text}") from None
-                error = f"HTTP {status}"
+                    raise self._refused(status, _message(e)) from None
+                error, reason = f"HTTP {status}", "rate_limited" if status == 429 else "server_error"
                 if status in (429, 503):
                     wait = _retry_after(getattr(e.response, "headers", None))
-            except (openai.APITimeoutError, openai.APIConnectionError) as e:
-                error = type(e).__name__
+            except openai.APITimeoutError:
+                connection_only = False
+                error, reason = "timed out", "timeout"
+            except openai.APIConnectionError as e:
+                error, reason = f"cannot connect ({_cause(e)})", "connection"
             else:
+                self._answered = self._succeeded = True
                 u = getattr(response, "usage", None)
                 p, c = (getattr(u, "prompt_tokens", 0) or 0, getattr(u, "completion_tokens", 0) or 0) if u else (0, 0)
                 spent = Usage(requests=1, prompt_tokens=p, completion_tokens=c,
@@ -344,14 +407,40 @@ class ChatClient:
             if attempt >= cfg.max_retries:
                 usage.failures += 1
                 self.usage.failures += 1
-                raise LLMError(f"the request failed {attempt + 1} times (last: {error}); the server at "
-                               f"{self._public_url() or 'api.openai.com'} may be down or rate-limiting — try later, "
-                               "lower max_concurrency or raise max_retries")
+                if connection_only and not self._answered:       # never reached it: no request will
+                    raise self._fail_for_good(LLMUnavailable(
+                        f"cannot reach the server at {self.endpoint} ({attempt + 1} attempts, last: {redact(error)}): "
+                        "check base_url, that the server is running, and the network", reason="unreachable",
+                        endpoint=self.endpoint))
+                raise LLMError(f"the request failed {attempt + 1} times (last: {redact(error)}); the server at "
+                               f"{self.endpoint} may be down or rate-limiting — try later, lower max_concurrency or "
+                               "raise max_retries", reason=reason, endpoint=self.endpoint)
             attempt += 1
             usage.retries += 1
             self.usage.retries += 1
             backoff = random.uniform(0, min(cfg.max_backoff_s, cfg.backoff_s * 2 ** (attempt - 1)))
             await asyncio.sleep(min(cfg.max_backoff_s, max(backoff, wait or 0.0)))
+
+    def _refused(self, status: int, text: str) -> LLMError:
+        """The error for a 4xx that retrying will not change (the server's message, redacted)."""
+        text = redact(text, self._key())            # a server that echoes the key does not leak it here
+        where = f"the server at {self.endpoint} refused the request (HTTP {status})"
+        if status in (401, 403):
+            return self._fail_for_good(LLMUnavailable(
+                f"{where} — check the API key ($OPENAI_API_KEY, api_key=, or the credentials in base_url): {text}",
+                reason="auth", endpoint=self.endpoint))
+        if status == 404:
+            return self._fail_for_good(LLMUnavailable(
+                f"{where} — check the model name ({self.config.model!r}) and that base_url ends where the server's "
+                f"OpenAI API starts (often /v1): {text}", reason="not_found", endpoint=self.endpoint))
+        if not self._succeeded:
+            self._refusals += 1
+        if not self._succeeded and self._refusals >= 3:    # the first answers all refused: the next would too
+            return self._fail_for_good(LLMUnavailable(
+                f"{where} {self._refusals} times and answered nothing else: {text} — the server may not support "
+                "JSON-schema answers (response_format), seed or logprobs; see its documentation", reason="refused",
+                endpoint=self.endpoint))
+        return LLMError(f"{where}: {text}", reason="refused", endpoint=self.endpoint)
 
     async def request(self, messages: list[dict], schema: dict, *, name: str, logprobs: bool = False,
                       top_logprobs: int = 5, max_tokens: int = 1024) -> Reply:
@@ -360,12 +449,14 @@ class ChatClient:
         path = self._cache_path(key)
         if path is not None and path.exists():
             try:
-                entry = json.loads(path.read_text(encoding="utf-8"))
+                entry = read_json(path)
                 if entry.get("version") == CACHE_VERSION and validate(entry["data"], schema) is None:
                     self.usage.cached += 1
                     return Reply(entry["data"], entry.get("logprobs"), Usage(cached=1), cached=True)
+            except ArtifactError as e:            # a damaged entry is asked again and rewritten
+                warnings.warn(f"{e} (the LLM cache entry is asked again and rewritten)", RuntimeWarning, stacklevel=2)
             except (OSError, ValueError, KeyError, AttributeError):
-                pass                              # a damaged entry is asked again and rewritten
+                pass                              # an entry of another shape: asked again and rewritten
         usage = Usage()
         content, lp = await self._send(messages, schema, name, logprobs, top_logprobs, max_tokens, usage)
         data, error = _parse(content, schema)
@@ -380,13 +471,14 @@ class ChatClient:
             if error is not None:
                 usage.failures += 1
                 self.usage.failures += 1
-                raise InvalidAnswer(f"the {name} answer is invalid after one repair: {error}")
+                raise InvalidAnswer(f"the {name} answer is invalid after one repair: {redact(error, self._key())}",
+                                    endpoint=self.endpoint)
         if path is not None:
             # compact JSON: indenting switches json to its pure-Python encoder, ~30 ms for a logprobs entry
             entry = {"version": CACHE_VERSION, "key": key, "model": self.config.model, "name": name, "data": data,
                      "logprobs": lp, "usage": usage.to_json()}
             text = json.dumps(entry, ensure_ascii=False, separators=(",", ":"))
-            write_text(path, text)
+            write_text(path, mask_secrets(text, self._key()))     # a server that echoes the key: not stored
         return Reply(data, lp, usage, cached=False)
 
     async def aclose(self) -> None:
@@ -440,6 +532,38 @@ def _parse(content: str, schema: dict) -> tuple[Any, str | None]:
     except json.JSONDecodeError as e:
         return None, f"not valid JSON ({e.msg} at character {e.pos})"
     return data, validate(data, schema)
+
+
+def _split_credentials(url: str | None) -> tuple[str | None, tuple[str, str] | None]:
+    """``url`` without ``user:password@``, and the (decoded) pair for HTTP Basic auth, if any."""
+    if not url or "@" not in url.partition("?")[0]:
+        return url, None
+    from urllib.parse import unquote, urlsplit, urlunsplit
+
+    parts = urlsplit(url)
+    if parts.username is None and parts.password is None:
+        return url, None
+    host = parts.hostname or ""
+    host = f"[{host}]" if ":" in host else host
+    netloc = host + (f":{parts.port}" if parts.port is not None else "")
+    auth = (unquote(parts.username or ""), unquote(parts.password or ""))
+    register(auth[1])
+    return urlunsplit((parts.scheme, netloc, parts.path, parts.query, parts.fragment)), auth
+
+
+def _again(error: LLMUnavailable) -> LLMUnavailable:
+    """A fresh exception like ``error`` (one exception object must not be raised from two tasks)."""
+    return LLMUnavailable(str(error), reason=error.reason, endpoint=error.endpoint)
+
+
+def _cause(e: BaseException) -> str:
+    """The innermost reason of a connection error (refused, reset, TLS ...), redacted and short."""
+    for _ in range(8):                    # the chain of explicit causes (not what happened while handling)
+        if e.__cause__ is None:
+            break
+        e = e.__cause__
+    text = " ".join(str(e).split())[:160]
+    return redact(f"{type(e).__name__}: {text}" if text else type(e).__name__)
 
 
 def _message(e: Any) -> str:

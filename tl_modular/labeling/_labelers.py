@@ -236,7 +236,7 @@ class OpenAILabeler(_Sync):
         self.logprobs = logprobs
 
     def __repr__(self) -> str:
-        return f"OpenAILabeler(model={self.config.model!r}, base_url={self.config.base_url!r})"
+        return f"OpenAILabeler(model={self.config.model!r}, base_url={self.client._public_url()!r})"
 
     async def aclose(self) -> None:
         """Close this event loop's connections (``label`` and the sync methods do it for you)."""

@@ -8,7 +8,9 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, overload
 
-from tl_modular._io import SCHEMA_VERSION, read_json, write_json
+from tl_modular._io import SCHEMA_VERSION, read_versioned_json, reading, write_json
+from tl_modular._redact import redact_obj
+from tl_modular.labeling._client import REASONS
 
 _SCHEMA = "tl_modular.labels"
 
@@ -20,7 +22,10 @@ class Label:
     Attributes:
         unit, kind: The unit's name and kind (see :class:`~tl_modular.labeling.Unit`).
         text: What drives the unit up; ``negative_text`` what drives it down (signed units).
-        status: ``"ok"``, ``"failed: <why>"`` or ``"skipped: budget"``.
+        status: ``"ok"``, ``"failed: <why>"``, ``"unscored: <why>"`` (labeled, the simulation
+            failed) or ``"skipped: budget"``.
+        failure: Why it is not ok, as a short code (``"server_error"``, ``"rate_limited"``,
+            ``"timeout"``, ``"invalid_answer"``, ``"budget"`` ...; see ``LLMError.reason``), or ``""``.
         score: Correlation of simulated and true activations on held-out contexts (None when not
             scored), ``score_interval`` its 95% bootstrap interval, ``detection`` and ``fuzzing``
             balanced accuracies (see :mod:`~tl_modular.labeling._scoring`).
@@ -34,6 +39,7 @@ class Label:
     text: str = ""
     negative_text: str = ""
     status: str = "ok"
+    failure: str = ""
     score: float | None = None
     score_interval: tuple[float, float] | None = None
     detection: float | None = None
@@ -59,6 +65,8 @@ class Label:
 
     @classmethod
     def from_json(cls, d: dict[str, Any]) -> Label:
+        if not isinstance(d, dict):
+            raise TypeError(f"a label must be a JSON object, got {type(d).__name__}")
         d = dict(d)
         if d.get("score_interval") is not None:
             d["score_interval"] = tuple(d["score_interval"])
@@ -115,14 +123,25 @@ class Labels(Sequence[Label]):
     def __iter__(self) -> Iterator[Label]:
         return iter(self._labels)
 
+    def failures(self) -> dict[str, int]:
+        """How many labels are not ok, per reason (``Label.failure``), most frequent first."""
+        counts: dict[str, int] = {}
+        for lab in self._labels:
+            if not lab.ok:
+                reason = lab.failure or lab.status.partition(":")[0] or "error"
+                counts[reason] = counts.get(reason, 0) + 1
+        return dict(sorted(counts.items(), key=lambda kv: (-kv[1], kv[0])))
+
     def __repr__(self) -> str:
         ok = [lab for lab in self._labels if lab.ok]
         scores = [lab.score for lab in ok if lab.score is not None]
         mean = f"{sum(scores) / len(scores):.2f}" if scores else "n/a"
         base = self.baseline.get("mean")
+        failed = ", ".join(f"{n} {REASONS.get(r, r)}" for r, n in self.failures().items())
+        stopped = f", stopped: {self.stopped}" if self.stopped else ""
         return (f"Labels({len(ok)}/{len(self)} labeled, mean score {mean}, random-label baseline "
                 f"{'n/a' if base is None else f'{base:.2f}'}, {self.usage.get('requests', 0)} requests"
-                f"{', stopped: ' + self.stopped if self.stopped else ''})")
+                f"{', not labeled: ' + failed if failed else ''}{stopped})")
 
     def to_markdown(self, n: int | None = None) -> str:
         """A table: unit, label, score [interval], detection, fuzzing."""
@@ -140,9 +159,10 @@ class Labels(Sequence[Label]):
         path = Path(path)
         if path.is_dir() or not path.suffix:
             path = path / "labels.json"
-        write_json(path, {"schema": _SCHEMA, "version": SCHEMA_VERSION, "config": self.config,
-                          "baseline": self.baseline, "usage": self.usage, "stopped": self.stopped,
-                          "labels": [lab.to_json() for lab in self._labels]})
+        # no secret is written: an LLM that echoed a key into a label or an error has it masked
+        write_json(path, redact_obj({"schema": _SCHEMA, "version": SCHEMA_VERSION, "config": self.config,
+                                     "baseline": self.baseline, "usage": self.usage, "stopped": self.stopped,
+                                     "labels": [lab.to_json() for lab in self._labels]}))
         return path
 
     @classmethod
@@ -153,12 +173,7 @@ class Labels(Sequence[Label]):
             path = path / "labels.json"
         if not path.exists():
             raise FileNotFoundError(f"no labels at {path}; write them with Labels.save")
-        meta = read_json(path)
-        schema = meta.get("schema") if isinstance(meta, dict) else None
-        if schema != _SCHEMA:
-            raise ValueError(f"{path} is not a labels file (schema {schema!r}); write one with Labels.save")
-        if meta.get("version") != SCHEMA_VERSION:
-            raise ValueError(f"{path} has labels schema version {meta.get('version')}; this tl_modular reads "
-                             f"version {SCHEMA_VERSION}: re-run the labeling")
-        return cls([Label.from_json(d) for d in meta["labels"]], baseline=meta.get("baseline"),
-                   usage=meta.get("usage"), config=meta.get("config"), stopped=meta.get("stopped"))
+        meta = read_versioned_json(path, None, _SCHEMA, "Labels.save (re-run the labeling)", required=("labels",))
+        with reading(path, "Labels.save (re-run the labeling)"):
+            return cls([Label.from_json(d) for d in meta["labels"]], baseline=meta.get("baseline"),
+                       usage=meta.get("usage"), config=meta.get("config"), stopped=meta.get("stopped"))

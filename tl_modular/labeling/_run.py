@@ -3,15 +3,19 @@
 from __future__ import annotations
 
 import asyncio
+import warnings
+from collections.abc import Coroutine, Iterable
 from dataclasses import replace
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 import torch
 from jaxtyping import Int
 from tqdm.auto import tqdm
 
-from tl_modular.labeling._client import _run
+from tl_modular._redact import redact
+from tl_modular.errors import LabelingError
+from tl_modular.labeling._client import REASONS, _run
 from tl_modular.labeling._evidence import Evidence, EvidenceConfig, collect_evidence
 from tl_modular.labeling._labelers import (
     Explanation,
@@ -60,7 +64,7 @@ class _Run:
         self.baseline_usage: dict[str, Any] = {}
 
     async def one(self, unit: Unit) -> None:
-        from tl_modular.labeling._client import BudgetExceeded, LLMError
+        from tl_modular.labeling._client import BudgetExceeded, LLMError, LLMUnavailable
 
         ev = self.evidence[unit.name]
         ev.member_labels = {m: self.labels[m].text for m in unit.members if m in self.labels and self.labels[m].ok}
@@ -83,19 +87,26 @@ class _Run:
             lab.n_scored, lab.failed_contexts = sc.n_contexts - sc.failed, sc.failed
             if sim.errors:
                 lab.cost["simulation_errors"] = sim.errors[:5]
+        except asyncio.CancelledError:   # stopped from outside (another unit's server cannot answer, Ctrl-C)
+            self.labels.pop(unit.name, None)
+            raise
         except BudgetExceeded:
             self.stopped = "budget"
             lab.status = "skipped: budget" if not lab.text else "unscored: budget"
-        except LLMError as e:      # one unit's failure does not stop the others
+            lab.failure = "budget"
+        except LLMError as e:      # one unit's failure does not stop the others (LLMUnavailable stops all)
             lab.status = f"failed: {e}" if not lab.text else f"unscored: {e}"
+            lab.failure = getattr(e, "reason", "error")
             if lab.text:
                 lab.failed_contexts = len(ev.holdout_top) + len(ev.holdout_random)
+            if isinstance(e, LLMUnavailable):
+                raise
         finally:
             self.bar.update(1)
 
     async def baseline(self, units: list[Unit], n: int, seed: int) -> list[float]:
         """Correlations of other units' labels simulated on each unit's held-out contexts."""
-        from tl_modular.labeling._client import LLMError
+        from tl_modular.labeling._client import LLMError, LLMUnavailable
 
         pool = [u for u in units if self.labels[u.name].ok and self.labels[u.name].score is not None]
         if len(pool) < 2 or n <= 0 or self.stopped:
@@ -112,20 +123,47 @@ class _Run:
             try:
                 sim: Simulation = await self.simulator.asimulate(
                     _sim_text(Explanation(d.text, d.negative_text)), [c.tokens for c in contexts], signed=ev.signed)
+            except LLMUnavailable:
+                raise
             except LLMError:
                 return None
             _add_usage(self.baseline_usage, sim.usage)
             return score(ev, sim.predictions, n_boot=0).correlation
 
-        out = await asyncio.gather(*(one(u, d) for u, d in zip(chosen, donors, strict=True)))
+        out = await _all_or_none(one(u, d) for u, d in zip(chosen, donors, strict=True))
         return [c for c in out if c is not None]
+
+
+async def _all_or_none(coros: Iterable[Coroutine[Any, Any, Any]]) -> list[Any]:
+    """Results of ``coros`` run concurrently; at the first exception the others are cancelled (a
+    server that cannot answer stops the batch at once, not after every request's retries)."""
+    tasks = [asyncio.ensure_future(c) for c in coros]
+    if not tasks:
+        return []
+    try:
+        done, pending = await asyncio.wait(tasks, return_when=asyncio.FIRST_EXCEPTION)
+    except BaseException:                 # cancelled from outside (Ctrl-C): take the tasks down too
+        for t in tasks:
+            t.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        raise
+    for t in pending:
+        t.cancel()
+    await asyncio.gather(*pending, return_exceptions=True)
+    # every exception is retrieved (asyncio would log the others as never retrieved); the first is raised
+    errors = [t.exception() for t in tasks if t in done and not t.cancelled()]
+    first = next((e for e in errors if e is not None), None)
+    if first is not None:
+        raise first
+    return [t.result() for t in tasks]
 
 
 def label(target: Any, model: Any, tokens: Int[torch.Tensor, "batch pos"], *,
           labeler: Labeler | None = None, simulator: Simulator | None = None,
           attention_mask: Int[torch.Tensor, "batch pos"] | None = None, graph: Any = None, circuits: Any = None,
           max_units: int | None = None, evidence: EvidenceConfig | None = None, n_baseline: int = 20,
-          n_boot: int = 200, keep_evidence: bool = True, seed: int = 0, progress: bool = True) -> Labels:
+          n_boot: int = 200, keep_evidence: bool = True, seed: int = 0, progress: bool = True,
+          on_error: Literal["keep", "raise"] = "keep") -> Labels:
     """Label every unit of ``target`` and score each label by simulation.
 
     Args:
@@ -142,17 +180,34 @@ def label(target: Any, model: Any, tokens: Int[torch.Tensor, "batch pos"], *,
             ``graph`` defaults to ``target`` when that is a ChannelGraph.
         max_units: Label at most this many units (modules first, then the others in order).
         evidence: How many contexts, windows, tokens to show (:class:`EvidenceConfig`).
-        n_baseline: Units scored with a random (another unit's) label, for the baseline.
+        n_baseline: Units scored with a random (another unit's) label, for the baseline (at most
+            the labeled units; ``labels.baseline["n"]`` says how many were).
         keep_evidence: Store what the labeler saw with each label.
+        on_error: What to do when some units fail for a reason that may pass (a server error or
+            rate limit after the retries, a timeout, an invalid answer): ``"keep"`` returns the
+            labels with those units failed (``Label.failure``, ``Labels.failures()``) and warns
+            with the count per reason — save them, and a re-run with the same ``cache_dir``
+            asks only for what is missing; ``"raise"`` raises :class:`~tl_modular.LabelingError`
+            (its ``labels`` hold the partial result).
 
     Returns:
-        :class:`Labels` — failures and budget stops are recorded per label, never raised midway.
+        :class:`Labels` — budget stops and (with ``on_error="keep"``) failures recorded per label.
+
+    Raises:
+        LabelingError: At once, with the reason and the endpoint (never the key), when no request
+            can succeed: no API key, a key the server refuses (401/403), an unknown model or route
+            (404), a server that cannot be reached after the retries, or one that refuses the first
+            requests and answers none. Units not yet asked are not sent.
 
     >>> labels = tlm.label(graph, model, tokens)                      # offline, no key needed
     >>> labels = tlm.label(graph, model, tokens, labeler=tlm.OpenAILabeler(model="gpt-4o-mini"))  # doctest: +SKIP
     """
     from tl_modular.graph import ChannelGraph
 
+    if on_error not in ("keep", "raise"):
+        raise ValueError(f"on_error must be 'keep' or 'raise', got {on_error!r}")
+    if n_baseline < 0 or n_boot < 0:
+        raise ValueError(f"n_baseline and n_boot must be >= 0, got n_baseline={n_baseline}, n_boot={n_boot}")
     labeler = labeler if labeler is not None else OfflineLabeler()
     if simulator is None:
         simulator = labeler if isinstance(labeler, Simulator) else OfflineSimulator()
@@ -183,33 +238,64 @@ def label(target: Any, model: Any, tokens: Int[torch.Tensor, "batch pos"], *,
                 if hasattr(obj, "aclose"):
                     await obj.aclose()
 
+    run = _Run(labeler, simulator, ev, n_boot, keep_evidence, None)
+
     async def work() -> tuple[_Run, list[float]]:
         bar = tqdm(total=len(units), desc="labeling", disable=not progress, leave=False)
-        run = _Run(labeler, simulator, ev, n_boot, keep_evidence, bar)
+        run.bar = bar
         # members before their modules: a module's evidence holds its members' labels
-        done = set()
-        while len(done) < len(units):
-            ready = [u for u in units if u.name not in done
-                     and all(m in done or m not in {v.name for v in units} for m in u.members)]
-            if not ready:
-                raise ValueError("module membership has a cycle")
-            await asyncio.gather(*(run.one(u) for u in ready))
-            done |= {u.name for u in ready}
-        bar.close()
+        done: set[str] = set()
+        try:
+            while len(done) < len(units):
+                ready = [u for u in units if u.name not in done
+                         and all(m in done or m not in {v.name for v in units} for m in u.members)]
+                if not ready:
+                    raise ValueError("module membership has a cycle")
+                await _all_or_none(run.one(u) for u in ready)
+                done |= {u.name for u in ready}
+        finally:
+            bar.close()
         base = await run.baseline([u for u in units if u.kind != "module"], n_baseline, seed)
         return run, base
 
+    from tl_modular.labeling._client import LLMUnavailable
+
     before = _totals(labeler, simulator)
-    run, base = _run(main())
-    usage = _totals(labeler, simulator)
+    try:
+        run, base = _run(main())
+    except LLMUnavailable as e:
+        partial = _labels(run, units, [], seed, _totals(labeler, simulator), before, labeler, simulator, evidence,
+                          tokens)
+        raise LabelingError(f"labeling stopped: {e}", reason=e.reason, endpoint=e.endpoint, labels=partial) from None
+    result = _labels(run, units, base, seed, _totals(labeler, simulator), before, labeler, simulator, evidence, tokens)
+    # a spent budget is a stop the user asked for (Labels.stopped), not a failure
+    failures = {r: n for r, n in result.failures().items() if r != "budget"}
+    if failures:
+        counts = ", ".join(f"{n} {REASONS.get(r, r)}" for r, n in failures.items())
+        n_failed = sum(failures.values())
+        if on_error == "raise":
+            raise LabelingError(f"{n_failed} of {len(result)} units could not be labeled ({counts}); re-run with the "
+                                "same cache_dir to ask only for those, or on_error='keep' for the partial labels",
+                                reason="failures", endpoint=getattr(getattr(labeler, "client", None), "endpoint", None),
+                                labels=result)
+        warnings.warn(f"{n_failed} of {len(result)} units could not be labeled ({counts}); their labels say why "
+                      "(Labels.failures()). Save the labels and re-run with the same cache_dir: only what is missing "
+                      "is asked again", RuntimeWarning, stacklevel=2)
+    return result
+
+
+def _labels(run: _Run, units: list[Unit], base: list[float], seed: int, usage: dict[str, Any],
+            before: dict[str, Any], labeler: Any, simulator: Any, evidence: EvidenceConfig | None,
+            tokens: torch.Tensor) -> Labels:
+    """The Labels of a run (finished or stopped: units never started are left out)."""
     if usage:       # the clients' own totals: failed and repaired requests included
         usage = {k: v - before.get(k, 0) for k, v in usage.items()}
     else:
         for lab in run.labels.values():
             _add_usage(usage, lab.cost)
         _add_usage(usage, run.baseline_usage)
-    cfg = {"labeler": repr(labeler), "simulator": repr(simulator), "n_units": len(units),
+    cfg = {"labeler": redact(repr(labeler)), "simulator": redact(repr(simulator)), "n_units": len(units),
            "n_sequences": int(tokens.shape[0]), "evidence": (evidence or EvidenceConfig()).__dict__}
-    return Labels([run.labels[u.name] for u in units], baseline=baseline_summary(base, seed=seed), usage=usage,
-                  config=cfg, stopped=run.stopped)
+    return Labels([run.labels[u.name] for u in units if u.name in run.labels],
+                  baseline=baseline_summary(base, seed=seed), usage=usage, config=cfg, stopped=run.stopped)
 

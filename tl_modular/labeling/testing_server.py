@@ -13,6 +13,7 @@ requests: HTTP errors with ``Retry-After``, malformed answers, slow responses.
 
 from __future__ import annotations
 
+import base64
 import json
 import re
 import threading
@@ -61,7 +62,9 @@ class ChatServer:
         latency_s: Seconds every answer waits (handled concurrently).
         faults: Injected failures, in order.
         logprobs: Offer token log-probabilities when a request asks (False: a server that never does).
-        api_key: When given, requests without ``Authorization: Bearer <api_key>`` get 401.
+        api_key: When given, requests get 401 unless they carry it as ``Authorization: Bearer <api_key>``
+            or as the password of HTTP Basic auth (what a client sends for ``https://user:KEY@host/v1``).
+        models: When given, requests for another model get 404 ``model_not_found`` (as OpenAI answers).
         port: Port on 127.0.0.1 (0: any free one).
 
     Attributes:
@@ -72,7 +75,7 @@ class ChatServer:
 
     def __init__(self, respond: Callable[[dict], str | dict | Fault] | None = None, *, latency_s: float = 0.0,
                  faults: Sequence[Fault] = (), logprobs: bool = True, api_key: str | None = None,
-                 port: int = 0) -> None:
+                 models: Sequence[str] | None = None, port: int = 0) -> None:
         if latency_s < 0:
             raise ValueError(f"latency_s must be >= 0 seconds, got {latency_s}")
         bad = [f for f in faults if not isinstance(f, Fault)]
@@ -83,6 +86,7 @@ class ChatServer:
         self.faults = list(faults)
         self.logprobs = logprobs
         self.api_key = api_key
+        self.models = None if models is None else list(models)
         self.port = port
         self.requests: list[dict] = []
         self.max_in_flight = 0
@@ -162,9 +166,14 @@ class ChatServer:
             self._in_flight += 1
             self.max_in_flight = max(self.max_in_flight, self._in_flight)
         try:
-            if self.api_key is not None and h.headers.get("Authorization") != f"Bearer {self.api_key}":
+            if self.api_key is not None and not self._authorized(h.headers.get("Authorization") or ""):
                 self._send(h, 401, {"error": {"message": "Incorrect API key provided.", "type": "invalid_request_error",
                                               "code": "invalid_api_key"}})
+                return
+            if self.models is not None and body.get("model") not in self.models:
+                self._send(h, 404, {"error": {"message": f"The model `{body.get('model')}` does not exist or you do "
+                                              "not have access to it.", "type": "invalid_request_error",
+                                              "code": "model_not_found"}})
                 return
             fault = self._fault_for(body)
             if fault is not None and self._fail(h, fault):
@@ -188,6 +197,18 @@ class ChatServer:
         finally:
             with self._lock:
                 self._in_flight -= 1
+
+    def _authorized(self, header: str) -> bool:
+        scheme, _, value = header.partition(" ")
+        if scheme == "Bearer":
+            return value == self.api_key
+        if scheme == "Basic":
+            try:
+                _, _, password = base64.b64decode(value).decode().partition(":")
+            except (ValueError, UnicodeDecodeError):
+                return False
+            return password == self.api_key
+        return False
 
     def _fail(self, h: BaseHTTPRequestHandler, fault: Fault) -> bool:
         """Apply ``fault``: wait its delay, then answer its error (True) or leave a malformed answer to come."""

@@ -26,13 +26,15 @@ BUNDLED_MODELS = ("toy-modular", "toy", "textlm")
 
 
 def bundled_inputs(*, n_per_task: int = 128, n_examples: int = 64, seed: int = 0, labeler: Any = None,
-                   simulator: Any = None, variant: Literal["plain", "modular"] = "plain") -> Inputs:
+                   simulator: Any = None, variant: Literal["plain", "modular"] = "plain",
+                   device: str = "cpu") -> Inputs:
     """The bundled model, its four tasks' prompts as data and as circuit categories, its SAEs.
 
     Args:
         variant: ``"plain"`` (:func:`tl_modular.toy.load_model`, one module) or ``"modular"``
             (:func:`tl_modular.toy.load_modular_model`: the same model trained on with the
             modularity loss, four modules, with SAEs of its own).
+        device: Where the model and its SAEs live.
     """
     import tl_modular as tlm
     from tl_modular import toy
@@ -40,15 +42,15 @@ def bundled_inputs(*, n_per_task: int = 128, n_examples: int = 64, seed: int = 0
     if variant not in ("plain", "modular"):
         raise ValueError(f"variant must be 'plain' or 'modular', got {variant!r}")
     if variant == "modular":
-        model = toy.load_modular_model()
-        saes = tlm.sae.SAESet.load(toy.MODULAR_DIR / "saes", model)
+        model = toy.load_modular_model(device=device)
+        saes = tlm.sae.SAESet.load(toy.MODULAR_DIR / "saes", model, device=device)
         name = "tl_modular bundled multi-task model, modularity-trained"
         facts = toy.info(toy.MODULAR_DIR)
         given = {"modules": facts["loss_modules"],
                  "source": f"the modules tl_modular.training.train_modular trained it with (weight {facts['weight']})"}
     else:
-        model = toy.load_model()
-        saes = tlm.sae.bundled(model)
+        model = toy.load_model(device=device)
+        saes = tlm.sae.bundled(model, device=device)
         name = "tl_modular bundled multi-task model"
         given = None
     tokens, mask, scored = toy.mixed_tokens(n_per_task=n_per_task, seed=seed, scored=True)

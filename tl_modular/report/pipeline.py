@@ -21,8 +21,9 @@ from typing import Any, Literal
 import numpy as np
 import torch
 
-from tl_modular._io import read_json, write_json
+from tl_modular._io import ArtifactError, read_json, write_json
 from tl_modular._models import fingerprint
+from tl_modular._redact import redact_obj, redact_url
 
 SUMMARY_VERSION = 1
 
@@ -93,7 +94,8 @@ def _describe(labeler: Any) -> str | None:
     if labeler is None:
         return None
     cfg = getattr(labeler, "config", None)
-    return type(labeler).__name__ + (f":{cfg.model}@{cfg.base_url}" if hasattr(cfg, "model") else "")
+    url = redact_url(getattr(cfg, "base_url", None), getattr(cfg, "api_key", None))
+    return type(labeler).__name__ + (f":{cfg.model}@{url}" if hasattr(cfg, "model") else "")
 
 
 def cache_key(inputs: Inputs, config: AnalyzeConfig) -> str:
@@ -114,8 +116,14 @@ class _Stages:
     def __init__(self, out: Path, key: str, reuse: bool, progress: bool, data: Mapping[str, Any] | None = None):
         self.out, self.key, self.progress, self.data = out, key, progress, dict(data or {})
         manifest = out / "manifest.json"
-        old = read_json(manifest) if manifest.exists() else {}
-        self.done: dict[str, Any] = old.get("stages", {}) if reuse and old.get("key") == key else {}
+        try:
+            old = read_json(manifest) if manifest.exists() else {}
+        except ArtifactError as e:               # e.g. a foreign or damaged file: every stage runs again
+            self._say(f"{e}; every stage runs again")
+            old = {}
+        old = old if isinstance(old, dict) else {}
+        stages = old.get("stages") if isinstance(old.get("stages"), dict) else {}
+        self.done: dict[str, Any] = stages if reuse and old.get("key") == key else {}
         self.times: dict[str, float] = {}
 
     def run(self, name: str, fn: Callable[[], Any], load: Callable[[], Any] | None = None) -> Any:
@@ -125,8 +133,9 @@ class _Stages:
                 self.times[name] = 0.0   # marks a reused stage
                 self._say(f"{name}: reused")
                 return value
-            except (OSError, ValueError, KeyError):
-                pass  # a missing or stale artifact: compute it again
+            except (OSError, ValueError, KeyError) as e:   # a missing, damaged or stale artifact: compute it again
+                if isinstance(e, ArtifactError):
+                    self._say(f"{name}: {e}; computing it again")
         start = time.perf_counter()
         self._say(f"{name} ...")
         value = fn()
@@ -280,7 +289,7 @@ def _label_stage(inputs: Inputs, graph: Any, modules: list, summary: dict, out: 
                                 attention_mask=inputs.attention_mask, graph=graph, circuits=circuits,
                                 progress=False)
         labels.save(out / "labels.json")
-        rows = [lab.to_json(evidence=False) for lab in labels]
+        rows = redact_obj([lab.to_json(evidence=False) for lab in labels])   # as labels.json: no secret
         write_json(out / "labels_summary.json", {"labels": rows, "baseline": labels.baseline,
                                                  "usage": labels.usage, "stopped": labels.stopped})
         return {"labels": rows, "baseline": labels.baseline, "usage": labels.usage, "stopped": labels.stopped}

@@ -14,6 +14,7 @@ from typing import Any
 import torch
 from jaxtyping import Float, Int
 
+from tl_modular._io import read_json, read_safetensors_header, reading
 from tl_modular._models import fingerprint, stop_layer
 from tl_modular._tokens import check_tokens, valid_positions
 
@@ -50,7 +51,12 @@ def load(release_or_path: str | os.PathLike, sae_id: str | None = None, *, model
         if not (path / "cfg.json").exists():
             raise FileNotFoundError(f"{path} is not an SAE folder (no cfg.json): pass a folder written by "
                                     "SAE.save_model / tlm.sae.train_sae, or a release name with sae_id=")
-        sae = SAE.load_from_disk(str(path), device=device)
+        writer = "SAE.save_model / tlm.sae.train_sae"
+        read_json(path / "cfg.json", writer=writer)       # a damaged file is named, not a bare JSONDecodeError
+        for weights in path.glob("*.safetensors"):
+            read_safetensors_header(weights, writer=writer)
+        with reading(path, writer):                          # weights that do not fit cfg.json, missing fields
+            sae = SAE.load_from_disk(str(path), device=device)
     else:
         sae = SAE.from_pretrained(str(release_or_path), sae_id, device=device)
     if model is not None:

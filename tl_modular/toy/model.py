@@ -12,7 +12,7 @@ from typing import Any
 
 import torch
 
-from tl_modular._io import read_json, read_safetensors, write_json, write_safetensors
+from tl_modular._io import ArtifactError, read_json, read_safetensors, reading, write_json, write_safetensors
 from tl_modular.toy.vocab import VOCAB
 
 __all__ = ["BUNDLED_DIR", "MODULAR_DIR", "info", "load_model", "load_modular_model", "save_model", "tokenizer"]
@@ -76,13 +76,17 @@ def load_model(directory: str | os.PathLike | None = None, *, device: str | torc
     if not (directory / "config.json").exists():
         raise FileNotFoundError(f"no toy checkpoint in {directory} (expected config.json and "
                                 "model.safetensors); train one with tlm.toy.train and save_model")
-    spec = read_json(directory / "config.json")
-    if spec.get("vocab") != VOCAB:
-        raise ValueError(f"the checkpoint in {directory} was trained on another toy vocabulary")
-    cfg = HookedTransformerConfig(**{**spec["config"], "device": str(device)})
+    writer = "tlm.toy.save_model"
+    spec = read_json(directory / "config.json", writer=writer)
+    if not isinstance(spec, dict) or spec.get("vocab") != VOCAB:
+        raise ArtifactError(f"the checkpoint in {directory} was trained on another toy vocabulary (or its config.json "
+                            "is damaged)", path=directory / "config.json")
+    with reading(directory / "config.json", writer):
+        cfg = HookedTransformerConfig(**{**spec["config"], "device": str(device)})
     model = HookedTransformer(cfg, move_to_device=False)
-    state, _ = read_safetensors(directory / "model.safetensors", device=device)
-    model.load_state_dict(state, strict=True)
+    state, _ = read_safetensors(directory / "model.safetensors", device=device, writer=writer)
+    with reading(directory / "model.safetensors", writer):    # missing or misshapen weights
+        model.load_state_dict(state, strict=True)
     if (directory / "tokenizer.json").exists():
         from transformers import AutoTokenizer
 

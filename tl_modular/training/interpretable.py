@@ -55,7 +55,16 @@ from jaxtyping import Float, Int
 from tqdm.auto import tqdm
 
 from tl_modular._aio import run_sync
-from tl_modular._io import SCHEMA_VERSION, read_json, read_safetensors, write_json, write_safetensors
+from tl_modular._io import (
+    SCHEMA_VERSION,
+    read_json,
+    read_safetensors,
+    read_safetensors_header,
+    read_versioned_json,
+    reading,
+    write_json,
+    write_safetensors,
+)
 from tl_modular._names import act_name, hook_layer, neuron_name
 from tl_modular._tokens import check_tokens, valid_positions
 from tl_modular.tasks.task import Task
@@ -389,8 +398,9 @@ class _Targets:
 
     @classmethod
     def load(cls, path: Path) -> _Targets:
-        t, meta = read_safetensors(path)
-        return cls(**t, errors=list(meta.get("errors", [])))
+        t, meta = read_safetensors(path, writer="build_interpretable (start it again)")
+        with reading(path, "build_interpretable (start it again)"):
+            return cls(**t, errors=list(meta.get("errors", [])))
 
 
 def _simulate(simulator: Any, texts: list[str], contexts: list[list[str]]) -> tuple[list[list], list[str]]:
@@ -706,16 +716,12 @@ class _Match:
 
 def _phase_step(phase: Path | None) -> int:
     """The step a phase's training checkpoint holds (0 when there is none)."""
-    import json
-
-    from safetensors import safe_open
-
     path = phase / "train_state.safetensors" if phase is not None else None
     if path is None or not path.exists():
         return 0
-    with safe_open(str(path), framework="pt") as f:
-        meta = json.loads((f.metadata() or {}).get("tl_modular", "{}"))
-    return int(meta.get("step", 0))
+    meta = read_safetensors_header(path, writer="build_interpretable (start it again)")
+    with reading(path, "build_interpretable (start it again)"):
+        return int(meta.get("step", 0))
 
 
 def _comparable(cfg_json: dict[str, Any]) -> dict[str, Any]:
@@ -731,10 +737,8 @@ def _resume(root: Path | None, cfg: BuildConfig, model: Any) -> dict[str, Any]:
     """The finished layers of an earlier run in ``root`` (their model state loaded into ``model``)."""
     if root is None or not (root / _STATE).exists():
         return {"done": []}
-    meta = read_json(root / _STATE)
-    if meta.get("schema") != _SCHEMA or meta.get("version") != SCHEMA_VERSION:
-        raise ValueError(f"{root / _STATE} is not a build_interpretable checkpoint of this version "
-                         f"(schema {meta.get('schema')!r}, version {meta.get('version')}); use another checkpoint_dir")
+    meta = read_versioned_json(root, _STATE, _SCHEMA, "build_interpretable (use another checkpoint_dir)",
+                               required=("config", "done"))
     mine = _comparable(_json_roundtrip(cfg.to_json()))
     saved = _comparable(meta.get("config", {}))
     if saved != mine:
@@ -742,9 +746,11 @@ def _resume(root: Path | None, cfg: BuildConfig, model: Any) -> dict[str, Any]:
         raise ValueError(f"{root} holds a build_interpretable run with other settings (differing: {diff}); resume "
                          "with the same settings (only eval_every and checkpoint_every may change) or use another "
                          "checkpoint_dir")
-    state, _ = read_safetensors(root / _MODEL, device=next(model.parameters()).device)
-    model.load_state_dict(state, strict=True)
-    return {"done": [LayerRecord.from_json(d) for d in meta["done"]], "initial": meta.get("initial")}
+    state, _ = read_safetensors(root / _MODEL, device=next(model.parameters()).device,
+                                writer="build_interpretable (use another checkpoint_dir)")
+    with reading(root / _MODEL, "build_interpretable (use another checkpoint_dir)"):
+        model.load_state_dict(state, strict=True)
+        return {"done": [LayerRecord.from_json(d) for d in meta["done"]], "initial": meta.get("initial")}
 
 
 def _json_roundtrip(obj: Any) -> Any:

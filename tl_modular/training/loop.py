@@ -13,6 +13,7 @@ graph tokens are given) the graph's modularity z-score against its null model.
 from __future__ import annotations
 
 import os
+import warnings
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
@@ -37,6 +38,9 @@ def graph_modularity(model: Any, tokens: torch.Tensor, *, attention_mask: torch.
     "Q", "crossing", "crossing_z", "modules": [...]}`` for the graph's own modules and, with
     ``modules=`` (e.g. the loss's), ``"z_modules"`` and ``"Q_modules"``: the same score for that
     fixed partition (``graph.modularity(modules=...)``).
+
+    ``n_modules`` is at most this many: the graph's tree may admit fewer modules of the minimum
+    size (then as many as it admits, with a warning; ``"modules"`` lists those found).
     """
     was_training = model.training
     model.eval()
@@ -44,6 +48,13 @@ def graph_modularity(model: Any, tokens: torch.Tensor, *, attention_mask: torch.
         comp = compress(model, tokens, attention_mask=attention_mask, progress=False)
         graph = build_graph(comp, model=model, tokens=tokens, attention_mask=attention_mask,
                                 loss_mask=loss_mask, metric=metric, progress=False)
+        if n_modules is not None:
+            most = len(graph.hierarchy()) + 1
+            if n_modules > most:
+                warnings.warn(f"the channel graph admits at most {most} module{'s' if most > 1 else ''} of the minimum "
+                              f"size, not n_modules={n_modules}: its modularity is scored for {most}", RuntimeWarning,
+                              stacklevel=2)
+                n_modules = most
         res = graph.modularity(n_null=n_null, n_modules=n_modules, seed=seed, progress=False)
         fixed = graph.modularity(n_null=n_null, seed=seed, modules=modules, progress=False) if modules else None
         found = graph.modules(n_modules=n_modules)
@@ -86,7 +97,7 @@ def train_modular(
             modularity z-scores (:func:`graph_modularity`: the graph's own modules, and the loss's
             modules as ``z_modules``); ``None`` skips them.
         graph_every: Steps between graph measurements (rounded to evaluations; 0: start and end only).
-        graph_n_modules: Modules the graph is cut into for its z-score.
+        graph_n_modules: Modules the graph is cut into for its z-score (at most: see :func:`graph_modularity`).
         n_null: Null-model samples per graph measurement.
         callback: As in :func:`tl_modular.toy.train`, after the modularity fields are added.
         checkpoint_dir: Resumable checkpoints (the loss's modules are re-clustered on resume).

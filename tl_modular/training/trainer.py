@@ -20,7 +20,7 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
-from tl_modular._io import read_safetensors, write_safetensors
+from tl_modular._io import read_safetensors, reading, write_safetensors
 from tl_modular.tasks.task import Task
 
 __all__ = ["TrainConfig", "TrainResult", "evaluate", "task_loss", "train"]
@@ -215,7 +215,7 @@ def _save_checkpoint(path: Path, model: Any, optimizer: torch.optim.Optimizer, g
 
 def _load_checkpoint(path: Path, model: Any, optimizer: torch.optim.Optimizer, gen: torch.Generator,
                      cfg: TrainConfig) -> tuple[int, list[dict[str, Any]]]:
-    tensors, meta = read_safetensors(path)
+    tensors, meta = read_safetensors(path, writer="tlm.toy.train(checkpoint_dir=...)")
     free = ("steps", "eval_every")  # may change on resume: they do not alter the trajectory
     # fields added to TrainConfig later (eps) hold their defaults in older checkpoints
     later = {"eps": TrainConfig.eps}
@@ -226,12 +226,13 @@ def _load_checkpoint(path: Path, model: Any, optimizer: torch.optim.Optimizer, g
         raise ValueError(f"{path} holds a checkpoint of a different run (config {saved}); resume with "
                          "the same settings (only `steps` and `eval_every` may change) or use another checkpoint_dir")
     device = next(model.parameters()).device
-    model.load_state_dict({k[6:]: v.to(device) for k, v in tensors.items() if k.startswith("model.")})
-    state: dict[int, dict[str, torch.Tensor]] = {}
-    for key, value in tensors.items():
-        if key.startswith("optim."):
-            _, idx, name = key.split(".", 2)
-            state.setdefault(int(idx), {})[name] = value.to(device) if name != "step" else value
-    optimizer.load_state_dict({"state": state, "param_groups": meta["param_groups"]})
-    gen.set_state(tensors["rng"])
-    return int(meta["step"]), list(meta.get("history", []))
+    with reading(path, "tlm.toy.train(checkpoint_dir=...)"):     # missing or misshapen tensors name the file
+        model.load_state_dict({k[6:]: v.to(device) for k, v in tensors.items() if k.startswith("model.")})
+        state: dict[int, dict[str, torch.Tensor]] = {}
+        for key, value in tensors.items():
+            if key.startswith("optim."):
+                _, idx, name = key.split(".", 2)
+                state.setdefault(int(idx), {})[name] = value.to(device) if name != "step" else value
+        optimizer.load_state_dict({"state": state, "param_groups": meta["param_groups"]})
+        gen.set_state(tensors["rng"])
+        return int(meta["step"]), list(meta.get("history", []))
