@@ -408,7 +408,7 @@ sys.exit(cli.main(sys.argv[1:]))
 
 def test_ctrl_c_during_analyze_exits_130_and_the_stages_done_are_reused(small_cli, tmp_path, capsys):
     out = tmp_path / "report"
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1", "PYTHONFAULTHANDLER": "1"}
     script = _CHILD_ANALYZE.format(tests=str(ROOT / "tests"))
     with ChatServer(labeling.offline_chat_model, latency_s=120) as server:     # labels wait: interrupt there
         argv = ["analyze", "--labeler", "openai", "--base-url", server.url, "--out", str(out), "--quiet"]
@@ -420,7 +420,12 @@ def test_ctrl_c_during_analyze_exits_130_and_the_stages_done_are_reused(small_cl
         assert server.requests, child.communicate()[1][-3000:]
         child.send_signal(signal.SIGINT)
         tried()
-        _, err = child.communicate(timeout=120)
+        try:
+            _, err = child.communicate(timeout=180)
+        except subprocess.TimeoutExpired:       # hung after Ctrl-C: show where (faulthandler dumps on SIGABRT)
+            child.send_signal(signal.SIGABRT)
+            _, err = child.communicate(timeout=60)
+            raise AssertionError(f"analyze did not stop within 180 s of Ctrl-C; its threads:\n{err[-6000:]}") from None
         assert child.returncode == 130, err[-3000:]
         assert "Traceback" not in err and "tl-modular: interrupted; the stages finished so far (compression" in err
         manifest = json.loads((out / "manifest.json").read_text())
