@@ -86,9 +86,9 @@ def collect_fisher(model: Any, tokens: Int[torch.Tensor, "batch pos"], channels:
     chosen = [channels[n] for n in names] if names is not None else channels.of_kind("head", "mlp")
     heads = [c for c in chosen if c.kind == "head"]
     mlps = [c for c in chosen if c.kind == "mlp"]
-    layers = sorted({c.layer for c in chosen})
     cfg = model.cfg
-    write_hooks = [act_name(f"{k}_out", l) for l in layers for k in ("attn", "mlp")]
+    # where each chosen channel's write lands (attention-only models have no hook_mlp_out)
+    write_hooks = sorted({act_name("attn_out", c.layer) for c in heads} | {act_name("mlp_out", c.layer) for c in mlps})
     head_hooks = sorted({act_name(p, c.layer) for c in heads for p in "qkv"})
     # an MLP's read ports: its pre-activation (the gate's, for gated MLPs) and the linear branch
     mlp_ports = {c.name: [(act_name("pre", c.layer), "gate" if cfg.gated_mlp else "in")]
@@ -116,11 +116,15 @@ def collect_fisher(model: Any, tokens: Int[torch.Tensor, "batch pos"], channels:
             # whatever the parameters' requires_grad flags say
             return act.detach().requires_grad_(True)
 
-        def grab(act: torch.Tensor, hook: Any, acts: dict = acts) -> None:
-            acts[hook.name] = act
+        def grab(name: str, acts: dict = acts):
+            # keyed by the name asked for: a TransformerBridge's hook points carry their own names
+            # behind the HookedTransformer aliases
+            def fn(act: torch.Tensor, hook: Any) -> None:
+                acts[name] = act
+            return fn
 
         kwargs = {} if mask is None else {"attention_mask": mask}
-        fwd = [(act_name("embed"), start_graph)] + [(h, grab) for h in hooks]
+        fwd = [(act_name("embed"), start_graph)] + [(h, grab(h)) for h in hooks]
         with torch.enable_grad(), model.hooks(fwd_hooks=fwd):
             logits = model(batch, **kwargs).float()
             logp = logits[:, :-1].log_softmax(-1)

@@ -13,6 +13,7 @@ Started from the closed forms, a few hundred steps suffice (numbers in the READM
 
 from __future__ import annotations
 
+import math
 from dataclasses import replace
 from typing import Any
 
@@ -26,9 +27,9 @@ from tl_modular.compression.restriction import restriction_hooks
 __all__ = ["refine"]
 
 
-def refine(comp: Any, model: Any, tokens: Int[torch.Tensor, "batch pos"], *, steps: int = 300, lr: float = 1e-3,
-           batch_size: int = 16, attention_mask: Int[torch.Tensor, "batch pos"] | None = None, seed: int = 0,
-           progress: bool = True) -> Any:
+def refine(comp: Any, model: Any, tokens: Int[torch.Tensor, "batch pos"], *, steps: int = 300, lr: float = 3e-3,
+           batch_size: int = 8, positions: float = 0.25, attention_mask: Int[torch.Tensor, "batch pos"] | None = None,
+           seed: int = 0, progress: bool = True) -> Any:
     """A copy of ``comp`` whose kept directions are fitted end to end (see the module docs).
 
     Every side below its full rank gets a trainable encoder, decoder and mean (initialised from
@@ -40,7 +41,12 @@ def refine(comp: Any, model: Any, tokens: Int[torch.Tensor, "batch pos"], *, ste
         comp: A :class:`~tl_modular.Compression` of ``model``, ranks already chosen.
         model: The model it was computed on.
         tokens: ``[batch, pos]`` training text (held-out text for judging the result).
-        steps, lr, batch_size, seed: The optimisation.
+        steps, lr, batch_size, seed: The optimisation. ``lr`` is relative: each tensor moves by
+            about ``lr`` times its own RMS per step (Adam, one group per tensor), so sides whose
+            closed forms come in different units (Fisher-whitened encoders, unit-norm PCA bases)
+            train alike.
+        positions: The fraction of predicted positions whose KL is taken each step (a random
+            subset, an unbiased estimate): the unembedding dominates a step on a real vocabulary.
         attention_mask: 1 for real tokens; padded positions are not predicted.
 
     Returns:
@@ -59,8 +65,17 @@ def refine(comp: Any, model: Any, tokens: Int[torch.Tensor, "batch pos"], *, ste
                                 for t in (side.mean, side.encoder, side.decoder))
     if not params:
         return comp
+    if not 0 < positions <= 1:
+        raise ValueError(f"positions must be a fraction in (0, 1], got {positions!r}")
     flat = [t for triple in params.values() for t in triple]
-    opt = torch.optim.Adam(flat, lr=lr)
+    # Relative steps: a tensor's scale depends on the statistic that produced it (see Args).
+    opt = torch.optim.Adam([{"params": [t], "lr": lr * float(t.detach().pow(2).mean().sqrt().clamp_min(1e-8))}
+                            for t in flat])
+    # warm up over the first 5% of the steps, then cosine decay to a tenth: the last steps average
+    # out the batch noise instead of jittering around the optimum
+    warm = max(1, steps // 20)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda i: min(1.0, (i + 1) / warm) * (
+        0.1 + 0.45 * (1 + math.cos(math.pi * min(1.0, max(0, i - warm) / max(1, steps - warm))))))
     names = list(comp.channels)
     gen = torch.Generator().manual_seed(seed)
     history = []
@@ -70,18 +85,21 @@ def refine(comp: Any, model: Any, tokens: Int[torch.Tensor, "batch pos"], *, ste
         batch = tokens[rows].to(device)
         mask = None if attention_mask is None else attention_mask[rows].to(device)
         kwargs = {} if mask is None else {"attention_mask": mask}
+        n_pred = batch.shape[1] - 1
+        keep = torch.randperm(n_pred, generator=gen)[:max(1, round(positions * n_pred))].sort().values.to(device)
         with torch.no_grad():
-            clean = model(batch, **kwargs)[:, :-1].float().log_softmax(-1)
+            clean = _log_probs(model, batch, kwargs, keep)
         hooks = restriction_hooks(model, comp, names, restrict_first=False, override=params)
         with torch.enable_grad(), model.hooks(fwd_hooks=hooks):
-            logp = model(batch, **kwargs)[:, :-1].float().log_softmax(-1)
+            logp = _log_probs(model, batch, kwargs, keep)
             kl = (clean.exp() * (clean - logp)).sum(-1)
-            weights = torch.ones_like(kl) if mask is None else mask[:, 1:].to(kl)
-            loss = (kl * weights).sum() / weights.sum()
+            weights = torch.ones_like(kl) if mask is None else mask[:, 1:][:, keep].to(kl)
+            loss = (kl * weights).sum() / weights.sum().clamp_min(1)
             grads = torch.autograd.grad(loss, flat)      # no gradient reaches the model's parameters
         for t, g in zip(flat, grads, strict=True):
             t.grad = g
         opt.step()
+        sched.step()
         history.append(loss.item())
         bar.set_postfix(kl=f"{history[-1]:.4f}")
     channels = dict(comp.channels)
@@ -97,6 +115,16 @@ def refine(comp: Any, model: Any, tokens: Int[torch.Tensor, "batch pos"], *, ste
         else:
             channels[name] = replace(c, read=type(c.read)({**dict(c.read), key[5:]: new}))   # a ReadSpace
     tail = max(1, steps // 10)
-    config = {**comp.config, "refined": {"steps": steps, "lr": lr, "batch_size": batch_size, "seed": seed,
+    config = {**comp.config, "refined": {"steps": steps, "lr": lr, "batch_size": batch_size, "positions": positions,
+                                         "seed": seed,
                                          "kl_first": history[0], "kl_last": sum(history[-tail:]) / tail}}
     return replace(comp, channels=channels, config=config)
+
+
+def _log_probs(model: Any, batch: torch.Tensor, kwargs: dict, keep: torch.Tensor) -> torch.Tensor:
+    """Next-token log-probabilities at the predicted positions ``keep`` only.
+
+    LayerNorm and the unembedding act per position, so unembedding a subset is exact for it; the
+    blocks still run over every position (attention needs them)."""
+    resid = model(batch, stop_at_layer=model.cfg.n_layers, **kwargs)[:, keep]
+    return model.unembed(model.ln_final(resid)).float().log_softmax(-1)
