@@ -9,6 +9,7 @@ import tl_modular as tlm
 from tl_modular._models import count_hooks
 from tl_modular.compression import Compression, compress
 from tl_modular.compression.fidelity import rank_fidelity_curve
+from tl_modular.errors import UnsupportedModelError
 from tl_modular.testing import tiny_model
 
 KINDS = ["gpt2", "ln_pre", "no_norm", "rms_pre", "rotary", "gated_rms", "parallel", "shortformer", "solu",
@@ -174,6 +175,10 @@ def test_compressing_a_subset_and_bad_arguments():
 
 def test_bridge_compression_is_exact_at_full_rank(bridge, gpt2_tokenizer):
     tokens = gpt2_tokenizer(["The cat sat on the mat and looked at the dog"] * 4, return_tensors="pt")["input_ids"]
+    # Fisher statistics are refused on a bridge, naming the hook whose gradient its forward does not carry
+    with pytest.raises(UnsupportedModelError, match="read='whitened'"):
+        compress(bridge, tokens, read="fisher", progress=False)
+    assert count_hooks(bridge) == 0
     comp = compress(bridge, tokens, rank=10_000, progress=False)
     clean = bridge(tokens)
     with comp.applied(bridge):

@@ -32,6 +32,7 @@ from tqdm.auto import tqdm
 from tl_modular._names import act_name
 from tl_modular._tokens import check_tokens, position_weights
 from tl_modular.compression.statistics import Statistics, _Accumulator, read_map
+from tl_modular.errors import UnsupportedModelError
 from tl_modular.segmentation import ChannelSet, segment
 
 __all__ = ["FisherStats", "collect_fisher"]
@@ -135,18 +136,23 @@ def collect_fisher(model: Any, tokens: Int[torch.Tensor, "batch pos"], channels:
                 picked = picked * mask[:, 1:].to(picked)
             ordered = [acts[h] for h in hooks]
             grads = dict(zip(hooks, torch.autograd.grad(picked.sum(), ordered, allow_unused=True), strict=True))
+        unused = [h for h in write_hooks + head_hooks + mlp_hooks if grads[h] is None]
+        if unused:
+            # e.g. a TransformerBridge whose hook point holds a copy the forward does not read on from
+            raise UnsupportedModelError(
+                f"Fisher statistics need the loss's gradient at {unused[0]}, but this model's forward does not "
+                f"pass through the activation that hook sees ({type(model).__name__}); use read='whitened' "
+                "(or another Jacobian statistic) for this model")
         if acc is not None:
             acc.consume({h: a.detach() for h, a in acts.items()}, batch, mask)
         w = position_weights(batch, mask)                                   # 0 at position 0 and padding
         n_tokens += float(w.sum())
         for h in write_hooks:
-            if grads[h] is not None:
-                g = grads[h].to(torch.float64) * w[..., None].sqrt()
-                add(h, torch.einsum("bpi,bpj->ij", g, g))
+            g = grads[h].to(torch.float64) * w[..., None].sqrt()
+            add(h, torch.einsum("bpi,bpj->ij", g, g))
         for h in head_hooks:
-            if grads[h] is not None:
-                g = grads[h].to(torch.float64) * w[..., None, None].sqrt()          # [b, p, n_heads, d_head]
-                add(h, torch.einsum("bphi,bphj->hij", g, g))
+            g = grads[h].to(torch.float64) * w[..., None, None].sqrt()              # [b, p, n_heads, d_head]
+            add(h, torch.einsum("bphi,bphj->hij", g, g))
         for c in mlps:
             g_in = sum(grads[h].to(torch.float64) @ maps[(c.name, port)].T
                        for h, port in mlp_ports[c.name])                              # [b, p, d_model]
