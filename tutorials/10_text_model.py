@@ -7,7 +7,7 @@
 # packages, and held out on NetworkX's source, which it never saw. Everything here runs unchanged
 # on `HookedTransformer.from_pretrained("gpt2")`.
 #
-# To run in seconds on a laptop CPU this tutorial fits on 1,024 tokens and scores on 1,024
+# To run in seconds on a laptop CPU this tutorial fits on 1,024 tokens and scores on 512
 # held-out ones; real runs use tens of thousands (`tl-modular analyze --model textlm --tokens 65536`),
 # and the figures below move with the sample.
 
@@ -26,7 +26,7 @@ torch.manual_seed(0)
 
 model = textlm.load_model()
 fit = textlm.tokens("train", 1024, 128)             # Python docs and source: the statistics
-held = textlm.tokens("heldout", 1024, 128)          # NetworkX's source: every score below
+held = textlm.tokens("heldout", 512, 128)           # NetworkX's source: every score below
 print(f"{model.cfg.n_layers} layers, d_model {model.cfg.d_model}, {model.cfg.n_heads} heads; "
       f"fit {tuple(fit.shape)}, held out {tuple(held.shape)}")
 print("a held-out row, decoded:")
@@ -48,8 +48,11 @@ print(f"held-out loss {loss.item():.3f} nats per token")
 # model says how far the predictions moved.
 
 # %%
-fisher = tlm.compress(model, fit, read="fisher", write="fisher", progress=False)
-default = tlm.compress(model, fit, progress=False)
+# One pass of each statistic over the fit tokens; both compressions are built from them.
+stats = tlm.compression.collect_statistics(model, fit, progress=False)     # input, output, Jacobian moments
+fisher_stats = tlm.compression.collect_fisher(model, fit, progress=False)  # the Fisher of the predictions
+fisher = tlm.compress(model, read="fisher", write="fisher", statistics=stats, fisher=fisher_stats, progress=False)
+default = tlm.compress(model, statistics=stats, progress=False)
 sides = fisher.sides()
 n_read = sum(s.max_rank for (_, side), s in sides.items() if side != "write")
 n_write = sum(s.max_rank for (_, side), s in sides.items() if side == "write")
@@ -89,7 +92,7 @@ for i, m in enumerate(graph.modules()):
 # L2.H0 a previous-token head that feeds its keys.
 
 # %%
-task = tlm.tasks.induction(model.tokenizer, 8, seed=0)
+task = tlm.tasks.induction(model.tokenizer, 8, seed=0, length=10)
 L = (task.clean.shape[1] - 1) // 2
 with torch.no_grad():
     _, cache = model.run_with_cache(task.clean, names_filter=lambda n: n.endswith("hook_pattern"))
@@ -103,10 +106,10 @@ for layer, h in ((3, 4), (2, 0)):
     print(f"L{layer}.H{h}: attention to the token after the previous occurrence {induction:.2f}, "
           f"to the previous token {previous:.2f}")
 
-# Routes ordered by attribution and verified by real patching at six circuit sizes (real runs verify
+# Routes ordered by attribution and verified by real patching at four circuit sizes (real runs verify
 # a finer grid, learn a joint mask and prune route by route: drop `search=`, `sizes=`, `prune=`).
 n = len(routes)
-sizes = sorted({max(1, round(n * f)) for f in (0.02, 0.05, 0.1, 0.2, 0.4, 1.0)})
+sizes = sorted({max(1, round(n * f)) for f in (0.05, 0.15, 0.4, 1.0)})
 circuits = graph.circuits(model, {"induction": task}, search="greedy", sizes=sizes, prune=False, n_boot=20,
                           n_random=1, progress=False)
 c = circuits["induction"]
@@ -123,7 +126,7 @@ print("into L3.H4:", [r for r in c.routes if r[1].startswith("L3.H4")])
 # server writes real descriptions through the same call.
 
 # %%
-rows = textlm.tokens("heldout", 2048, 32)          # short rows: more contexts to rank
+rows = textlm.tokens("heldout", 1024, 32)          # short rows: more contexts to rank
 units = labeling.channel_units(model, ["L3.H4", "L2.H0", "L0.MLP", "L3.MLP"])
 labels = tlm.label(units, model, rows, n_baseline=4, n_boot=50, progress=False)
 print(labels)
