@@ -4,8 +4,8 @@
 # The bundled task model has known algorithms; `tlm.textlm` has the statistics of a real language
 # model instead — GPT-2's architecture exactly (4 layers, d_model 192, 6 heads, the GPT-2
 # tokenizer), trained on the Python documentation and the source of the standard library and ten
-# packages, and held out on NetworkX's source, which it never saw. Everything here runs unchanged
-# on `HookedTransformer.from_pretrained("gpt2")`.
+# packages, and held out on NetworkX's source, which it never saw. The same calls run on
+# `HookedTransformer.from_pretrained("gpt2")` (its heads have other names and roles).
 #
 # To run in seconds on a laptop CPU this tutorial fits on 1,024 tokens and scores on 512
 # held-out ones; real runs use tens of thousands (`tl-modular analyze --model textlm --tokens 65536`),
@@ -41,7 +41,8 @@ print(f"held-out loss {loss.item():.3f} nats per token")
 # depend on (the Fisher of its next-token distribution at every read port and layer output); its
 # spectra are in one unit everywhere (twice the KL a dropped direction costs), so one budget for
 # the reads and one for the writes is spent where it buys the most fidelity. The default
-# (`read="whitened"`, `write="output"`: output PCA) keeps the directions of largest variance.
+# (`read="whitened"`: each channel's own linearized output error; `write="output"`: PCA of its
+# output) judges every channel by itself, in its own units.
 # Both get ~35% of the read and of the write dimensions; `truncated` re-chooses ranks from the
 # stored spectra without another pass. CE alone flatters a compression (a model can lose
 # probability on the right token little while its distribution moves a lot): KL to the clean
@@ -63,7 +64,7 @@ for name, comp in (("Fisher", fisher), ("whitened / output PCA", default)):
     comp = comp.truncated(budget=budget)
     results[name] = comp
     f = comp.fidelity(model, held)
-    print(f"{name:>22}: CE {f['clean_loss']:.3f} -> {f['compressed_loss']:.3f} "
+    print(f"{name:>22} ({f['dimensions']} dims): CE {f['clean_loss']:.3f} -> {f['compressed_loss']:.3f} "
           f"(+{f['compressed_loss'] - f['clean_loss']:.3f}), KL {f['kl']:.3f} nats, "
           f"CE recovered {f['loss_recovered']:.3f}")
 comp = results["Fisher"]
@@ -73,7 +74,7 @@ print("L3.H4 keeps", {port: side.rank for port, side in head.read.items()}, "wri
 # %% [markdown]
 # ## The channel graph and its modules
 # Routes between channels through the Fisher subspaces, data strengths from the loss on held-out
-# text; modules are cut from the Gomory–Hu tree (tutorial 4).
+# text (two rows here); modules are cut from the Gomory–Hu tree (tutorial 4).
 
 # %%
 graph = tlm.build_graph(comp, model=model, tokens=held[:2], progress=False)
@@ -117,7 +118,9 @@ lo, hi = c.faithfulness_interval
 print(f"induction circuit: {c.size} of {n} routes, faithfulness {c.faithfulness:.2f} "
       f"[{lo:.2f}, {hi:.2f}], completeness {c.completeness:.2f}")
 print("strongest routes:", c.routes[:6])
-print("into L3.H4:", [r for r in c.routes if r[1].startswith("L3.H4")])
+keys = [w for w, p in c.routes if p == "L3.H4:k"]
+print(f"{len(keys)} writers into L3.H4's keys in the circuit, strongest first: {keys[:5]}; "
+      f"L2.H0 -> L3.H4:k is {'in' if 'L2.H0' in keys else 'not in'} it")
 
 # %% [markdown]
 # ## Labels for a few channels
