@@ -9,8 +9,9 @@ import pytest
 
 from tl_modular import cli, report, textlm
 
-# The CLI's own options keep the data small (--tokens, --seq-len); the report's settings and the
-# prompts per circuit category are shrunk as tests/test_faults.py does (the defaults take minutes).
+# The CLI's options keep the data small (--tokens, --seq-len); the report's settings and the prompts
+# per circuit category are shrunk as tests/test_faults.py does: circuits dominate (four prompt sets;
+# `--circuits induction` alone, at the CLI's 32 prompts, takes longer than these four at 4 each).
 _SMALL = {"n_null": 2, "budgets": 2, "n_boot": 5, "n_random": 1, "batch_size": 8, "n_label_units": 4,
           "max_score_tokens": 512}
 
