@@ -41,7 +41,6 @@ from tl_modular.segmentation import ChannelSet, segment
 
 if TYPE_CHECKING:
     from tl_modular.compression import Compression
-    from tl_modular.tasks import Task
 
 __all__ = ["AttributionGraph", "Node", "attribution_graph"]
 
@@ -157,15 +156,16 @@ class AttributionGraph:
             g.add_edge(names[s], names[t], weight=w)
         return g
 
-    def save(self, path: Any) -> Any:
-        """Write the graph as JSON (schema in :mod:`tl_modular.attribution.io`)."""
-        from tl_modular.attribution.io import save_graph
+    def save(self, path: Any, *, pruned: Any = None) -> Any:
+        """Write the graph as JSON, atomically (schema in :mod:`tl_modular.attribution.io`); with
+        ``pruned`` (from :func:`~tl_modular.attribution.prune`) only its kept edges."""
+        from tl_modular.attribution.io import save_graph  # io imports this module
 
-        return save_graph(self, path)
+        return save_graph(self, path, pruned=pruned)
 
     @classmethod
     def load(cls, path: Any) -> AttributionGraph:
-        from tl_modular.attribution.io import load_graph
+        from tl_modular.attribution.io import load_graph  # io imports this module
 
         return load_graph(path)
 
@@ -270,7 +270,8 @@ def attribution_graph(model: Any, tokens: Any, units: Compression, *, target: di
     >>> g.completeness() < 1e-5                                          # doctest: +SKIP
     True
     """
-    from tl_modular.tasks import Task
+
+    from tl_modular.tasks import Task  # tasks is a lazily loaded package
 
     channels = _check(model, units)
     if isinstance(tokens, Task):
@@ -298,7 +299,8 @@ def attribution_graph(model: Any, tokens: Any, units: Compression, *, target: di
     return graphs[0] if tokens.ndim == 1 or len(rows) == 1 else graphs
 
 
-def _ln(model: Any, name: str, cache: Any, row: int, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, bool]:
+def _ln(model: Any, name: str, cache: Any, row: int, dtype: torch.dtype
+        ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, bool]:
     """Frozen normalisation ``x ↦ (P x) w / σ + b``: ``(σ [pos], w, b, centred)``."""
     cfg = model.cfg
     d = cfg.d_model
@@ -352,8 +354,9 @@ def _one(model: Any, channels: ChannelSet, units: Compression, tokens: torch.Ten
     for layer in range(n_layers):
         for stream, kind in ((2 * layer + 1, ("head", "bias")), (2 * layer + 2, ("mlp",))):
             chans = [c for c in channels.in_layer(layer) if c.kind in kind]
-            w_all = channels.contributions({k: v[0] for k, v in cache.items()} | {channels.final_hook: cache["hook_embed"][0]},
-                                           [c.name for c in chans]).to(dtype)
+            # contributions() takes its shape from the final residual, which this cache does not hold
+            row_cache = {k: v[0] for k, v in cache.items()} | {channels.final_hook: cache["hook_embed"][0]}
+            w_all = channels.contributions(row_cache, [c.name for c in chans]).to(dtype)
             for p in range(n_pos):
                 bias = torch.zeros(cfg.d_model, dtype=dtype)
                 for c, w in zip(chans, w_all[:, p], strict=True):
@@ -450,7 +453,7 @@ def _one(model: Any, channels: ChannelSet, units: Compression, tokens: torch.Ten
     activation[-1] = logit_value
     bias[-1] = logit_bias
     index = torch.stack([torch.cat(rows), torch.cat(cols)])
-    adjacency = torch.sparse_coo_tensor(index, torch.cat(vals), (n, n)).coalesce()
+    adjacency = torch.sparse_coo_tensor(index, torch.cat(vals), (n, n), is_coalesced=False).coalesce()
     return AttributionGraph(nodes=nodes, adjacency=adjacency, activation=activation, bias=bias,
                             tokens=tokens[0].cpu(), target=dict(target),
                             info={"n_layers": n_layers, "d_model": cfg.d_model})
