@@ -453,7 +453,7 @@ def _one(model: Any, channels: ChannelSet, units: Compression, tokens: torch.Ten
     activation[-1] = logit_value
     bias[-1] = logit_bias
     index = torch.stack([torch.cat(rows), torch.cat(cols)])
-    adjacency = torch.sparse_coo_tensor(index, torch.cat(vals), (n, n), is_coalesced=False).coalesce()
+    adjacency = torch.sparse_coo_tensor(index, torch.cat(vals), (n, n), check_invariants=False).coalesce()
     return AttributionGraph(nodes=nodes, adjacency=adjacency, activation=activation, bias=bias,
                             tokens=tokens[0].cpu(), target=dict(target),
                             info={"n_layers": n_layers, "d_model": cfg.d_model})

@@ -71,7 +71,8 @@ def load_graph(path: str | os.PathLike) -> AttributionGraph:
         index = torch.tensor([e["target"], e["source"]], dtype=torch.long).reshape(2, -1)
         if index.numel() and (index.min() < 0 or index.max() >= n):
             raise ValueError(f"edge endpoints must lie in [0, {n})")
-        adjacency = torch.sparse_coo_tensor(index, torch.tensor(e["weight"], dtype=torch.float64), (n, n)).coalesce()
+        adjacency = torch.sparse_coo_tensor(index, torch.tensor(e["weight"], dtype=torch.float64), (n, n),
+                                            check_invariants=True).coalesce()
         return AttributionGraph(nodes=nodes, adjacency=adjacency,
                                 activation=torch.tensor([x[5] for x in meta["nodes"]], dtype=torch.float64),
                                 bias=torch.tensor([x[6] for x in meta["nodes"]], dtype=torch.float64),

@@ -30,7 +30,7 @@ def _normalised(adjacency: torch.Tensor, keep: torch.Tensor | None = None) -> to
         idx, val = idx[:, ok], val[ok]
     total = torch.zeros(a.shape[0], dtype=val.dtype).index_add_(0, idx[0], val)
     val = val / total[idx[0]].clamp_min(torch.finfo(val.dtype).tiny)
-    return torch.sparse_coo_tensor(idx, val, a.shape).coalesce()
+    return torch.sparse_coo_tensor(idx, val, a.shape, check_invariants=False).coalesce()
 
 
 def influence(graph: AttributionGraph, keep: torch.Tensor | None = None) -> torch.Tensor:
