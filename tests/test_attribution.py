@@ -32,6 +32,17 @@ def graph(model64, comp64):
     return tlm.attribution_graph(model64, toy.induction(1, seed=5), units=comp64)[0]
 
 
+@pytest.fixture(scope="module")
+def small(comp64):
+    """Three directions per write side: the same arithmetic on a graph small enough for dense checks."""
+    return comp64.truncated(rank=3)
+
+
+@pytest.fixture(scope="module")
+def graph_small(model64, small):
+    return tlm.attribution_graph(model64, toy.induction(1, seed=5), units=small)[0]
+
+
 def test_completeness_is_exact(graph, model64):
     # every feature and the logit: incoming edges + its constant = its value in the clean run
     assert graph.completeness() < 1e-10
@@ -71,7 +82,8 @@ def _frozen_jacobian(model, tokens, read_hook, value):
             if name.endswith(("hook_pattern", "hook_scale")):
                 hooks.append((name, lambda x, hook: clean[hook.name]))
         for layer in range(model.cfg.n_layers):
-            hooks.append((act_name("post", layer), lambda x, hook: store[act_name("pre", hook.layer())] * gates[hook.layer()]))
+            hooks.append((act_name("post", layer),
+                          lambda x, hook: store[act_name("pre", hook.layer())] * gates[hook.layer()]))
             hooks.append((act_name("pre", layer), lambda x, hook: store.__setitem__(hook.name, x)))
         for layer in range(model.cfg.n_layers):
             hooks.append((act_name("z", layer), lambda x, hook: store.__setitem__(hook.name, x)))
@@ -84,7 +96,8 @@ def _frozen_jacobian(model, tokens, read_hook, value):
 
 
 @pytest.mark.parametrize("channel", ["L1.H1", "L1.MLP", "logit"])
-def test_edges_equal_the_jacobian_of_the_frozen_model(graph, model64, comp64, channel):
+def test_edges_equal_the_jacobian_of_the_frozen_model(graph_small, model64, small, channel):
+    graph, comp64 = graph_small, small
     tokens = graph.tokens[None]
     n_layers = model64.cfg.n_layers
     if channel == "logit":
@@ -103,8 +116,7 @@ def test_edges_equal_the_jacobian_of_the_frozen_model(graph, model64, comp64, ch
         else:
             read, stream = f"blocks.{name.layer}.hook_resid_mid", 2 * name.layer + 1
             value = lambda s, lg: (s[act_name("mlp_out", 1)][0] - side.mean) @ side.encoder  # noqa: E731
-        targets = [[graph.index(f"{channel}:write.d{j}@{p}") for j in range(side.rank)] for p in range(len(graph.tokens))]
-        targets = [i for row in targets for i in row]
+        targets = [graph.index(f"{channel}:write.d{j}@{p}") for p in range(len(graph.tokens)) for j in range(side.rank)]
     jac = _frozen_jacobian(model64, tokens, read, value).reshape(len(targets), len(graph.tokens), -1)
     # expected edge s -> t: the write of s (its activation times its direction) dotted with dt/dresid
     sources = [i for i, n in enumerate(graph.nodes) if n.kind != "logit" and n.stream <= stream]
@@ -142,7 +154,8 @@ def _writes(graph, model, comp):
     return out
 
 
-def test_pruning_is_monotone_and_influence_is_a_series(graph):
+def test_pruning_is_monotone_and_influence_is_a_series(graph_small):
+    graph = graph_small
     infl = influence(graph)
     assert infl[graph.logit] == 0 and (infl >= 0).all()
     kept = [prune(graph, edge_threshold=t) for t in (0.5, 0.8, 0.95, 1.0)]
@@ -161,7 +174,7 @@ def test_pruning_is_monotone_and_influence_is_a_series(graph):
 
 
 def test_intervention_recovers_the_metric_better_than_random(model64, comp64):
-    task = toy.induction(6, seed=11)
+    task = toy.induction(4, seed=11)
     before = fingerprint(model64)
     graphs = tlm.attribution_graph(model64, task, units=comp64)
     kept = [prune(g, edge_threshold=0.9) for g in graphs]
@@ -196,7 +209,8 @@ def test_previous_token_head_reaches_the_induction_heads(model64, graph):
     assert reach & ends and graph.logit in reach
 
 
-def test_save_load_and_networkx(graph, tmp_path):
+def test_save_load_and_networkx(graph_small, tmp_path):
+    graph = graph_small
     path = graph.save(tmp_path / "graph.json")
     back = AttributionGraph.load(path)
     assert back.nodes == graph.nodes and torch.equal(back.tokens, graph.tokens)
@@ -216,7 +230,7 @@ def test_save_load_and_networkx(graph, tmp_path):
         AttributionGraph.load(tmp_path / "cut.json")
 
 
-def test_bad_input_is_refused(model64, comp64):
+def test_bad_input_is_refused(model64, comp64, graph):
     task = toy.induction(2, seed=0)
     with pytest.raises(TypeError, match="units must be a tlm.Compression"):
         tlm.attribution_graph(model64, task, units="L0.H0")
@@ -229,8 +243,9 @@ def test_bad_input_is_refused(model64, comp64):
     with pytest.raises(TypeError, match="integer tensor"):
         tlm.attribution_graph(model64, task.clean.float(), units=comp64, target={"positions": [3], "answers": [1]})
     with pytest.raises(ValueError, match="edge_threshold"):
-        prune(tlm.attribution_graph(model64, task[:1], units=comp64)[0], edge_threshold=1.5)
+        prune(graph, edge_threshold=1.5)
     with pytest.raises(ValueError, match="baseline"):
-        faithfulness(model64, task, comp64, [prune(g) for g in tlm.attribution_graph(model64, task, units=comp64)],
-                     baseline="zero")
+        faithfulness(model64, toy.induction(1, seed=5), comp64, [prune(graph)], baseline="zero")
+    with pytest.raises(ValueError, match="one graph per prompt"):
+        faithfulness(model64, task, comp64, [prune(graph)])
     assert count_hooks(model64) == 0
