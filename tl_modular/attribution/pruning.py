@@ -33,10 +33,13 @@ def _normalised(adjacency: torch.Tensor, keep: torch.Tensor | None = None) -> to
     return torch.sparse_coo_tensor(idx, val, a.shape, check_invariants=False).coalesce()
 
 
-def influence(graph: AttributionGraph, keep: torch.Tensor | None = None) -> torch.Tensor:
+def influence(graph: AttributionGraph, keep: torch.Tensor | None = None, *,
+              normalised: torch.Tensor | None = None) -> torch.Tensor:
     """``[n]``: each node's indirect influence on the logit (``e Σ_{k≥1} Âᵏ``), over the nodes in
     ``keep`` (all by default). The logit node's own entry is 0."""
-    a = _normalised(graph.adjacency, keep).t().coalesce()   # v ↦ v Â as Âᵀ v
+    if normalised is None:
+        normalised = _normalised(graph.adjacency, keep)
+    a = normalised.t().coalesce()                            # v ↦ v Â as Âᵀ v
     v = torch.zeros(len(graph), dtype=a.dtype)
     v[graph.logit] = 1.0
     total = torch.zeros_like(v)
@@ -97,13 +100,14 @@ def prune(graph: AttributionGraph, *, node_threshold: float = 0.8, edge_threshol
         if not isinstance(t, (int, float)) or not 0 < t <= 1:
             raise ValueError(f"{label} must be a fraction in (0, 1], got {t!r}")
     feature = graph.mask("feature")
-    infl = influence(graph)
+    full_norm = _normalised(graph.adjacency)
+    infl = influence(graph, normalised=full_norm)
     keep_nodes = ~feature
     keep_nodes |= _cumulative_keep(torch.where(feature, infl, 0.0), node_threshold) if node_threshold < 1 else feature
     # edge scores on the node-pruned graph: normalised weight × (influence of the target + 1 for the logit)
-    infl_kept = influence(graph, keep_nodes)
+    a = full_norm if node_threshold >= 1 else _normalised(graph.adjacency, keep_nodes)
+    infl_kept = infl.clone() if node_threshold >= 1 else influence(graph, normalised=a)
     infl_kept[graph.logit] = 1.0
-    a = _normalised(graph.adjacency, keep_nodes)
     score_kept = a.values() * infl_kept[a.indices()[0]]
     full = graph.adjacency.coalesce()
     # map kept-graph edges back onto the full edge list (both coalesced: sorted by (row, col))
