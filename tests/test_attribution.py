@@ -12,7 +12,7 @@ import tl_modular as tlm
 from tl_modular import toy
 from tl_modular._models import count_hooks, fingerprint
 from tl_modular._names import act_name
-from tl_modular.attribution import AttributionGraph, faithfulness, influence, prune
+from tl_modular.attribution import AttributionGraph, faithfulness, feature_masks, influence, prune, run_with_features
 from tl_modular.errors import ArtifactError
 
 
@@ -248,4 +248,21 @@ def test_bad_input_is_refused(model64, comp64, graph):
         faithfulness(model64, toy.induction(1, seed=5), comp64, [prune(graph)], baseline="zero")
     with pytest.raises(ValueError, match="one graph per prompt"):
         faithfulness(model64, task, comp64, [prune(graph)])
+    masks = feature_masks([prune(graph)], comp64)
+    masks["L1.MLP"] = masks["L1.MLP"][:, :3]
+    with pytest.raises(ValueError, match=r"masks\['L1.MLP'\] must be \[batch, pos, rank\]"):
+        faithfulness(model64, toy.induction(1, seed=5), comp64, masks)
+    assert count_hooks(model64) == 0
+
+
+def test_no_hook_left_when_a_hook_raises(model64, comp64, graph):
+    masks = feature_masks([prune(graph)], comp64)
+    base = {n: torch.zeros_like(m, dtype=torch.float64) for n, m in masks.items()}
+    base["L1.H3"] = base["L1.H3"][..., :1].expand(-1, -1, 5).clone()[..., :1].squeeze(-1)  # wrong shape
+    with pytest.raises(ValueError, match=r"base\['L1.H3'\]"):
+        run_with_features(model64, comp64, graph.tokens[None], masks, base)
+    good = {n: torch.zeros_like(m, dtype=torch.float64) for n, m in masks.items()}
+    bad = dict(masks, **{"L1.MLP": masks["L1.MLP"].to(torch.float64)})   # torch.where refuses a float mask
+    with pytest.raises(RuntimeError):
+        run_with_features(model64, comp64, graph.tokens[None], bad, good)
     assert count_hooks(model64) == 0

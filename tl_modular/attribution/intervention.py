@@ -97,6 +97,13 @@ def run_with_features(model: Any, units: Compression, tokens: torch.Tensor, mask
     """Logits of ``model`` on ``tokens`` with every compressed channel's unmasked write features set
     to ``base`` (``[batch, pos, rank]``) and the masked ones (and the error terms) left as computed."""
     channels = _heads_and_mlps(model, units)
+    for c in channels:
+        want = (tokens.shape[0], tokens.shape[1], units[c.name].write.rank)
+        for label, given in (("masks", masks), ("base", base)):
+            if c.name not in given or tuple(given[c.name].shape) != want:
+                got = tuple(given[c.name].shape) if c.name in given else "nothing"
+                raise ValueError(f"{label}[{c.name!r}] must be [batch, pos, rank] = {want} for these tokens and "
+                                 f"units, got {got}")
     z_store: dict[int, torch.Tensor] = {}
     hooks = []
 
