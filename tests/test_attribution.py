@@ -248,15 +248,15 @@ def test_bad_input_is_refused(model64, comp64, graph):
         faithfulness(model64, toy.induction(1, seed=5), comp64, [prune(graph)], baseline="zero")
     with pytest.raises(ValueError, match="one graph per prompt"):
         faithfulness(model64, task, comp64, [prune(graph)])
-    masks = feature_masks([prune(graph)], comp64)
+    masks = feature_masks(model64, [prune(graph)], comp64)
     masks["L1.MLP"] = masks["L1.MLP"][:, :3]
-    with pytest.raises(ValueError, match=r"masks\['L1.MLP'\] must be \[batch, pos, rank\]"):
+    with pytest.raises(ValueError, match=r"masks\['L1.MLP'\] must be \[batch, pos, features\]"):
         faithfulness(model64, toy.induction(1, seed=5), comp64, masks)
     assert count_hooks(model64) == 0
 
 
 def test_no_hook_left_when_a_hook_raises(model64, comp64, graph):
-    masks = feature_masks([prune(graph)], comp64)
+    masks = feature_masks(model64, [prune(graph)], comp64)
     base = {n: torch.zeros_like(m, dtype=torch.float64) for n, m in masks.items()}
     base["L1.H3"] = base["L1.H3"][..., :1].expand(-1, -1, 5).clone()[..., :1].squeeze(-1)  # wrong shape
     with pytest.raises(ValueError, match=r"base\['L1.H3'\]"):
@@ -266,3 +266,75 @@ def test_no_hook_left_when_a_hook_raises(model64, comp64, graph):
     with pytest.raises(RuntimeError):
         run_with_features(model64, comp64, graph.tokens[None], bad, good)
     assert count_hooks(model64) == 0
+
+
+@pytest.fixture(scope="module")
+def mlp_saes(model64):
+    return [s.to(torch.float64) for h, s in tlm.sae.bundled(model64).items() if h.endswith("hook_mlp_out")]
+
+
+def test_sae_features_as_nodes(model64, comp64, mlp_saes):
+    units = [comp64, *mlp_saes]
+    task = toy.induction(1, seed=5)
+    g = tlm.attribution_graph(model64, task, units=units)[0]
+    assert g.completeness() < 1e-10
+    feats = [i for i, n in enumerate(g.nodes) if n.sae is not None]
+    assert feats and all(g.activation[i] > 0 for i in feats)             # only active features are nodes
+    assert all(g.nodes[i].name.startswith("sae:blocks.") for i in feats)
+    # the pre-activation of the SAE features of L1.MLP against the frozen model's Jacobian
+    sae = mlp_saes[1]
+    targets = [i for i in feats if g.nodes[i].channel == "L1.MLP"]
+    pos = torch.tensor([g.nodes[i].position for i in targets])
+    idx = torch.tensor([g.nodes[i].index for i in targets])
+
+    def value(store, logits):
+        pre = (store[act_name("mlp_out", 1)][0] - sae.b_dec) @ sae.W_enc + sae.b_enc
+        return pre[pos, idx]
+
+    jac = _frozen_jacobian(model64, g.tokens[None], "blocks.1.hook_resid_mid", value)
+    sources = [i for i, n in enumerate(g.nodes) if n.kind != "logit" and n.stream <= 3]
+    got = g.adjacency.index_select(0, torch.tensor(targets)).to_dense()[:, sources]
+    writes = torch.zeros(len(sources), model64.cfg.d_model, dtype=torch.float64)   # from a fresh cache
+    channels = tlm.segment(model64)
+    _, cache = channels.run_with_cache(g.tokens[None])
+    parts = channels.contributions(cache)[:, 0]
+    sae0 = mlp_saes[0]
+    for k, i in enumerate(sources):
+        n = g.nodes[i]
+        if n.kind == "embed":
+            writes[k] = parts[channels.index("embed"), n.position]
+        elif n.kind == "feature" and n.sae is not None:
+            writes[k] = g.activation[i] * sae0.W_dec[n.index]
+        elif n.kind == "feature":
+            writes[k] = g.activation[i] * comp64[n.channel].write.decoder[:, n.index]
+        elif n.kind == "error" and n.channel == "L0.MLP":
+            w = parts[channels.index("L0.MLP"), n.position]
+            writes[k] = w - sae0.decode(sae0.encode(w[None]))[0]
+        elif n.kind == "error":
+            side = comp64[n.channel].write
+            w = parts[channels.index(n.channel), n.position]
+            writes[k] = w - side.mean - ((w - side.mean) @ side.encoder) @ side.decoder.T
+        elif n.kind == "bias" and n.stream in (1, 3):
+            layer = n.stream // 2
+            writes[k] = sum(comp64[c.name].write.mean for c in channels.in_layer(layer) if c.kind == "head") \
+                + parts[channels.index(f"L{layer}.b_O"), n.position]
+        elif n.kind == "bias":
+            writes[k] = sae0.b_dec
+    spos = torch.tensor([g.nodes[i].position for i in sources])
+    expect = torch.einsum("tsd,sd->ts", jac[:, spos], writes)
+    assert (got - expect).abs().max() <= 1e-9 * expect.abs().max()
+    # intervention with SAE units: the pruned graph recovers the metric, random sets do not
+    task = toy.induction(3, seed=11)
+    kept = [prune(x, edge_threshold=0.9) for x in tlm.attribution_graph(model64, task, units=units)]
+    result = faithfulness(model64, task, units, kept, n_random=2)
+    assert result["faithfulness"] >= 0.8 and max(result["random"]) < 0.3
+    assert count_hooks(model64) == 0
+
+
+def test_bad_units_are_refused(model64, mlp_saes):
+    resid = [s for h, s in tlm.sae.bundled(model64).items() if h.endswith("hook_resid_mid")][0]
+    task = toy.induction(1, seed=0)
+    with pytest.raises(ValueError, match="SAE units must read an MLP's output"):
+        tlm.attribution_graph(model64, task, units=resid)
+    with pytest.raises(ValueError, match="two SAEs on 'blocks.0.hook_mlp_out'"):
+        tlm.attribution_graph(model64, task, units=[mlp_saes[0], mlp_saes[0]])

@@ -29,14 +29,16 @@ activation × virtual weight as in transcoder attribution graphs.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING, Any
 
 import torch
 from jaxtyping import Float, Int
 
 from tl_modular._models import check_supported
-from tl_modular._names import act_name
+from tl_modular._names import act_name, parse
 from tl_modular.segmentation import ChannelSet, segment
 
 if TYPE_CHECKING:
@@ -51,20 +53,24 @@ NODE_KINDS = ("embed", "pos_embed", "bias", "error", "feature", "logit")
 class Node:
     """One node: ``kind`` (see the module doc), ``channel`` (or ``None``), ``index`` (a feature's
     write direction), ``position``, the ``stream`` point where it writes (``0`` embeddings,
-    ``2l + 1`` layer ``l``'s attention, ``2l + 2`` its MLP; the logit reads at ``2 n_layers + 1``)."""
+    ``2l + 1`` layer ``l``'s attention, ``2l + 2`` its MLP; the logit reads at ``2 n_layers + 1``), and
+    for an SAE feature the ``sae``'s hook (``index`` is then the feature's index in the SAE)."""
 
     kind: str
     channel: str | None
     index: int | None
     position: int | None
     stream: int
+    sae: str | None = None   # the hook of the SAE a feature belongs to; None for a write direction
 
     @property
     def name(self) -> str:
         if self.kind == "logit":
             return "logit"
+        if self.kind == "feature" and self.sae is not None:
+            return f"sae:{self.sae}/F{self.index}@{self.position}"
         if self.kind == "feature":
-            return f"{self.channel}:write.d{self.index}@{self.position}"
+            return f"{replace(parse(self.channel), kind='direction', path='write', index=self.index)}@{self.position}"
         if self.kind == "error":
             return f"{self.channel}:error@{self.position}"
         if self.kind == "bias":
@@ -80,8 +86,12 @@ class AttributionGraph:
         nodes: Every node; index ``i`` is row/column ``i`` of :attr:`adjacency`.
         adjacency: ``[n, n]`` sparse (COO) matrix, ``adjacency[t, s]`` = direct effect of source
             ``s`` on target ``t``.
-        activation: ``[n]`` each node's value in the clean run (features: ``a_j``; the logit
-            node: the metric; embeddings, errors, biases: 1 — their whole write is the edge).
+        activation: ``[n]`` each node's value in the clean run, the coefficient of its write
+            (features: ``a_j``; the logit node: the metric; embeddings, errors, biases: 1 — their
+            whole write is the edge).
+        pre_activation: ``[n]`` each target's value before its own nonlinearity: equal to
+            ``activation`` for write directions and the logit, the encoder's pre-activation for
+            SAE features (whose activation is ``relu`` of it). Incoming edges + ``bias`` sum to it.
         bias: ``[n]`` each target's constant term in the frozen model (0 for sources).
         tokens: ``[pos]`` the prompt.
         target: ``{"positions", "answers", "wrong_answers"}`` defining the logit node.
@@ -90,6 +100,7 @@ class AttributionGraph:
     nodes: list[Node]
     adjacency: torch.Tensor
     activation: Float[torch.Tensor, " n"]
+    pre_activation: Float[torch.Tensor, " n"]
     bias: Float[torch.Tensor, " n"]
     tokens: Int[torch.Tensor, " pos"]
     target: dict[str, list[int]]
@@ -134,11 +145,13 @@ class AttributionGraph:
         return out.index_add_(0, a.indices()[0], a.values())
 
     def completeness(self) -> float:
-        """Largest relative gap ``|Σ incoming + bias - activation| / max(|activation|, scale)`` over
-        target nodes (features and logit); 0 up to rounding by construction of the frozen model."""
+        """Largest relative gap ``|Σ incoming + bias - pre_activation| / |pre_activation|`` over target
+        nodes (features and logit; the denominator floored at 1e-3 of the largest); 0 up to rounding
+        by construction of the frozen model."""
         t = self.mask("feature", "logit")
-        gap = (self.incoming() + self.bias - self.activation)[t].abs()
-        scale = self.activation[t].abs().clamp_min(self.activation[t].abs().max() * 1e-3)
+        value = self.pre_activation[t]
+        gap = (self.incoming()[t] + self.bias[t] - value).abs()
+        scale = value.abs().clamp_min(value.abs().max() * 1e-3)
         return float((gap / scale).max()) if t.any() else 0.0
 
     def to_networkx(self) -> Any:
@@ -149,7 +162,8 @@ class AttributionGraph:
         g = nx.DiGraph()
         for i, n in enumerate(self.nodes):
             g.add_node(n.name, kind=n.kind, channel=n.channel, index=n.index, position=n.position,
-                       stream=n.stream, activation=float(self.activation[i]), bias=float(self.bias[i]))
+                       stream=n.stream, sae=n.sae, activation=float(self.activation[i]),
+                       pre_activation=float(self.pre_activation[i]), bias=float(self.bias[i]))
         a = self.adjacency.coalesce()
         names = [n.name for n in self.nodes]
         for (t, s), w in zip(a.indices().T.tolist(), a.values().tolist(), strict=True):
@@ -198,16 +212,52 @@ class AttributionGraph:
 # --------------------------------------------------------------------------------------------------
 
 
-def _check(model: Any, units: Any) -> ChannelSet:
+def _is_sae(x: Any) -> bool:
+    return hasattr(x, "W_enc") and hasattr(x, "W_dec") and hasattr(x, "cfg")
+
+
+def _units(model: Any, units: Any) -> tuple[Any, dict[str, Any]]:
+    """``(compression or None, {MLP channel: SAE})`` from what ``units`` holds."""
     from tl_modular.compression import Compression
 
+    items = list(units) if isinstance(units, (list, tuple)) else [units]
+    comp, saes = None, {}
+    for item in items:
+        if isinstance(item, Compression):
+            if comp is not None:
+                raise ValueError("units holds two Compressions; pass one")
+            item.check_model(model)
+            comp = item
+        elif isinstance(item, Mapping) and item and all(_is_sae(v) for v in item.values()):
+            items.extend(item.values())
+        elif _is_sae(item):
+            hook = item.cfg.metadata.hook_name
+            m = re.fullmatch(r"blocks\.(\d+)\.hook_mlp_out", hook or "")
+            if m is None or int(m[1]) >= model.cfg.n_layers:
+                raise ValueError(f"SAE units must read an MLP's output (blocks.<layer>.hook_mlp_out), got one on "
+                                 f"{hook!r}; residual-stream SAEs are not nodes of this graph (filter them out: "
+                                 "[s for h, s in saes.items() if h.endswith('hook_mlp_out')])")
+            arch = item.cfg.architecture() if callable(getattr(item.cfg, "architecture", None)) else None
+            if arch != "standard" or getattr(item.cfg, "normalize_activations", "none") != "none":
+                raise ValueError(f"the SAE on {hook!r} is {arch!r} with normalize_activations="
+                                 f"{getattr(item.cfg, 'normalize_activations', None)!r}; only standard (ReLU) SAEs "
+                                 "without input normalisation are supported")
+            name = f"L{int(m[1])}.MLP"
+            if name in saes:
+                raise ValueError(f"units holds two SAEs on {hook!r}; pass one per hook")
+            saes[name] = item
+        else:
+            raise TypeError(f"units must be a tlm.Compression (from tlm.compress(model, tokens)), an sae-lens SAE on "
+                            f"an MLP's output, a mapping of them (tlm.sae.bundled()) or a list of these; got "
+                            f"{type(item).__name__}")
+    return comp, saes
+
+
+def _check(model: Any, units: Any) -> tuple[ChannelSet, Any, dict[str, Any]]:
     if not hasattr(model, "cfg") or not hasattr(model, "run_with_cache"):
         raise TypeError(f"model must be a TransformerLens HookedTransformer, got {type(model).__name__}")
     check_supported(model)
-    if not isinstance(units, Compression):
-        raise TypeError(f"units must be a tlm.Compression (from tlm.compress(model, tokens)), got "
-                        f"{type(units).__name__}; SAE features are not supported by this version yet")
-    units.check_model(model)
+    comp, saes = _units(model, units)
     cfg = model.cfg
     if cfg.normalization_type not in ("LN", "LNPre", None):
         raise ValueError(f"attribution graphs support LayerNorm models (normalization_type 'LN'/'LNPre'), "
@@ -219,7 +269,7 @@ def _check(model: Any, units: Any) -> ChannelSet:
         raise ValueError("shortformer positional embeddings (read only by q/k) are not supported")
     if cfg.act_fn not in ("gelu", "gelu_new", "relu", "silu", "gelu_fast", "gelu_pytorch_tanh"):
         raise ValueError(f"the MLP activation must be elementwise (gelu, relu, silu), got {cfg.act_fn!r}")
-    return segment(model)
+    return segment(model), comp, saes
 
 
 def _targets(target: Any, n_pos: int, d_vocab: int) -> dict[str, list[int]]:
@@ -240,7 +290,7 @@ def _targets(target: Any, n_pos: int, d_vocab: int) -> dict[str, list[int]]:
     return out
 
 
-def attribution_graph(model: Any, tokens: Any, units: Compression, *, target: dict[str, Any] | None = None,
+def attribution_graph(model: Any, tokens: Any, units: Any, *, target: dict[str, Any] | None = None,
                       dtype: torch.dtype = torch.float64) -> AttributionGraph | list[AttributionGraph]:
     """Attribution graph(s) of ``model`` on ``tokens`` over the write directions of ``units``.
 
@@ -249,9 +299,12 @@ def attribution_graph(model: Any, tokens: Any, units: Compression, *, target: di
             with a cache; no hook stays on it).
         tokens: ``[pos]`` or ``[1, pos]`` token ids (one graph), ``[batch, pos]`` (a list, row by
             row), or a :class:`~tl_modular.Task` (one graph per prompt, its target from the task).
-        units: A :class:`~tl_modular.Compression`; each compressed channel's write side gives one
-            feature node per direction kept (``side.rank``) and position. Channels it does not
-            cover become error nodes.
+        units: A :class:`~tl_modular.Compression` (each compressed channel's write side gives one
+            feature node per direction kept, ``side.rank``, and position), standard sae-lens SAEs
+            on MLP outputs (``blocks.{l}.hook_mlp_out``: one node per feature active at a position;
+            they take the place of that MLP's write side), a mapping of them (``tlm.sae.bundled()``
+            filtered to ``hook_mlp_out``) or a list of these. Channels covered by neither become
+            error nodes.
         target: With plain tokens: ``{"positions": [...], "answers": [...], "wrong_answers":
             [...]}`` (wrong answers optional; the logit node is the mean over the positions of
             the logit, or logit difference).
@@ -273,13 +326,14 @@ def attribution_graph(model: Any, tokens: Any, units: Compression, *, target: di
 
     from tl_modular.tasks import Task  # tasks is a lazily loaded package
 
-    channels = _check(model, units)
+    channels, comp, saes = _check(model, units)
     if isinstance(tokens, Task):
         task = tokens
         rows = [(task.clean[i], {"positions": task.positions[i], "answers": task.answers[i],
                                  "wrong_answers": None if task.wrong_answers is None or task.metric_kind != "logit_diff"
                                  else task.wrong_answers[i]}) for i in range(len(task))]
-        graphs = [_one(model, channels, units, t, _targets(tg, len(t), model.cfg.d_vocab), dtype) for t, tg in rows]
+        graphs = [_one(model, channels, comp, saes, t, _targets(tg, len(t), model.cfg.d_vocab), dtype)
+                  for t, tg in rows]
         return graphs
     if not isinstance(tokens, torch.Tensor) or tokens.dtype not in (torch.long, torch.int, torch.int32) or not (
             tokens.ndim == 1 or tokens.ndim == 2) or tokens.shape[-1] == 0:
@@ -295,7 +349,7 @@ def attribution_graph(model: Any, tokens: Any, units: Compression, *, target: di
                          "'wrong_answers': [tok]} or pass a tlm.Task instead of tokens")
     rows = tokens[None] if tokens.ndim == 1 else tokens
     tg = _targets(target, rows.shape[1], model.cfg.d_vocab)
-    graphs = [_one(model, channels, units, row, tg, dtype) for row in rows]
+    graphs = [_one(model, channels, comp, saes, row, tg, dtype) for row in rows]
     return graphs[0] if tokens.ndim == 1 or len(rows) == 1 else graphs
 
 
@@ -321,8 +375,8 @@ def _centre(v: torch.Tensor, centred: bool) -> torch.Tensor:
 
 
 @torch.no_grad()
-def _one(model: Any, channels: ChannelSet, units: Compression, tokens: torch.Tensor, target: dict[str, list[int]],
-         dtype: torch.dtype) -> AttributionGraph:
+def _one(model: Any, channels: ChannelSet, comp: Compression | None, saes: dict[str, Any], tokens: torch.Tensor,
+         target: dict[str, list[int]], dtype: torch.dtype) -> AttributionGraph:
     cfg = model.cfg
     n_layers = cfg.n_layers
     tokens = tokens.to(cfg.device)[None]
@@ -338,6 +392,7 @@ def _one(model: Any, channels: ChannelSet, units: Compression, tokens: torch.Ten
     nodes: list[Node] = []
     writes: list[torch.Tensor] = []
     acts: list[float] = []
+    pres: dict[int, float] = {}                          # SAE features: pre-activation when it differs
     feature_of: dict[tuple[str, int], list[int]] = {}   # (channel, position) -> node indices of its features
 
     def add(node: Node, vec: torch.Tensor, act: float = 1.0) -> int:
@@ -363,10 +418,23 @@ def _one(model: Any, channels: ChannelSet, units: Compression, tokens: torch.Ten
                     if c.kind == "bias":
                         bias += w
                         continue
-                    if c.name not in units:
+                    if c.name in saes:
+                        sae = saes[c.name]
+                        w_enc, b_enc, w_dec, b_dec = (f(getattr(sae, k)) for k in ("W_enc", "b_enc", "W_dec", "b_dec"))
+                        pre = (w - b_dec * float(sae.cfg.apply_b_dec_to_input)) @ w_enc + b_enc
+                        a = pre.clamp_min(0)
+                        active = (a > 0).nonzero()[:, 0].tolist()
+                        hook = sae.cfg.metadata.hook_name
+                        feature_of[(c.name, p)] = [add(Node("feature", c.name, j, p, stream, hook),
+                                                       a[j] * w_dec[j], float(a[j])) for j in active]
+                        pres.update((i, float(pre[j])) for i, j in zip(feature_of[(c.name, p)], active, strict=True))
+                        add(Node("error", c.name, None, p, stream), w - a @ w_dec - b_dec)
+                        bias += b_dec
+                        continue
+                    if comp is None or c.name not in comp:
                         add(Node("error", c.name, None, p, stream), w)
                         continue
-                    side = units[c.name].write
+                    side = comp[c.name].write
                     sides[c.name] = side
                     mu, enc, dec = f(side.mean), f(side.encoder), f(side.decoder)
                     a = (w - mu) @ enc
@@ -381,6 +449,9 @@ def _one(model: Any, channels: ChannelSet, units: Compression, tokens: torch.Ten
     wpos = torch.tensor([nd.position for nd in nodes[:-1]])
     wstream = torch.tensor([nd.stream for nd in nodes[:-1]])
     activation = torch.tensor([*acts, 0.0], dtype=dtype)
+    pre_activation = activation.clone()
+    for i, v in pres.items():
+        pre_activation[i] = v
     bias = torch.zeros(n, dtype=dtype)
     rows: list[torch.Tensor] = []
     cols: list[torch.Tensor] = []
@@ -402,7 +473,7 @@ def _one(model: Any, channels: ChannelSet, units: Compression, tokens: torch.Ten
         pattern = f(cache[act_name("pattern", layer)][0])      # [head, pos_q, pos_k]
         z = f(cache[act_name("z", layer)][0])
         for c in channels.in_layer(layer):
-            if c.kind != "head" or c.name not in units:
+            if c.kind != "head" or comp is None or c.name not in comp:
                 continue
             side = sides[c.name]
             mu, enc = f(side.mean), f(side.encoder)
@@ -416,11 +487,29 @@ def _one(model: Any, channels: ChannelSet, units: Compression, tokens: torch.Ten
                 tgt = torch.tensor(feature_of[(c.name, p)])
                 emit(tgt, src, y.T * per_pos[p])
                 bias[tgt] = pattern[c.head, p].sum() * const - mu @ enc
-                activation[tgt] = act[p]
+                activation[tgt] = pre_activation[tgt] = act[p]
         # MLP: targets read resid_mid (streams <= 2l + 1) at their own position, gate frozen
         sigma, w_ln, b_ln, centred = _ln(model, f"blocks.{layer}.ln2", cache, 0, dtype)
         name = f"L{layer}.MLP"
-        if name in units:
+        if name in saes:
+            sae = saes[name]
+            w_enc, b_enc, b_dec = (f(getattr(sae, k)) for k in ("W_enc", "b_enc", "b_dec"))
+            offset = b_dec * float(sae.cfg.apply_b_dec_to_input)
+            w_in, b_in, w_out, b_out = (f(getattr(block.mlp, k)) for k in ("W_in", "b_in", "W_out", "b_out"))
+            pre, post = f(cache[act_name("pre", layer)][0]), f(cache[act_name("post", layer)][0])
+            gate = torch.where(pre != 0, post / torch.where(pre != 0, pre, 1.0), torch.zeros_like(pre))
+            for p in range(n_pos):
+                tgt_nodes = feature_of[(name, p)]
+                if not tgt_nodes:
+                    continue
+                enc = w_enc[:, [nodes[i].index for i in tgt_nodes]]
+                src = ((wstream <= 2 * layer + 1) & (wpos == p)).nonzero()[:, 0]
+                y = ((_centre(vec[src], centred) * w_ln) @ w_in * gate[p]) @ (w_out @ enc) / sigma[p]
+                tgt = torch.tensor(tgt_nodes)
+                emit(tgt, src, y.T)
+                bias[tgt] = ((b_ln @ w_in + b_in) * gate[p]) @ (w_out @ enc) + (b_out - offset) @ enc \
+                    + b_enc[[nodes[i].index for i in tgt_nodes]]
+        elif comp is not None and name in comp:
             side = sides[name]
             mu, enc = f(side.mean), f(side.encoder)
             w_in, b_in, w_out, b_out = (f(getattr(block.mlp, k)) for k in ("W_in", "b_in", "W_out", "b_out"))
@@ -434,7 +523,7 @@ def _one(model: Any, channels: ChannelSet, units: Compression, tokens: torch.Ten
                 tgt = torch.tensor(feature_of[(name, p)])
                 emit(tgt, src, y.T)
                 bias[tgt] = ((b_ln @ w_in + b_in) * gate[p]) @ out_e + (b_out - mu) @ enc
-                activation[tgt] = act[p]
+                activation[tgt] = pre_activation[tgt] = act[p]
     # logit node: mean over scored positions of logit[answer] (- logit[wrong])
     sigma, w_ln, b_ln, centred = _ln(model, "ln_final", cache, 0, dtype)
     w_u, b_u = f(model.W_U), f(model.b_U)
@@ -451,9 +540,11 @@ def _one(model: Any, channels: ChannelSet, units: Compression, tokens: torch.Ten
         logit_bias += float((b_ln @ u + ub) / k)
         logit_value += float((logits[p, answers[i]] - (logits[p, wrong[i]] if wrong else 0)) / k)
     activation[-1] = logit_value
+    pre_activation[-1] = logit_value
     bias[-1] = logit_bias
     index = torch.stack([torch.cat(rows), torch.cat(cols)])
     adjacency = torch.sparse_coo_tensor(index, torch.cat(vals), (n, n), check_invariants=False).coalesce()
-    return AttributionGraph(nodes=nodes, adjacency=adjacency, activation=activation, bias=bias,
+    return AttributionGraph(nodes=nodes, adjacency=adjacency, activation=activation,
+                            pre_activation=pre_activation, bias=bias,
                             tokens=tokens[0].cpu(), target=dict(target),
                             info={"n_layers": n_layers, "d_model": cfg.d_model})

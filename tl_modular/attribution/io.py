@@ -7,8 +7,9 @@ Schema (``"schema": "attribution_graph"``, ``"version": 1``)::
       "tokens": [int, ...],                               # the prompt
       "target": {"positions": [...], "answers": [...], "wrong_answers": [...]},  # the logit node
       "info": {"n_layers": int, "d_model": int},
-      "nodes": [[kind, channel, index, position, stream, activation, bias], ...],
+      "nodes": [[kind, channel, index, position, stream, activation, bias, pre_activation, sae], ...],
           # kind: embed | pos_embed | bias | error | feature | logit; channel/index/position may be null;
+          # sae: the hook of an SAE feature's SAE (index = its feature index), else null;
           # node i is row and column i of the adjacency; the logit node is the last
       "edges": {"target": [int, ...], "source": [int, ...], "weight": [float, ...]}
           # weight = direct effect of nodes[source] on nodes[target]; only the edges saved
@@ -50,8 +51,9 @@ def save_graph(graph: AttributionGraph, path: str | os.PathLike, *, pruned: Prun
     write_json(path, {
         "schema": SCHEMA, "version": SCHEMA_VERSION, "tokens": graph.tokens.tolist(), "target": graph.target,
         "info": {k: v for k, v in graph.info.items() if not k.startswith("_")},
-        "nodes": [[n.kind, n.channel, n.index, n.position, n.stream, float(x), float(b)]
-                  for n, x, b in zip(graph.nodes, graph.activation.tolist(), graph.bias.tolist(), strict=True)],
+        "nodes": [[n.kind, n.channel, n.index, n.position, n.stream, float(x), float(b), float(pre), n.sae]
+                  for n, x, b, pre in zip(graph.nodes, graph.activation.tolist(), graph.bias.tolist(),
+                                          graph.pre_activation.tolist(), strict=True)],
         "edges": {"target": idx[0].tolist(), "source": idx[1].tolist(), "weight": val.tolist()},
     })
     return path
@@ -61,8 +63,8 @@ def load_graph(path: str | os.PathLike) -> AttributionGraph:
     """Read a graph written by :func:`save_graph`; a damaged or foreign file raises ``ArtifactError``."""
     meta = read_versioned_json(path, None, SCHEMA, _WRITER, required=("tokens", "target", "nodes", "edges"))
     with reading(path, _WRITER):
-        nodes = [Node(kind, channel, index, position, stream)
-                 for kind, channel, index, position, stream, *_ in meta["nodes"]]
+        nodes = [Node(kind, channel, index, position, stream, sae)
+                 for kind, channel, index, position, stream, _, _, _, sae in meta["nodes"]]
         bad = [n.kind for n in nodes if n.kind not in NODE_KINDS]
         if bad or not nodes or nodes[-1].kind != "logit":
             raise ValueError(f"node kinds must be {NODE_KINDS} with the logit last, got {bad or nodes[-1:]}")
@@ -75,6 +77,7 @@ def load_graph(path: str | os.PathLike) -> AttributionGraph:
                                             check_invariants=True).coalesce()
         return AttributionGraph(nodes=nodes, adjacency=adjacency,
                                 activation=torch.tensor([x[5] for x in meta["nodes"]], dtype=torch.float64),
+                                pre_activation=torch.tensor([x[7] for x in meta["nodes"]], dtype=torch.float64),
                                 bias=torch.tensor([x[6] for x in meta["nodes"]], dtype=torch.float64),
                                 tokens=torch.tensor(meta["tokens"], dtype=torch.long),
                                 target={k: list(v) for k, v in meta["target"].items()}, info=dict(meta.get("info", {})))
