@@ -1,7 +1,8 @@
 """Attribution graphs on the bundled model: time per graph and the edges needed for faithfulness 0.9.
 
 Per task (induction, modular addition, brackets, sorting): a compression fitted on 64 of the
-task's prompts (``tlm.compress`` defaults), one attribution graph per evaluation prompt, pruned by
+task's prompts (``tlm.compress`` defaults; with ``--sae`` the MLPs' write sides are replaced by the
+bundled SAEs on ``hook_mlp_out``), one attribution graph per evaluation prompt, pruned by
 logit influence at a sweep of edge thresholds (node threshold 1: the edges alone decide), and
 verified by intervention: keep the features touched by the kept edges, set every other write
 feature to its mean (``baseline="mean"``) or to its corrupted-run value (``"corrupted"``).
@@ -11,6 +12,7 @@ of random feature sets of the same size.
 
     OMP_NUM_THREADS=1 nice .venv/bin/python benchmarks/attribution.py              # ~3-4 min
     OMP_NUM_THREADS=1 nice .venv/bin/python benchmarks/attribution.py --prompts 4  # quicker
+    OMP_NUM_THREADS=1 nice .venv/bin/python benchmarks/attribution.py --sae        # MLPs as SAE features
 """
 
 from __future__ import annotations
@@ -33,12 +35,16 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--prompts", type=int, default=8)
     parser.add_argument("--random", type=int, default=3)
+    parser.add_argument("--sae", action="store_true",
+                        help="the MLPs' nodes are the bundled SAEs' features (hook_mlp_out) instead of write directions")
     args = parser.parse_args()
     torch.set_num_threads(1)
     model = toy.load_model()
     rows = []
     for name, make in TASKS.items():
         comp = tlm.compress(model, make(64, seed=0).clean, progress=False)
+        if args.sae:
+            comp = [comp, *(s for h, s in tlm.sae.bundled(model).items() if h.endswith("hook_mlp_out"))]
         task = make(args.prompts, seed=1234)
         tlm.attribution_graph(model, task[:1], units=comp)          # warm-up
         start = time.perf_counter()
