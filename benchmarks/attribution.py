@@ -36,7 +36,7 @@ def main() -> None:
     parser.add_argument("--prompts", type=int, default=8)
     parser.add_argument("--random", type=int, default=3)
     parser.add_argument("--sae", action="store_true",
-                        help="the MLPs' nodes are the bundled SAEs' features (hook_mlp_out) instead of write directions")
+                        help="MLP nodes: the bundled SAEs' features (hook_mlp_out), not write directions")
     args = parser.parse_args()
     torch.set_num_threads(1)
     model = toy.load_model()
