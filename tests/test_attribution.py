@@ -338,3 +338,70 @@ def test_bad_units_are_refused(model64, mlp_saes):
         tlm.attribution_graph(model64, task, units=resid)
     with pytest.raises(ValueError, match="two SAEs on 'blocks.0.hook_mlp_out'"):
         tlm.attribution_graph(model64, task, units=[mlp_saes[0], mlp_saes[0]])
+
+
+def test_key_scores_split_exactly_and_the_previous_token_head_feeds_the_induction_keys(model64, graph):
+    from tl_modular.attribution import key_attribution, key_contributions
+
+    facts = toy.info()
+    prev, induction = facts["heads"]["previous_token"], facts["induction_heads"]
+    # every clean score of an induction head = the sources' key contributions at its key + a constant
+    name = tlm.segment(model64)[induction[0]]
+    sources, contrib, const = key_contributions(model64, graph, induction[0])
+    with torch.no_grad():
+        _, cache = model64.run_with_cache(graph.tokens[None])
+    scores = cache[act_name("attn_scores", name.layer)][0, name.head]
+    pos = torch.tensor([graph.nodes[i].position for i in sources.tolist()])
+    split = torch.stack([contrib[:, pos == k].sum(1) for k in range(len(graph.tokens))], 1) + const
+    causal = torch.tril(torch.ones_like(scores, dtype=torch.bool))
+    assert torch.allclose(split[causal], scores[causal], atol=1e-10)
+    # key attribution = d metric / d eps of adding eps * (a source's rotated key) to hook_rot_k
+    key = key_attribution(model64, graph, heads=[induction[0]])
+    assert not any(p.grad is not None for p in model64.parameters())
+    top = sources[contrib.abs().sum(0).argsort(descending=True)[:3]]
+    rot = _rotated_keys(model64, graph, induction[0], top)
+    t = graph.target
+    for i, k_s in zip(top.tolist(), rot, strict=True):
+        p = graph.nodes[i].position
+
+        def metric(eps, p=p, k_s=k_s):
+            def add(x, hook):
+                x = x.clone()
+                x[0, p, name.head] = x[0, p, name.head] + eps * k_s
+                return x
+            lg = model64.run_with_hooks(graph.tokens[None], fwd_hooks=[(act_name("rot_k", name.layer), add)])[0]
+            return sum(lg[q, a] - lg[q, w] for q, a, w in
+                       zip(t["positions"], t["answers"], t["wrong_answers"], strict=True)) / len(t["positions"])
+
+        zero, one = torch.tensor(0.0, dtype=torch.float64), torch.tensor(1.0, dtype=torch.float64)
+        _, d = torch.func.jvp(metric, (zero,), (one,))
+        assert float(key[i]) == pytest.approx(float(d.detach()), rel=1e-8, abs=1e-12)
+    # ground truth: of the layer-0 channels, the previous-token head contributes most through the
+    # induction heads' keys (the K-composition the frozen-attention edges cannot show), then MLP0
+    key = key_attribution(model64, graph, heads=induction)
+    per = {}
+    for n, v in zip(graph.nodes, key.tolist(), strict=True):
+        if n.channel is not None and n.channel.startswith("L0."):
+            per[n.channel] = per.get(n.channel, 0.0) + v
+    ranked = sorted(per, key=per.get, reverse=True)
+    assert ranked[0] == prev and ranked[1] == "L0.MLP"
+    assert count_hooks(model64) == 0
+
+
+def _rotated_keys(model, graph, head, sources):
+    """Each source's key vector, rotated at its position, computed through TransformerLens' own
+    rotary (``apply_rotary`` on a batch holding the vector at its position)."""
+    name = tlm.segment(model)[head]
+    attn = model.blocks[name.layer].attn
+    with torch.no_grad():
+        _, cache = model.run_with_cache(graph.tokens[None])
+    sigma = cache[f"blocks.{name.layer}.ln1.hook_scale"][0, :, 0]
+    out = []
+    for i in sources.tolist():
+        p = graph.nodes[i].position
+        w = graph.writes[i]
+        k = ((w - w.mean()) * model.blocks[name.layer].ln1.w / sigma[p]) @ attn.W_K[name.head]
+        x = torch.zeros(1, len(graph.tokens), 1, model.cfg.d_head, dtype=torch.float64)
+        x[0, p, 0] = k
+        out.append(attn.apply_rotary(x, 0)[0, p, 0].detach())
+    return out

@@ -12,7 +12,9 @@ JSON format (:mod:`.io`).
 from tl_modular.attribution.graph import AttributionGraph, Node, attribution_graph
 from tl_modular.attribution.intervention import faithfulness, feature_masks, random_masks, run_with_features
 from tl_modular.attribution.io import load_graph, save_graph
+from tl_modular.attribution.keys import key_attribution, key_contributions
 from tl_modular.attribution.pruning import Pruned, influence, prune
 
 __all__ = ["AttributionGraph", "Node", "Pruned", "attribution_graph", "faithfulness", "feature_masks", "influence",
-           "load_graph", "prune", "random_masks", "run_with_features", "save_graph"]
+           "key_attribution", "key_contributions", "load_graph", "prune", "random_masks", "run_with_features",
+           "save_graph"]

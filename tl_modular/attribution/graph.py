@@ -105,6 +105,9 @@ class AttributionGraph:
     tokens: Int[torch.Tensor, " pos"]
     target: dict[str, list[int]]
     info: dict[str, Any] = field(default_factory=dict)
+    #: ``[n, d_model]`` each source's write into the residual stream (the logit's row is 0); kept
+    #: from the build for key attribution, not saved to JSON.
+    writes: Float[torch.Tensor, "n d_model"] | None = field(default=None, repr=False)
 
     def __len__(self) -> int:
         return len(self.nodes)
@@ -547,4 +550,5 @@ def _one(model: Any, channels: ChannelSet, comp: Compression | None, saes: dict[
     return AttributionGraph(nodes=nodes, adjacency=adjacency, activation=activation,
                             pre_activation=pre_activation, bias=bias,
                             tokens=tokens[0].cpu(), target=dict(target),
-                            info={"n_layers": n_layers, "d_model": cfg.d_model})
+                            info={"n_layers": n_layers, "d_model": cfg.d_model},
+                            writes=torch.cat([vec, vec.new_zeros(1, vec.shape[1])]))
