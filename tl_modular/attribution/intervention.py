@@ -65,16 +65,17 @@ def _writers(model: Any, units: Any) -> list[_Writer]:
     return out
 
 
-def feature_masks(model: Any, kept: Sequence[Pruned], units: Any) -> Masks:
-    """``{channel: [batch, pos, features]}`` masks of the kept feature nodes, one row per pruned graph
-    (``units`` as given to :func:`~tl_modular.attribution_graph`)."""
+def feature_masks(model: Any, kept: Sequence[Pruned], units: Any, *, every_node: bool = False) -> Masks:
+    """``{channel: [batch, pos, features]}`` masks of the kept feature nodes (with ``every_node``: of
+    every feature node of the graphs), one row per pruned graph (``units`` as given to
+    :func:`~tl_modular.attribution_graph`)."""
     if not kept:
         raise ValueError("kept must hold one Pruned graph per prompt, got none")
     n_pos = len(kept[0].graph.tokens)
     masks = {w.channel.name: torch.zeros(len(kept), n_pos, w.size, dtype=torch.bool) for w in _writers(model, units)}
     for row, pr in enumerate(kept):
         for node, keep in zip(pr.graph.nodes, pr.nodes.tolist(), strict=True):
-            if keep and node.kind == "feature":
+            if (keep or every_node) and node.kind == "feature":
                 if node.channel not in masks:
                     raise ValueError(f"the graph's feature {node.name} belongs to no unit of units: pass the units "
                                      "the graphs were built with")
@@ -82,20 +83,23 @@ def feature_masks(model: Any, kept: Sequence[Pruned], units: Any) -> Masks:
     return masks
 
 
-def random_masks(masks: Masks, generator: torch.Generator) -> Masks:
-    """Random masks keeping as many features per prompt as ``masks`` does (positions ≥ 1 and all
-    directions drawn uniformly)."""
+def random_masks(masks: Masks, generator: torch.Generator, candidates: Masks | None = None) -> Masks:
+    """Random masks keeping as many features per prompt as ``masks`` does, drawn uniformly among the
+    ``candidates`` (all entries by default)."""
     names = list(masks)
+    cand = candidates if candidates is not None else {n: torch.ones_like(m) for n, m in masks.items()}
     out = {n: torch.zeros_like(m) for n, m in masks.items()}
-    sizes = [m[0].numel() for m in masks.values()]
     for row in range(next(iter(masks.values())).shape[0]):
-        count = sum(int(m[row].sum()) for m in masks.values())
-        flat = torch.zeros(sum(sizes), dtype=torch.bool)
-        flat[torch.randperm(flat.numel(), generator=generator)[:count]] = True
+        count = sum(int((masks[n][row] & cand[n][row]).sum()) for n in names)
+        flat = torch.cat([cand[n][row].reshape(-1) for n in names])
+        pick = flat.nonzero()[:, 0]
+        chosen = torch.zeros_like(flat)
+        chosen[pick[torch.randperm(pick.numel(), generator=generator)[:count]]] = True
         start = 0
-        for n, s in zip(names, sizes, strict=True):
-            out[n][row] = flat[start:start + s].reshape(out[n][row].shape)
-            start += s
+        for n in names:
+            size = cand[n][row].numel()
+            out[n][row] = chosen[start:start + size].reshape(out[n][row].shape)
+            start += size
     return out
 
 
@@ -167,20 +171,36 @@ def run_with_features(model: Any, units: Any, tokens: torch.Tensor, masks: Mappi
 
 @torch.no_grad()
 def faithfulness(model: Any, task: Task, units: Any, kept: Sequence[Pruned] | Masks, *,
-                 baseline: Baseline = "mean", n_random: int = 0, seed: int = 0) -> dict[str, Any]:
+                 baseline: Baseline = "mean", inactive: Literal["keep", "ablate"] = "keep", n_random: int = 0,
+                 seed: int = 0) -> dict[str, Any]:
     """Metric recovered by keeping only ``kept``'s features (one pruned graph per prompt of ``task``).
 
+    Args:
+        inactive: SAE features inactive on a prompt (no nodes of its graph) are left as computed
+            (``"keep"``) or set to the baseline with the other ablated features (``"ablate"``).
+            Write directions are nodes at every position, so this matters for SAE units only.
+
     Returns:
-        ``{"faithfulness", "clean", "ablated", "kept", "n_features", "random"}``: the metric means
+        ``{"faithfulness", "clean", "ablated", "n_features", "random"}``: the metric means
         and, with ``n_random``, the faithfulness of random feature sets of the same sizes.
     """
+    if inactive not in ("keep", "ablate"):
+        raise ValueError(f"inactive must be 'keep' or 'ablate', got {inactive!r}")
     writers = _writers(model, units)
     masks = kept if isinstance(kept, Mapping) else feature_masks(model, kept, units)
     rows = next(iter(masks.values())).shape[0]
     if rows != len(task):
         raise ValueError(f"kept has {rows} prompts, the task {len(task)}; build one graph per prompt of the task")
     base = _baseline(model, writers, task, baseline)
-    none = {n: torch.zeros_like(m) for n, m in masks.items()}
+    # SAE features inactive on a prompt are no nodes of its graph: "keep" leaves them as the run
+    # computes them (only graph nodes are ablated), "ablate" sets them to the baseline too
+    if isinstance(kept, Mapping) or inactive == "ablate":
+        nodes = {n: torch.ones_like(m) for n, m in masks.items()}
+    else:
+        nodes = feature_masks(model, kept, units, every_node=True)
+    outside = {n: ~m for n, m in nodes.items()}
+    masks = {n: m | outside[n] for n, m in masks.items()}
+    none = dict(outside)
 
     def metric(m: Mapping[str, torch.Tensor]) -> torch.Tensor:
         return task.metric(run_with_features(model, writers, task.clean, m, base), per_example=True).double().cpu()
@@ -194,5 +214,6 @@ def faithfulness(model: Any, task: Task, units: Any, kept: Sequence[Pruned] | Ma
 
     gen = torch.Generator().manual_seed(seed)
     return {"faithfulness": ratio(masks), "clean": float(clean.mean()), "ablated": float(ablated.mean()),
-            "n_features": int(sum(int(m.sum()) for m in masks.values())),
-            "random": [ratio(random_masks(masks, gen)) for _ in range(n_random)]}
+            "n_features": int(sum(int((m & nodes[n]).sum()) for n, m in masks.items())),
+            "random": [ratio({n: m | outside[n] for n, m in random_masks(masks, gen, nodes).items()})
+                       for _ in range(n_random)]}
