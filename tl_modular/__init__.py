@@ -40,11 +40,12 @@ __version__ = "0.1.0.dev0"
 
 # submodules that load on first use, by attribute name (``tlm.statistics`` is compression's statistics)
 _SUBMODULES = {name: f"tl_modular.{name}" for name in ("toy", "textlm", "tasks", "patching", "testing", "circuits",
-                                                        "sae", "report", "training", "labeling", "diffing")}
+                                                        "sae", "report", "training", "labeling", "diffing",
+                                                        "attribution")}
 _SUBMODULES.update(statistics="tl_modular.compression.statistics", fidelity="tl_modular.compression.fidelity")
 # names re-exported from submodules that load on first use (labeling pulls in the openai client lazily)
 _LAZY = {"label": "labeling", "Labels": "labeling", "OpenAILabeler": "labeling", "OfflineLabeler": "labeling",
-         "OfflineSimulator": "labeling"}
+         "OfflineSimulator": "labeling", "attribution_graph": "attribution", "AttributionGraph": "attribution"}
 
 __all__ = [
     "ArtifactError",
