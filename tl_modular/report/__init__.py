@@ -69,7 +69,7 @@ def textlm_inputs(*, n_tokens: int = 4096, seq_len: int = 128, n_examples: int =
     model = textlm.load_model() if model is None else model
     if tokens is None:
         tokens = textlm.tokens("train", n_tokens, seq_len)
-        data = {"source": "tl_modular.textlm train sample", "kind": "tokens", "read": len(textlm.token_stream()),
+        data = {"source": "tl_modular.textlm train sample", "kind": "tokens", "read": len(textlm.token_stream("train")),
                 "used": int(tokens.shape[0] * (seq_len - 1)), "rows": int(tokens.shape[0]), "seq_len": seq_len}
         data["dropped"] = data["read"] - data["used"]
     categories = {name: getattr(tasks, name)(model.tokenizer, n_examples, seed=seed)
