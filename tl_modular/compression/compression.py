@@ -36,6 +36,7 @@ from typing import Any, Literal
 import torch
 from jaxtyping import Float, Int
 
+from tl_modular._hooks import hook_guard
 from tl_modular._io import check_shapes, read_safetensors, read_versioned_json, reading, write_json, write_safetensors
 from tl_modular._models import fingerprint
 from tl_modular._names import act_name
@@ -238,7 +239,7 @@ class Compression:
         for n in names:
             self[n]
         hooks = restriction_hooks(model, self, names, restrict_first=restrict_first)
-        with model.hooks(fwd_hooks=hooks):
+        with hook_guard(model), model.hooks(fwd_hooks=hooks):
             yield model
 
     def refined(self, model: Any, tokens: Int[torch.Tensor, "batch pos"], *, steps: int = 300, **kwargs: Any

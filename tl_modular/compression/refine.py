@@ -20,6 +20,7 @@ import torch
 from jaxtyping import Int
 from tqdm.auto import tqdm
 
+from tl_modular._hooks import hook_guard
 from tl_modular._tokens import check_tokens
 from tl_modular.compression.restriction import restriction_hooks
 
@@ -73,7 +74,7 @@ def refine(comp: Any, model: Any, tokens: Int[torch.Tensor, "batch pos"], *, ste
         with torch.no_grad():
             clean = model(batch, **kwargs)[:, :-1].float().log_softmax(-1)
         hooks = restriction_hooks(model, comp, names, restrict_first=False, override=params)
-        with torch.enable_grad(), model.hooks(fwd_hooks=hooks):
+        with torch.enable_grad(), hook_guard(model), model.hooks(fwd_hooks=hooks):
             logp = model(batch, **kwargs)[:, :-1].float().log_softmax(-1)
             kl = (clean.exp() * (clean - logp)).sum(-1)
             weights = torch.ones_like(kl) if mask is None else mask[:, 1:].to(kl)

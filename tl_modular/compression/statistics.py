@@ -33,6 +33,7 @@ import torch
 from jaxtyping import Float, Int
 from tqdm.auto import tqdm
 
+from tl_modular._hooks import hook_guard, run_with_cache
 from tl_modular._names import act_name
 from tl_modular._tokens import check_tokens, position_weights
 from tl_modular.segmentation import Channel, ChannelSet, segment
@@ -315,7 +316,7 @@ class _Accumulator:
         names = set(self.hook_names())
         kwargs = {} if mask is None else {"attention_mask": mask}
         clock = time.perf_counter()
-        _, cache = self.model.run_with_cache(batch, names_filter=lambda n: n in names, **kwargs)
+        _, cache = run_with_cache(self.model, batch, names_filter=lambda n: n in names, **kwargs)
         self._tick("forward", clock)
         self.consume(cache, batch, mask)
 
@@ -411,7 +412,7 @@ class _Accumulator:
         y = cache[heads[0].input_hook]
         hooks = [(act_name(p, layer), replace(p)) for p in "qkv"] + [(act_name("z", layer), keep_z)]
         kwargs = {} if mask is None else {"attention_mask": mask}
-        with torch.enable_grad(), self.model.hooks(fwd_hooks=hooks):
+        with torch.enable_grad(), hook_guard(self.model), self.model.hooks(fwd_hooks=hooks):
             attn(query_input=y, key_input=y, value_input=y, **kwargs)
             z = z_out["z"]                                                # [b, n, h, d]
             w_o = torch.stack([c.weights["W_O"].detach() for c in heads])  # [h', d, m]

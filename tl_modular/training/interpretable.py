@@ -55,6 +55,7 @@ from jaxtyping import Float, Int
 from tqdm.auto import tqdm
 
 from tl_modular._aio import run_sync
+from tl_modular._hooks import hook_guard, run_with_cache
 from tl_modular._io import (
     SCHEMA_VERSION,
     read_json,
@@ -316,7 +317,7 @@ def _acts(model: Any, layer: int, tokens: torch.Tensor, mask: torch.Tensor | Non
     with torch.no_grad():
         for s in range(0, tokens.shape[0], batch_size):
             kw = {"attention_mask": mask[s:s + batch_size].to(device)} if mask is not None else {}
-            _, cache = model.run_with_cache(tokens[s:s + batch_size].to(device), names_filter=hook,
+            _, cache = run_with_cache(model, tokens[s:s + batch_size].to(device), names_filter=hook,
                                             stop_at_layer=layer + 1, return_type=None, **kw)
             out.append(cache[hook][..., idx.to(device)].float().cpu())
     return torch.cat(out)
@@ -705,7 +706,7 @@ class _Match:
             return act
 
         kw = {"attention_mask": self.mask[pick]} if self.mask is not None else {}
-        with model.hooks(fwd_hooks=[(act_name("post", self.layer), keep)]):
+        with hook_guard(model), model.hooks(fwd_hooks=[(act_name("post", self.layer), keep)]):
             model(self.tokens[pick], stop_at_layer=self.layer + 1, **kw)
         act = got["act"][..., self.idx]
         w = self.weight[pick]

@@ -1,0 +1,141 @@
+"""Hooks that an interrupt cannot leave behind.
+
+Every pass that adds hooks to the user's model runs inside :func:`hook_guard` (``model.hooks(...)``,
+``run_with_cache``, ``run_with_hooks`` all inside one). The guard records which hooks each module held on
+entry and, in a ``finally``, removes every hook added since, by its handle id, then restores
+TransformerLens' ``context_level`` and ``is_caching``. TransformerLens removes its own hooks in a
+``finally`` too, but a second ``KeyboardInterrupt`` arriving inside its removal loop stops it half way;
+here removal is retried until it completes, and an interrupt that arrives during it is re-raised
+after, so the caller still sees the ``KeyboardInterrupt``.
+
+>>> from tl_modular import toy
+>>> model = toy.load_model()
+>>> with hook_guard(model), model.hooks(fwd_hooks=[("blocks.0.hook_resid_pre", lambda x, hook: x)]):
+...     _ = model(torch.tensor([[1, 2, 3]]))
+>>> from tl_modular._models import count_hooks
+>>> count_hooks(model)
+0
+"""
+
+from __future__ import annotations
+
+import signal
+import threading
+from typing import Any
+
+import torch
+
+__all__ = ["hook_guard", "run_with_cache", "run_with_hooks"]
+
+# Every per-module dict in which torch keeps hooks (keyed by handle id); absent ones are skipped.
+_HOOK_DICTS = ("_forward_hooks", "_forward_hooks_with_kwargs", "_forward_hooks_always_called",
+               "_forward_pre_hooks", "_forward_pre_hooks_with_kwargs", "_backward_hooks",
+               "_backward_pre_hooks", "_state_dict_hooks", "_load_state_dict_pre_hooks")
+_LENS_LISTS = ("fwd_hooks", "bwd_hooks")  # TransformerLens' per-HookPoint lists of LensHandles
+# Config switches a pass may flip (patching.split_inputs) and must leave as it found them.
+_CFG_FLAGS = ("use_attn_in", "use_split_qkv_input", "use_hook_mlp_in", "use_attn_result", "use_hook_tokens")
+
+
+def _snapshot(model: torch.nn.Module) -> list[tuple[Any, dict[str, set[int]], dict[str, list[Any]]]]:
+    # Only HookPoints: that is where TransformerLens and tl_modular attach hooks, while a TransformerBridge
+    # installs private capture hooks on its wrapped modules at the first forward pass and must keep them.
+    from transformer_lens.hook_points import HookPoint
+
+    state = []
+    for module in model.modules():
+        if not isinstance(module, HookPoint):
+            continue
+        keys = {name: set(d) for name in _HOOK_DICTS if isinstance(d := getattr(module, name, None), dict)}
+        lens = {name: list(v) for name in _LENS_LISTS if isinstance(v := module.__dict__.get(name), list)}
+        state.append((module, keys, lens))
+    return state
+
+
+def _restore(model: torch.nn.Module, state: list, context_level: Any, is_caching: Any,
+             flags: dict[str, Any]) -> None:
+    """Remove every hook not in ``state``; idempotent, so it can be retried after an interrupt."""
+    cfg = getattr(model, "cfg", None)
+    for name, value in flags.items():
+        setattr(cfg, name, value)
+    for module, keys, lens in state:
+        for name, before in keys.items():
+            d = getattr(module, name)
+            for key in [k for k in d if k not in before]:
+                d.pop(key, None)
+        for name, before in lens.items():
+            module.__dict__[name] = list(before)
+    if context_level is not None:
+        model.context_level = context_level
+    if is_caching is not None:
+        model.is_caching = is_caching
+
+
+def _restore_uninterruptibly(model: torch.nn.Module, state: list, context_level: Any, is_caching: Any,
+                             flags: dict[str, Any]) -> None:
+    """:func:`_restore` until it completes; a ``KeyboardInterrupt`` meanwhile is raised after."""
+    pending: BaseException | None = None
+    masked = False
+    while True:
+        try:
+            if not masked and threading.current_thread() is threading.main_thread() and \
+                    hasattr(signal, "pthread_sigmask"):
+                # Blocking SIGINT at the OS level keeps new Ctrl-C out of the loop; one whose handler is
+                # already pending still arrives as KeyboardInterrupt, which the retry absorbs.
+                signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})
+                masked = True
+            _restore(model, state, context_level, is_caching, flags)
+            break
+        except KeyboardInterrupt as e:  # retry: removal is idempotent
+            pending = e
+    while masked:
+        try:
+            signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT})  # a blocked Ctrl-C is delivered here
+            masked = False
+        except KeyboardInterrupt as e:
+            pending, masked = e, False
+    if pending is not None:
+        raise pending
+
+
+class hook_guard:  # noqa: N801 - used as a function: ``with hook_guard(model):``
+    """Within it, hooks may be added to ``model`` freely: all are removed on exit, however it exits.
+
+    A class rather than a ``@contextmanager`` generator: an interrupt inside contextlib's ``__exit__``
+    would leave the generator suspended, its ``finally`` deferred to garbage collection.
+
+    >>> from tl_modular import toy
+    >>> model = toy.load_model()
+    >>> with hook_guard(model):
+    ...     _ = model.run_with_cache(torch.tensor([[1, 2, 3]]))
+    >>> from tl_modular._models import count_hooks
+    >>> count_hooks(model)
+    0
+    """
+
+    def __init__(self, model: torch.nn.Module) -> None:
+        self.model = model
+        self._saved: tuple | None = None
+
+    def __enter__(self) -> torch.nn.Module:
+        model = self.model
+        cfg = getattr(model, "cfg", None)
+        flags = {name: getattr(cfg, name) for name in _CFG_FLAGS if hasattr(cfg, name)}
+        self._saved = (_snapshot(model), getattr(model, "context_level", None),
+                       getattr(model, "is_caching", None), flags)
+        return model
+
+    def __exit__(self, *exc: Any) -> None:
+        if self._saved is not None:
+            _restore_uninterruptibly(self.model, *self._saved)
+
+
+def run_with_cache(model: Any, *args: Any, **kwargs: Any) -> Any:
+    """``model.run_with_cache(...)`` inside :func:`hook_guard`."""
+    with hook_guard(model):
+        return model.run_with_cache(*args, **kwargs)
+
+
+def run_with_hooks(model: Any, *args: Any, **kwargs: Any) -> Any:
+    """``model.run_with_hooks(...)`` inside :func:`hook_guard`."""
+    with hook_guard(model):
+        return model.run_with_hooks(*args, **kwargs)
