@@ -38,7 +38,7 @@ from jaxtyping import Float, Int
 
 from tl_modular._hooks import hook_guard
 from tl_modular._io import check_shapes, read_safetensors, read_versioned_json, reading, write_json, write_safetensors
-from tl_modular._models import fingerprint
+from tl_modular._models import check_finite, fingerprint
 from tl_modular._names import act_name
 from tl_modular.compression.fidelity import fidelity
 from tl_modular.compression.fisher import FisherStats, collect_fisher
@@ -510,6 +510,7 @@ def compress(
         raise ValueError("pass tokens (or precomputed statistics=)")
     if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
         raise ValueError(f"batch_size must be a positive integer (sequences per forward pass), got {batch_size!r}")
+    check_finite(model, "compress")
     names = [c.name for c in chans.of_kind("head", "mlp")] if channels is None else list(channels)
     for name in names:
         if chans[name].kind not in ("head", "mlp"):

@@ -387,7 +387,7 @@ def collect_evidence(units: Sequence[Unit], model: Any, tokens: Int[torch.Tensor
         circuits: A CircuitSet (or ``{category: Circuit}``), for the categories that use a unit.
     """
     cfg = config or EvidenceConfig()
-    tokens, attention_mask = check_tokens(tokens, attention_mask)
+    tokens, attention_mask = check_tokens(tokens, attention_mask, model=model)
     if not units:
         raise ValueError("no units to collect evidence for")
     if len({u.name for u in units}) != len(units):

@@ -134,7 +134,7 @@ def iter_activations(model: Any, tokens: Int[torch.Tensor, "batch pos"], hooks: 
                      attention_mask: torch.Tensor | None = None, batch_size: int = 32,
                      ) -> Iterator[dict[str, torch.Tensor]]:
     """Yield ``{hook: [n_valid, width]}`` per batch (position 0 and padding dropped), streaming."""
-    tokens, attention_mask = check_tokens(tokens, attention_mask)
+    tokens, attention_mask = check_tokens(tokens, attention_mask, model=model)
     hooks = list(dict.fromkeys(hooks))
     stop = stop_layer(model, hooks)
     for start in range(0, tokens.shape[0], batch_size):
@@ -233,7 +233,7 @@ def quality(model: Any, sae: Any, tokens: Int[torch.Tensor, "batch pos"], *,
     prediction counts (e.g. the bundled model's scored positions, ``mixed_tokens(scored=True)``).
     """
     hook = check_fits(sae, model)
-    tokens, attention_mask = check_tokens(tokens, attention_mask)
+    tokens, attention_mask = check_tokens(tokens, attention_mask, model=model)
     d_sae = int(sae.cfg.d_sae)
     fired = torch.zeros(d_sae, dtype=torch.bool)
     sq_err = l0 = n = 0.0
