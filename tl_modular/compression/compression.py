@@ -37,7 +37,16 @@ import torch
 from jaxtyping import Float, Int
 
 from tl_modular._hooks import hook_guard
-from tl_modular._io import check_shapes, read_safetensors, read_versioned_json, reading, write_json, write_safetensors
+from tl_modular._io import (
+    bind_files,
+    check_bound,
+    check_shapes,
+    read_safetensors,
+    read_versioned_json,
+    reading,
+    write_json,
+    write_safetensors,
+)
 from tl_modular._models import check_finite, fingerprint
 from tl_modular._names import act_name
 from tl_modular.compression.fidelity import fidelity
@@ -293,8 +302,11 @@ class Compression:
                 "rank": s.rank, "statistic": s.statistic, "centered": s.centered}
         meta = {"kind": "compression", "model_fingerprint": self.model_fingerprint, "n_tokens": self.n_tokens,
                 "config": self.config, "channels": index}
-        write_safetensors(directory / "compression.safetensors", tensors, {"kind": "compression"})
-        write_json(directory / "compression.json", {"schema_version": 1, **meta})
+        # tensors first, the index last, binding them (a save interrupted between them is refused at load)
+        write_safetensors(directory / "compression.safetensors", tensors,
+                          {"kind": "compression", "bound_to": "compression.json"})
+        write_json(directory / "compression.json", {"schema_version": 1, **meta,
+                                                    "files": bind_files(directory, ["compression.safetensors"])})
         return directory
 
     @classmethod
@@ -303,6 +315,7 @@ class Compression:
         directory, writer = Path(directory), "Compression.save (compress again)"
         meta = read_versioned_json(directory, "compression.json", "compression", writer, schema_key="kind",
                                    version_key="schema_version", required=("channels", "model_fingerprint"))
+        check_bound(directory, "compression.json", meta, ["compression.safetensors"], writer)
         tensors, _ = read_safetensors(directory / "compression.safetensors", writer=writer)
         tensors = {k: v.to(torch.float64) for k, v in tensors.items()}
         channels = {}
