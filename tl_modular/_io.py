@@ -160,11 +160,11 @@ def check_shapes(tensors: Mapping[str, torch.Tensor], shapes: Mapping[str, Seque
 # first, each tagged ``bound_to`` the index, and the index last, recording each member's digest;
 # loading checks them (check_bound), and a mix is an ArtifactError, never wrong numbers.
 
-def _digest(path: Path) -> str:
+def _digest(path: Path, writer: str | None = None) -> str:
     """A member file's digest: a safetensors file's content hash (from its header, which
     read_safetensors checks against the tensors), else the SHA-256 of the file's bytes."""
     if path.suffix == ".safetensors":
-        digest = read_safetensors_header(path).get("sha256")
+        digest = read_safetensors_header(path, writer=writer).get("sha256")
         if digest:
             return str(digest)
     h = hashlib.sha256()
@@ -186,6 +186,7 @@ def check_bound(directory: str | os.PathLike, index: str, meta: Mapping[str, Any
 
     An index with a ``files`` record must match each member's digest; an index without one (written
     by an older release) must not sit beside a member that says it is ``bound_to`` an index.
+    Call it after the members' own checks (damage, shapes), which name the problem more precisely.
     """
     directory = Path(directory)
     files = meta.get("files")
@@ -194,7 +195,7 @@ def check_bound(directory: str | os.PathLike, index: str, meta: Mapping[str, Any
         if not path.exists():
             continue  # the member's own reader says the file is missing
         if isinstance(files, Mapping) and name in files:
-            if _digest(path) == files[name]:
+            if _digest(path, writer) == files[name]:
                 continue
         elif path.suffix != ".safetensors" or not read_safetensors_header(path, writer=writer).get("bound_to"):
             continue

@@ -315,7 +315,6 @@ class Compression:
         directory, writer = Path(directory), "Compression.save (compress again)"
         meta = read_versioned_json(directory, "compression.json", "compression", writer, schema_key="kind",
                                    version_key="schema_version", required=("channels", "model_fingerprint"))
-        check_bound(directory, "compression.json", meta, ["compression.safetensors"], writer)
         tensors, _ = read_safetensors(directory / "compression.safetensors", writer=writer)
         tensors = {k: v.to(torch.float64) for k, v in tensors.items()}
         channels = {}
@@ -336,6 +335,7 @@ class Compression:
                 read = ReadSpace({k[5:]: s for k, s in sides.items() if k.startswith("read:")})
                 channels[name] = ChannelCompression(name, info["kind"], read, sides["write"])
             comp = cls(channels, meta["model_fingerprint"], meta.get("n_tokens"), meta.get("config", {}))
+        check_bound(directory, "compression.json", meta, ["compression.safetensors"], writer)  # from one save?
         if model is not None:
             comp.check_model(model)
         return comp

@@ -96,10 +96,10 @@ def load_model(directory: str | os.PathLike | None = None, *, device: str | torc
     with reading(directory / "config.json", writer):
         cfg = HookedTransformerConfig(**{**spec["config"], "device": str(device)})
     model = HookedTransformer(cfg, move_to_device=False)
-    check_bound(directory, "config.json", spec, ["model.safetensors"], writer)
     state, _ = read_safetensors(directory / "model.safetensors", device=device, writer=writer)
     with reading(directory / "model.safetensors", writer):    # missing or misshapen weights
         model.load_state_dict(state, strict=True)
+    check_bound(directory, "config.json", spec, ["model.safetensors"], writer)  # both from one save?
     if (directory / "tokenizer.json").exists():
         from transformers import AutoTokenizer
 
