@@ -74,25 +74,24 @@ def _restore_uninterruptibly(model: torch.nn.Module, state: list, context_level:
                              flags: dict[str, Any]) -> None:
     """:func:`_restore` until it completes; a ``KeyboardInterrupt`` meanwhile is raised after."""
     pending: BaseException | None = None
-    masked = False
+    old_mask: Any = None
     while True:
         try:
-            if not masked and threading.current_thread() is threading.main_thread() and \
+            if old_mask is None and threading.current_thread() is threading.main_thread() and \
                     hasattr(signal, "pthread_sigmask"):
                 # Blocking SIGINT at the OS level keeps new Ctrl-C out of the loop; one whose handler is
                 # already pending still arrives as KeyboardInterrupt, which the retry absorbs.
-                signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})
-                masked = True
+                old_mask = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})
             _restore(model, state, context_level, is_caching, flags)
             break
         except KeyboardInterrupt as e:  # retry: removal is idempotent
             pending = e
-    while masked:
+    while old_mask is not None:
         try:
-            signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT})  # a blocked Ctrl-C is delivered here
-            masked = False
+            mask, old_mask = old_mask, None
+            signal.pthread_sigmask(signal.SIG_SETMASK, mask)  # the caller's mask; a blocked Ctrl-C arrives here
         except KeyboardInterrupt as e:
-            pending, masked = e, False
+            pending = e
     if pending is not None:
         raise pending
 
