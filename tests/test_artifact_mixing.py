@@ -138,3 +138,33 @@ def test_interrupted_toy_model_save_never_loads_as_a_mix(tmp_path, monkeypatch):
         assert which, f"a mix after {k} writes"
         seen.add(which[0])
     assert seen == {"old", "error", "new"}
+
+
+def test_interrupted_build_checkpoint_never_resumes_from_a_mix(tmp_path, monkeypatch):
+    from tl_modular.training.interpretable import BuildConfig, _checkpoint, _resume
+
+    cfg, root = BuildConfig(), tmp_path / "build"
+    root.mkdir()
+    old, new = tiny_model("gpt2", seed=0), tiny_model("gpt2", seed=1)
+    seen = set()
+    for k in range(3):
+        _checkpoint(root, old, cfg, {"run": "old"}, [])
+        with monkeypatch.context() as m:
+            _interrupt_after(m, k)
+            try:
+                _checkpoint(root, new, cfg, {"run": "new"}, [])
+            except _Killed:
+                pass
+        into = tiny_model("gpt2", seed=2)
+        try:
+            state = _resume(root, cfg, into)
+        except ArtifactError as e:
+            _bad.tried()
+            assert "interrupted" in str(e) and "build_state.json" in str(e) and "model.safetensors" in str(e)
+            seen.add("error")
+            continue
+        which = state["initial"]["run"]
+        weights = (old if which == "old" else new).state_dict()
+        assert all(torch.equal(v, weights[n]) for n, v in into.state_dict().items()), f"a mix after {k} writes"
+        seen.add(which)
+    assert seen == {"old", "error", "new"}
