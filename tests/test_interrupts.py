@@ -20,11 +20,11 @@ import pytest
 import torch
 
 import tl_modular as tlm
-from tl_modular._hooks import hook_guard
+from tl_modular._hooks import _func_outside, hook_guard
 from tl_modular.testing import tiny_model
 
 pytestmark = pytest.mark.usefixtures("one_thread")
-MOMENTS = 50  # per entry; the whole file takes ~20 s on one core
+MOMENTS = 50  # per entry; the whole file takes ~20 s on one core (TLM_INTERRUPT_SEED=n: other moments)
 
 
 def _stray_hooks(model) -> list[str]:
@@ -100,23 +100,6 @@ def _settle(thread: threading.Thread) -> None:
             continue
 
 
-def _resync_forward_ad() -> None:
-    """Known gap, not hooks: an interrupt inside ``torch.func.jvp`` can leave torch's Python and C++
-    forward-AD levels out of step (torch's own bookkeeping), and the next ``jvp`` then refuses to run.
-    Put them back in step so each moment tests hooks and weights alone."""
-    import torch.autograd.forward_ad as fwAD
-
-    try:
-        level = torch._C._enter_dual_level()
-    except RuntimeError:  # "nested forward mode AD": the interrupted jvp's level is still open
-        torch._C._exit_dual_level(level=0)
-        level = torch._C._enter_dual_level()
-    torch._C._exit_dual_level(level=level)
-    fwAD._current_level = -1  # forward AD has one level; none is open between passes
-    while torch._C._functorch.maybe_current_level() is not None:  # a torch.func transform left open
-        torch._C._functorch._func_decrement_nesting()
-
-
 def _interrupt_at_random(model, call, seconds: float, rng: random.Random) -> dict[str, int]:
     weights = {k: v.clone() for k, v in model.state_dict().items()}
     flags = {k: getattr(model.cfg, k) for k in ("use_split_qkv_input", "use_attn_in", "use_hook_mlp_in")}
@@ -137,11 +120,11 @@ def _interrupt_at_random(model, call, seconds: float, rng: random.Random) -> dic
             _settle(sender)
             sys.settrace(None)
             SECOND["after_calls"] = 0
-            _resync_forward_ad()
         outcomes[outcome] += 1
         assert _stray_hooks(model) == [], f"moment {i} ({delays}): hooks left {_stray_hooks(model)}"
         assert all(torch.equal(v, weights[k]) for k, v in model.state_dict().items()), f"moment {i}: weights"
         assert {k: getattr(model.cfg, k) for k in flags} == flags, f"moment {i}: config switches changed"
+        assert _func_outside(), f"moment {i}: torch.func levels left open"
     return outcomes
 
 
@@ -174,7 +157,8 @@ def test_sigint_at_random_moments_leaves_no_hook(world, entry, ctrl_c):
     start = time.perf_counter()
     call()  # warm, and time it so the moments span the whole call
     seconds = time.perf_counter() - start
-    outcomes = _interrupt_at_random(model, call, seconds, random.Random(hash(entry) % 1000))
+    rng = random.Random(f"{entry}-{os.environ.get('TLM_INTERRUPT_SEED', '0')}")
+    outcomes = _interrupt_at_random(model, call, seconds, rng)
     assert outcomes["interrupted"] >= 5, outcomes  # the moments did land inside the call
 
 

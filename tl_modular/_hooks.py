@@ -25,7 +25,7 @@ from typing import Any
 
 import torch
 
-__all__ = ["hook_guard", "run_with_cache", "run_with_hooks"]
+__all__ = ["func_guard", "hook_guard", "run_with_cache", "run_with_hooks"]
 
 # Every per-module dict in which torch keeps hooks (keyed by handle id); absent ones are skipped.
 _HOOK_DICTS = ("_forward_hooks", "_forward_hooks_with_kwargs", "_forward_hooks_always_called",
@@ -126,6 +126,58 @@ class hook_guard:  # noqa: N801 - used as a function: ``with hook_guard(model):`
     def __exit__(self, *exc: Any) -> None:
         if self._saved is not None:
             _restore_uninterruptibly(self.model, *self._saved)
+
+
+def _func_outside() -> bool:
+    """No torch.func transform and no forward-AD level open (the state between passes)."""
+    import torch.autograd.forward_ad as fwAD
+
+    return fwAD._current_level == -1 and torch._C._functorch.maybe_current_level() is None
+
+
+def _reset_func_levels() -> None:
+    """Close what an interrupted torch.func transform left open and put torch's Python-side level
+    counters back in step with its C++ ones (idempotent)."""
+    import torch._functorch.eager_transforms as eager
+    import torch.autograd.forward_ad as fwAD
+
+    while torch._C._functorch.maybe_current_level() is not None:
+        torch._C._functorch._func_decrement_nesting()
+    try:
+        level = torch._C._enter_dual_level()
+    except RuntimeError:  # "nested forward mode AD": the interrupted jvp's level is still open
+        torch._C._exit_dual_level(level=0)
+        level = torch._C._enter_dual_level()
+    torch._C._exit_dual_level(level=level)
+    fwAD._current_level = -1
+    if hasattr(eager, "JVP_NESTING"):
+        eager.JVP_NESTING = 0
+
+
+class func_guard:  # noqa: N801 - used as a function: ``with func_guard():``
+    """Around ``torch.func.jvp`` / ``vjp`` calls made outside any transform: an interrupt inside one
+    can leave torch's level bookkeeping out of step (the Python counter is updated after the C++
+    call), and every later ``jvp`` in the process then fails; on an exception, put it back.
+
+    >>> with func_guard():
+    ...     _ = torch.func.jvp(torch.sin, (torch.zeros(2),), (torch.ones(2),))
+    """
+
+    def __enter__(self) -> None:
+        self._outside = _func_outside()
+
+    def __exit__(self, exc_type: Any, *exc: Any) -> None:
+        if exc_type is None or not self._outside:
+            return
+        pending: BaseException | None = None
+        while True:
+            try:
+                _reset_func_levels()
+                break
+            except KeyboardInterrupt as e:  # retry: the reset is idempotent
+                pending = e
+        if pending is not None:
+            raise pending
 
 
 def run_with_cache(model: Any, *args: Any, **kwargs: Any) -> Any:

@@ -33,7 +33,7 @@ import torch
 from jaxtyping import Float, Int
 from tqdm.auto import tqdm
 
-from tl_modular._hooks import hook_guard, run_with_cache
+from tl_modular._hooks import func_guard, hook_guard, run_with_cache
 from tl_modular._names import act_name
 from tl_modular._tokens import check_tokens, position_weights
 from tl_modular.segmentation import Channel, ChannelSet, segment
@@ -448,9 +448,10 @@ class _Accumulator:
         for _ in range(self.n_probes):
             u = torch.randint(0, 2, out.shape, generator=self.gen, device=out.device).to(out) * 2 - 1
             t = torch.randint(0, 2, y.shape, generator=self.gen, device=y.device).to(y) * 2 - 1
-            _, pullback = torch.func.vjp(fn, y)
-            (g,) = pullback(u)
-            _, jz = torch.func.jvp(fn, (y,), (t,))
+            with func_guard():
+                _, pullback = torch.func.vjp(fn, y)
+                (g,) = pullback(u)
+                _, jz = torch.func.jvp(fn, (y,), (t,))
             g, jz = g.to(torch.float64), jz.to(torch.float64)
             self._add(self.port, (c.name, "in"), g.T @ g / self.n_probes)
             self._add(self.mlp_write, c.name, jz.T @ jz / self.n_probes)
@@ -459,7 +460,8 @@ class _Accumulator:
         """Per-token slopes s with J = W_in' diag(s) W_out' (stacked for gated MLPs)."""
         pre = cache[act_name("pre", c.layer)][valid]
         ones = torch.ones_like(pre)
-        act, slope = torch.func.jvp(_act_fn(self.model, mlp), (pre,), (ones,))
+        with func_guard():
+            act, slope = torch.func.jvp(_act_fn(self.model, mlp), (pre,), (ones,))
         if not self.cfg.gated_mlp:
             return slope.to(torch.float64)
         lin = cache[act_name("pre_linear", c.layer)][valid]
