@@ -5,8 +5,8 @@ Every pass that adds hooks to the user's model runs inside :func:`hook_guard` (`
 entry and, in a ``finally``, removes every hook added since, by its handle id, then restores
 TransformerLens' ``context_level`` and ``is_caching``. TransformerLens removes its own hooks in a
 ``finally`` too, but a second ``KeyboardInterrupt`` arriving inside its removal loop stops it half way;
-here removal is retried until it completes, and an interrupt that arrives during it is re-raised
-after, so the caller still sees the ``KeyboardInterrupt``.
+here a Ctrl-C during removal is deferred, removal is retried if one got through, and the interrupt
+is re-raised after, so the caller still sees the ``KeyboardInterrupt``.
 
 >>> from tl_modular import toy
 >>> model = toy.load_model()
@@ -20,6 +20,7 @@ after, so the caller still sees the ``KeyboardInterrupt``.
 from __future__ import annotations
 
 import signal
+import sys
 import threading
 from typing import Any
 
@@ -33,6 +34,7 @@ _HOOK_DICTS = ("_forward_hooks", "_forward_hooks_with_kwargs", "_forward_hooks_a
                "_backward_pre_hooks", "_state_dict_hooks", "_load_state_dict_pre_hooks")
 _LENS_LISTS = ("fwd_hooks", "bwd_hooks")  # TransformerLens' per-HookPoint lists of LensHandles
 # Config switches a pass may flip (patching.split_inputs) and must leave as it found them.
+_UNSET = object()
 _CFG_FLAGS = ("use_attn_in", "use_split_qkv_input", "use_hook_mlp_in", "use_attn_result", "use_hook_tokens")
 
 
@@ -74,22 +76,30 @@ def _restore_uninterruptibly(model: torch.nn.Module, state: list, context_level:
                              flags: dict[str, Any]) -> None:
     """:func:`_restore` until it completes; a ``KeyboardInterrupt`` meanwhile is raised after."""
     pending: BaseException | None = None
-    old_mask: Any = None
+    deferred: list[int] = []
+    previous: Any = _UNSET  # the SIGINT handler, set aside while removing
+
+    def defer(signum: int, frame: Any) -> None:
+        deferred.append(signum)
+
     while True:
         try:
-            if old_mask is None and threading.current_thread() is threading.main_thread() and \
-                    hasattr(signal, "pthread_sigmask"):
-                # Blocking SIGINT at the OS level keeps new Ctrl-C out of the loop; one whose handler is
-                # already pending still arrives as KeyboardInterrupt, which the retry absorbs.
-                old_mask = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})
+            if previous is _UNSET and threading.current_thread() is threading.main_thread() and \
+                    signal.getsignal(signal.SIGINT) is not None:  # None: a handler Python cannot put back
+                # Ctrl-C during removal is recorded, not raised (a signal masked in this thread would
+                # still trip Python's handler through another thread); one raised before this line is
+                # absorbed by the retry.
+                previous = signal.signal(signal.SIGINT, defer)
             _restore(model, state, context_level, is_caching, flags)
             break
         except KeyboardInterrupt as e:  # retry: removal is idempotent
             pending = e
-    while old_mask is not None:
+    while previous is not _UNSET:
         try:
-            mask, old_mask = old_mask, None
-            signal.pthread_sigmask(signal.SIG_SETMASK, mask)  # the caller's mask; a blocked Ctrl-C arrives here
+            handler, previous = previous, _UNSET
+            signal.signal(signal.SIGINT, handler)
+            if deferred and pending is None and callable(handler):
+                handler(signal.SIGINT, sys._getframe())  # the Ctrl-C that came during removal, now
         except KeyboardInterrupt as e:
             pending = e
     if pending is not None:
