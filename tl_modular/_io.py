@@ -31,8 +31,9 @@ from safetensors.torch import load_file, safe_open, save_file
 
 from tl_modular.errors import ArtifactError, UnsupportedModelError
 
-__all__ = ["SCHEMA_VERSION", "ArtifactError", "check_shapes", "read_json", "read_safetensors",
-           "read_safetensors_header", "read_versioned_json", "reading", "write_json", "write_safetensors", "write_text"]
+__all__ = ["SCHEMA_VERSION", "ArtifactError", "bind_files", "check_bound", "check_shapes", "read_json",
+           "read_safetensors", "read_safetensors_header", "read_versioned_json", "reading", "write_json",
+           "write_safetensors", "write_text"]
 
 #: Version of the on-disk formats written by tl_modular.
 SCHEMA_VERSION = 1
@@ -151,6 +152,56 @@ def check_shapes(tensors: Mapping[str, torch.Tensor], shapes: Mapping[str, Seque
             shown = tuple("*" if w is None else w for w in want)
             raise ArtifactError(f"{path}: tensor {name!r} has shape {got}, expected {shown}: the file is damaged or "
                                 "belongs to another model" + _hint(writer), path=path)
+
+
+# --- multi-file artifacts ------------------------------------------------------------------------
+# Each file is written atomically, but a pair is not: a save interrupted between its files over an
+# older artifact would leave the old index with the new tensors. So the member files are written
+# first, each tagged ``bound_to`` the index, and the index last, recording each member's digest;
+# loading checks them (check_bound), and a mix is an ArtifactError, never wrong numbers.
+
+def _digest(path: Path, writer: str | None = None) -> str:
+    """A member file's digest: a safetensors file's content hash (from its header, which
+    read_safetensors checks against the tensors), else the SHA-256 of the file's bytes."""
+    if path.suffix == ".safetensors":
+        digest = read_safetensors_header(path, writer=writer).get("sha256")
+        if digest:
+            return str(digest)
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def bind_files(directory: str | os.PathLike, names: Sequence[str]) -> dict[str, str]:
+    """``{name: digest}`` of the member files already written in ``directory``, to record in the
+    index file written last (members written with ``write_safetensors(..., {"bound_to": index})``)."""
+    return {name: _digest(Path(directory) / name) for name in names}
+
+
+def check_bound(directory: str | os.PathLike, index: str, meta: Mapping[str, Any], members: Sequence[str],
+                writer: str | None = None) -> None:
+    """Refuse an index (``meta``, read from ``directory/index``) and member files from different saves.
+
+    An index with a ``files`` record must match each member's digest; an index without one (written
+    by an older release) must not sit beside a member that says it is ``bound_to`` an index.
+    Call it after the members' own checks (damage, shapes), which name the problem more precisely.
+    """
+    directory = Path(directory)
+    files = meta.get("files")
+    for name in members:
+        path = directory / name
+        if not path.exists():
+            continue  # the member's own reader says the file is missing
+        if isinstance(files, Mapping) and name in files:
+            if _digest(path, writer) == files[name]:
+                continue
+        elif path.suffix != ".safetensors" or not read_safetensors_header(path, writer=writer).get("bound_to"):
+            continue
+        raise ArtifactError(f"{path} and {directory / index} come from different saves: a save was interrupted "
+                            f"between them (the older {index} or {name} was left); neither is used" + _hint(writer),
+                            path=directory / index)
 
 
 def write_json(path: str | os.PathLike, obj: Any) -> None:

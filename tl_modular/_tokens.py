@@ -16,12 +16,13 @@ from jaxtyping import Bool, Float, Int
 __all__ = ["TextCounts", "check_tokens", "position_weights", "tokens_from_text", "valid_positions"]
 
 
-def check_tokens(tokens: Any, attention_mask: Any = None, *, model: Any = None
+def check_tokens(tokens: Any, attention_mask: Any = None, *, model: Any = None, name: str = "tokens"
                  ) -> tuple[Int[torch.Tensor, "batch pos"], Int[torch.Tensor, "batch pos"] | None]:
     """Check a ``[batch, pos]`` token batch (and its mask) before a pass; returns them unchanged.
 
     With ``model``, also check the length against ``model.cfg.n_ctx`` and the ids against
-    ``model.cfg.d_vocab``.
+    ``model.cfg.d_vocab`` (a negative id would silently wrap around in an embedding lookup).
+    ``name`` is the argument's name in the error messages.
 
     Raises:
         TypeError: ``tokens`` is not a 2-D integer tensor.
@@ -32,19 +33,24 @@ def check_tokens(tokens: Any, attention_mask: Any = None, *, model: Any = None
     torch.Size([1, 3])
     """
     if not isinstance(tokens, torch.Tensor) or tokens.ndim != 2 or tokens.dtype not in (torch.long, torch.int):
-        raise TypeError(f"tokens must be a [batch, pos] integer tensor (model.to_tokens(...) gives one), got "
+        raise TypeError(f"{name} must be a [batch, pos] integer tensor (model.to_tokens(...) gives one), got "
                         f"{getattr(tokens, 'shape', type(tokens))}")
     if tokens.shape[0] == 0 or tokens.shape[1] < 2:
-        raise ValueError(f"tokens {list(tokens.shape)} are empty: need at least one sequence of two or more "
+        raise ValueError(f"{name} {list(tokens.shape)} are empty: need at least one sequence of two or more "
                          "tokens (position 0 is excluded from statistics)")
     if model is not None:
         if tokens.shape[1] > model.cfg.n_ctx:
-            raise ValueError(f"sequences of {tokens.shape[1]} tokens exceed the model's n_ctx={model.cfg.n_ctx}; "
-                             "split them into shorter rows")
-        if tokens.min() < 0 or tokens.max() >= model.cfg.d_vocab:
-            raise ValueError(f"token ids must lie in [0, {model.cfg.d_vocab})")
+            raise ValueError(f"{name}: sequences of {tokens.shape[1]} tokens are longer than the model's context "
+                             f"(n_ctx={model.cfg.n_ctx}); split them into rows of at most {model.cfg.n_ctx} tokens")
+        d_vocab = model.cfg.d_vocab
+        bad = (tokens < 0) | (tokens >= d_vocab)
+        if bad.any():
+            row, pos = (int(i) for i in bad.nonzero()[0])
+            raise ValueError(f"{name}[{row}, {pos}] = {int(tokens[row, pos])} is not a token id of this model: "
+                             f"token ids must lie in [0, d_vocab={d_vocab}) ({int(bad.sum())} id(s) outside); "
+                             "tokenize with this model's tokenizer")
     if attention_mask is not None and attention_mask.shape != tokens.shape:
-        raise ValueError(f"attention_mask {list(attention_mask.shape)} must match tokens {list(tokens.shape)}")
+        raise ValueError(f"attention_mask {list(attention_mask.shape)} must match {name} {list(tokens.shape)}")
     return tokens, attention_mask
 
 

@@ -41,6 +41,7 @@ from tqdm.auto import tqdm
 from tl_modular._io import SCHEMA_VERSION, read_versioned_json, reading, write_json
 from tl_modular._names import split_port
 from tl_modular._stats import adjusted_rand_index, kmeans
+from tl_modular._tokens import check_tokens
 from tl_modular.graph import routes as _routes
 from tl_modular.graph.views import plot_circuits
 from tl_modular.patching import capture_writes, patch_routes
@@ -438,6 +439,12 @@ def find_circuits(graph: Any, model: Any, categories: Mapping[str, Task | torch.
     empty = [k for k, v in categories.items() if len(v.clean if isinstance(v, Task) else v) == 0]
     if empty:
         raise ValueError(f"categories {empty} hold no examples: give each at least one prompt")
+    for key, data in categories.items():
+        if isinstance(data, Task):
+            check_tokens(data.clean, model=model, name=f"categories[{key!r}].clean")
+            check_tokens(data.corrupted, model=model, name=f"categories[{key!r}].corrupted")
+        else:
+            check_tokens(data, model=model, name=f"categories[{key!r}]")
     channels = segment(model)
     routes = sorted(graph.routes("static"))
     senders = sorted({w for w, _ in routes})

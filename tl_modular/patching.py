@@ -27,6 +27,7 @@ from typing import Any, Literal
 import torch
 from jaxtyping import Float, Int
 
+from tl_modular._hooks import hook_guard
 from tl_modular._names import UNEMBED, act_name, port_hook, port_name, split_port, stream_index
 from tl_modular.segmentation import Channel, ChannelSet, segment
 from tl_modular.tasks.task import Task
@@ -260,7 +261,7 @@ def patch_routes(model: Any, channels: ChannelSet, tokens: Int[torch.Tensor, "ba
             hook, index, _ = _port(channels, port)
             by_hook.setdefault(hook, []).append((index, sender, i))
         fwd_hooks += [(hook, blend(hook, slots)) for hook, slots in by_hook.items()]
-    with split_inputs(model), model.hooks(fwd_hooks=fwd_hooks):
+    with hook_guard(model), split_inputs(model), model.hooks(fwd_hooks=fwd_hooks):
         return model(tokens, **forward_kwargs)
 
 
@@ -296,7 +297,7 @@ def patch_channels(model: Any, channels: ChannelSet, tokens: Int[torch.Tensor, "
         fwd_hooks.append((c.source_hook, hook_fn))
     for hook, shift in by_layer_bias.items():
         fwd_hooks.append((hook, lambda act, hook, shift=shift: act + shift.to(act)))
-    with model.hooks(fwd_hooks=fwd_hooks):
+    with hook_guard(model), model.hooks(fwd_hooks=fwd_hooks):
         return model(tokens, **forward_kwargs)
 
 
@@ -378,7 +379,7 @@ def path_effect(model: Any, task: Task, sender: str, receivers: Sequence[str], *
                 routes = [(sender, mlp.name)] + [(m, mlp.name) for m in path if valid_route(channels, m, mlp.name)]
                 out: dict[str, torch.Tensor] = {}
                 keep = lambda a, hook, out=out: out.__setitem__("w", a.clone())  # noqa: E731
-                with model.hooks(fwd_hooks=[(mlp.source_hook, keep)]):
+                with hook_guard(model), model.hooks(fwd_hooks=[(mlp.source_hook, keep)]):
                     patch_routes(model, channels, task.clean, routes, source)
                 source[mlp.name] = out["w"]
                 path.append(mlp.name)

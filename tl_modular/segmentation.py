@@ -182,8 +182,10 @@ class ChannelSet(Sequence[Channel]):
 
         >>> logits, cache = channels.run_with_cache(tokens)  # doctest: +SKIP
         """
+        from tl_modular._hooks import run_with_cache
+
         kwargs.setdefault("names_filter", self.names_filter)
-        return self.model.run_with_cache(tokens, **kwargs)
+        return run_with_cache(self.model, tokens, **kwargs)
 
     def residual(self, cache: Mapping[str, torch.Tensor]) -> Float[torch.Tensor, "... d_model"]:
         """The final residual stream (before ``ln_final``) from a cache."""

@@ -44,8 +44,18 @@ from typing import Any, Literal
 import torch
 from jaxtyping import Float, Int
 
-from tl_modular._io import check_shapes, read_safetensors, read_versioned_json, reading, write_json, write_safetensors
-from tl_modular._models import fingerprint
+from tl_modular._hooks import hook_guard
+from tl_modular._io import (
+    bind_files,
+    check_bound,
+    check_shapes,
+    read_safetensors,
+    read_versioned_json,
+    reading,
+    write_json,
+    write_safetensors,
+)
+from tl_modular._models import check_finite, fingerprint
 from tl_modular._names import act_name
 from tl_modular.compression.fidelity import fidelity
 from tl_modular.compression.fisher import FisherStats, collect_fisher
@@ -246,7 +256,7 @@ class Compression:
         for n in names:
             self[n]
         hooks = restriction_hooks(model, self, names, restrict_first=restrict_first)
-        with model.hooks(fwd_hooks=hooks):
+        with hook_guard(model), model.hooks(fwd_hooks=hooks):
             yield model
 
     def refined(self, model: Any, tokens: Int[torch.Tensor, "batch pos"], *, steps: int = 300, **kwargs: Any
@@ -300,8 +310,11 @@ class Compression:
                 "rank": s.rank, "statistic": s.statistic, "centered": s.centered}
         meta = {"kind": "compression", "model_fingerprint": self.model_fingerprint, "n_tokens": self.n_tokens,
                 "config": self.config, "channels": index}
-        write_safetensors(directory / "compression.safetensors", tensors, {"kind": "compression"})
-        write_json(directory / "compression.json", {"schema_version": 1, **meta})
+        # tensors first, the index last, binding them (a save interrupted between them is refused at load)
+        write_safetensors(directory / "compression.safetensors", tensors,
+                          {"kind": "compression", "bound_to": "compression.json"})
+        write_json(directory / "compression.json", {"schema_version": 1, **meta,
+                                                    "files": bind_files(directory, ["compression.safetensors"])})
         return directory
 
     @classmethod
@@ -330,6 +343,7 @@ class Compression:
                 read = ReadSpace({k[5:]: s for k, s in sides.items() if k.startswith("read:")})
                 channels[name] = ChannelCompression(name, info["kind"], read, sides["write"])
             comp = cls(channels, meta["model_fingerprint"], meta.get("n_tokens"), meta.get("config", {}))
+        check_bound(directory, "compression.json", meta, ["compression.safetensors"], writer)  # from one save?
         if model is not None:
             comp.check_model(model)
         return comp
@@ -523,6 +537,7 @@ def compress(
         raise ValueError("pass tokens (or precomputed statistics=, or fisher= collected with moments=True)")
     if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
         raise ValueError(f"batch_size must be a positive integer (sequences per forward pass), got {batch_size!r}")
+    check_finite(model, "compress")
     names = [c.name for c in chans.of_kind("head", "mlp")] if channels is None else list(channels)
     for name in names:
         if chans[name].kind not in ("head", "mlp"):

@@ -14,6 +14,8 @@ import torch
 from jaxtyping import Int
 from tqdm.auto import tqdm
 
+from tl_modular._tokens import check_tokens
+
 __all__ = ["fidelity", "rank_fidelity_curve"]
 
 
@@ -53,6 +55,7 @@ class _Reference:
                  attention_mask: torch.Tensor | None, channels: Sequence[str] | None):
         if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
             raise ValueError(f"batch_size must be a positive integer (sequences per forward pass), got {batch_size!r}")
+        tokens, attention_mask = check_tokens(tokens, attention_mask, model=model)
         self.model, self.batch_size, self.channels = model, batch_size, channels
         self.tokens = tokens.to(model.cfg.device)
         self.weights = torch.ones(self.tokens[:, 1:].shape, device=self.tokens.device)

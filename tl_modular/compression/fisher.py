@@ -29,6 +29,7 @@ import torch
 from jaxtyping import Float, Int
 from tqdm.auto import tqdm
 
+from tl_modular._hooks import hook_guard
 from tl_modular._names import act_name
 from tl_modular._tokens import check_tokens, position_weights
 from tl_modular.compression.statistics import Statistics, _Accumulator, read_map
@@ -126,7 +127,7 @@ def collect_fisher(model: Any, tokens: Int[torch.Tensor, "batch pos"], channels:
 
         kwargs = {} if mask is None else {"attention_mask": mask}
         fwd = [(act_name("embed"), start_graph)] + [(h, grab(h)) for h in hooks]
-        with torch.enable_grad(), model.hooks(fwd_hooks=fwd):
+        with torch.enable_grad(), hook_guard(model), model.hooks(fwd_hooks=fwd):
             logits = model(batch, **kwargs).float()
             logp = logits[:, :-1].log_softmax(-1)
             with torch.no_grad():

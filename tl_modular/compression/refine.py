@@ -21,6 +21,7 @@ import torch
 from jaxtyping import Int
 from tqdm.auto import tqdm
 
+from tl_modular._hooks import hook_guard
 from tl_modular._tokens import check_tokens
 from tl_modular.compression.restriction import restriction_hooks
 
@@ -90,7 +91,7 @@ def refine(comp: Any, model: Any, tokens: Int[torch.Tensor, "batch pos"], *, ste
         with torch.no_grad():
             clean = _log_probs(model, batch, kwargs, keep)
         hooks = restriction_hooks(model, comp, names, restrict_first=False, override=params)
-        with torch.enable_grad(), model.hooks(fwd_hooks=hooks):
+        with torch.enable_grad(), hook_guard(model), model.hooks(fwd_hooks=hooks):
             logp = _log_probs(model, batch, kwargs, keep)
             kl = (clean.exp() * (clean - logp)).sum(-1)
             weights = torch.ones_like(kl) if mask is None else mask[:, 1:][:, keep].to(kl)

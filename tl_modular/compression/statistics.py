@@ -33,6 +33,7 @@ import torch
 from jaxtyping import Float, Int
 from tqdm.auto import tqdm
 
+from tl_modular._hooks import func_guard, hook_guard, run_with_cache
 from tl_modular._names import act_name
 from tl_modular._tokens import check_tokens, position_weights
 from tl_modular.segmentation import Channel, ChannelSet, segment
@@ -315,7 +316,7 @@ class _Accumulator:
         names = set(self.hook_names())
         kwargs = {} if mask is None else {"attention_mask": mask}
         clock = time.perf_counter()
-        _, cache = self.model.run_with_cache(batch, names_filter=lambda n: n in names, **kwargs)
+        _, cache = run_with_cache(self.model, batch, names_filter=lambda n: n in names, **kwargs)
         self._tick("forward", clock)
         self.consume(cache, batch, mask)
 
@@ -411,7 +412,7 @@ class _Accumulator:
         y = cache[heads[0].input_hook]
         hooks = [(act_name(p, layer), replace(p)) for p in "qkv"] + [(act_name("z", layer), keep_z)]
         kwargs = {} if mask is None else {"attention_mask": mask}
-        with torch.enable_grad(), self.model.hooks(fwd_hooks=hooks):
+        with torch.enable_grad(), hook_guard(self.model), self.model.hooks(fwd_hooks=hooks):
             attn(query_input=y, key_input=y, value_input=y, **kwargs)
             z = z_out["z"]                                                # [b, n, h, d]
             w_o = torch.stack([c.weights["W_O"].detach() for c in heads])  # [h', d, m]
@@ -447,9 +448,10 @@ class _Accumulator:
         for _ in range(self.n_probes):
             u = torch.randint(0, 2, out.shape, generator=self.gen, device=out.device).to(out) * 2 - 1
             t = torch.randint(0, 2, y.shape, generator=self.gen, device=y.device).to(y) * 2 - 1
-            _, pullback = torch.func.vjp(fn, y)
-            (g,) = pullback(u)
-            _, jz = torch.func.jvp(fn, (y,), (t,))
+            with func_guard():
+                _, pullback = torch.func.vjp(fn, y)
+                (g,) = pullback(u)
+                _, jz = torch.func.jvp(fn, (y,), (t,))
             g, jz = g.to(torch.float64), jz.to(torch.float64)
             self._add(self.port, (c.name, "in"), g.T @ g / self.n_probes)
             self._add(self.mlp_write, c.name, jz.T @ jz / self.n_probes)
@@ -458,7 +460,8 @@ class _Accumulator:
         """Per-token slopes s with J = W_in' diag(s) W_out' (stacked for gated MLPs)."""
         pre = cache[act_name("pre", c.layer)][valid]
         ones = torch.ones_like(pre)
-        act, slope = torch.func.jvp(_act_fn(self.model, mlp), (pre,), (ones,))
+        with func_guard():
+            act, slope = torch.func.jvp(_act_fn(self.model, mlp), (pre,), (ones,))
         if not self.cfg.gated_mlp:
             return slope.to(torch.float64)
         lin = cache[act_name("pre_linear", c.layer)][valid]

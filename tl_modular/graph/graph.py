@@ -49,7 +49,7 @@ import torch
 from jaxtyping import Int
 
 from tl_modular._io import SCHEMA_VERSION, read_versioned_json, reading, write_json
-from tl_modular._models import fingerprint
+from tl_modular._models import check_finite, fingerprint
 from tl_modular._names import channel_order, parse, split_port
 from tl_modular._stats import spearman
 from tl_modular._tokens import check_tokens
@@ -488,6 +488,7 @@ def build_graph(comp: Any, model: Any | None = None, tokens: Int[torch.Tensor, "
     """
     channels: ChannelSet | None = None
     if model is not None:
+        check_finite(model, "build_graph")  # before the fingerprint check: it names the broken parameter
         comp.check_model(model)
         channels = segment(model)
     if tokens is not None and model is None:

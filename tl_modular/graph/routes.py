@@ -32,6 +32,7 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
+from tl_modular._hooks import hook_guard
 from tl_modular._names import UNEMBED, channel_order, port_hook, split_port
 from tl_modular._tokens import check_tokens, position_weights
 from tl_modular.patching import channel_write, patch_routes, split_inputs, valid_route
@@ -222,7 +223,7 @@ def forward_backward(model: Any, channels: ChannelSet, writers_: list[Writer], r
     port_names = {h for h, _ in port_hooks.values()}
     fwd = [*extra_hooks, *((h, keep) for h in sorted(sources | port_names))]
     kwargs = {} if mask is None else {"attention_mask": mask}
-    with torch.enable_grad(), split_inputs(model), model.hooks(fwd_hooks=fwd):
+    with hook_guard(model), torch.enable_grad(), split_inputs(model), model.hooks(fwd_hooks=fwd):
         logits = model(batch, **kwargs)
         loss = objective(logits)
         names = sorted(port_names)
@@ -324,7 +325,7 @@ def ablation_effects(model: Any, channels: ChannelSet, route_sets: list[tuple[li
         acts: dict[str, torch.Tensor] = {}
         keep = lambda a, hook, acts=acts: acts.__setitem__(hook.name, a)  # noqa: E731
         with torch.no_grad():
-            with model.hooks(fwd_hooks=[(h, keep) for h in hooks]):
+            with hook_guard(model), model.hooks(fwd_hooks=[(h, keep) for h in hooks]):
                 clean = float(_loss(batch, target, model(batch, **kwargs), metric))
             ws = [writers_[w] for w in senders]
             writes = dict(zip(senders, _writes_now(channels, ws, acts), strict=True))

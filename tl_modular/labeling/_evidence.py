@@ -23,6 +23,7 @@ import torch
 from jaxtyping import Int
 from tqdm.auto import tqdm
 
+from tl_modular._hooks import run_with_cache
 from tl_modular._models import stop_layer as _stop_layer
 from tl_modular._tokens import check_tokens
 from tl_modular._tokens import valid_positions as _valid
@@ -178,7 +179,7 @@ def _forward(model: Any, batch: torch.Tensor, mask: torch.Tensor | None, hooks: 
     if stop is not None:
         kwargs["stop_at_layer"] = stop
     with torch.no_grad():
-        _, cache = model.run_with_cache(batch.to(model.cfg.device), names_filter=lambda n: n in hooks,
+        _, cache = run_with_cache(model, batch.to(model.cfg.device), names_filter=lambda n: n in hooks,
                                         return_type=None, **kwargs)
     return cache
 
@@ -386,7 +387,7 @@ def collect_evidence(units: Sequence[Unit], model: Any, tokens: Int[torch.Tensor
         circuits: A CircuitSet (or ``{category: Circuit}``), for the categories that use a unit.
     """
     cfg = config or EvidenceConfig()
-    tokens, attention_mask = check_tokens(tokens, attention_mask)
+    tokens, attention_mask = check_tokens(tokens, attention_mask, model=model)
     if not units:
         raise ValueError("no units to collect evidence for")
     if len({u.name for u in units}) != len(units):

@@ -14,6 +14,7 @@ from typing import Any
 import torch
 from jaxtyping import Float, Int
 
+from tl_modular._hooks import hook_guard, run_with_cache, run_with_hooks
 from tl_modular._io import read_json, read_safetensors_header, reading
 from tl_modular._models import fingerprint, stop_layer
 from tl_modular._tokens import check_tokens, valid_positions
@@ -74,7 +75,7 @@ def _width(model: Any, hook: str) -> tuple[int, ...]:
     def grab(act: torch.Tensor, hook: Any) -> None:
         shape.append(tuple(act.shape[2:]))
     with torch.no_grad():
-        model.run_with_hooks(torch.zeros(1, 2, dtype=torch.long, device=model.cfg.device),
+        run_with_hooks(model, torch.zeros(1, 2, dtype=torch.long, device=model.cfg.device),
                              fwd_hooks=[(hook, grab)], return_type=None)
     if not shape:
         raise ValueError(f"hook {hook!r} never ran on this model (its flag may be off: e.g. "
@@ -133,7 +134,7 @@ def iter_activations(model: Any, tokens: Int[torch.Tensor, "batch pos"], hooks: 
                      attention_mask: torch.Tensor | None = None, batch_size: int = 32,
                      ) -> Iterator[dict[str, torch.Tensor]]:
     """Yield ``{hook: [n_valid, width]}`` per batch (position 0 and padding dropped), streaming."""
-    tokens, attention_mask = check_tokens(tokens, attention_mask)
+    tokens, attention_mask = check_tokens(tokens, attention_mask, model=model)
     hooks = list(dict.fromkeys(hooks))
     stop = stop_layer(model, hooks)
     for start in range(0, tokens.shape[0], batch_size):
@@ -144,7 +145,7 @@ def iter_activations(model: Any, tokens: Int[torch.Tensor, "batch pos"], hooks: 
         if stop is not None:
             kwargs["stop_at_layer"] = stop
         with torch.no_grad():
-            _, cache = model.run_with_cache(batch, names_filter=lambda n: n in hooks, return_type=None, **kwargs)
+            _, cache = run_with_cache(model, batch, names_filter=lambda n: n in hooks, return_type=None, **kwargs)
         yield {h: _flat(cache[h])[keep] for h in hooks}
 
 
@@ -197,7 +198,7 @@ def spliced(model: Any, saes: Sequence[Any] | Any, *, use_error_term: bool = Fal
             out = edited + (flat - recon) if use_error_term else edited
             return out.to(act.dtype).reshape(act.shape)
         hooks.append((name, fn))
-    with model.hooks(fwd_hooks=hooks):
+    with hook_guard(model), model.hooks(fwd_hooks=hooks):
         yield model
 
 
@@ -232,7 +233,7 @@ def quality(model: Any, sae: Any, tokens: Int[torch.Tensor, "batch pos"], *,
     prediction counts (e.g. the bundled model's scored positions, ``mixed_tokens(scored=True)``).
     """
     hook = check_fits(sae, model)
-    tokens, attention_mask = check_tokens(tokens, attention_mask)
+    tokens, attention_mask = check_tokens(tokens, attention_mask, model=model)
     d_sae = int(sae.cfg.d_sae)
     fired = torch.zeros(d_sae, dtype=torch.bool)
     sq_err = l0 = n = 0.0
@@ -285,7 +286,7 @@ def _losses(model: Any, sae: Any, hook: str, tokens: torch.Tensor, attention_mas
             runs.append(model(batch, return_type="loss", loss_per_token=True, **kwargs))
             with spliced(model, sae):
                 runs.append(model(batch, return_type="loss", loss_per_token=True, **kwargs))
-            with model.hooks(fwd_hooks=zero):
+            with hook_guard(model), model.hooks(fwd_hooks=zero):
                 runs.append(model(batch, return_type="loss", loss_per_token=True, **kwargs))
         for i, per_token in enumerate(runs):
             sums[i] += float(per_token[keep].sum())

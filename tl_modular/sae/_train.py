@@ -170,7 +170,7 @@ def train_sae(model: Any, tokens: Int[torch.Tensor, "batch pos"], hook: str, con
     >>> sae = tlm.sae.train_sae(model, tokens, "blocks.0.hook_resid_pre", attention_mask=mask,
     ...                         config=tlm.sae.SAETrainConfig(d_sae=512, n_tokens=200_000))  # doctest: +SKIP
     """
-    tokens, attention_mask = check_tokens(tokens, attention_mask)
+    tokens, attention_mask = check_tokens(tokens, attention_mask, model=model)
     cfg = config or SAETrainConfig()
     d_in = 1
     for s in _width(model, hook):

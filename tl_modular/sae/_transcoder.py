@@ -79,7 +79,7 @@ def train_transcoder(model: Any, tokens: Int[torch.Tensor, "batch pos"], layer: 
     """
     from sae_lens import Transcoder, TranscoderConfig
 
-    tokens, attention_mask = check_tokens(tokens, attention_mask)
+    tokens, attention_mask = check_tokens(tokens, attention_mask, model=model)
     cfg = config or SAETrainConfig()
     if cfg.architecture != "standard":
         raise ValueError("transcoders train with the standard (ReLU + L1) architecture")

@@ -12,7 +12,16 @@ from typing import Any
 
 import torch
 
-from tl_modular._io import ArtifactError, read_json, read_safetensors, reading, write_json, write_safetensors
+from tl_modular._io import (
+    ArtifactError,
+    bind_files,
+    check_bound,
+    read_json,
+    read_safetensors,
+    reading,
+    write_json,
+    write_safetensors,
+)
 from tl_modular.toy.vocab import VOCAB
 
 __all__ = ["BUNDLED_DIR", "MODULAR_DIR", "info", "load_model", "load_modular_model", "save_model", "tokenizer"]
@@ -50,8 +59,11 @@ def save_model(model: Any, directory: str | os.PathLike, *, info: dict[str, Any]
     directory = Path(directory)
     cfg = {k: v for k, v in dataclasses.asdict(model.cfg).items()
            if k not in _DERIVED and _jsonable(v)}
-    write_safetensors(directory / "model.safetensors", model.state_dict(), {"kind": "toy_model"})
-    write_json(directory / "config.json", {"config": cfg, "vocab": VOCAB, "info": info or {}})
+    # weights first, config.json last, binding them (a save interrupted between them is refused at load)
+    write_safetensors(directory / "model.safetensors", model.state_dict(), {"kind": "toy_model",
+                                                                          "bound_to": "config.json"})
+    write_json(directory / "config.json", {"config": cfg, "vocab": VOCAB, "info": info or {},
+                                           "files": bind_files(directory, ["model.safetensors"])})
     tok = tokenizer()
     tok.backend_tokenizer.save(str(directory / "tokenizer.json.tmp"))
     os.replace(directory / "tokenizer.json.tmp", directory / "tokenizer.json")
@@ -87,6 +99,7 @@ def load_model(directory: str | os.PathLike | None = None, *, device: str | torc
     state, _ = read_safetensors(directory / "model.safetensors", device=device, writer=writer)
     with reading(directory / "model.safetensors", writer):    # missing or misshapen weights
         model.load_state_dict(state, strict=True)
+    check_bound(directory, "config.json", spec, ["model.safetensors"], writer)  # both from one save?
     if (directory / "tokenizer.json").exists():
         from transformers import AutoTokenizer
 

@@ -55,8 +55,11 @@ from jaxtyping import Float, Int
 from tqdm.auto import tqdm
 
 from tl_modular._aio import run_sync
+from tl_modular._hooks import hook_guard, run_with_cache
 from tl_modular._io import (
     SCHEMA_VERSION,
+    bind_files,
+    check_bound,
     read_json,
     read_safetensors,
     read_safetensors_header,
@@ -267,8 +270,10 @@ class BuildResult:
     def save(self, directory: str | os.PathLike) -> Path:
         """Write ``result.json``, the model (``model.safetensors``) and each layer's labels (atomic)."""
         directory = Path(directory)
-        write_json(directory / "result.json", self.to_json())
-        write_safetensors(directory / _MODEL, self.model.state_dict(), {"kind": "build_interpretable_model"})
+        # the model first, result.json last binding it (no reader mixes two saves)
+        write_safetensors(directory / _MODEL, self.model.state_dict(), {"kind": "build_interpretable_model",
+                                                                        "bound_to": "result.json"})
+        write_json(directory / "result.json", {**self.to_json(), "files": bind_files(directory, [_MODEL])})
         for r in self.layers:
             for when in ("before", "after"):
                 labels = getattr(r, f"labels_{when}")
@@ -316,7 +321,7 @@ def _acts(model: Any, layer: int, tokens: torch.Tensor, mask: torch.Tensor | Non
     with torch.no_grad():
         for s in range(0, tokens.shape[0], batch_size):
             kw = {"attention_mask": mask[s:s + batch_size].to(device)} if mask is not None else {}
-            _, cache = model.run_with_cache(tokens[s:s + batch_size].to(device), names_filter=hook,
+            _, cache = run_with_cache(model, tokens[s:s + batch_size].to(device), names_filter=hook,
                                             stop_at_layer=layer + 1, return_type=None, **kw)
             out.append(cache[hook][..., idx.to(device)].float().cpu())
     return torch.cat(out)
@@ -614,8 +619,7 @@ def build_interpretable(
             done.append(rec)
             if root is not None:
                 after.save(root / f"L{layer}" / "labels_after.json")
-                write_safetensors(root / _MODEL, work.state_dict(), {"kind": "build_interpretable_model"})
-                _save_state(root, cfg, initial, done)
+                _checkpoint(root, work, cfg, initial, done)
             bar.update(1)
         final_history: list[dict[str, Any]] = []
         if cfg.final_steps:
@@ -705,7 +709,7 @@ class _Match:
             return act
 
         kw = {"attention_mask": self.mask[pick]} if self.mask is not None else {}
-        with model.hooks(fwd_hooks=[(act_name("post", self.layer), keep)]):
+        with hook_guard(model), model.hooks(fwd_hooks=[(act_name("post", self.layer), keep)]):
             model(self.tokens[pick], stop_at_layer=self.layer + 1, **kw)
         act = got["act"][..., self.idx]
         w = self.weight[pick]
@@ -728,9 +732,16 @@ def _comparable(cfg_json: dict[str, Any]) -> dict[str, Any]:
     return {k: v for k, v in cfg_json.items() if k not in _FREE_ON_RESUME}
 
 
+def _checkpoint(root: Path, model: Any, cfg: BuildConfig, initial: dict[str, Any], done: list[LayerRecord]) -> None:
+    """The model first, the state last binding it: a run killed between them is refused on resume."""
+    write_safetensors(root / _MODEL, model.state_dict(), {"kind": "build_interpretable_model", "bound_to": _STATE})
+    _save_state(root, cfg, initial, done)
+
+
 def _save_state(root: Path, cfg: BuildConfig, initial: dict[str, Any], done: list[LayerRecord]) -> None:
+    files = bind_files(root, [_MODEL]) if (root / _MODEL).exists() else {}
     write_json(root / _STATE, {"schema": _SCHEMA, "version": SCHEMA_VERSION, "config": cfg.to_json(),
-                               "initial": initial, "done": [r.to_json() for r in done]})
+                               "initial": initial, "done": [r.to_json() for r in done], "files": files})
 
 
 def _resume(root: Path | None, cfg: BuildConfig, model: Any) -> dict[str, Any]:
@@ -750,6 +761,8 @@ def _resume(root: Path | None, cfg: BuildConfig, model: Any) -> dict[str, Any]:
                                 writer="build_interpretable (use another checkpoint_dir)")
     with reading(root / _MODEL, "build_interpretable (use another checkpoint_dir)"):
         model.load_state_dict(state, strict=True)
+    check_bound(root, _STATE, meta, [_MODEL], "build_interpretable (use another checkpoint_dir)")
+    with reading(root / _STATE, "build_interpretable (use another checkpoint_dir)"):
         return {"done": [LayerRecord.from_json(d) for d in meta["done"]], "initial": meta.get("initial")}
 
 
