@@ -463,3 +463,46 @@ def test_a_failed_model_load_leaves_no_empty_report_directory(monkeypatch, tmp_p
     tried()
     assert cli.main(["analyze", "--model", "nope", "--data", str(text), "--out", str(tmp_path / "o")]) == 2
     assert "is not a TransformerLens model name" in capsys.readouterr().err and not (tmp_path / "o").exists()
+
+
+_CHILD_STUBBORN = """
+import asyncio, sys, time
+from tl_modular._aio import run_sync
+
+async def stubborn():                       # absorbs its cancellation, as a retrying HTTP request can
+    while True:
+        try:
+            await asyncio.sleep(100)
+        except asyncio.CancelledError:
+            continue
+
+async def main():
+    print("ready", flush=True)
+    await asyncio.gather(stubborn(), stubborn())
+
+start = time.monotonic()
+try:
+    run_sync(main())
+except KeyboardInterrupt:
+    print(f"interrupted after {time.monotonic() - start:.1f} s", flush=True)
+    sys.exit(130)
+"""
+
+
+def test_ctrl_c_ends_async_work_even_when_a_task_ignores_its_cancellation():
+    """``asyncio.run`` cancels only the main task and waits for it: a task that absorbs the
+    cancellation hung ``tl-modular analyze`` in its labeling stage after Ctrl-C (seen in CI)."""
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    child = subprocess.Popen([sys.executable, "-c", _CHILD_STUBBORN], stdout=subprocess.PIPE,
+                             stderr=subprocess.PIPE, text=True, env=env)
+    assert child.stdout.readline().strip() == "ready"
+    sent = time.monotonic()
+    child.send_signal(signal.SIGINT)
+    tried()
+    try:
+        out, err = child.communicate(timeout=120)
+    except subprocess.TimeoutExpired:
+        child.kill()
+        raise AssertionError("Ctrl-C did not end the run") from None
+    assert child.returncode == 130, err[-2000:]
+    assert "interrupted after" in out and time.monotonic() - sent < 60

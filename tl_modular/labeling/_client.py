@@ -21,7 +21,6 @@ seen every further request of the client fails with it at once, without being se
 from __future__ import annotations
 
 import asyncio
-import concurrent.futures
 import email.utils
 import hashlib
 import json
@@ -33,6 +32,7 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
+from tl_modular._aio import run_sync
 from tl_modular._io import ArtifactError, read_json, write_text
 from tl_modular._redact import mask_secrets, redact, redact_url, register
 
@@ -494,13 +494,9 @@ class ChatClient:
 
 
 def _run(coro: Any) -> Any:
-    """Run a coroutine from sync code, also when an event loop is already running (Jupyter)."""
-    try:
-        asyncio.get_running_loop()
-    except RuntimeError:
-        return asyncio.run(coro)
-    with concurrent.futures.ThreadPoolExecutor(1) as pool:
-        return pool.submit(asyncio.run, coro).result()
+    """Run a coroutine from sync code (``tl_modular._aio.run_sync``: also inside a running event
+    loop, and Ctrl-C ends it within seconds)."""
+    return run_sync(coro)
 
 
 async def _closing(obj: Any, coro: Any) -> Any:
