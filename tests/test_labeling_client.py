@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import email.utils
+import hashlib
 import json
 import re
 import time
@@ -266,6 +267,9 @@ def test_cache_rerun_costs_nothing_and_holds_no_key(tmp_path):
         entry = json.loads(p.read_text())
         assert entry["key"] == p.stem and entry["usage"]["requests"] == 1 and entry["usage"]["prompt_tokens"] == 8
     assert KEY not in repr(client.config) and KEY not in repr(client)
+    # each file is named by the key of the request it answers
+    asked = {client.cache_key(_msgs(i), SCHEMA, "answer", False, 5, 1024) for i in range(6)}
+    assert {p.stem for p in files} == asked
 
 
 def test_openai_labeler_caches_in_the_user_cache_by_default(tmp_path, monkeypatch):
@@ -312,7 +316,12 @@ def test_cache_key_covers_what_shapes_the_answer():
     client = ChatClient(ClientConfig(api_key=KEY, base_url="http://u:pw@host:8000/v1"))
     args = dict(messages=_msgs(), schema=SCHEMA, name="answer", logprobs=False, top_logprobs=5, max_tokens=100)
     key = client.cache_key(**args)
-    assert len(key) == 64 and int(key, 16) >= 0
+    # the sha256 of the request's documented content, the credentials (in the URL, the key) left out
+    request = {"model": "gpt-4o-mini", "base_url": "http://host:8000/v1", "messages": _msgs(), "schema": SCHEMA,
+               "name": "answer", "temperature": 0.0, "seed": 0, "logprobs": False, "top_logprobs": None,
+               "max_tokens": 100}
+    assert re.fullmatch(r"[0-9a-f]{64}", key)
+    assert key == hashlib.sha256(json.dumps(request, sort_keys=True, ensure_ascii=False).encode()).hexdigest()
     assert key == ChatClient(ClientConfig(api_key="another", base_url="http://host:8000/v1")).cache_key(**args)
     changed = [dict(args, messages=_msgs(1)), dict(args, schema={**SCHEMA, "required": ["label"]}),
                dict(args, name="other"), dict(args, logprobs=True), dict(args, max_tokens=101)]
