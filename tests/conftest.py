@@ -1,4 +1,4 @@
-"""Test session set-up: an offline, temporary Hugging Face home, and shared model fixtures.
+"""Test session set-up: an offline, temporary Hugging Face home and user cache, and shared model fixtures.
 
 The hub reads its paths when ``huggingface_hub`` is first imported, so HF_HOME and the offline
 flags are set here, before any test module imports TransformerLens.
@@ -16,6 +16,10 @@ os.environ["HF_HOME"] = _HF_HOME
 os.environ["HF_HUB_OFFLINE"] = "1"
 os.environ["HF_DATASETS_OFFLINE"] = "1"
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# The default LLM response cache lives under XDG_CACHE_HOME: the suite never writes into the real home.
+_XDG_CACHE_HOME = tempfile.mkdtemp(prefix="tlm-xdg-cache-")
+os.environ["XDG_CACHE_HOME"] = _XDG_CACHE_HOME
+os.environ.pop("TL_MODULAR_NO_LLM_CACHE", None)
 
 import pytest  # noqa: E402
 import torch  # noqa: E402
@@ -29,6 +33,7 @@ GPT2_TOKENIZER_DIR = Path(
 
 def pytest_sessionfinish(session, exitstatus):
     shutil.rmtree(_HF_HOME, ignore_errors=True)
+    shutil.rmtree(_XDG_CACHE_HOME, ignore_errors=True)
 
 
 @pytest.fixture(scope="session")

@@ -210,3 +210,24 @@ def test_one_later_layer_without_heldout_rows_saves_and_freezes_its_prefix(one_t
     assert (tmp_path / "out" / "L1" / "labels_after.json").exists()
     with pytest.raises(KeyError, match="was not built"):
         res[0]
+
+
+def test_an_llm_failure_leaves_its_unit_unconstrained_and_other_errors_propagate():
+    from types import SimpleNamespace
+
+    from tl_modular.labeling import LLMError
+    from tl_modular.training.interpretable import _simulate
+
+    class Sim:
+        async def asimulate(self, text, contexts, signed):
+            if text == "fails":
+                raise LLMError("server error after the retries", reason="server_error")
+            if text == "bug":
+                raise ValueError("a defect, not an LLM failure")
+            return SimpleNamespace(predictions=[[1.0, 2.0] for _ in contexts], errors=[])
+
+    preds, errors = _simulate(Sim(), ["ok", "fails"], [["a", "b"], ["c", "d"]])
+    assert preds == [[[1.0, 2.0], [1.0, 2.0]], [None, None]]
+    assert errors[0] is None and errors[1].startswith("LLMError: server error")
+    with pytest.raises(ValueError, match="a defect"):
+        _simulate(Sim(), ["ok", "bug"], [["a"]])

@@ -163,6 +163,10 @@ def test_circuits_and_labels(pair, tmp_path):
     assert not d.is_empty
     text = d.summary()
     assert "Circuit x" in text and "L1.MLP" in text
+    # graphs in memory: circuits come from circuits_a / circuits_b alone
+    mem = tlm.diff(graph, graph, circuits_a=ca, circuits_b=cb)
+    assert list(mem.circuits) == ["x", "y"] and mem.circuits["x"]["jaccard"] == pytest.approx(2 / 4)
+    assert not tlm.diff(graph, graph).circuits
     with pytest.raises(TypeError, match="text"):
         tlm.diff(graph, graph, {"L0.H0": 3})
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import email.utils
+import hashlib
 import json
 import re
 import time
@@ -266,13 +267,61 @@ def test_cache_rerun_costs_nothing_and_holds_no_key(tmp_path):
         entry = json.loads(p.read_text())
         assert entry["key"] == p.stem and entry["usage"]["requests"] == 1 and entry["usage"]["prompt_tokens"] == 8
     assert KEY not in repr(client.config) and KEY not in repr(client)
+    # each file is named by the key of the request it answers
+    asked = {client.cache_key(_msgs(i), SCHEMA, "answer", False, 5, 1024) for i in range(6)}
+    assert {p.stem for p in files} == asked
+
+
+def test_openai_labeler_caches_in_the_user_cache_by_default(tmp_path, monkeypatch):
+    import tl_modular as tlm
+    from tl_modular.labeling._client import default_cache_dir
+
+    xdg = tmp_path / "xdg"
+    monkeypatch.setenv("XDG_CACHE_HOME", str(xdg))
+    monkeypatch.delenv("TL_MODULAR_NO_LLM_CACHE", raising=False)
+    assert default_cache_dir() == xdg / "tl_modular" / "llm"
+    with ChatServer(lambda body: GOOD, api_key=KEY) as server:
+        def labeler(**kw):
+            return tlm.OpenAILabeler(model="stand-in", base_url=server.url, api_key=KEY, **kw)
+
+        first = asyncio.run(_gather(labeler().client, 3))
+        second = asyncio.run(_gather(labeler().client, 3))      # a fresh labeler: a re-run, nothing sent
+        assert len(server.requests) == 3 and all(r.cached for r in second) and not any(r.cached for r in first)
+        files = [p for p in xdg.rglob("*") if p.is_file()]
+        assert len(files) == 3 and all(p.is_relative_to(xdg / "tl_modular" / "llm") for p in files)
+        assert not any(KEY.encode() in p.read_bytes() for p in files)      # the cache holds no secret
+        # switched off: by argument, by a config that says so, or by the environment
+        asyncio.run(_gather(labeler(cache_dir=False).client, 3))
+        assert len(server.requests) == 6
+        off = tlm.OpenAILabeler(config=ClientConfig(model="stand-in", base_url=server.url, api_key=KEY,
+                                                    cache_dir=False))
+        asyncio.run(_gather(off.client, 3))
+        assert len(server.requests) == 9
+        monkeypatch.setenv("TL_MODULAR_NO_LLM_CACHE", "1")
+        assert default_cache_dir() is None and labeler().client._cache is None
+        asyncio.run(_gather(labeler().client, 3))
+        assert len(server.requests) == 12
+        # an explicit folder (argument or config) is used as given, environment or not
+        mine = tmp_path / "mine"
+        assert labeler(cache_dir=mine).client._cache == mine
+        assert tlm.OpenAILabeler(config=ClientConfig(cache_dir=str(mine), api_key=KEY)).client._cache == mine
+    assert len([p for p in xdg.rglob("*") if p.is_file()]) == 3
+    monkeypatch.delenv("TL_MODULAR_NO_LLM_CACHE")
+    monkeypatch.delenv("XDG_CACHE_HOME")
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    assert default_cache_dir() == tmp_path / "home" / ".cache" / "tl_modular" / "llm"
 
 
 def test_cache_key_covers_what_shapes_the_answer():
     client = ChatClient(ClientConfig(api_key=KEY, base_url="http://u:pw@host:8000/v1"))
     args = dict(messages=_msgs(), schema=SCHEMA, name="answer", logprobs=False, top_logprobs=5, max_tokens=100)
     key = client.cache_key(**args)
-    assert len(key) == 64 and int(key, 16) >= 0
+    # the sha256 of the request's documented content, the credentials (in the URL, the key) left out
+    request = {"model": "gpt-4o-mini", "base_url": "http://host:8000/v1", "messages": _msgs(), "schema": SCHEMA,
+               "name": "answer", "temperature": 0.0, "seed": 0, "logprobs": False, "top_logprobs": None,
+               "max_tokens": 100}
+    assert re.fullmatch(r"[0-9a-f]{64}", key)
+    assert key == hashlib.sha256(json.dumps(request, sort_keys=True, ensure_ascii=False).encode()).hexdigest()
     assert key == ChatClient(ClientConfig(api_key="another", base_url="http://host:8000/v1")).cache_key(**args)
     changed = [dict(args, messages=_msgs(1)), dict(args, schema={**SCHEMA, "required": ["label"]}),
                dict(args, name="other"), dict(args, logprobs=True), dict(args, max_tokens=101)]

@@ -67,7 +67,9 @@ def test_analyze_writes_every_artifact_and_reuses_them(tiny_report):
     labels = tlm.labeling.Labels.load(out / "labels.json")
     kinds = [lab.kind for lab in labels]
     assert kinds[0] == "channel" and "module" in kinds and all(lab.ok for lab in labels)
-    assert len(labels) == cfg.n_label_units or "neuron" not in kinds
+    # the tiny model has polysemantic neurons: some are labeled, and the unit budget is filled
+    assert "neuron" in kinds and len(labels) == cfg.n_label_units
+    assert kinds.index("neuron") > max(i for i, k in enumerate(kinds) if k == "module")
     # an incomplete labels stage (a budget stop, failures) is not reused
     from tl_modular.report.pipeline import _complete_labels
     data = json.loads((out / "labels_summary.json").read_text())

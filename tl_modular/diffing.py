@@ -303,8 +303,7 @@ def _unpack(x: Any, circuits: Any, name: str) -> _Side:
             circuits = CircuitSet.load(d)
         return _Side(graph, comp, circuits, name)
     if isinstance(x, ChannelGraph):
-        attached = getattr(x, "circuit_set", None)
-        return _Side(x, x.compression, circuits if circuits is not None else attached, name)
+        return _Side(x, x.compression, circuits, name)       # a graph carries no circuits: only circuits_a/_b
     if isinstance(x, Compression):
         return _Side(None, x, circuits, name)
     raise TypeError(f"{name} must be a Compression, a ChannelGraph or a directory saved by them; "

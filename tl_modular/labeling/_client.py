@@ -36,6 +36,25 @@ from tl_modular._aio import run_sync
 from tl_modular._io import ArtifactError, read_json, write_text
 from tl_modular._redact import mask_secrets, redact, redact_url, register
 
+#: Set to 1 to switch off the default response cache (an explicit ``cache_dir`` still works).
+NO_CACHE_ENV = "TL_MODULAR_NO_LLM_CACHE"
+
+
+def default_cache_dir() -> Path | None:
+    """The user's LLM response cache: ``$XDG_CACHE_HOME/tl_modular/llm`` (else ``~/.cache/tl_modular/llm``).
+
+    None when ``$TL_MODULAR_NO_LLM_CACHE`` is ``1``. Like the Hugging Face caches, one folder per user,
+    shared by every run and notebook: entries are keyed by the request's content (never the key).
+
+    >>> default_cache_dir()                                  # doctest: +SKIP
+    PosixPath('/home/me/.cache/tl_modular/llm')
+    """
+    if os.environ.get(NO_CACHE_ENV, "").strip().lower() in ("1", "true", "yes"):
+        return None
+    root = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return Path(root) / "tl_modular" / "llm"
+
+
 #: Format version of a cache entry; entries of another version are asked again.
 CACHE_VERSION = 1
 
@@ -96,7 +115,8 @@ class ClientConfig:
         max_retries: Retries per request after the first attempt.
         backoff_s, max_backoff_s: Exponential backoff base and cap (full jitter).
         timeout_s: Per attempt.
-        cache_dir: Folder of the content-addressed response cache; None for no cache.
+        cache_dir: Folder of the content-addressed response cache; None or False for no cache here
+            (:class:`~tl_modular.labeling.OpenAILabeler` fills None with :func:`default_cache_dir`).
         budget_usd, max_total_tokens: Stop before a request once spent cost / tokens reach these.
         price_per_mtok_input, price_per_mtok_output: USD per million prompt / completion tokens.
         temperature, seed: Sampling settings (part of the cache key).
@@ -110,7 +130,7 @@ class ClientConfig:
     backoff_s: float = 0.5
     max_backoff_s: float = 30.0
     timeout_s: float = 60.0
-    cache_dir: str | os.PathLike | None = None
+    cache_dir: str | os.PathLike | bool | None = None
     budget_usd: float | None = None
     max_total_tokens: int | None = None
     price_per_mtok_input: float = 0.15
@@ -271,7 +291,8 @@ class ChatClient:
         self._clients: dict[int, Any] = {}      # one openai client per event loop (httpx pools are loop-bound)
         self._semaphores: dict[int, asyncio.Semaphore] = {}
         self.usage = Usage()
-        self._cache = Path(self.config.cache_dir) if self.config.cache_dir is not None else None
+        where = self.config.cache_dir
+        self._cache = None if where is None or where is False else Path(where)
         self._answered = False                  # a response (any status) came from the server at least once
         self._succeeded = False                 # a request succeeded at least once
         self._refusals = 0                      # non-retryable 4xx answers while nothing has succeeded

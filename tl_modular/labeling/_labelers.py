@@ -11,6 +11,7 @@ OpenAI-compatible server; :class:`OfflineLabeler` and :class:`OfflineSimulator` 
 from __future__ import annotations
 
 import json
+import os
 import re
 from collections import defaultdict
 from collections.abc import Iterator, Sequence
@@ -215,21 +216,27 @@ class OpenAILabeler(_Sync):
         api_key: The key (default ``$OPENAI_API_KEY``); never written to a cache, log or report.
         client: A ready ``openai.AsyncOpenAI`` client instead of ``base_url``/``api_key``.
         config: A :class:`~tl_modular.labeling._client.ClientConfig` (concurrency, retries, cache, budget);
-            ``model``/``base_url``/``api_key`` override its fields.
+            ``model``/``base_url``/``api_key``/``cache_dir`` override its fields.
+        cache_dir: The response cache folder. By default the user's cache,
+            ``$XDG_CACHE_HOME/tl_modular/llm`` (``~/.cache/tl_modular/llm``), so a re-run costs nothing;
+            ``False`` (or ``$TL_MODULAR_NO_LLM_CACHE=1``) for no cache.
         logprobs: Ask for token log-probabilities in simulation.
     """
 
     name = "openai"
 
     def __init__(self, model: str | None = None, *, base_url: str | None = None, api_key: str | None = None,
-                 client: Any = None, config: Any = None, cache_dir: Any = None, logprobs: bool = True) -> None:
+                 client: Any = None, config: Any = None, cache_dir: str | os.PathLike | bool | None = None,
+                 logprobs: bool = True) -> None:
         from dataclasses import replace
 
-        from tl_modular.labeling._client import ChatClient, ClientConfig
+        from tl_modular.labeling._client import ChatClient, ClientConfig, default_cache_dir
 
         cfg = config or ClientConfig()
         overrides = {k: v for k, v in {"model": model, "base_url": base_url, "api_key": api_key,
                                         "cache_dir": cache_dir}.items() if v is not None}
+        if cache_dir is None and cfg.cache_dir is None:     # cached by default, as Hugging Face caches are
+            overrides["cache_dir"] = default_cache_dir()
         cfg = replace(cfg, **overrides)
         self.config = cfg
         self.client = ChatClient(cfg, client=client)

@@ -70,6 +70,7 @@ from tl_modular._io import (
 )
 from tl_modular._names import act_name, hook_layer, neuron_name
 from tl_modular._tokens import check_tokens, valid_positions
+from tl_modular.labeling import LLMError
 from tl_modular.tasks.task import Task
 from tl_modular.training.trainer import evaluate, task_loss
 
@@ -376,12 +377,6 @@ def _original(model: Any, eval_sets: Mapping[str, Task]) -> tuple[float, dict[st
     return float(np.mean(losses)), acc
 
 
-def _llm_errors() -> tuple[type[BaseException], ...]:
-    from tl_modular.labeling import LLMError  # labeling loads on first use (it costs ~1 s to import)
-
-    return (LLMError,)
-
-
 @dataclass
 class _Targets:
     """A layer's fixed targets: simulated activations of the constrained neurons on training rows."""
@@ -412,12 +407,10 @@ def _simulate(simulator: Any, texts: list[str], contexts: list[list[str]]) -> tu
     """All units' simulations concurrently (an LLM simulator limits its own requests in flight)."""
     import asyncio
 
-    catch = _llm_errors()
-
     async def one(text: str) -> tuple[list, str | None]:
         try:
             sim = await simulator.asimulate(text, contexts, signed=False)
-        except catch as e:           # one unit's failure leaves it unconstrained, never stops the run
+        except LLMError as e:        # one unit's failure leaves it unconstrained, never stops the run
             return [None] * len(contexts), f"{type(e).__name__}: {e}"
         return list(sim.predictions), "; ".join(getattr(sim, "errors", [])[:2]) or None
 
@@ -496,8 +489,8 @@ def build_interpretable(
     """
     from transformer_lens import HookedTransformer
 
-    # labeling loads on first use (~1 s to import); the workbench supplies default data, and toy imports
-    # this package's trainer, so it is imported here rather than at module level
+    # the toy workbench supplies default data and imports this package's trainer: imported here, not at
+    # module level, so that importing tl_modular.training does not load (or cycle through) tl_modular.toy
     from tl_modular import labeling
     from tl_modular.labeling import split_rows
     from tl_modular.toy.generators import mixed_tokens
