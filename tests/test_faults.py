@@ -297,7 +297,7 @@ def test_cli_labeling_flow_keeps_the_key_secret(small_cli, leaks, tmp_path, capf
             assert cli.main([*argv, *debug]) == 2
             err = capfd.readouterr().err
             leaks.append(err)
-            assert "HTTP 401" in err and "http://***@127.0.0.1" in err and ("Traceback" in err) == bool(debug)
+            assert "HTTP 401" in err and "http://***@127.0.0.1" in err and ("Traceback" in err) == bool(debug), err
             assert "the stages finished so far (compression" in err
         # a server that fails one unit for good: the report is written, the failure said and kept
         server.api_key = KEY
@@ -399,6 +399,13 @@ def test_cli_internal_errors_exit_1_and_debug_shows_the_traceback(monkeypatch, t
     assert "Traceback" in capsys.readouterr().err
 
 
+def _ctrl_c_reaches() -> None:
+    """In the child before exec: SIGINT as in a terminal. A shell without job control starts
+    background commands (``.ci/run &``) with SIGINT ignored, children inherit that, and Python then
+    installs no KeyboardInterrupt handler: Ctrl-C could not reach the child at all."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 _CHILD_ANALYZE = """
 import functools, sys
 sys.path.insert(0, {tests!r})
@@ -417,7 +424,7 @@ def test_ctrl_c_during_analyze_exits_130_and_the_stages_done_are_reused(small_cl
     with ChatServer(labeling.offline_chat_model, latency_s=120) as server:     # labels wait: interrupt there
         argv = ["analyze", "--labeler", "openai", "--base-url", server.url, "--out", str(out), "--quiet"]
         child = subprocess.Popen([sys.executable, "-c", script, *argv], stdout=subprocess.PIPE,
-                                 stderr=subprocess.PIPE, text=True, env=env)
+                                 stderr=subprocess.PIPE, text=True, env=env, preexec_fn=_ctrl_c_reaches)
         deadline = time.monotonic() + 300
         while not server.requests and child.poll() is None and time.monotonic() < deadline:
             time.sleep(0.2)
@@ -494,7 +501,7 @@ def test_ctrl_c_ends_async_work_even_when_a_task_ignores_its_cancellation():
     cancellation hung ``tl-modular analyze`` in its labeling stage after Ctrl-C (seen in CI)."""
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     child = subprocess.Popen([sys.executable, "-c", _CHILD_STUBBORN], stdout=subprocess.PIPE,
-                             stderr=subprocess.PIPE, text=True, env=env)
+                             stderr=subprocess.PIPE, text=True, env=env, preexec_fn=_ctrl_c_reaches)
     assert child.stdout.readline().strip() == "ready"
     sent = time.monotonic()
     child.send_signal(signal.SIGINT)
