@@ -19,8 +19,8 @@ def run_sync(coro: Any) -> Any:
 
     In the main thread, Ctrl-C cancels *every* task of the loop and ends the run at most
     :data:`GRACE_S` seconds later with ``KeyboardInterrupt``, even if a task does not finish on
-    its cancellation (``asyncio.run`` cancels only the main task and then waits for it, which
-    hung the CLI for minutes while an HTTP request kept retrying).
+    its cancellation (``asyncio.run`` cancels only the main task and then waits for it, so a
+    task that absorbs its cancellation, such as a retrying request, kept the run alive).
 
     >>> async def two():
     ...     return 2
