@@ -85,16 +85,16 @@ class _Reference:
 
 def rank_fidelity_curve(model: Any, comp: Any, tokens: Int[torch.Tensor, "batch pos"],
                         budgets: Sequence[int], *, batch_size: int = 32, attention_mask: torch.Tensor | None = None,
-                        channels: Sequence[str] | None = None) -> list[dict[str, float]]:
+                        channels: Sequence[str] | None = None, progress: bool = True) -> list[dict[str, float]]:
     """:func:`fidelity` of ``comp.truncated(budget=b)`` for each total-dimension budget ``b`` (the
     clean and ablated runs are shared by every point). A budget above ``comp.max_total_rank`` is an
-    error, not the full compression relabeled."""
+    error, not the full compression relabeled. ``progress=False`` hides the progress bar."""
     over = [b for b in budgets if b > comp.max_total_rank]
     if over:
         raise ValueError(f"budgets {over[:5]} exceed the {comp.max_total_rank} dimensions this compression can give "
                          f"(comp.max_total_rank): pass budgets <= {comp.max_total_rank}")
     ref = _Reference(model, comp, tokens, batch_size, attention_mask, channels)
     rows = []
-    for b in tqdm(budgets, desc="rank-fidelity", leave=False, disable=len(budgets) < 3):
+    for b in tqdm(budgets, desc="rank-fidelity", leave=False, disable=not progress or len(budgets) < 3):
         rows.append({"budget": b, **ref.score(comp.truncated(budget=b))})
     return rows

@@ -189,7 +189,7 @@ def analyze(inputs: Inputs, out: str | os.PathLike, config: AnalyzeConfig | None
         budgets = sorted({max(1, int(top * f)) for f in np.linspace(0.1, 1.0, cfg.budgets)})
         rows = rank_fidelity_curve(model, comp, tokens[: 4 * cfg.batch_size], budgets,
                                    attention_mask=None if mask is None else mask[: 4 * cfg.batch_size],
-                                   batch_size=cfg.batch_size)
+                                   batch_size=cfg.batch_size, progress=progress)
         write_json(out / "rank_fidelity.json", rows)
         return rows
     summary["rank_fidelity"] = stages.run("rank_fidelity", curve, lambda: read_json(out / "rank_fidelity.json"))

@@ -137,7 +137,8 @@ def _sparse_codes(sae: Any, acts: torch.Tensor, factor: torch.Tensor, chunk: int
         cols.append(t + start)
         vals.append(z[t, f])
     index = torch.stack([torch.cat(rows), torch.cat(cols)])
-    return torch.sparse_coo_tensor(index, torch.cat(vals), (int(sae.cfg.d_sae), acts.shape[0])).coalesce()
+    return torch.sparse_coo_tensor(index, torch.cat(vals), (int(sae.cfg.d_sae), acts.shape[0]),
+                                   check_invariants=False).coalesce()   # built from valid indices; silences the warning
 
 
 def _merge_duplicates(c: torch.Tensor, directions: torch.Tensor, threshold: float, support: int = 64,
