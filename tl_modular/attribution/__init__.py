@@ -9,9 +9,9 @@ JSON format (:mod:`.io`).
 >>> tlm.attribution.faithfulness(model, task, comp, kept, n_random=5)  # doctest: +SKIP
 """
 
-from tl_modular.attribution.graph import AttributionGraph, Node, attribution_graph
+from tl_modular.attribution.build import attribution_graph
+from tl_modular.attribution.graph import AttributionGraph, Node, load_graph, save_graph
 from tl_modular.attribution.intervention import faithfulness, feature_masks, random_masks, run_with_features
-from tl_modular.attribution.io import load_graph, save_graph
 from tl_modular.attribution.keys import key_attribution, key_contributions
 from tl_modular.attribution.pruning import Pruned, influence, prune
 

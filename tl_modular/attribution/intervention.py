@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING, Any, Literal
 import torch
 
 from tl_modular._names import act_name
-from tl_modular.attribution.graph import _units
+from tl_modular.attribution.build import _units
 from tl_modular.attribution.pruning import Pruned
 from tl_modular.segmentation import segment
 
