@@ -85,6 +85,21 @@ def one_thread():
     torch.set_num_threads(n)
 
 
+@pytest.fixture(scope="module")
+def tiny_graph():
+    """``(model, data, comp, graph)``: a tiny GPT-2-shaped model, 16 rows of 10 token ids, its default
+    compression and channel graph (for tests that need every stage built, not checked)."""
+    import tl_modular as tlm
+    from tl_modular.testing import tiny_model
+
+    torch.manual_seed(0)
+    model = tiny_model("gpt2", seed=0)
+    data = torch.randint(0, model.cfg.d_vocab, (16, 10), generator=torch.Generator().manual_seed(3))
+    comp = tlm.compress(model, data, progress=False)
+    graph = tlm.build_graph(comp, model=model, tokens=data, progress=False)
+    return model, data, comp, graph
+
+
 @pytest.fixture()
 def tokens() -> torch.Tensor:
     """A [batch, pos] batch of token ids valid for every tiny model (d_vocab = 50)."""

@@ -129,13 +129,8 @@ def _interrupt_at_random(model, call, seconds: float, rng: random.Random) -> dic
 
 
 @pytest.fixture(scope="module")
-def world():
-    torch.manual_seed(0)
-    model = tiny_model("gpt2", seed=0)
-    data = torch.randint(0, model.cfg.d_vocab, (16, 10), generator=torch.Generator().manual_seed(3))
-    comp = tlm.compress(model, data, progress=False)
-    graph = tlm.build_graph(comp, model=model, tokens=data, progress=False)
-    return model, data, comp, graph
+def world(tiny_graph):
+    return tiny_graph
 
 
 def _entries(world):

@@ -27,7 +27,8 @@ def test_gpt2_architecture_exactly_through_the_from_pretrained_conversion(model)
     assert model.tokenizer.bos_token_id == 50256 and model.to_tokens("Hello world").tolist() == [[50256, 15496, 995]]
     # the processed HookedTransformer computes what the Hugging Face checkpoint computes: LayerNorm
     # folded and weights centred reorder fp32 sums, ~1e-5 relative on log-probabilities down to -30
-    hf = GPT2LMHeadModel.from_pretrained(str(tlm.textlm.BUNDLED_DIR), dtype=torch.float32).eval()
+    hf = GPT2LMHeadModel.from_pretrained(str(tlm.textlm.BUNDLED_DIR), dtype=torch.float32,
+                                         local_files_only=True).eval()      # the shipped folder; no hub
     rows = tlm.textlm.tokens("heldout", 4 * 64, 64)
     with torch.no_grad():
         ours, theirs = model(rows).log_softmax(-1), hf(rows).logits.log_softmax(-1)

@@ -16,14 +16,10 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")
-def world():
+def world(tiny_graph):
     from sae_lens import StandardSAE, StandardSAEConfig
 
-    torch.manual_seed(0)
-    model = tiny_model("gpt2", seed=0)
-    data = torch.randint(0, model.cfg.d_vocab, (16, 10), generator=torch.Generator().manual_seed(3))
-    comp = tlm.compress(model, data, progress=False)
-    graph = tlm.build_graph(comp, model=model, tokens=data, progress=False)
+    model, data, comp, graph = tiny_graph
     cfg = StandardSAEConfig(d_in=model.cfg.d_model, d_sae=32)
     cfg.metadata.hook_name = "blocks.1.hook_resid_mid"
     return model, data, comp, graph, StandardSAE(cfg)

@@ -511,13 +511,7 @@ class ChatClient:
 
     def request_sync(self, messages: list[dict], schema: dict, **kwargs: Any) -> Reply:
         """:meth:`request` from sync code (also inside a running event loop, through a thread)."""
-        return _run(_closing(self, self.request(messages, schema, **kwargs)))
-
-
-def _run(coro: Any) -> Any:
-    """Run a coroutine from sync code (``tl_modular._aio.run_sync``: also inside a running event
-    loop, and Ctrl-C ends it within seconds)."""
-    return run_sync(coro)
+        return run_sync(_closing(self, self.request(messages, schema, **kwargs)))
 
 
 async def _closing(obj: Any, coro: Any) -> Any:

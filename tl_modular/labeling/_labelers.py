@@ -20,7 +20,8 @@ from typing import Any, Protocol, runtime_checkable
 
 import numpy as np
 
-from tl_modular.labeling._client import _closing, _run
+from tl_modular._aio import run_sync
+from tl_modular.labeling._client import _closing
 from tl_modular.labeling._evidence import Context, Evidence
 from tl_modular.labeling._prompts import (
     EXPLANATION_SCHEMA,
@@ -83,11 +84,11 @@ class Simulator(Protocol):
 class _Sync:
     def explain(self, evidence: Evidence) -> Explanation:
         """Sync :meth:`aexplain`."""
-        return _run(_closing(self, self.aexplain(evidence)))  # type: ignore[attr-defined]
+        return run_sync(_closing(self, self.aexplain(evidence)))  # type: ignore[attr-defined]
 
     def simulate(self, label: str, contexts: Sequence[Sequence[str]], *, signed: bool = False) -> Simulation:
         """Sync :meth:`asimulate`."""
-        return _run(_closing(self, self.asimulate(label, contexts, signed=signed)))  # type: ignore[attr-defined]
+        return run_sync(_closing(self, self.asimulate(label, contexts, signed=signed)))  # type: ignore[attr-defined]
 
 
 # --- offline --------------------------------------------------------------------------------------

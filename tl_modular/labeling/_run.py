@@ -13,9 +13,10 @@ import torch
 from jaxtyping import Int
 from tqdm.auto import tqdm
 
+from tl_modular._aio import run_sync
 from tl_modular._redact import redact
 from tl_modular.errors import LabelingError
-from tl_modular.labeling._client import REASONS, _run
+from tl_modular.labeling._client import REASONS
 from tl_modular.labeling._evidence import Evidence, EvidenceConfig, collect_evidence
 from tl_modular.labeling._labelers import (
     Explanation,
@@ -262,7 +263,7 @@ def label(target: Any, model: Any, tokens: Int[torch.Tensor, "batch pos"], *,
 
     before = _totals(labeler, simulator)
     try:
-        run, base = _run(main())
+        run, base = run_sync(main())
     except LLMUnavailable as e:
         partial = _labels(run, units, [], seed, _totals(labeler, simulator), before, labeler, simulator, evidence,
                           tokens)
