@@ -9,6 +9,10 @@ validation of every answer with one repair request. The API key is never part of
 cache file, an exception, a log line or a repr (``tl_modular._redact``): credentials inside
 ``base_url`` (``https://user:KEY@proxy/v1``) are sent as HTTP Basic auth and shown as ``***``.
 
+With ``batch=True`` the requests that miss the cache go through the OpenAI Batch API instead
+(:mod:`tl_modular.labeling._batch`: half the price, answered within 24 hours, resumable); the
+answers are validated, repaired, counted and cached the same way.
+
 Failures that retrying cannot fix (no key, a key the server refuses, an unknown model or route, a
 server that cannot be reached after the retries) raise :class:`LLMUnavailable`, and once one is
 seen every further request of the client fails with it at once, without being sent.
@@ -35,6 +39,7 @@ from typing import Any
 from tl_modular._aio import run_sync
 from tl_modular._io import ArtifactError, read_json, write_text
 from tl_modular._redact import mask_secrets, redact, redact_url, register
+from tl_modular.labeling._batch import BatchOutcome, BatchQueue, custom_id
 
 #: Set to 1 to switch off the default response cache (an explicit ``cache_dir`` still works).
 NO_CACHE_ENV = "TL_MODULAR_NO_LLM_CACHE"
@@ -100,7 +105,8 @@ class InvalidAnswer(LLMError):
 REASONS = {"server_error": "server error", "rate_limited": "rate limited", "timeout": "timed out",
            "connection": "connection failed", "refused": "request refused", "invalid_answer": "invalid answer",
            "budget": "budget spent", "no_key": "no API key", "auth": "API key refused",
-           "not_found": "model or route not found", "unreachable": "server unreachable", "error": "error"}
+           "not_found": "model or route not found", "unreachable": "server unreachable", "error": "error",
+           "batch_failed": "batch failed", "batch_cancelled": "batch cancelled", "batch_expired": "batch expired"}
 
 
 @dataclass(kw_only=True)
@@ -120,6 +126,13 @@ class ClientConfig:
         budget_usd, max_total_tokens: Stop before a request once spent cost / tokens reach these.
         price_per_mtok_input, price_per_mtok_output: USD per million prompt / completion tokens.
         temperature, seed: Sampling settings (part of the cache key).
+        batch: Send the requests that miss the cache through the OpenAI Batch API (needs a cache:
+            the batch ids are saved there so that a restarted run resumes the same batch).
+        batch_poll_s, batch_max_poll_s: First wait between two status checks of a batch, doubling up to this.
+        batch_collect_s: Requests made within this many seconds of each other go into one batch.
+        batch_max_requests: Lines per batch at most (OpenAI allows 50,000).
+        batch_resubmits: How often the unanswered lines of an expired batch are submitted again.
+        batch_price_factor: Batch price over the online price (OpenAI: half).
     """
 
     model: str = "gpt-4o-mini"
@@ -137,6 +150,13 @@ class ClientConfig:
     price_per_mtok_output: float = 0.60
     temperature: float = 0.0
     seed: int | None = 0
+    batch: bool = False
+    batch_poll_s: float = 10.0
+    batch_max_poll_s: float = 600.0
+    batch_collect_s: float = 0.5
+    batch_max_requests: int = 50_000
+    batch_resubmits: int = 2
+    batch_price_factor: float = 0.5
 
     def __repr__(self) -> str:                    # the dataclass repr, minus the key (also inside base_url)
         shown = ", ".join(f"{f.name}={getattr(self, f.name)!r}" for f in fields(self) if f.repr)
@@ -148,7 +168,8 @@ class ClientConfig:
             raise TypeError(f"base_url must be a string URL, got {type(self.base_url).__name__}")
         if not self.model:
             raise ValueError("ClientConfig.model must name a chat model")
-        for name in ("max_concurrency", "max_retries", "max_total_tokens", "seed"):
+        for name in ("max_concurrency", "max_retries", "max_total_tokens", "seed", "batch_max_requests",
+                     "batch_resubmits"):
             value = getattr(self, name)
             if value is not None and (isinstance(value, bool) or not isinstance(value, int)):
                 raise TypeError(f"{name} must be an int, got {value!r} ({type(value).__name__})")
@@ -156,7 +177,14 @@ class ClientConfig:
             raise ValueError(f"max_concurrency must be >= 1, got {self.max_concurrency}")
         if self.max_retries < 0:
             raise ValueError(f"max_retries must be >= 0, got {self.max_retries}")
-        for name in ("backoff_s", "max_backoff_s", "price_per_mtok_input", "price_per_mtok_output", "temperature"):
+        if self.batch_max_requests < 1 or self.batch_resubmits < 0:
+            raise ValueError(f"batch_max_requests must be >= 1 and batch_resubmits >= 0, got "
+                             f"{self.batch_max_requests} and {self.batch_resubmits}")
+        if self.batch_poll_s <= 0 or self.batch_max_poll_s < self.batch_poll_s:
+            raise ValueError(f"batch_poll_s must be > 0 and batch_max_poll_s >= batch_poll_s, got "
+                             f"{self.batch_poll_s} and {self.batch_max_poll_s}")
+        for name in ("backoff_s", "max_backoff_s", "price_per_mtok_input", "price_per_mtok_output", "temperature",
+                     "batch_collect_s", "batch_price_factor"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
         if self.timeout_s <= 0:
@@ -297,9 +325,17 @@ class ChatClient:
         self._succeeded = False                 # a request succeeded at least once
         self._refusals = 0                      # non-retryable 4xx answers while nothing has succeeded
         self._unavailable: LLMUnavailable | None = None   # set once: every later request fails with it
+        self.batch: BatchQueue | None = None
+        if self.config.batch:
+            if self._cache is None:
+                raise ValueError("batch=True needs a response cache (cache_dir=, and $TL_MODULAR_NO_LLM_CACHE unset): "
+                                 "the batch ids are saved there so that a restarted run resumes the same batch, and "
+                                 "the answers are kept there")
+            self.batch = BatchQueue(self, self._cache / "batches")
 
     def __repr__(self) -> str:
-        return f"ChatClient(model={self.config.model!r}, base_url={self._public_url()!r})"
+        batch = ", batch=True" if self.config.batch else ""
+        return f"ChatClient(model={self.config.model!r}, base_url={self._public_url()!r}{batch})"
 
     def _loop_state(self) -> tuple[Any, asyncio.Semaphore]:
         loop = id(asyncio.get_running_loop())
@@ -371,12 +407,12 @@ class ChatClient:
                                  f"${u.cost_usd:.6g}); raise max_total_tokens to go on")
 
     async def _send(self, messages: list[dict], schema: dict, name: str, logprobs: bool, top_logprobs: int,
-                    max_tokens: int, usage: Usage) -> tuple[str, list | None]:
-        """One chat completion with retries; returns the content and logprobs, counting into ``usage``."""
+                    max_tokens: int, usage: Usage, ids: list[str] | None = None) -> tuple[str, list | None]:
+        """One chat completion with retries; returns the content and logprobs, counting into ``usage``.
+        In batch mode the batch line ids used are appended to ``ids``."""
         import openai
 
         cfg = self.config
-        client, semaphore = self._loop_state()
         # timeout per call, so that a client passed in also honours timeout_s
         kwargs: dict[str, Any] = {"model": cfg.model, "messages": messages, "max_tokens": max_tokens,
                                   "temperature": cfg.temperature, "timeout": cfg.timeout_s,
@@ -386,6 +422,11 @@ class ChatClient:
             kwargs["seed"] = cfg.seed
         if logprobs:
             kwargs["logprobs"], kwargs["top_logprobs"] = True, top_logprobs
+        if self.batch is not None:
+            answer = await self._send_batch({k: v for k, v in kwargs.items() if k != "timeout"}, usage, ids)
+            if answer is not None:
+                return answer                 # else a line error that may pass: retried online below
+        client, semaphore = self._loop_state()
         attempt = 0
         connection_only = True                # every attempt of this request failed to connect
         while True:
@@ -414,17 +455,7 @@ class ChatClient:
                 error, reason = f"cannot connect ({_cause(e)})", "connection"
             else:
                 self._answered = self._succeeded = True
-                u = getattr(response, "usage", None)
-                p, c = (getattr(u, "prompt_tokens", 0) or 0, getattr(u, "completion_tokens", 0) or 0) if u else (0, 0)
-                spent = Usage(requests=1, prompt_tokens=p, completion_tokens=c,
-                              cost_usd=(p * cfg.price_per_mtok_input + c * cfg.price_per_mtok_output) / 1e6)
-                usage += spent
-                self.usage += spent
-                choice = response.choices[0]
-                lp = getattr(choice, "logprobs", None)
-                content = getattr(lp, "content", None) if lp is not None else None
-                plain = [_plain_logprob(x) for x in content] if content else None
-                return choice.message.content or "", plain
+                return self._take(response, usage)
             if attempt >= cfg.max_retries:
                 usage.failures += 1
                 self.usage.failures += 1
@@ -439,6 +470,94 @@ class ChatClient:
             attempt += 1
             usage.retries += 1
             self.usage.retries += 1
+            backoff = random.uniform(0, min(cfg.max_backoff_s, cfg.backoff_s * 2 ** (attempt - 1)))
+            await asyncio.sleep(min(cfg.max_backoff_s, max(backoff, wait or 0.0)))
+
+    def _take(self, response: Any, usage: Usage, price_factor: float = 1.0) -> tuple[str, list | None]:
+        """Content and plain logprobs of a chat completion (the openai object, or a batch line's dict),
+        its tokens and cost counted into ``usage`` and the running totals."""
+        cfg = self.config
+        u = _get(response, "usage")
+        p, c = (_get(u, "prompt_tokens") or 0, _get(u, "completion_tokens") or 0) if u else (0, 0)
+        spent = Usage(requests=1, prompt_tokens=p, completion_tokens=c,
+                      cost_usd=price_factor * (p * cfg.price_per_mtok_input + c * cfg.price_per_mtok_output) / 1e6)
+        usage += spent
+        self.usage += spent
+        choice = _get(response, "choices")[0]
+        lp = _get(choice, "logprobs")
+        content = _get(lp, "content") if lp is not None else None
+        plain = [_plain_logprob(x) for x in content] if content else None
+        return _get(_get(choice, "message"), "content") or "", plain
+
+    async def _send_batch(self, body: dict[str, Any], usage: Usage, ids: list[str] | None
+                          ) -> tuple[str, list | None] | None:
+        """``body`` answered through the Batch API; None for a line error that may pass online."""
+        assert self.batch is not None
+        if self._unavailable is not None:
+            raise _again(self._unavailable)
+        self._check_budget()                  # checked at submission: a batch's cost is known once it ends
+        cid = custom_id(body)
+        try:
+            response = await self.batch.send(cid, body)
+        except BatchOutcome as e:
+            if ids is not None:
+                ids.append(cid)
+            if e.retryable:                   # few lines: online now beats another batch of up to 24 h
+                usage.retries += 1
+                self.usage.retries += 1
+                return None
+            usage.failures += 1
+            self.usage.failures += 1
+            if e.kind == "line":
+                raise self._refused(e.status or 400, str(e)) from None
+            if e.kind == "failed":
+                raise _again(self._fail_for_good(LLMUnavailable(str(e), reason="batch_failed",
+                                                                endpoint=self.endpoint))) from None
+            raise LLMError(str(e), reason=f"batch_{e.kind}", endpoint=self.endpoint) from None
+        except LLMUnavailable as e:           # one error object reached every waiter: each raises its own
+            raise _again(e) from None
+        except LLMError as e:
+            raise LLMError(str(e), reason=e.reason, endpoint=e.endpoint) from None
+        if ids is not None:
+            ids.append(cid)
+        self._answered = self._succeeded = True
+        return self._take(response, usage, self.config.batch_price_factor)
+
+    async def _api(self, what: str, call: Any, *args: Any, **kwargs: Any) -> Any:
+        """One Files/Batches API call (``what`` says which, for messages), with the retries of a request."""
+        import openai
+
+        cfg = self.config
+        attempt = 0
+        while True:
+            wait: float | None = None
+            try:
+                return await call(*args, timeout=cfg.timeout_s, **kwargs)
+            except openai.APIStatusError as e:
+                self._answered = True
+                status = e.status_code
+                if status not in (408, 409, 429) and status < 500:
+                    text = redact(_message(e), self._key())
+                    if status == 404:
+                        where = self.batch.directory if self.batch is not None else "the cache"
+                        raise _again(self._fail_for_good(LLMUnavailable(
+                            f"the server at {self.endpoint} could not {what} (HTTP 404: {text}) — it may have no "
+                            "Batch API (local servers such as vLLM and Ollama answer online requests: use "
+                            "batch=False), or a saved batch belongs to another server or account (delete its file "
+                            f"under {where} to submit anew)", reason="not_found", endpoint=self.endpoint))) from None
+                    raise self._refused(status, f"could not {what}: {text}") from None
+                error, reason = f"HTTP {status}", "rate_limited" if status == 429 else "server_error"
+                if status in (429, 503):
+                    wait = _retry_after(getattr(e.response, "headers", None))
+            except openai.APITimeoutError:
+                error, reason = "timed out", "timeout"
+            except openai.APIConnectionError as e:
+                error, reason = f"cannot connect ({_cause(e)})", "connection"
+            if attempt >= cfg.max_retries:
+                raise LLMError(f"could not {what} at {self.endpoint} after {attempt + 1} attempts (last: "
+                               f"{redact(error)}); the batch ids are saved — re-run later to resume the same batch",
+                               reason=reason, endpoint=self.endpoint)
+            attempt += 1
             backoff = random.uniform(0, min(cfg.max_backoff_s, cfg.backoff_s * 2 ** (attempt - 1)))
             await asyncio.sleep(min(cfg.max_backoff_s, max(backoff, wait or 0.0)))
 
@@ -479,7 +598,27 @@ class ChatClient:
             except (OSError, ValueError, KeyError, AttributeError):
                 pass                              # an entry of another shape: asked again and rewritten
         usage = Usage()
-        content, lp = await self._send(messages, schema, name, logprobs, top_logprobs, max_tokens, usage)
+        ids: list[str] = []                       # batch lines used: their state file goes once all are consumed
+        try:
+            data, lp = await self._ask(messages, schema, name, logprobs, top_logprobs, max_tokens, usage, ids)
+        except LLMError:
+            if self.batch is not None:            # reported: a re-run asks again, as online
+                self.batch.consumed(ids)
+            raise
+        if path is not None:
+            # compact JSON: indenting switches json to its pure-Python encoder, ~30 ms for a logprobs entry
+            entry = {"version": CACHE_VERSION, "key": key, "model": self.config.model, "name": name, "data": data,
+                     "logprobs": lp, "usage": usage.to_json()}
+            text = json.dumps(entry, ensure_ascii=False, separators=(",", ":"))
+            write_text(path, mask_secrets(text, self._key()))     # a server that echoes the key: not stored
+        if self.batch is not None:
+            self.batch.consumed(ids)
+        return Reply(data, lp, usage, cached=False)
+
+    async def _ask(self, messages: list[dict], schema: dict, name: str, logprobs: bool, top_logprobs: int,
+                   max_tokens: int, usage: Usage, ids: list[str]) -> tuple[Any, list | None]:
+        """The parsed, valid answer and its logprobs (one repair request when the first is invalid)."""
+        content, lp = await self._send(messages, schema, name, logprobs, top_logprobs, max_tokens, usage, ids)
         data, error = _parse(content, schema)
         if error is not None:                     # one repair: show the model its answer and what is wrong
             usage.repairs += 1
@@ -487,23 +626,20 @@ class ChatClient:
             repair = [*messages, {"role": "assistant", "content": content},
                       {"role": "user", "content": f"That answer is invalid: {error}. Reply with the corrected "
                                                   "JSON only, matching the schema."}]
-            content, lp = await self._send(repair, schema, name, logprobs, top_logprobs, max_tokens, usage)
+            content, lp = await self._send(repair, schema, name, logprobs, top_logprobs, max_tokens, usage, ids)
             data, error = _parse(content, schema)
             if error is not None:
                 usage.failures += 1
                 self.usage.failures += 1
                 raise InvalidAnswer(f"the {name} answer is invalid after one repair: {redact(error, self._key())}",
                                     endpoint=self.endpoint)
-        if path is not None:
-            # compact JSON: indenting switches json to its pure-Python encoder, ~30 ms for a logprobs entry
-            entry = {"version": CACHE_VERSION, "key": key, "model": self.config.model, "name": name, "data": data,
-                     "logprobs": lp, "usage": usage.to_json()}
-            text = json.dumps(entry, ensure_ascii=False, separators=(",", ":"))
-            write_text(path, mask_secrets(text, self._key()))     # a server that echoes the key: not stored
-        return Reply(data, lp, usage, cached=False)
+        return data, lp
 
     async def aclose(self) -> None:
-        """Close the connections this event loop opened (before the loop ends)."""
+        """Close the connections this event loop opened (before the loop ends); batches in flight stop
+        being polled (their ids stay saved: a re-run resumes them)."""
+        if self.batch is not None:
+            await self.batch.aclose()
         client = self._clients.pop(id(asyncio.get_running_loop()), None)
         self._semaphores.pop(id(asyncio.get_running_loop()), None)
         if client is not None:
@@ -523,6 +659,11 @@ async def _closing(obj: Any, coro: Any) -> Any:
         close = getattr(obj, "aclose", None)
         if close is not None:
             await close()
+
+
+def _get(obj: Any, key: str) -> Any:
+    """``obj[key]`` of a dict (a batch line), else the attribute (an openai object); None when absent."""
+    return obj.get(key) if isinstance(obj, dict) else getattr(obj, key, None)
 
 
 def _plain_logprob(item: Any) -> dict[str, Any]:

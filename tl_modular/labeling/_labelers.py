@@ -6,6 +6,7 @@ OpenAI-compatible server; :class:`OfflineLabeler` and :class:`OfflineSimulator` 
 
 >>> labeler = OpenAILabeler(model="gpt-4o-mini")                     # doctest: +SKIP
 >>> local = OpenAILabeler(model="llama3.1", base_url="http://localhost:11434/v1", api_key="none")  # doctest: +SKIP
+>>> bulk = OpenAILabeler(model="gpt-4o-mini", batch=True)            # Batch API: half price, <= 24 h  # doctest: +SKIP
 """
 
 from __future__ import annotations
@@ -222,20 +223,24 @@ class OpenAILabeler(_Sync):
             ``$XDG_CACHE_HOME/tl_modular/llm`` (``~/.cache/tl_modular/llm``), so a re-run costs nothing;
             ``False`` (or ``$TL_MODULAR_NO_LLM_CACHE=1``) for no cache.
         logprobs: Ask for token log-probabilities in simulation.
+        batch: Send the requests through the OpenAI Batch API (half the price, answered within 24 hours):
+            the labels of a level go in one batch, their simulations in the next; the batch ids are saved
+            next to the response cache, so a run that dies and is started again resumes the same batches
+            (:mod:`tl_modular.labeling._batch`). Default: ``config.batch`` (False).
     """
 
     name = "openai"
 
     def __init__(self, model: str | None = None, *, base_url: str | None = None, api_key: str | None = None,
                  client: Any = None, config: Any = None, cache_dir: str | os.PathLike | bool | None = None,
-                 logprobs: bool = True) -> None:
+                 logprobs: bool = True, batch: bool | None = None) -> None:
         from dataclasses import replace
 
         from tl_modular.labeling._client import ChatClient, ClientConfig, default_cache_dir
 
         cfg = config or ClientConfig()
         overrides = {k: v for k, v in {"model": model, "base_url": base_url, "api_key": api_key,
-                                        "cache_dir": cache_dir}.items() if v is not None}
+                                        "cache_dir": cache_dir, "batch": batch}.items() if v is not None}
         if cache_dir is None and cfg.cache_dir is None:     # cached by default, as Hugging Face caches are
             overrides["cache_dir"] = default_cache_dir()
         cfg = replace(cfg, **overrides)
@@ -244,7 +249,8 @@ class OpenAILabeler(_Sync):
         self.logprobs = logprobs
 
     def __repr__(self) -> str:
-        return f"OpenAILabeler(model={self.config.model!r}, base_url={self.client._public_url()!r})"
+        batch = ", batch=True" if self.config.batch else ""
+        return f"OpenAILabeler(model={self.config.model!r}, base_url={self.client._public_url()!r}{batch})"
 
     async def aclose(self) -> None:
         """Close this event loop's connections (``label`` and the sync methods do it for you)."""
