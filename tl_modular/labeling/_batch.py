@@ -38,6 +38,7 @@ import asyncio
 import hashlib
 import json
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -95,6 +96,19 @@ class _Job:
 
     def forget(self) -> None:
         self.path.unlink(missing_ok=True)
+
+
+def poll_delays(first: float, cap: float) -> Iterator[float]:
+    """Seconds between two status checks: ``first``, doubling, never above ``cap``.
+
+    >>> from itertools import islice
+    >>> list(islice(poll_delays(10, 60), 5))
+    [10, 20, 40, 60, 60]
+    """
+    delay = first
+    while True:
+        yield min(delay, cap)
+        delay = min(delay * 2, cap)
 
 
 def custom_id(body: dict[str, Any]) -> str:
@@ -203,8 +217,9 @@ class BatchQueue:
             if resubmits >= self.host.config.batch_resubmits:
                 for _, fut in again.values():
                     fut.set_exception(BatchOutcome(
-                        "expired", job.batch_id or "", f"batch {job.batch_id} expired before answering this request, "
-                        f"after {resubmits} resubmissions; re-run to ask again, or raise batch_resubmits"))
+                        "expired", job.batch_id or "", f"batch {job.batch_id} expired before answering this request "
+                        f"(resubmitted {resubmits} time{'s' * (resubmits != 1)}); re-run to ask again, or raise "
+                        "batch_resubmits"))
                 return
             await self._complete(None, again, resubmits + 1)
 
@@ -247,7 +262,7 @@ class BatchQueue:
     async def _wait(self, job: _Job) -> Any:
         """Poll until the batch ends (exponential backoff, bounded by ``batch_max_poll_s``)."""
         cfg = self.host.config
-        delay = cfg.batch_poll_s
+        delays = poll_delays(cfg.batch_poll_s, cfg.batch_max_poll_s)
         bar = tqdm(total=len(job.state["custom_ids"]), desc=f"batch {job.batch_id}", disable=None, leave=False)
         try:
             while True:
@@ -257,8 +272,7 @@ class BatchQueue:
                     bar.update(max(0, counts.completed + counts.failed - bar.n))
                 if batch.status in _ENDED:
                     return batch
-                await asyncio.sleep(delay)
-                delay = min(cfg.batch_max_poll_s, delay * 2)
+                await asyncio.sleep(next(delays))
         finally:
             bar.close()
 
