@@ -313,3 +313,31 @@ def test_batch_bad_config(tmp_path, monkeypatch):
         ChatServer(batch_faults=[Fault()])
     with pytest.raises(ValueError, match="status"):
         BatchFault(status="lost")
+
+
+def test_cli_llm_batch(tmp_path, capsys, monkeypatch):
+    from tl_modular import cli
+
+    assert cli.main(["analyze", "--llm-batch", "--out", str(tmp_path / "o")]) == 2
+    assert "--llm-batch applies only with --labeler openai" in capsys.readouterr().err
+    monkeypatch.setenv("OPENAI_API_KEY", KEY)
+    for argv, batch in (([], False), (["--llm-batch"], True)):
+        args = cli._parser().parse_args(["analyze", "--labeler", "openai", "--out", str(tmp_path / "o"), *argv])
+        cli._check_options(args)
+        labeler, simulator = cli._labeler(args)
+        assert labeler is simulator and labeler.config.batch is batch
+        assert (labeler.client.batch is not None) is batch and KEY not in repr(labeler)
+
+
+def test_many_requests_are_split_into_batches_by_count_and_size(tmp_path, monkeypatch):
+    from tl_modular.labeling import _batch
+
+    with ChatServer(_echo) as server:
+        client = _client(server, tmp_path, batch_max_requests=4)
+        assert [r.data["label"] for r in _ask(client, range(10))] == [f"says unit {i}" for i in range(10)]
+        assert sorted(server.batches[b]["request_counts"]["total"] for b in client.batch.created) == [2, 4, 4]
+        monkeypatch.setattr(_batch, "MAX_FILE_BYTES", 700)     # about three lines of ~220 bytes
+        client = _client(server, tmp_path / "b")
+        assert [r.data["label"] for r in _ask(client, range(7))] == [f"says unit {i}" for i in range(7)]
+        sizes = [len(server.files[server.batches[b]["input_file_id"]]["content"]) for b in client.batch.created]
+        assert len(sizes) >= 3 and max(sizes) <= 700

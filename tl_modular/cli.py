@@ -25,7 +25,7 @@ _TASKS = ("ioi", "greater_than", "docstring", "induction")
 _BUNDLED = ("toy-modular", "toy")   # tl_modular.report.BUNDLED_MODELS, named here to keep --help fast
 _DEFAULTS = {"tokens": 4096, "seq_len": 128, "llm_model": "gpt-4o-mini", "api_key_env": "OPENAI_API_KEY",
              "llm_concurrency": 16}
-_LLM_OPTIONS = ("llm_model", "base_url", "api_key_env", "llm_budget", "llm_concurrency")
+_LLM_OPTIONS = ("llm_model", "base_url", "api_key_env", "llm_budget", "llm_concurrency", "llm_batch")
 
 
 class UsageError(Exception):
@@ -67,6 +67,9 @@ def _parser() -> argparse.ArgumentParser:
     a.add_argument("--llm-budget", type=float, default=None, metavar="USD",
                    help="stop labeling cleanly once this much is spent (from the server's token usage)")
     a.add_argument("--llm-concurrency", type=int, default=None, help="LLM requests in flight at once (default 16)")
+    a.add_argument("--llm-batch", action="store_true", default=None,
+                   help="label through the OpenAI Batch API (half the price, answered within 24 h; a re-run of the "
+                        "same command resumes the batches in flight)")
     a.add_argument("--metric", choices=("loss", "logit"), default=None,
                    help="route strengths from the loss or the correct logit (default: logit for the bundled "
                         "model, loss otherwise)")
@@ -312,7 +315,7 @@ def _labeler(args: argparse.Namespace) -> tuple[Any, Any]:
     # replies are cached by content under the report directory: a re-run costs nothing
     config = ClientConfig(model=args.llm_model, base_url=args.base_url, api_key=key or "none",
                           max_concurrency=args.llm_concurrency, budget_usd=args.llm_budget,
-                          cache_dir=os.path.join(args.out, "llm_cache"))
+                          cache_dir=os.path.join(args.out, "llm_cache"), batch=bool(args.llm_batch))
     labeler = OpenAILabeler(config=config)
     return labeler, labeler
 

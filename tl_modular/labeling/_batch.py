@@ -50,6 +50,8 @@ from tl_modular._redact import mask_secrets, redact
 
 #: The endpoint every line is sent to.
 ENDPOINT = "/v1/chat/completions"
+#: Bytes of one input file at most (OpenAI takes up to 200 MB; a margin for the line framing).
+MAX_FILE_BYTES = 190_000_000
 #: Format version of a batch state file.
 STATE_VERSION = 1
 _ENDED = ("completed", "failed", "expired", "cancelled")
@@ -187,9 +189,17 @@ class BatchQueue:
             mine = {k: left.pop(k) for k in job.state["custom_ids"] if k in left}
             if mine:
                 groups.append((job, mine))
-        size = self.host.config.batch_max_requests
-        keys = list(left)
-        groups += [(None, {k: left[k] for k in keys[i:i + size]}) for i in range(0, len(keys), size)]
+        most = self.host.config.batch_max_requests
+        chunk: dict[str, tuple[dict, asyncio.Future]] = {}
+        size = 0
+        for k, item in left.items():          # batches of at most `most` lines and MAX_FILE_BYTES
+            n = len(json.dumps(item[0], ensure_ascii=False).encode()) + 160
+            if chunk and (len(chunk) >= most or size + n > MAX_FILE_BYTES):
+                groups.append((None, chunk))
+                chunk, size = {}, 0
+            chunk[k], size = item, size + n
+        if chunk:
+            groups.append((None, chunk))
         await asyncio.gather(*(self._complete(job, mine, 0) for job, mine in groups))
 
     # --- one batch -----------------------------------------------------------------------------------
