@@ -1,6 +1,7 @@
 """The LLM request layer alone: 200 units x (1 explanation + 1 batched simulation) through ``ChatClient``.
 
     .venv/bin/python benchmarks/labeling_client.py [--units 200] [--latency 0.2] [--concurrency 16] [--in-process]
+                                                   [--batch]
 
 Each unit sends one explanation request (a prompt with 20 quoted contexts, a ``{"explanation"}`` schema)
 and then, with the label it got, one batched simulation request (10 contexts x 16 tokens, per-token
@@ -8,6 +9,10 @@ levels 0…10, logprobs asked) — through :class:`~tl_modular.labeling._client.
 ``openai`` client to the loopback server (``tl_modular.labeling.testing_server.ChatServer``), which
 answers every request after ``--latency`` seconds. By default the server runs in its own process
 (like a real one: it does not share this interpreter's lock); ``--in-process`` runs it in a thread.
+
+``--batch`` sends the same requests through the server's Batch API (``ClientConfig(batch=True)``,
+polled every 50 ms doubling up to 0.5 s; the loopback server answers a batch's lines when it is
+polled, without ``--latency``): the explanations go in one batch, the simulations in the next.
 
 Run 1 uses a fresh cache folder: wall time (aim < 20 s at 200 units, 200 ms, concurrency 16; the floor
 is 2 x units / concurrency x latency = 5 s) and requests. Run 2 repeats it with the same cache: requests
@@ -71,15 +76,17 @@ async def _unit(client: ChatClient, i: int) -> None:
         raise RuntimeError("the simulation answer lost contexts")
 
 
-async def _run(url: str, cache: Path, units: int, concurrency: int) -> tuple[float, Usage]:
+async def _run(url: str, cache: Path, units: int, concurrency: int, batch: bool = False
+               ) -> tuple[float, Usage, int]:
     client = ChatClient(ClientConfig(model="stand-in", base_url=url, api_key="none", cache_dir=cache,
-                                     max_concurrency=concurrency))
+                                     max_concurrency=concurrency, batch=batch, batch_poll_s=0.05,
+                                     batch_max_poll_s=0.5, batch_collect_s=0.2))
     start = time.perf_counter()
     try:
         await asyncio.gather(*(_unit(client, i) for i in range(units)))
     finally:
         await client.aclose()
-    return time.perf_counter() - start, client.usage
+    return time.perf_counter() - start, client.usage, len(client.batch.created) if client.batch else 0
 
 
 @contextlib.contextmanager
@@ -115,15 +122,26 @@ def main() -> None:
     parser.add_argument("--latency", type=float, default=0.2)
     parser.add_argument("--concurrency", type=int, default=16)
     parser.add_argument("--in-process", action="store_true", help="serve from a thread of this process")
+    parser.add_argument("--batch", action="store_true", help="through the Batch API (OpenAILabeler(batch=True))")
     parser.add_argument("--serve", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.serve:
         return _serve(args.latency)
     with tempfile.TemporaryDirectory() as tmp, _server(args.latency, args.in_process) as url:
         cache = Path(tmp) / "cache"
-        t1, u1 = asyncio.run(_run(url, cache, args.units, args.concurrency))
-        t2, u2 = asyncio.run(_run(url, cache, args.units, args.concurrency))
+        t1, u1, b1 = asyncio.run(_run(url, cache, args.units, args.concurrency, args.batch))
+        t2, u2, b2 = asyncio.run(_run(url, cache, args.units, args.concurrency, args.batch))
         files = sum(1 for _ in cache.rglob("*.json"))
+    if args.batch:
+        where = "in-process" if args.in_process else "separate-process"
+        print(f"{args.units} units x 2 requests through the Batch API, {where} server")
+        print(f"run 1 (fresh cache): {t1:.2f} s, {u1.requests} requests in {b1} batches, {u1.retries} retries, "
+              f"${u1.cost_usd:.4f} at half the list price; {files} cache files")
+        print(f"run 2 (same cache):  {t2:.2f} s, {u2.requests} requests, {b2} batches, {u2.cached} cached replies")
+        print(f"| the same through the Batch API (`batch=True`, polls every 50 ms doubling to 0.5 s) | first run "
+              f"**{t1:.1f} s** ({u1.requests} requests in {b1} batches); re-run with the cache {t2:.2f} s, "
+              f"**{u2.requests} requests** | `.venv/bin/python benchmarks/labeling_client.py --batch` |")
+        return
     floor = 2 * -(-args.units // args.concurrency) * args.latency
     where = "in-process" if args.in_process else "separate-process"
     print(f"{args.units} units x 2 requests, {where} server, latency {args.latency * 1000:.0f} ms, "
