@@ -341,3 +341,30 @@ def test_many_requests_are_split_into_batches_by_count_and_size(tmp_path, monkey
         assert [r.data["label"] for r in _ask(client, range(7))] == [f"says unit {i}" for i in range(7)]
         sizes = [len(server.files[server.batches[b]["input_file_id"]]["content"]) for b in client.batch.created]
         assert len(sizes) >= 3 and max(sizes) <= 700
+
+
+def test_the_same_client_resumes_after_an_interruption_and_joins_requests_in_flight(tmp_path, monkeypatch):
+    real = BatchQueue._retrieve
+    with ChatServer(_echo, batch_faults=[BatchFault(polls=1)]) as server:
+        client = _client(server, tmp_path)
+        monkeypatch.setattr(BatchQueue, "_retrieve", lambda self, bid: (_ for _ in ()).throw(KeyboardInterrupt()))
+        with pytest.raises(KeyboardInterrupt):
+            _ask(client, range(3))
+        monkeypatch.setattr(BatchQueue, "_retrieve", real)
+        # the same client (a notebook re-running the cell) waits for the same batch
+        assert [r.data["label"] for r in _ask(client, range(3))] == [f"says unit {i}" for i in range(3)]
+        assert client.batch.created == ["batch-2"] and client.batch.resumed == ["batch-2"]
+
+        async def twice_the_same_request_at_different_times():
+            try:
+                first = asyncio.ensure_future(client.request(_msgs(7), SCHEMA, name="answer"))
+                while _posts(server, "/batches") < 2:           # until the first is in a batch
+                    await asyncio.sleep(0.01)
+                second = await client.request(_msgs(7), SCHEMA, name="answer")
+                return await first, second
+            finally:
+                await client.aclose()
+        server.batch_faults.append(BatchFault(polls=10))       # in flight long enough for the second to join
+        first, second = asyncio.run(twice_the_same_request_at_different_times())
+        assert first.data == second.data == {"label": "says unit 7"} and len(client.batch.created) == 2
+        assert len(server.batch_requests) == 4

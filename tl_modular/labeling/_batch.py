@@ -142,6 +142,8 @@ class BatchQueue:
         self._collector: dict[int, asyncio.Task] = {}
         self._tasks: dict[int, set[asyncio.Task]] = {}
         self._jobs: list[_Job] = []
+        self._active: set[Path] = set()           # state files of the batches being waited for now
+        self._inflight: dict[int, dict[str, asyncio.Future]] = {}    # submitted, not yet answered
 
     def __repr__(self) -> str:
         return f"BatchQueue(directory={redact(str(self.directory))!r}, created={self.created})"
@@ -154,8 +156,11 @@ class BatchQueue:
         loop = asyncio.get_running_loop()
         key = id(loop)
         pending = self._pending.setdefault(key, {})
+        inflight = self._inflight.setdefault(key, {})
         if cid in pending:                        # the same request twice at once: one line answers both
             fut = pending[cid][1]
+        elif cid in inflight:                     # ... or in a batch already submitted: wait for that one
+            fut = inflight[cid]
         else:
             fut = loop.create_future()
             pending[cid] = (body, fut)
@@ -176,10 +181,24 @@ class BatchQueue:
             except asyncio.TimeoutError:
                 break
         items = self._pending.pop(key, {})
+        inflight = self._inflight.setdefault(key, {})
+        for k, (_, fut) in items.items():
+            inflight[k] = fut
+            fut.add_done_callback(lambda f, k=k: inflight.pop(k) if inflight.get(k) is f else None)
         if items:       # no await between the pop and the return: a later request starts a new collector
-            task = asyncio.get_running_loop().create_task(self._flush(items))
+            task = asyncio.get_running_loop().create_task(self._settle(items))
             self._tasks.setdefault(key, set()).add(task)
             task.add_done_callback(self._tasks[key].discard)
+
+    async def _settle(self, items: dict[str, tuple[dict, asyncio.Future]]) -> None:
+        """:meth:`_flush`, and no waiter left waiting whatever happens."""
+        try:
+            await self._flush(items)
+        except BaseException as e:
+            _fail(items, e)
+            if not isinstance(e, Exception):
+                raise
+        _fail(items, RuntimeError("the batch ended without answering this request (a bug: please report it)"))
 
     async def _flush(self, items: dict[str, tuple[dict, asyncio.Future]]) -> None:
         """Saved batches that hold some of ``items`` are waited for again; the rest go in new batches."""
@@ -209,7 +228,9 @@ class BatchQueue:
         try:
             if job is None:
                 job = await self._submit(items)
+                self._active.add(job.path)
             else:
+                self._active.add(job.path)
                 self.resumed.append(job.batch_id or job.state["input_file_id"])
                 if job.batch_id is None:
                     await self._create(job, resume=True)
@@ -217,12 +238,13 @@ class BatchQueue:
             batch = await self._wait(job)
             again = await self._deliver(job, batch, items)
         except BaseException as e:
-            for _, fut in items.values():
-                if not fut.done():
-                    fut.cancel() if isinstance(e, asyncio.CancelledError) else fut.set_exception(_fresh(e))
+            _fail(items, e)
             if not isinstance(e, Exception):
                 raise
             return
+        finally:
+            if job is not None:
+                self._active.discard(job.path)
         if again:
             if resubmits >= self.host.config.batch_resubmits:
                 for _, fut in again.values():
@@ -346,13 +368,12 @@ class BatchQueue:
     # --- state files ---------------------------------------------------------------------------------
 
     def _saved(self) -> list[_Job]:
-        """Saved batches of this endpoint and model not being waited for by this queue, newest first."""
+        """Saved batches of this endpoint and model not being waited for now, newest first."""
         if not self.directory.is_dir():
             return []
-        ours = {j.path for j in self._jobs}
         jobs = []
         for path in self.directory.glob("*.json"):
-            if path in ours:
+            if path in self._active:
                 continue
             try:
                 state = read_json(path)
@@ -386,6 +407,7 @@ class BatchQueue:
         for _, fut in self._pending.pop(key, {}).values():
             fut.cancel()
         self._grew.pop(key, None)
+        self._inflight.pop(key, None)
 
 
 def _said(body: Any) -> str | None:
@@ -395,6 +417,13 @@ def _said(body: Any) -> str | None:
         msg = err.get("message") if isinstance(err, dict) else body.get("message")
         return str(msg)[:300] if msg else None
     return None
+
+
+def _fail(items: dict[str, tuple[dict, asyncio.Future]], e: BaseException) -> None:
+    """End the waits of ``items`` not yet answered with ``e`` (cancelled with it when it is a cancellation)."""
+    for _, fut in items.values():
+        if not fut.done():
+            fut.cancel() if isinstance(e, asyncio.CancelledError) else fut.set_exception(_fresh(e))
 
 
 def _fresh(e: BaseException) -> BaseException:
