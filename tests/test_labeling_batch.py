@@ -119,6 +119,7 @@ def test_batch_labels_equal_online_labels_and_a_rerun_asks_nothing(toy, toy_unit
         # explanations, then their simulations, then the random-label baseline: three batches
         assert _posts(server, "/batches") == 3 and _posts(server, "/files") == 3
         _same_labels(labels, labels_online)
+        assert not any(KEY.encode() in f["content"] for f in server.files.values())     # uploads and outputs
         assert labels.usage["requests"] == len(bodies_online) == labels_online.usage["requests"]
         assert labels.usage["cost_usd"] == pytest.approx(labels_online.usage["cost_usd"] / 2, rel=1e-12)
         assert not list((tmp_path / "cache" / "batches").glob("*.json"))   # all answered and cached
@@ -262,14 +263,16 @@ def test_a_failed_batch_names_its_id_and_errors(tmp_path, toy, toy_units):
 
 def test_line_errors_retry_online_or_fail_their_request(tmp_path):
     faults = [Fault(status=500, when=lambda b: b["messages"][0]["content"] == "unit 1"),
-              Fault(status=400, when=lambda b: b["messages"][0]["content"] == "unit 2"),
+              Fault(status=400, body=json.dumps({"error": {"message": f"no such key {KEY}"}}),
+                    when=lambda b: b["messages"][0]["content"] == "unit 2"),
               Fault(malformed="{not json", when=lambda b: b["messages"][0]["content"] == "unit 3")]
     with ChatServer(_echo, faults=faults) as server:
         client = _client(server, tmp_path)
         replies = _ask(client, range(5))
         assert [r.data["label"] for i, r in enumerate(replies) if i != 2] == [f"says unit {i}" for i in (0, 1, 3, 4)]
         assert isinstance(replies[2], LLMError) and replies[2].reason == "refused"
-        assert "HTTP 400" in str(replies[2]) and "batch-2" in str(replies[2])
+        assert "HTTP 400" in str(replies[2]) and "batch-2" in str(replies[2]) and "no such key ***" in str(replies[2])
+        assert KEY not in str(replies[2])
         # the 500 was retried online; the malformed answer repaired in a follow-up batch
         assert [b["messages"][0]["content"] for b in server.requests] == ["unit 1"]
         assert len(client.batch.created) == 2 and len(server.batch_requests) == 6

@@ -270,7 +270,7 @@ class ChatServer:
             return 500, {"error": {"message": f"respond() raised {type(e).__name__}: {e}", "type": "server_error"}}
         if isinstance(answer, Fault):
             if answer.malformed is None:
-                return answer.status, {"error": {"message": f"injected fault {answer.status}", "type": "server_error"}}
+                return answer.status, _error_body(answer)
             answer = answer.malformed
         scripted_lp = None
         if isinstance(answer, dict):
@@ -453,6 +453,16 @@ class ChatServer:
                 "model": body.get("model", "stand-in"), "choices": [choice],
                 "usage": {"prompt_tokens": prompt, "completion_tokens": completion,
                           "total_tokens": prompt + completion}}
+
+
+def _error_body(fault: Fault) -> dict | str:
+    """The body a fault answers with: its own (JSON when it parses), else an OpenAI-style error."""
+    if fault.body is None:
+        return {"error": {"message": f"injected fault {fault.status}", "type": "server_error"}}
+    try:
+        return json.loads(fault.body)
+    except json.JSONDecodeError:
+        return fault.body
 
 
 class _Server(ThreadingHTTPServer):
