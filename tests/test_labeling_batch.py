@@ -371,3 +371,15 @@ def test_the_same_client_resumes_after_an_interruption_and_joins_requests_in_fli
         first, second = asyncio.run(twice_the_same_request_at_different_times())
         assert first.data == second.data == {"label": "says unit 7"} and len(client.batch.created) == 2
         assert len(server.batch_requests) == 4
+
+
+def test_the_budget_is_checked_when_a_batch_is_submitted(tmp_path):
+    from tl_modular.labeling import BudgetExceeded
+
+    with ChatServer(_echo) as server:
+        client = _client(server, tmp_path, budget_usd=1e-9)
+        assert all(r.data for r in _ask(client, range(3)))            # nothing spent yet: the batch goes
+        assert client.usage.cost_usd == pytest.approx(3 * (2 * 0.15 + 4 * 0.60) / 1e6 / 2, rel=1e-12)
+        calls = len(server.calls)
+        assert all(isinstance(r, BudgetExceeded) for r in _ask(client, range(3, 5)))
+        assert len(server.calls) == calls                                 # spent: nothing submitted

@@ -52,6 +52,8 @@ from tl_modular._redact import mask_secrets, redact
 ENDPOINT = "/v1/chat/completions"
 #: Bytes of one input file at most (OpenAI takes up to 200 MB; a margin for the line framing).
 MAX_FILE_BYTES = 190_000_000
+#: Seconds an upload or download of a batch file may take (they reach hundreds of MB).
+FILE_TIMEOUT_S = 600.0
 #: Format version of a batch state file.
 STATE_VERSION = 1
 _ENDED = ("completed", "failed", "expired", "cancelled")
@@ -261,7 +263,8 @@ class BatchQueue:
         data = "".join(json.dumps(x, ensure_ascii=False, separators=(",", ":")) + "\n" for x in lines).encode()
         name = hashlib.sha256(data).hexdigest()[:24]
         upload = await self.host._api("upload the batch input", client.files.create,
-                                      file=(f"tl_modular-{name}.jsonl", data, "application/jsonl"), purpose="batch")
+                                      file=(f"tl_modular-{name}.jsonl", data, "application/jsonl"), purpose="batch",
+                                      timeout=max(FILE_TIMEOUT_S, self.host.config.timeout_s))
         job = _Job(self.directory / f"{name}.json",
                    {"version": STATE_VERSION, "endpoint": self.host.endpoint, "model": self.host.config.model,
                     "saved_at": time.time(), "input_file_id": upload.id, "batch_id": None,
@@ -312,7 +315,8 @@ class BatchQueue:
         if not file_id:
             return {}
         client, _ = self.host._loop_state()
-        content = await self.host._api(f"download file {file_id}", client.files.content, file_id)
+        content = await self.host._api(f"download file {file_id}", client.files.content, file_id,
+                                       timeout=max(FILE_TIMEOUT_S, self.host.config.timeout_s))
         out = {}
         for raw in content.text.splitlines():
             if raw.strip():

@@ -532,7 +532,7 @@ class ChatClient:
         while True:
             wait: float | None = None
             try:
-                return await call(*args, timeout=cfg.timeout_s, **kwargs)
+                return await call(*args, **{"timeout": cfg.timeout_s, **kwargs})
             except openai.APIStatusError as e:
                 self._answered = True
                 status = e.status_code
