@@ -383,3 +383,41 @@ def test_the_budget_is_checked_when_a_batch_is_submitted(tmp_path):
         calls = len(server.calls)
         assert all(isinstance(r, BudgetExceeded) for r in _ask(client, range(3, 5)))
         assert len(server.calls) == calls                                 # spent: nothing submitted
+
+
+def test_a_run_stopped_after_resubmitting_an_expired_batch_resumes_both(tmp_path, monkeypatch):
+    real = BatchQueue._retrieve
+
+    async def dies_on_the_resubmission(self, batch_id):
+        if len(self.created) == 2:
+            raise RuntimeError("killed")
+        return await real(self, batch_id)
+
+    with ChatServer(_echo, batch_faults=[BatchFault(status="expired", done=2)]) as server:
+        monkeypatch.setattr(BatchQueue, "_retrieve", dies_on_the_resubmission)
+        first = _ask(_client(server, tmp_path), range(5))
+        assert [r.data["label"] for r in first[:2]] == ["says unit 0", "says unit 1"]   # answered before it expired
+        assert all(isinstance(r, RuntimeError) for r in first[2:])
+        # the expired batch's answers are cached, so its file went; the resubmission's stays
+        [state] = (tmp_path / "batches").glob("*.json")
+        assert json.loads(state.read_text())["batch_id"] == "batch-6"
+        monkeypatch.setattr(BatchQueue, "_retrieve", real)
+        client = _client(server, tmp_path)
+        replies = _ask(client, range(5))
+        assert [r.data["label"] for r in replies] == [f"says unit {i}" for i in range(5)]
+        assert [r.cached for r in replies] == [True, True, False, False, False]
+        assert client.batch.created == [] and client.batch.resumed == ["batch-6"]
+        assert _posts(server, "/batches") == 2 and len(server.batch_requests) == 5
+    assert not list((tmp_path / "batches").glob("*.json"))
+    # killed before the expired batch's file went: both files stay, and each line is resumed from the
+    # newest batch that holds it (the expired one would expire again and be resubmitted: paid twice)
+    with ChatServer(_echo, batch_faults=[BatchFault(status="expired", done=2)]) as server:
+        monkeypatch.setattr(BatchQueue, "_retrieve", dies_on_the_resubmission)
+        monkeypatch.setattr(BatchQueue, "consumed", lambda self, ids: None)
+        _ask(_client(server, tmp_path / "b"), range(5))
+        assert len(list((tmp_path / "b" / "batches").glob("*.json"))) == 2
+        monkeypatch.setattr(BatchQueue, "_retrieve", real)
+        client = _client(server, tmp_path / "b")
+        assert [r.data["label"] for r in _ask(client, range(5))] == [f"says unit {i}" for i in range(5)]
+        assert client.batch.created == [] and client.batch.resumed == ["batch-6"]
+        assert _posts(server, "/batches") == 2 and len(server.batch_requests) == 5
