@@ -312,6 +312,8 @@ def test_batch_bad_config(tmp_path, monkeypatch):
                 {"batch_resubmits": -1}, {"batch_collect_s": -1}):
         with pytest.raises(ValueError, match=next(iter(bad))):
             ClientConfig(batch=True, **bad)
+    with pytest.raises(TypeError, match="batch must be True or False"):
+        ClientConfig(batch="yes")
     with pytest.raises(TypeError, match="BatchFault"):
         ChatServer(batch_faults=[Fault()])
     with pytest.raises(ValueError, match="status"):

@@ -168,6 +168,8 @@ class ClientConfig:
             raise TypeError(f"base_url must be a string URL, got {type(self.base_url).__name__}")
         if not self.model:
             raise ValueError("ClientConfig.model must name a chat model")
+        if not isinstance(self.batch, bool):
+            raise TypeError(f"batch must be True or False, got {self.batch!r}")
         for name in ("max_concurrency", "max_retries", "max_total_tokens", "seed", "batch_max_requests",
                      "batch_resubmits"):
             value = getattr(self, name)
