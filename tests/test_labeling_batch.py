@@ -423,3 +423,26 @@ def test_a_run_stopped_after_resubmitting_an_expired_batch_resumes_both(tmp_path
         assert [r.data["label"] for r in _ask(client, range(5))] == [f"says unit {i}" for i in range(5)]
         assert client.batch.created == [] and client.batch.resumed == ["batch-6"]
         assert _posts(server, "/batches") == 2 and len(server.batch_requests) == 5
+
+
+def test_a_damaged_output_file_and_stale_state_files(tmp_path, monkeypatch):
+    real = ChatServer._store
+
+    def damaged(self, lines, name):
+        fid = real(self, lines, name)
+        if fid is not None and "output" in name:
+            self.files[fid]["content"] = b'{"id": "x"}\nnot json\n'
+        return fid
+
+    with ChatServer(_echo) as server:
+        monkeypatch.setattr(ChatServer, "_store", damaged)
+        replies = _ask(_client(server, tmp_path), range(2))
+        assert all(isinstance(r, LLMUnavailable) and r.reason == "batch_failed" for r in replies)
+        assert "line 1 of file file-3 of batch batch-2 is not a batch result (KeyError" in str(replies[0])
+        assert len(list((tmp_path / "batches").glob("*.json"))) == 1       # kept: a re-run downloads it again
+        monkeypatch.setattr(ChatServer, "_store", real)
+    stale = tmp_path / "batches" / "old.json"
+    stale.write_text(json.dumps({"version": 1, "saved_at": time.time() - 31 * 86400, "custom_ids": []}))
+    with ChatServer(_echo) as server:
+        assert [r.data for r in _ask(_client(server, tmp_path), range(1))] == [{"label": "says unit 0"}]
+    assert not stale.exists()

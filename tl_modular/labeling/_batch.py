@@ -54,6 +54,8 @@ ENDPOINT = "/v1/chat/completions"
 MAX_FILE_BYTES = 190_000_000
 #: Seconds an upload or download of a batch file may take (they reach hundreds of MB).
 FILE_TIMEOUT_S = 600.0
+#: Age after which a state file is dropped: OpenAI keeps a batch's files for 30 days.
+STALE_S = 30 * 86400.0
 #: Format version of a batch state file.
 STATE_VERSION = 1
 _ENDED = ("completed", "failed", "expired", "cancelled")
@@ -311,17 +313,22 @@ class BatchQueue:
         finally:
             bar.close()
 
-    async def _lines(self, file_id: str | None) -> dict[str, dict]:
+    async def _lines(self, bid: str, file_id: str | None) -> dict[str, dict]:
         if not file_id:
             return {}
         client, _ = self.host._loop_state()
         content = await self.host._api(f"download file {file_id}", client.files.content, file_id,
                                        timeout=max(FILE_TIMEOUT_S, self.host.config.timeout_s))
         out = {}
-        for raw in content.text.splitlines():
+        for i, raw in enumerate(content.text.splitlines(), 1):
             if raw.strip():
-                line = json.loads(raw)
-                out[line["custom_id"]] = line
+                try:
+                    line = json.loads(raw)
+                    out[line["custom_id"]] = line
+                except (ValueError, KeyError, TypeError) as e:   # the answers cannot be matched to requests
+                    raise BatchOutcome("failed", bid, f"line {i} of file {file_id} of batch {bid} is not a batch "
+                                       f"result ({type(e).__name__}: {redact(str(e))[:200]}); its id stays saved: "
+                                       "a re-run downloads it again") from None
         return out
 
     async def _deliver(self, job: _Job, batch: Any, items: dict[str, tuple[dict, asyncio.Future]]
@@ -339,8 +346,8 @@ class BatchQueue:
                 if not fut.done():
                     fut.set_exception(failed.again())
             return {}
-        lines = await self._lines(batch.output_file_id)
-        lines.update(await self._lines(batch.error_file_id))
+        lines = await self._lines(bid, batch.output_file_id)
+        lines.update(await self._lines(bid, batch.error_file_id))
         again = {}
         for k, (_, fut) in items.items():
             if fut.done():
@@ -383,6 +390,10 @@ class BatchQueue:
                 state = read_json(path)
             except (ArtifactError, OSError, ValueError):
                 continue                          # half-written by hand or damaged: not ours to resume
+            saved_at = state.get("saved_at") if isinstance(state, dict) else None
+            if isinstance(saved_at, (int, float)) and time.time() - saved_at > STALE_S:
+                path.unlink(missing_ok=True)      # its batch and files are gone from the server by now
+                continue
             if (isinstance(state, dict) and state.get("version") == STATE_VERSION
                     and state.get("endpoint") == self.host.endpoint and state.get("model") == self.host.config.model
                     and state.get("input_file_id") and isinstance(state.get("custom_ids"), list)):
