@@ -15,7 +15,7 @@ from dataclasses import dataclass
 import torch
 from jaxtyping import Float
 
-from tl_modular._names import mlp_name, neuron_name
+from tl_modular._names import direction_name, mlp_name, neuron_name, norm_scale_hook
 from tl_modular.segmentation import Channel, segment
 
 
@@ -46,10 +46,9 @@ def to_hook(model: object, channel: Channel, vectors: torch.Tensor, hook: str) -
     kind = _ln_kind(model)
     if kind is None:
         return vectors, None
-    ln = channel.input_hook.rsplit(".", 1)[0]             # blocks.{l}.ln1 / ln2
     if kind in ("LN", "LNPre"):
         vectors = vectors - vectors.mean(0, keepdim=True)  # P_c v
-    return vectors, f"{ln}.hook_scale"
+    return vectors, norm_scale_hook(channel.input_hook)
 
 
 def neuron_readers(model: object, layer: int, hook: str) -> Readers:
@@ -75,7 +74,7 @@ def subspace_readers(model: object, comp: object, name: str, hook: str, *, ports
         if ports is not None and port not in ports:
             continue
         basis = side.basis.detach().to(torch.float32)
-        names += [f"{name}:{port}.d{i}" for i in range(basis.shape[1])]
+        names += [direction_name(name, port, i) for i in range(basis.shape[1])]
         cols.append(basis)
     if not cols:
         raise ValueError(f"{name} has no read side among ports {ports}")

@@ -21,7 +21,7 @@ import networkx as nx
 import numpy as np
 import torch
 
-from tl_modular._names import stream_index
+from tl_modular._names import port_name, stream_index
 from tl_modular.sae._attach import check_fits, collect
 from tl_modular.sae._readers import to_hook
 from tl_modular.segmentation import segment
@@ -171,7 +171,7 @@ def expand(graph: Any, unfoldings: list[Unfolding] | Unfolding, *, n_features: i
         if u.side == "write":
             hub, edges = u.channel, [(a, b, d) for a, b, d in g.out_edges(u.channel, data=True) if d["kind"] == "route"]
         else:
-            hub = u.channel if u.port in (None, "in") else f"{u.channel}:{u.port}"
+            hub = port_name(u.channel, None if u.port in (None, "in") else u.port)
             edges = [(a, b, d) for a, b, d in g.in_edges(hub, data=True) if d["kind"] == "route"]
         nodes = [(f"{hub}#f{f}", w, "feature", f) for f, w in kept] + [(f"{hub}#error", rest, "feature_error", None)]
         for node, w, kind, f in nodes:

@@ -68,7 +68,7 @@ from tl_modular._io import (
     write_json,
     write_safetensors,
 )
-from tl_modular._names import act_name, hook_layer, neuron_name
+from tl_modular._names import act_name, hook_layer, layer_name, neuron_name
 from tl_modular._tokens import check_tokens, valid_positions
 from tl_modular.labeling import LLMError
 from tl_modular.tasks.task import Task
@@ -279,7 +279,7 @@ class BuildResult:
             for when in ("before", "after"):
                 labels = getattr(r, f"labels_{when}")
                 if labels is not None:
-                    labels.save(directory / f"L{r.layer}" / f"labels_{when}.json")
+                    labels.save(directory / layer_name(r.layer) / f"labels_{when}.json")
         return directory
 
 
@@ -556,8 +556,8 @@ def build_interpretable(
     for r in done:
         _freeze(work, r.frozen)
         if root is not None:
-            r.labels_before = labeling.Labels.load(root / f"L{r.layer}" / "labels_before.json")
-            r.labels_after = labeling.Labels.load(root / f"L{r.layer}" / "labels_after.json")
+            r.labels_before = labeling.Labels.load(root / layer_name(r.layer) / "labels_before.json")
+            r.labels_after = labeling.Labels.load(root / layer_name(r.layer) / "labels_after.json")
     initial = state.get("initial")
     if initial is None:
         loss0, acc0 = _original(work, eval_sets)
@@ -573,7 +573,7 @@ def build_interpretable(
     bar = tqdm(total=len(layers), initial=len(done), desc="build_interpretable", disable=not progress, leave=False)
     try:
         for layer in layers[len(done):]:
-            phase = root / f"L{layer}" if root is not None else None
+            phase = root / layer_name(layer) if root is not None else None
             # 1-2. labels and fixed targets (re-read on resume: an LLM's answers are not re-bought)
             if phase is not None and (phase / "targets.safetensors").exists():
                 labels = labeling.Labels.load(phase / "labels_before.json")
@@ -611,7 +611,7 @@ def build_interpretable(
                 labels_before=labels, labels_after=after)
             done.append(rec)
             if root is not None:
-                after.save(root / f"L{layer}" / "labels_after.json")
+                after.save(root / layer_name(layer) / "labels_after.json")
                 _checkpoint(root, work, cfg, initial, done)
             bar.update(1)
         final_history: list[dict[str, Any]] = []
