@@ -184,9 +184,17 @@ class ChannelCompression:
         return {**{f"read:{p}": s for p, s in self.read.items()}, "write": self.write}
 
 
-@dataclass
-class Compression:
-    """Every compressed channel of one model. Index by channel name."""
+@dataclass(eq=True)
+class Compression(Mapping[str, ChannelCompression]):
+    """Every compressed channel of one model: a read-only mapping channel name → :class:`ChannelCompression`
+    (``len``, ``in``, iteration over names, ``keys``/``values``/``items``/``get``), in the order compressed
+    (stream order unless ``compress(channels=...)`` named them otherwise).
+
+    Two compressions compare equal as dataclasses (same fields), not as mappings.
+
+    >>> comp["L1.H3"].write.rank, "L0.MLP" in comp, list(comp)[:2]          # doctest: +SKIP
+    (4, True, ['L0.H0', 'L0.H1'])
+    """
 
     channels: dict[str, ChannelCompression]
     model_fingerprint: str
