@@ -63,7 +63,7 @@ from tl_modular.compression.refine import refine
 from tl_modular.compression.restriction import restriction_hooks
 from tl_modular.compression.statistics import Statistics, collect_statistics, read_map
 from tl_modular.errors import UnsupportedModelError
-from tl_modular.segmentation import ChannelSet, segment
+from tl_modular.segmentation import Channel, ChannelSet, segment
 
 __all__ = ["ChannelCompression", "Compression", "ReadSpace", "Side", "compress"]
 
@@ -388,13 +388,14 @@ def _factor(moment: torch.Tensor) -> torch.Tensor:
     return evecs * evals.clamp_min(0).sqrt()
 
 
-def _centering(channel: Any, model: Any) -> bool:
+def _centering(channel: Channel, model: Any) -> bool:
     """Whether the channel reads through a LayerNorm (whose residual functionals are centred)."""
     return channel.input_hook.endswith("hook_normalized") and model.cfg.normalization_type in ("LN", "LNPre")
 
 
-def _read_sides(c: Any, stats: Statistics, statistic: ReadStatistic, model: Any,
-                roots: dict[str, tuple[torch.Tensor, torch.Tensor]], fisher: Any = None) -> dict[str, Side]:
+def _read_sides(c: Channel, stats: Statistics, statistic: ReadStatistic, model: Any,
+                roots: dict[str, tuple[torch.Tensor, torch.Tensor]], fisher: FisherStats | None = None
+                ) -> dict[str, Side]:
     """``roots`` caches ``_sym_sqrt`` of each input covariance: every head of a layer shares it."""
     inp = stats.inputs[c.input_hook]
     if c.input_hook not in roots:
@@ -422,7 +423,7 @@ def _read_sides(c: Any, stats: Statistics, statistic: ReadStatistic, model: Any,
     return sides
 
 
-def _write_side(c: Any, stats: Statistics, statistic: WriteStatistic, fisher: Any = None) -> Side:
+def _write_side(c: Channel, stats: Statistics, statistic: WriteStatistic, fisher: FisherStats | None = None) -> Side:
     w = stats.writes[c.name]
     if statistic == "fisher":
         # minimise E[δ F δᵀ] over the write's deviations δ: PCA of the output in the metric of the

@@ -41,7 +41,7 @@ import os
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 import networkx as nx
 import numpy as np
@@ -58,6 +58,10 @@ from tl_modular.graph import routes as _routes
 from tl_modular.graph import views
 from tl_modular.graph.mincut import Backend, Split
 from tl_modular.segmentation import ChannelSet, segment
+
+if TYPE_CHECKING:      # annotations only: circuits builds on this module (see ChannelGraph.circuits)
+    from tl_modular.circuits import CircuitSet
+    from tl_modular.compression import Compression
 
 __all__ = ["ChannelGraph", "ModuleRule", "Split", "build_graph", "spearman"]
 
@@ -113,7 +117,7 @@ class ChannelGraph:
     nx: nx.DiGraph
     model_fingerprint: str | None = None
     config: dict[str, Any] = field(default_factory=dict)
-    compression: Any = field(default=None, repr=False)  # the Compression it was built from, if known
+    compression: Compression | None = field(default=None, repr=False)  # the one it was built from, if known
 
     def __repr__(self) -> str:
         kinds: dict[str, int] = {}
@@ -449,7 +453,7 @@ class ChannelGraph:
                 "random": randoms, "random_mean": rand,
                 "ratio": cross_change / rand if rand not in (0.0,) and not math.isnan(rand) else float("nan")}
 
-    def circuits(self, model: Any, categories: Mapping[str, Any], **kwargs: Any) -> Any:
+    def circuits(self, model: Any, categories: Mapping[str, Any], **kwargs: Any) -> CircuitSet:
         """Per-category circuits: ``{name: Task or [batch, pos] tokens}`` → :class:`~tl_modular.circuits.CircuitSet`
         (attribution scores per example, greedy growth verified by route patching, bootstrap
         intervals; see :func:`tl_modular.circuits.find_circuits` for the options)."""
@@ -483,7 +487,7 @@ class ChannelGraph:
         return directory
 
     @classmethod
-    def load(cls, directory: str | os.PathLike, *, compression: Any = None) -> ChannelGraph:
+    def load(cls, directory: str | os.PathLike, *, compression: Compression | None = None) -> ChannelGraph:
         """Read a graph written by :meth:`save` (pass ``compression=`` for the checks that need it)."""
         meta = read_versioned_json(directory, "graph.json", _SCHEMA, "ChannelGraph.save",
                                    required=("nodes", "edges", "model_fingerprint", "config"))
@@ -522,7 +526,7 @@ def _strip(parts: Sequence[frozenset]) -> list[frozenset[str]]:
 
 # --- building ------------------------------------------------------------------------------------
 
-def build_graph(comp: Any, model: Any | None = None, tokens: Int[torch.Tensor, "batch pos"] | None = None, *,
+def build_graph(comp: Compression, model: Any | None = None, tokens: Int[torch.Tensor, "batch pos"] | None = None, *,
                 attention_mask: torch.Tensor | None = None, loss_mask: torch.Tensor | None = None,
                 metric: Literal["loss", "logit"] = "loss", batch_size: int = 16,
                 progress: bool = True) -> ChannelGraph:
@@ -592,13 +596,13 @@ def build_graph(comp: Any, model: Any | None = None, tokens: Int[torch.Tensor, "
     return ChannelGraph(g, comp.model_fingerprint, config, comp)
 
 
-def _layers(comp: Any, channels: ChannelSet | None) -> int:
+def _layers(comp: Compression, channels: ChannelSet | None) -> int:
     if channels is not None:
         return channels.model.cfg.n_layers
     return 1 + max(parse(n).layer for n in comp)
 
 
-def _node_attrs(name: str, comp: Any, channels: ChannelSet | None) -> dict[str, Any]:
+def _node_attrs(name: str, comp: Compression, channels: ChannelSet | None) -> dict[str, Any]:
     if name in ("embed", "pos_embed"):
         return {"kind": name, "layer": -1, "order": -1.0}
     cc = comp[name]

@@ -12,13 +12,19 @@ from __future__ import annotations
 
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 import torch
 from jaxtyping import Float
 
 from tl_modular._names import Name, act_name, direction_name, feature_name, mlp_name, module_name, neuron_name, parse
-from tl_modular.segmentation import Channel, segment
+from tl_modular.segmentation import Channel, ChannelSet, segment
+
+if TYPE_CHECKING:
+    from sae_lens import SAE
+
+    from tl_modular.compression import Compression
+    from tl_modular.graph import ChannelGraph
 
 Reader = Callable[[Mapping[str, torch.Tensor], Any], torch.Tensor]
 
@@ -148,7 +154,7 @@ def module_unit(model: Any, name: str, channels: Sequence[str], members: Sequenc
                 info={"channels": list(channels)})
 
 
-def direction_units(model: Any, comp: Any, name: str, *, sides: Sequence[str] | None = None,
+def direction_units(model: Any, comp: Compression, name: str, *, sides: Sequence[str] | None = None,
                     max_per_side: int | None = None) -> list[Unit]:
     """The basis directions of channel ``name``'s compressed read subspaces (per port, read off its
     normalized input) and write subspace (read off its write), most important first."""
@@ -178,7 +184,7 @@ def direction_units(model: Any, comp: Any, name: str, *, sides: Sequence[str] | 
     return units
 
 
-def feature_units(sae: Any, indices: Sequence[int] | None = None, *, model: Any | None = None) -> list[Unit]:
+def feature_units(sae: SAE, indices: Sequence[int] | None = None, *, model: Any | None = None) -> list[Unit]:
     """SAE (or transcoder) features as units: ``sae.encode`` of the SAE's hook, feature by feature."""
     from tl_modular.sae import hook_name
 
@@ -207,7 +213,7 @@ def feature_units(sae: Any, indices: Sequence[int] | None = None, *, model: Any 
     return units
 
 
-def unit_named(model: Any, name: str, *, comp: Any | None = None) -> Unit:
+def unit_named(model: Any, name: str, *, comp: Compression | None = None) -> Unit:
     """The unit called ``name``: a neuron (``L1.MLP.N42``), a head or MLP (``L1.H3``, ``L0.MLP``) or,
     with ``comp``, a direction of a compressed side (``L1.H2:k.d3``, ``L1.H2:write.d0``).
 
@@ -234,13 +240,13 @@ def unit_named(model: Any, name: str, *, comp: Any | None = None) -> Unit:
                      "feature_units(sae) and modules with module_unit(model, name, channels)")
 
 
-def units_for(target: Any, model: Any, *, comp: Any | None = None, max_per_side: int = 2) -> list[Unit]:
+def units_for(target: ChannelSet | Compression | ChannelGraph | Unit | Sequence[Unit], model: Any, *,
+              comp: Compression | None = None, max_per_side: int = 2) -> list[Unit]:
     """The units of a ChannelSet (its heads and MLPs), a Compression (each channel's top read and
     write directions), a ChannelGraph (its channels, then its modules with those as members) or
     a list of units (as given)."""
     from tl_modular.compression import Compression
     from tl_modular.graph import ChannelGraph
-    from tl_modular.segmentation import ChannelSet
 
     if isinstance(target, Unit):
         return [target]

@@ -9,7 +9,7 @@ import shutil
 import tempfile
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from jaxtyping import Float, Int
@@ -19,11 +19,14 @@ from tl_modular._io import read_json, read_safetensors_header, reading
 from tl_modular._models import fingerprint, stop_layer
 from tl_modular._tokens import check_tokens, valid_positions
 
+if TYPE_CHECKING:
+    from sae_lens import SAE
+
 #: ``edit(hook_name, feature_acts) -> feature_acts``: an intervention on features while spliced.
 FeatureEdit = Callable[[str, torch.Tensor], torch.Tensor]
 
 
-def hook_name(sae: Any) -> str:
+def hook_name(sae: SAE) -> str:
     """The hook point an sae-lens SAE was trained on (``cfg.metadata.hook_name``)."""
     name = getattr(getattr(sae, "cfg", None), "metadata", None)
     name = getattr(name, "hook_name", None) if name is not None else None
@@ -109,7 +112,7 @@ def _flat(act: torch.Tensor) -> torch.Tensor:
     return act.reshape(*act.shape[:2], -1)
 
 
-def save_atomic(sae: Any, path: str | os.PathLike) -> Path:
+def save_atomic(sae: SAE, path: str | os.PathLike) -> Path:
     """``sae.save_model(path)`` written to a sibling folder first, then moved into place."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -349,6 +352,6 @@ class SAESet(Mapping[str, Any]):
         return cls([load(p, device=device) for p in folders], model)
 
 
-def feature_directions(sae: Any) -> Float[torch.Tensor, "d_sae d_in"]:
+def feature_directions(sae: SAE) -> Float[torch.Tensor, "d_sae d_in"]:
     """The SAE's decoder rows (feature directions in the hook's coordinates), detached."""
     return sae.W_dec.detach()

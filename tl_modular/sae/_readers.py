@@ -11,12 +11,16 @@ is one number per token. RMSNorm drops ``P_c``; a model without normalization re
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 from jaxtyping import Float
 
 from tl_modular._names import direction_name, mlp_name, neuron_name, norm_scale_hook
 from tl_modular.segmentation import Channel, segment
+
+if TYPE_CHECKING:
+    from tl_modular.compression import Compression
 
 
 @dataclass
@@ -63,7 +67,7 @@ def neuron_readers(model: object, layer: int, hook: str) -> Readers:
     return Readers(hook, [neuron_name(layer, i) for i in range(v.shape[1])], vectors, scale)
 
 
-def subspace_readers(model: object, comp: object, name: str, hook: str, *, ports: tuple[str, ...] | None = None
+def subspace_readers(model: object, comp: Compression, name: str, hook: str, *, ports: tuple[str, ...] | None = None
                      ) -> Readers:
     """The directions of ``name``'s read subspaces (one reader per basis vector, per port)."""
     channels = segment(model)
@@ -82,7 +86,7 @@ def subspace_readers(model: object, comp: object, name: str, hook: str, *, ports
     return Readers(hook, names, vectors, scale)
 
 
-def readers_for(model: object, hook: str, comp: object | None = None) -> list[Readers]:
+def readers_for(model: object, hook: str, comp: Compression | None = None) -> list[Readers]:
     """Every unit reading ``hook``: neurons of MLPs that read it and, with ``comp``, the read
     directions of every channel that reads it."""
     groups = []

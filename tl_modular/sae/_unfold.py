@@ -15,7 +15,7 @@ feature held at its mean (the project's convention for discarded parts); the err
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 import networkx as nx
 import numpy as np
@@ -24,7 +24,10 @@ import torch
 from tl_modular._names import port_name, stream_index
 from tl_modular.sae._attach import check_fits, collect
 from tl_modular.sae._readers import to_hook
-from tl_modular.segmentation import segment
+from tl_modular.segmentation import Channel, segment
+
+if TYPE_CHECKING:
+    from tl_modular.graph import ChannelGraph
 
 
 @dataclass
@@ -68,7 +71,7 @@ def _write_directions(model: Any, channel: Any, sae: Any, hook: str) -> torch.Te
     return d
 
 
-def _write_hook_ok(channel: Any, hook: str) -> bool:
+def _write_hook_ok(channel: Channel, hook: str) -> bool:
     if hook == channel.source_hook or hook.endswith("attn.hook_z") and channel.kind == "head":
         return True
     if "hook_resid" not in hook:
@@ -155,7 +158,7 @@ def unfold(model: Any, comp: Any, name: str, sae: Any, tokens: torch.Tensor, *, 
                      int(basis_hook.shape[1]), port if side == "read" else None)
 
 
-def expand(graph: Any, unfoldings: list[Unfolding] | Unfolding, *, n_features: int = 8) -> nx.DiGraph:
+def expand(graph: ChannelGraph, unfoldings: list[Unfolding] | Unfolding, *, n_features: int = 8) -> nx.DiGraph:
     """A copy of ``graph.nx`` with channels split into feature nodes and an error node.
 
     Write side: channel c keeps its node and ports; its outgoing routes leave from nodes
