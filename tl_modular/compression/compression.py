@@ -46,9 +46,11 @@ from jaxtyping import Float, Int
 
 from tl_modular._hooks import hook_guard
 from tl_modular._io import (
+    SCHEMA_VERSION,
     bind_files,
     check_bound,
     check_shapes,
+    read_json,
     read_safetensors,
     read_versioned_json,
     reading,
@@ -62,7 +64,7 @@ from tl_modular.compression.fisher import FisherStats, collect_fisher
 from tl_modular.compression.refine import refine
 from tl_modular.compression.restriction import restriction_hooks
 from tl_modular.compression.statistics import Statistics, collect_statistics, read_map
-from tl_modular.errors import UnsupportedModelError
+from tl_modular.errors import ArtifactError, UnsupportedModelError
 from tl_modular.segmentation import Channel, ChannelSet, segment
 
 __all__ = ["ChannelCompression", "Compression", "ReadSpace", "Side", "compress"]
@@ -72,6 +74,7 @@ WriteStatistic = Literal["output", "jacobian", "fisher"]
 # Directions whose singular value is below this fraction of the largest carry only rounding
 # noise (fp32 activations give ~1e-7) and are dropped; eigenvalues of covariances use its square.
 _REL_TOL = 1e-6
+_SCHEMA = "tl_modular.Compression"
 
 
 @dataclass
@@ -316,21 +319,25 @@ class Compression(Mapping[str, ChannelCompression]):
                 tensors[prefix + part] = getattr(s, part).to(torch.float32)
             index.setdefault(name, {"kind": self[name].kind, "sides": {}})["sides"][key] = {
                 "rank": s.rank, "statistic": s.statistic, "centered": s.centered}
-        meta = {"kind": "compression", "model_fingerprint": self.model_fingerprint, "n_tokens": self.n_tokens,
-                "config": self.config, "channels": index}
+        meta = {"model_fingerprint": self.model_fingerprint, "n_tokens": self.n_tokens, "config": self.config,
+                "channels": index}
         # tensors first, the index last, binding them (a save interrupted between them is refused at load)
         write_safetensors(directory / "compression.safetensors", tensors,
                           {"kind": "compression", "bound_to": "compression.json"})
-        write_json(directory / "compression.json", {"schema_version": 1, **meta,
+        write_json(directory / "compression.json", {"schema": _SCHEMA, "version": SCHEMA_VERSION, **meta,
                                                     "files": bind_files(directory, ["compression.safetensors"])})
         return directory
 
     @classmethod
     def load(cls, directory: str | os.PathLike, model: Any | None = None) -> Compression:
-        """Read a saved compression; with ``model``, refuse it unless it is the same model."""
+        """Read a saved compression; with ``model``, refuse it unless it is the same model. Reads the
+        header of tl_modular 0.1.0.dev0 too (``{"kind": "compression", "schema_version": 1}``)."""
         directory, writer = Path(directory), "Compression.save (compress again)"
-        meta = read_versioned_json(directory, "compression.json", "compression", writer, schema_key="kind",
-                                   version_key="schema_version", required=("channels", "model_fingerprint"))
+        legacy = _legacy_header(directory / "compression.json")
+        meta = read_versioned_json(directory, "compression.json", "compression" if legacy else _SCHEMA, writer,
+                                   schema_key="kind" if legacy else "schema",
+                                   version_key="schema_version" if legacy else "version",
+                                   required=("channels", "model_fingerprint"))
         tensors, _ = read_safetensors(directory / "compression.safetensors", writer=writer)
         tensors = {k: v.to(torch.float64) for k, v in tensors.items()}
         channels = {}
@@ -355,6 +362,15 @@ class Compression(Mapping[str, ChannelCompression]):
         if model is not None:
             comp.check_model(model)
         return comp
+
+
+def _legacy_header(path: Path) -> bool:
+    """Whether ``path`` has the header compression.json had before the one artifact convention."""
+    try:
+        meta = read_json(path)
+    except (OSError, ArtifactError):
+        return False                    # read_versioned_json says what is wrong with it
+    return isinstance(meta, dict) and "schema" not in meta and meta.get("kind") == "compression"
 
 
 # --- building sides -----------------------------------------------------------------------------
