@@ -90,6 +90,17 @@ def test_hooks_are_transformer_lens_names(channels):
     assert _names.port_hook(channels["L0.MLP"], "") == ("blocks.0.hook_mlp_in", None)
     with pytest.raises(ValueError, match="read path"):
         _names.port_hook(channels["L0.MLP"], "q")
+    # hook_kind inverts act_name for the block hooks tl_modular reads by kind
+    kinds = {"z", "q", "k", "v", "pattern", "resid_pre", "resid_mid", "resid_post", "mlp_out", "attn_out", "post",
+             "pre"}
+    seen = set()
+    for hook in model.hook_dict:
+        kind, layer = _names.hook_kind(hook), _names.hook_layer(hook)
+        assert _names.is_residual(hook) == kind.startswith("resid_")
+        if kind in kinds and layer is not None:
+            assert _names.act_name(kind, layer) == hook
+            seen.add(kind)
+    assert seen == kinds and _names.hook_kind("hook_embed") == "embed"
 
 
 def test_stream_order_from_names_agrees_with_hooks(channels):

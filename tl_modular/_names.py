@@ -35,8 +35,8 @@ from typing import Literal, Protocol
 
 __all__ = [
     "UNEMBED", "Name", "NameKind", "ReadPath", "act_name", "bias_name", "channel_order", "direction_name",
-    "feature_name", "head_name", "hook_layer", "layer_name", "mlp_name", "module_name", "neuron_name",
-    "norm_scale_hook", "parse", "port_hook", "port_name", "split_port", "stream_index",
+    "feature_name", "head_name", "hook_kind", "hook_layer", "is_residual", "layer_name", "mlp_name", "module_name",
+    "neuron_name", "norm_scale_hook", "parse", "port_hook", "port_name", "split_port", "stream_index",
 ]
 
 #: The logits' port: routes into it are direct logit attribution.
@@ -223,6 +223,20 @@ def norm_scale_hook(normalized_hook: str) -> str:
     'blocks.1.ln2.hook_scale'
     """
     return f"{normalized_hook.rsplit('.', 1)[0]}.hook_scale"
+
+
+def hook_kind(hook_name: str) -> str:
+    """What a hook point holds, by TransformerLens' short name (``get_act_name``'s first argument).
+
+    >>> hook_kind("blocks.0.attn.hook_z"), hook_kind("blocks.1.ln2.hook_normalized"), hook_kind("hook_embed")
+    ('z', 'normalized', 'embed')
+    """
+    return hook_name.rsplit(".", 1)[-1].removeprefix("hook_")
+
+
+def is_residual(hook_name: str) -> bool:
+    """Whether the hook reads the residual stream itself (``resid_pre``, ``resid_mid``, ``resid_post``)."""
+    return hook_kind(hook_name) in ("resid_pre", "resid_mid", "resid_post")
 
 
 def hook_layer(hook_name: str) -> int | None:

@@ -58,7 +58,7 @@ from tl_modular._io import (
     write_safetensors,
 )
 from tl_modular._models import check_finite, fingerprint
-from tl_modular._names import act_name
+from tl_modular._names import act_name, hook_kind
 from tl_modular.compression.fidelity import fidelity
 from tl_modular.compression.fisher import FisherStats, collect_fisher
 from tl_modular.compression.refine import refine
@@ -406,7 +406,7 @@ def _factor(moment: torch.Tensor) -> torch.Tensor:
 
 def _centering(channel: Channel, model: Any) -> bool:
     """Whether the channel reads through a LayerNorm (whose residual functionals are centred)."""
-    return channel.input_hook.endswith("hook_normalized") and model.cfg.normalization_type in ("LN", "LNPre")
+    return hook_kind(channel.input_hook) == "normalized" and model.cfg.normalization_type in ("LN", "LNPre")
 
 
 def _read_sides(c: Channel, stats: Statistics, statistic: ReadStatistic, model: Any,

@@ -17,7 +17,17 @@ from typing import TYPE_CHECKING, Any, Literal
 import torch
 from jaxtyping import Float
 
-from tl_modular._names import Name, act_name, direction_name, feature_name, mlp_name, module_name, neuron_name, parse
+from tl_modular._names import (
+    Name,
+    act_name,
+    direction_name,
+    feature_name,
+    hook_kind,
+    mlp_name,
+    module_name,
+    neuron_name,
+    parse,
+)
 from tl_modular.segmentation import Channel, ChannelSet, segment
 
 if TYPE_CHECKING:
@@ -192,7 +202,7 @@ def feature_units(sae: SAE, indices: Sequence[int] | None = None, *, model: Any 
     d_sae = int(sae.cfg.d_sae)
     idx = range(d_sae) if indices is None else indices
     w_dec = sae.W_dec.detach()
-    residual = model is not None and w_dec.shape[1] == model.cfg.d_model and not hook.endswith("hook_normalized")
+    residual = model is not None and w_dec.shape[1] == model.cfg.d_model and hook_kind(hook) != "normalized"
     cache_key: dict[str, Any] = {}
 
     def encoded(cache: Mapping[str, torch.Tensor]) -> torch.Tensor:

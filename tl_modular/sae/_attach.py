@@ -17,6 +17,7 @@ from jaxtyping import Float, Int
 from tl_modular._hooks import hook_guard, run_with_cache, run_with_hooks
 from tl_modular._io import read_json, read_safetensors_header, reading
 from tl_modular._models import fingerprint, stop_layer
+from tl_modular._names import hook_kind
 from tl_modular._tokens import check_tokens, valid_positions
 
 if TYPE_CHECKING:
@@ -71,7 +72,7 @@ def load(release_or_path: str | os.PathLike, sae_id: str | None = None, *, model
 def _width(model: Any, hook: str) -> tuple[int, ...]:
     """Trailing shape of a hook's activation, from one two-token forward pass."""
     if hook not in model.hook_dict:
-        near = sorted(h for h in model.hook_dict if h.split(".")[-1] == hook.split(".")[-1])[:4]
+        near = sorted(h for h in model.hook_dict if hook_kind(h) == hook_kind(hook))[:4]
         raise ValueError(f"the model has no hook point {hook!r}" + (f" (hooks of that kind: {near})" if near else ""))
     shape: list[tuple[int, ...]] = []
 

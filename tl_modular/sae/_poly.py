@@ -11,6 +11,7 @@ feature's *spread* is the effective number of units it reaches, from ``|d_f · w
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -19,11 +20,13 @@ import torch
 from jaxtyping import Float
 
 from tl_modular._stats import effective_number
-from tl_modular.sae._attach import check_fits, collect
+from tl_modular.sae._attach import SAESet, check_fits, collect
 from tl_modular.sae._readers import Readers, readers_for
 
 if TYPE_CHECKING:
     from sae_lens import SAE
+
+    from tl_modular.compression import Compression
 
 
 @dataclass
@@ -189,9 +192,9 @@ class PolysemanticityTable:
         return "\n".join(lines)
 
 
-def score_model(model: Any, saes: Any, tokens: torch.Tensor, *, comp: Any | None = None,
-                attention_mask: torch.Tensor | None = None, max_tokens: int = 16_384, top: int | float = 0.1,
-                batch_size: int = 32) -> PolysemanticityTable:
+def score_model(model: Any, saes: SAESet | Sequence[SAE] | SAE, tokens: torch.Tensor, *,
+                comp: Compression | None = None, attention_mask: torch.Tensor | None = None,
+                max_tokens: int = 16_384, top: int | float = 0.1, batch_size: int = 32) -> PolysemanticityTable:
     """Score every neuron (and, with ``comp``, every read direction) that reads an SAE's hook.
 
     ``saes``: an :class:`~tl_modular.sae.SAESet`, a list of SAEs or one SAE. Activations are

@@ -11,6 +11,7 @@ from typing import Any, Literal
 import torch
 from jaxtyping import Int
 
+from tl_modular._names import hook_kind
 from tl_modular._tokens import check_tokens
 from tl_modular.sae._attach import _width, iter_activations, save_atomic
 
@@ -177,7 +178,7 @@ def train_sae(model: Any, tokens: Int[torch.Tensor, "batch pos"], hook: str, con
         d_in *= s
     metadata = {"hook_name": hook, "model_name": getattr(model.cfg, "model_name", None),
                 "hook_head_index": None, "prepend_bos": True, "context_size": int(tokens.shape[1])}
-    if hook.endswith("hook_z"):
+    if hook_kind(hook) == "z":
         metadata["reshape_activations"] = "hook_z"
     batches = _shuffled(model, tokens, [hook], attention_mask, cfg, model_batch_size)
     return train_on_activations(batches, d_in, cfg, metadata=metadata, output_path=output_path)

@@ -21,12 +21,15 @@ import networkx as nx
 import numpy as np
 import torch
 
-from tl_modular._names import port_name, stream_index
+from tl_modular._names import hook_kind, hook_layer, is_residual, port_name, stream_index
 from tl_modular.sae._attach import check_fits, collect
 from tl_modular.sae._readers import to_hook
 from tl_modular.segmentation import Channel, segment
 
 if TYPE_CHECKING:
+    from sae_lens import SAE
+
+    from tl_modular.compression import Compression
     from tl_modular.graph import ChannelGraph
 
 
@@ -56,10 +59,10 @@ class Unfolding:
         return [(f, float(w)) for f, w in zip(self.features[:n], self.weights[:n], strict=True)]
 
 
-def _write_directions(model: Any, channel: Any, sae: Any, hook: str) -> torch.Tensor:
+def _write_directions(model: Any, channel: Channel, sae: SAE, hook: str) -> torch.Tensor:
     """Feature directions in residual coordinates for an SAE on (or after) ``channel``'s output."""
     d = sae.W_dec.detach().float()
-    if hook.endswith("attn.hook_z"):
+    if hook_kind(hook) == "z":
         if channel.kind != "head":
             raise ValueError(f"an SAE on {hook} unfolds heads, not {channel.name}")
         n_heads, d_head = model.cfg.n_heads, model.cfg.d_head
@@ -72,17 +75,18 @@ def _write_directions(model: Any, channel: Any, sae: Any, hook: str) -> torch.Te
 
 
 def _write_hook_ok(channel: Channel, hook: str) -> bool:
-    if hook == channel.source_hook or hook.endswith("attn.hook_z") and channel.kind == "head":
+    if hook == channel.source_hook or hook_kind(hook) == "z" and channel.kind == "head":
         return True
-    if "hook_resid" not in hook:
+    if not is_residual(hook):
         return False
     # a residual hook at or after the point the write appears
-    return stream_index(hook) >= stream_index(channel.writes) if channel.writes.startswith("blocks.") else True
+    return stream_index(hook) >= stream_index(channel.writes) if hook_layer(channel.writes) is not None else True
 
 
 @torch.no_grad()
-def unfold(model: Any, comp: Any, name: str, sae: Any, tokens: torch.Tensor, *, side: Literal["read", "write"] | None
-           = None, port: str | None = None, attention_mask: torch.Tensor | None = None, max_tokens: int = 16_384,
+def unfold(model: Any, comp: Compression, name: str, sae: SAE, tokens: torch.Tensor, *,
+           side: Literal["read", "write"] | None = None, port: str | None = None,
+           attention_mask: torch.Tensor | None = None, max_tokens: int = 16_384,
            max_features: int = 64, batch_size: int = 32) -> Unfolding:
     """Express channel ``name``'s read (or write) subspace in ``sae``'s features.
 
@@ -127,7 +131,7 @@ def unfold(model: Any, comp: Any, name: str, sae: Any, tokens: torch.Tensor, *, 
         # the channel sees (x @ B) / σ; the SAE's bias is part of its reconstruction, so take it out
         centred = ((x - b_dec) @ basis_hook) * factor[:, None]
         zf = z * factor[:, None]
-    elif hook.endswith("hook_z"):                                    # the head's own write, through W_O
+    elif hook_kind(hook) == "z":                                     # the head's own write, through W_O
         heads = (x - b_dec).reshape(x.shape[0], model.cfg.n_heads, model.cfg.d_head)[:, c.head]
         centred = heads @ c.weights["W_O"].detach().float() @ basis_hook
         zf = z
