@@ -45,7 +45,7 @@ import torch
 from tl_modular._io import SCHEMA_VERSION, read_versioned_json, reading, write_json
 from tl_modular._stats import adjusted_rand_index, principal_angles
 from tl_modular.circuits import CircuitSet
-from tl_modular.compression.compression import Compression
+from tl_modular.compression.compression import Compression, Side
 from tl_modular.graph.graph import ChannelGraph
 from tl_modular.graph.views import Layout, pyplot, save_figure
 
@@ -366,7 +366,7 @@ def _spectrum_change(sa: torch.Tensor, sb: torch.Tensor) -> tuple[float, float]:
     return float((pa / ta - pb / tb).abs().sum() / 2), tb / ta
 
 
-def _outside(side: Any, basis: torch.Tensor) -> float:
+def _outside(side: Side, basis: torch.Tensor) -> float:
     """Spectrum-weighted mean of ``‖(I - Q Qᵀ) v_i‖²`` over the side's unit directions ``v_i``."""
     vecs = (side.encoder if side.role == "read" else side.decoder).double()
     if side.centered:

@@ -18,7 +18,7 @@ from tl_modular.compression.statistics import read_map
 from tl_modular.segmentation import segment
 
 if TYPE_CHECKING:      # annotations only: compression.py imports this module
-    from tl_modular.compression import Compression
+    from tl_modular.compression import Compression, Side
 
 
 def restriction_hooks(model: Any, comp: Compression, names: list[str], *, restrict_first: bool,
@@ -45,7 +45,7 @@ def restriction_hooks(model: Any, comp: Compression, names: list[str], *, restri
             captured[name] = act
         return fn
 
-    def disc_fn(side: Any, key: tuple[str, str]):
+    def disc_fn(side: Side, key: tuple[str, str]):
         if key in override:
             mu, enc, dec = (cast(t) for t in override[key])
         else:

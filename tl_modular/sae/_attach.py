@@ -38,7 +38,7 @@ def hook_name(sae: SAE) -> str:
 
 
 def load(release_or_path: str | os.PathLike, sae_id: str | None = None, *, model: Any | None = None,
-         device: str = "cpu") -> Any:
+         device: str = "cpu") -> SAE:
     """Load an sae-lens SAE by release and id (hub cache) or from a ``save_model`` folder.
 
     Args:
@@ -87,7 +87,7 @@ def _width(model: Any, hook: str) -> tuple[int, ...]:
     return shape[0]
 
 
-def check_fits(sae: Any, model: Any) -> str:
+def check_fits(sae: SAE, model: Any) -> str:
     """Raise ``ValueError`` unless the SAE's hook exists in ``model`` and its ``d_in`` matches.
 
     ``hook_z`` SAEs (``reshape_activations="hook_z"``) read the heads flattened: ``n_heads * d_head``.
@@ -191,7 +191,7 @@ def spliced(model: Any, saes: Sequence[Any] | Any, *, use_error_term: bool = Fal
             hooks += _transcoder_hooks(sae, name, use_error_term, edit)
             continue
 
-        def fn(act: torch.Tensor, hook: Any, sae: Any = sae, name: str = name) -> torch.Tensor:
+        def fn(act: torch.Tensor, hook: Any, sae: SAE = sae, name: str = name) -> torch.Tensor:
             flat = _flat(act)
             feats = sae.encode(flat.to(sae.W_dec.dtype))
             recon = sae.decode(feats)
@@ -206,7 +206,7 @@ def spliced(model: Any, saes: Sequence[Any] | Any, *, use_error_term: bool = Fal
         yield model
 
 
-def _transcoder_hooks(tc: Any, name: str, use_error_term: bool, edit: FeatureEdit | None) -> list:
+def _transcoder_hooks(tc: SAE, name: str, use_error_term: bool, edit: FeatureEdit | None) -> list:
     """A transcoder replaces its output hook with its prediction from its input hook."""
     seen: dict[str, torch.Tensor] = {}
 
@@ -223,7 +223,7 @@ def _transcoder_hooks(tc: Any, name: str, use_error_term: bool, edit: FeatureEdi
     return [(name, grab), (tc.cfg.metadata.hook_name_out, replace)]
 
 
-def quality(model: Any, sae: Any, tokens: Int[torch.Tensor, "batch pos"], *,
+def quality(model: Any, sae: SAE, tokens: Int[torch.Tensor, "batch pos"], *,
             attention_mask: torch.Tensor | None = None, loss_mask: torch.Tensor | None = None,
             batch_size: int = 32) -> dict[str, float]:
     """Reconstruction quality of an SAE on ``tokens``.
@@ -270,7 +270,7 @@ def quality(model: Any, sae: Any, tokens: Int[torch.Tensor, "batch pos"], *,
             "ce_loss_recovered": recovered}
 
 
-def _losses(model: Any, sae: Any, hook: str, tokens: torch.Tensor, attention_mask: torch.Tensor | None,
+def _losses(model: Any, sae: SAE, hook: str, tokens: torch.Tensor, attention_mask: torch.Tensor | None,
             loss_mask: torch.Tensor | None, batch_size: int) -> tuple[float, float, float]:
     """Mean next-token loss clean, with the SAE spliced in, and with the hook zero-ablated."""
     out = getattr(sae.cfg.metadata, "hook_name_out", None) if getattr(sae.cfg, "d_out", None) else None

@@ -6,7 +6,7 @@ import os
 import tempfile
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 import torch
 from jaxtyping import Int
@@ -14,6 +14,9 @@ from jaxtyping import Int
 from tl_modular._names import hook_kind
 from tl_modular._tokens import check_tokens
 from tl_modular.sae._attach import _width, iter_activations, save_atomic
+
+if TYPE_CHECKING:
+    from sae_lens import SAE
 
 Architecture = Literal["standard", "topk", "jumprelu"]
 
@@ -79,7 +82,7 @@ def _training_sae(d_in: int, cfg: SAETrainConfig, metadata: dict[str, Any]) -> A
 
 def train_on_activations(batches: Iterator[torch.Tensor], d_in: int, config: SAETrainConfig | None = None, *,
                          metadata: dict[str, Any] | None = None, output_path: str | os.PathLike | None = None,
-                         ) -> Any:
+                         ) -> SAE:
     """Train an SAE on an iterator of ``[batch_size, d_in]`` activation batches.
 
     Returns an inference ``sae_lens.SAE`` (activation scaling folded in). With ``output_path``
@@ -124,7 +127,7 @@ class _Batches:
         return x[: self.batch_size]
 
 
-def _inference(trained: Any) -> Any:
+def _inference(trained: Any) -> SAE:
     """The trained SAE as its inference class (what ``SAE.load_from_disk`` gives)."""
     from sae_lens import SAE
 
@@ -159,7 +162,7 @@ def _shuffled(model: Any, tokens: torch.Tensor, hooks: list[str], attention_mask
 
 def train_sae(model: Any, tokens: Int[torch.Tensor, "batch pos"], hook: str, config: SAETrainConfig | None = None, *,
               attention_mask: torch.Tensor | None = None, output_path: str | os.PathLike | None = None,
-              model_batch_size: int = 64) -> Any:
+              model_batch_size: int = 64) -> SAE:
     """Train an SAE on ``model``'s activations at ``hook`` over in-memory ``tokens``.
 
     Uses sae-lens' ``SAETrainer`` with a streaming, shuffled activation buffer (position 0 and
