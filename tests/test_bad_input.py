@@ -89,7 +89,7 @@ def _load_build(w, path):
 # name: (file under the artifacts folder, load(world, file), version field or None, a required field)
 LOADERS = {
     "compression.json": ("compression/compression.json", lambda w, p: Compression.load(p.parent),
-                         "schema_version", "channels"),
+                         "version", "channels"),
     "compression.safetensors": ("compression/compression.safetensors", lambda w, p: Compression.load(p.parent),
                                 None, None),
     "graph.json": ("graph/graph.json", lambda w, p: ChannelGraph.load(p.parent), "version", "nodes"),

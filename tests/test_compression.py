@@ -173,6 +173,23 @@ def test_compressing_a_subset_and_bad_arguments():
         compress(tiny_model("gqa"), _tokens(9), progress=False)
 
 
+def test_compression_is_a_mapping_of_channels():
+    """Compression is a read-only Mapping (like ReadSpace, CircuitSet, SAESet): channel name → record, in
+    the order compressed; len, in, iteration and the KeyError message are those of before."""
+    from collections.abc import Mapping
+
+    model = tiny_model("gpt2", seed=9)
+    comp = compress(model, _tokens(9), channels=["L1.H1", "L0.MLP"], rank=2, progress=False)
+    assert isinstance(comp, Mapping) and len(comp) == 2 and list(comp) == list(comp.keys()) == ["L1.H1", "L0.MLP"]
+    assert "L1.H1" in comp and "L1.H0" not in comp and 3 not in comp
+    assert dict(comp.items()) == comp.channels and list(comp.values()) == [comp["L1.H1"], comp["L0.MLP"]]
+    assert comp.get("L1.H0") is None and comp.get("L1.H1") is comp.channels["L1.H1"]
+    assert comp["L1.H1"].kind == "head" and comp["L1.H1"].read["q"].rank == 2
+    with pytest.raises(KeyError, match="no compressed channel 'L1.H0'"):
+        comp["L1.H0"]
+    assert comp == comp and comp.__hash__ is None
+
+
 def test_bridge_compression_is_exact_at_full_rank(bridge, gpt2_tokenizer):
     tokens = gpt2_tokenizer(["The cat sat on the mat and looked at the dog"] * 4, return_tensors="pt")["input_ids"]
     # Fisher statistics are refused on a bridge, naming the hook whose gradient its forward does not carry

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import json
 import math
@@ -150,6 +151,29 @@ def test_planted_modules_are_recovered(planted, weight):
     hierarchy = graph.hierarchy(weight=weight)
     assert len(hierarchy) >= 2 and hierarchy[0].value <= hierarchy[1].value
     assert all(":" not in n and n != "unembed" for s in hierarchy for n in s.parent)
+
+
+def test_module_rule_is_one_value_for_the_keywords(planted):
+    """A ModuleRule gives what its keywords give, in every method that cuts modules; it compares and
+    hashes by value; a rule and differing keywords together are refused."""
+    replace = dataclasses.replace
+    *_, graph = planted
+    rule = tlm.ModuleRule(weight="static", n_modules=2, backend="networkx")
+    assert rule == tlm.ModuleRule(backend="networkx", n_modules=2, weight="static") and len({rule, replace(rule)}) == 1
+    assert rule != replace(rule, n_modules=3)
+    assert graph.modules(rule) == graph.modules(weight="static", n_modules=2, backend="networkx")
+    assert len(graph.modules(rule)) == 2
+    assert graph.hierarchy(rule) == graph.hierarchy(weight="static", backend="networkx")
+    a = graph.modularity(rule, n_null=5, seed=1, progress=False)
+    b = graph.modularity(weight="static", n_modules=2, backend="networkx", n_null=5, seed=1, progress=False)
+    assert a == b and a["modules"] == 2
+    # the rule resolves the graph's default weight; keywords at their defaults go along with a rule
+    assert graph.module_rule().weight == graph.weight == "data"
+    assert graph.module_rule(rule, io=False) == rule
+    with pytest.raises(ValueError, match="not both.*n_modules="):
+        graph.modules(rule, n_modules=3)
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        rule.io = True
 
 
 @pytest.mark.parametrize("weight", ["static", "data"])

@@ -31,6 +31,8 @@ def test_every_channel_and_port_round_trips(channels):
     ("L2.MLP:in.d4", "direction", dict(layer=2, path="in", index=4)),
     ("L1.H3:write.d1", "direction", dict(layer=1, head=3, path="write", index=1)),
     ("L1.b_O", "bias", dict(layer=1)),
+    ("sae:blocks.0.hook_mlp_out/F17", "feature", dict(hook="blocks.0.hook_mlp_out", index=17, layer=None)),
+    ("module:3", "module", dict(index=3, layer=None)),
 ])
 def test_unit_names(name, kind, fields):
     parsed = _names.parse(name)
@@ -38,10 +40,44 @@ def test_unit_names(name, kind, fields):
     assert all(getattr(parsed, k) == v for k, v in fields.items())
 
 
-@pytest.mark.parametrize("bad", ["L1", "H3", "L1.H3:x", "L1.MLP:q", "L1.H3.N2", "l1.h3", "L1.MLP.N", ""])
+@pytest.mark.parametrize("bad", ["L1", "H3", "L1.H3:x", "L1.MLP:q", "L1.H3.N2", "l1.h3", "L1.MLP.N", "",
+                                 "module:", "module:x", "sae:/F1", "sae:blocks.0.hook_z/17"])
 def test_bad_names_say_what_is_expected(bad):
     with pytest.raises(ValueError, match="L1.H3|heads have ports"):
         _names.parse(bad)
+
+
+def test_formatters_agree_with_parse():
+    assert _names.parse(_names.direction_name("L2.H1", "k", 3)) == _names.Name("direction", 2, 1, "k", 3)
+    assert _names.parse(_names.feature_name("blocks.1.hook_resid_pre", 5)).hook == "blocks.1.hook_resid_pre"
+    assert _names.parse(_names.module_name(0)) == _names.Name("module", index=0)
+    assert _names.norm_scale_hook("blocks.0.ln1.hook_normalized") == _names.act_name("scale", 0, "ln1")
+    with pytest.raises(ValueError, match="no single channel"):
+        _ = _names.parse("module:1").channel
+
+
+def test_units_carry_their_identity(channels):
+    """Every unit the constructors build parses back to its own fields, and ``unit_named`` rebuilds it
+    from its name alone (the report turns saved unit names back into units this way)."""
+    from tl_modular import labeling
+
+    model = channels.model
+    comp = tlm.compress(model, torch.randint(0, model.cfg.d_vocab, (4, 8), generator=torch.Generator().manual_seed(0)),
+                        rank=2, progress=False)
+    units = [*labeling.neurons(model, 1, [0, 5]), *labeling.channel_units(model, ["L0.H1", "L1.MLP"]),
+             *labeling.direction_units(model, comp, "L1.H0", max_per_side=2)]
+    for u in units:
+        ident = u.identity
+        assert str(ident) == u.name
+        if u.kind == "neuron":
+            assert (ident.layer, ident.index) == (u.info["layer"], u.info["index"])
+            assert u.hooks == (_names.act_name("post", ident.layer),)
+        assert labeling.unit_named(model, u.name, comp=comp) == u
+    assert {u.kind for u in units} == {"neuron", "channel", "direction"}
+    with pytest.raises(ValueError, match="pass comp="):
+        labeling.unit_named(model, "L1.H0:q.d0")
+    with pytest.raises(ValueError, match="module_unit"):
+        labeling.unit_named(model, "module:0")
 
 
 def test_hooks_are_transformer_lens_names(channels):
@@ -54,6 +90,17 @@ def test_hooks_are_transformer_lens_names(channels):
     assert _names.port_hook(channels["L0.MLP"], "") == ("blocks.0.hook_mlp_in", None)
     with pytest.raises(ValueError, match="read path"):
         _names.port_hook(channels["L0.MLP"], "q")
+    # hook_kind inverts act_name for the block hooks tl_modular reads by kind
+    kinds = {"z", "q", "k", "v", "pattern", "resid_pre", "resid_mid", "resid_post", "mlp_out", "attn_out", "post",
+             "pre"}
+    seen = set()
+    for hook in model.hook_dict:
+        kind, layer = _names.hook_kind(hook), _names.hook_layer(hook)
+        assert _names.is_residual(hook) == kind.startswith("resid_")
+        if kind in kinds and layer is not None:
+            assert _names.act_name(kind, layer) == hook
+            seen.add(kind)
+    assert seen == kinds and _names.hook_kind("hook_embed") == "embed"
 
 
 def test_stream_order_from_names_agrees_with_hooks(channels):

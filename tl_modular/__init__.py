@@ -26,7 +26,7 @@ from tl_modular._tokens import TextCounts, tokens_from_text
 from tl_modular.compression import ChannelCompression, Compression, ReadSpace, Side, compress
 from tl_modular.diffing import ModelDiff, diff, diff_null
 from tl_modular.errors import ArtifactError, LabelingError, UnsupportedModelError
-from tl_modular.graph import ChannelGraph, build_graph
+from tl_modular.graph import ChannelGraph, ModuleRule, build_graph
 from tl_modular.segmentation import Channel, ChannelSet, segment
 from tl_modular.tasks import Task
 
@@ -56,6 +56,7 @@ __all__ = [
     "Compression",
     "LabelingError",
     "ModelDiff",
+    "ModuleRule",
     "ReadSpace",
     "Side",
     "Task",

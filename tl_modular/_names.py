@@ -7,6 +7,8 @@ one place::
     port       L{l}.H{h}:{q|k|v} | L{l}.MLP | unembed        (a receiver of routes)
     neuron     L{l}.MLP.N{i}
     direction  {channel}:{q|k|v|in|write}.d{j}               (a direction of a read or write side)
+    feature    sae:{hook}/F{f}                                (an SAE or transcoder feature)
+    module     module:{i}                                     (a set of channels, labeled as one unit)
 
 A head's *read path* is ``q``, ``k`` or ``v`` and an MLP's is ``in`` (the keys of a channel's read
 sides); a *port* is the channel plus the path where routes arrive (``L1.H3:q``; an MLP is its own port).
@@ -15,11 +17,13 @@ Hook points are TransformerLens' own names, built with ``transformer_lens.utilit
 (imported on first use: importing TransformerLens takes seconds and ``import tl_modular`` does not).
 
 >>> parse("L1.H3:q")
-Name(kind='port', layer=1, head=3, path='q', index=None)
+Name(kind='port', layer=1, head=3, path='q', index=None, hook=None)
 >>> str(parse("L0.MLP.N12")), parse("L0.MLP.N12").channel
 ('L0.MLP.N12', 'L0.MLP')
 >>> head_name(1, 3), mlp_name(0), port_name("L1.H3", "k"), neuron_name(0, 12)
 ('L1.H3', 'L0.MLP', 'L1.H3:k', 'L0.MLP.N12')
+>>> direction_name("L1.H3", "write", 0), feature_name("blocks.0.hook_mlp_out", 17), module_name(2)
+('L1.H3:write.d0', 'sae:blocks.0.hook_mlp_out/F17', 'module:2')
 """
 
 from __future__ import annotations
@@ -30,18 +34,22 @@ from dataclasses import dataclass
 from typing import Literal, Protocol
 
 __all__ = [
-    "UNEMBED", "Name", "NameKind", "ReadPath", "act_name", "bias_name", "channel_order", "head_name", "hook_layer",
-    "mlp_name", "neuron_name", "parse", "port_hook", "port_name", "split_port", "stream_index",
+    "UNEMBED", "Name", "NameKind", "ReadPath", "act_name", "bias_name", "channel_order", "direction_name",
+    "feature_name", "head_name", "hook_kind", "hook_layer", "is_residual", "layer_name", "mlp_name", "module_name",
+    "neuron_name", "norm_scale_hook", "parse", "port_hook", "port_name", "split_port", "stream_index",
 ]
 
 #: The logits' port: routes into it are direct logit attribution.
 UNEMBED = "unembed"
 
-NameKind = Literal["embed", "pos_embed", "head", "mlp", "bias", "port", "unembed", "neuron", "direction"]
+NameKind = Literal["embed", "pos_embed", "head", "mlp", "bias", "port", "unembed", "neuron", "direction", "feature",
+                   "module"]
 ReadPath = Literal["q", "k", "v"]
 
 _CHANNEL = r"L(?P<layer>\d+)\.(?:H(?P<head>\d+)|(?P<mlp>MLP)|(?P<bias>b_O))"
 _PATTERN = re.compile(rf"{_CHANNEL}(?:\.N(?P<neuron>\d+)|:(?P<path>q|k|v|in|write)(?:\.d(?P<dir>\d+))?)?")
+_FEATURE = re.compile(r"sae:(?P<hook>[^/\s]+)/F(?P<index>\d+)")
+_MODULE = re.compile(r"module:(?P<index>\d+)")
 
 
 @dataclass(frozen=True)
@@ -50,11 +58,14 @@ class Name:
 
     Attributes:
         kind: ``"embed"``, ``"pos_embed"``, ``"head"``, ``"mlp"``, ``"bias"`` (channels), ``"port"``
-            (a head's ``:q/:k/:v``), ``"unembed"``, ``"neuron"`` or ``"direction"``.
-        layer: Block index (``None`` for the embeddings and ``unembed``).
+            (a head's ``:q/:k/:v``), ``"unembed"``, ``"neuron"``, ``"direction"``, ``"feature"`` or
+            ``"module"``.
+        layer: Block index (``None`` for the embeddings, ``unembed``, features and modules).
         head: Head index of a head's channel, port or direction.
         path: A port's read path; a direction's side (``q``, ``k``, ``v``, ``in`` or ``write``).
-        index: A neuron's index in ``d_mlp``, or a direction's index in its side.
+        index: A neuron's index in ``d_mlp``, a direction's index in its side, a feature's index in
+            its SAE or a module's index.
+        hook: The hook point a feature's SAE reads.
     """
 
     kind: NameKind
@@ -62,12 +73,20 @@ class Name:
     head: int | None = None
     path: str | None = None
     index: int | None = None
+    hook: str | None = None
 
     @property
     def channel(self) -> str:
-        """The channel the name belongs to (``unembed`` for the logits' port)."""
+        """The channel the name belongs to (``unembed`` for the logits' port).
+
+        Raises:
+            ValueError: a feature or a module, which belong to no single channel.
+        """
         if self.kind in ("embed", "pos_embed", "unembed"):
             return self.kind
+        if self.kind in ("feature", "module"):
+            raise ValueError(f"{self} belongs to no single channel: only channel, port, neuron and direction "
+                             "names have one")
         if self.head is not None:
             return head_name(self.layer, self.head)
         return bias_name(self.layer) if self.kind == "bias" else mlp_name(self.layer)
@@ -78,28 +97,38 @@ class Name:
         if self.kind == "neuron":
             return neuron_name(self.layer, self.index)
         if self.kind == "direction":
-            return f"{self.channel}:{self.path}.d{self.index}"
+            return direction_name(self.channel, self.path, self.index)
+        if self.kind == "feature":
+            return feature_name(self.hook, self.index)
+        if self.kind == "module":
+            return module_name(self.index)
         return self.channel
 
 
 @functools.lru_cache(maxsize=65536)   # names repeat in hot loops (route validity); Name is frozen
 def parse(name: str) -> Name:
-    """Parse a channel, port, neuron or direction name.
+    """Parse a channel, port, neuron, direction, feature or module name.
 
     Raises:
         ValueError: ``name`` follows none of the forms (the message lists them).
 
     >>> parse("L2.MLP")
-    Name(kind='mlp', layer=2, head=None, path=None, index=None)
-    >>> parse("L1.H3:write.d0").kind
-    'direction'
+    Name(kind='mlp', layer=2, head=None, path=None, index=None, hook=None)
+    >>> parse("L1.H3:write.d0").kind, parse("sae:blocks.0.hook_mlp_out/F17").hook, parse("module:3").index
+    ('direction', 'blocks.0.hook_mlp_out', 3)
     """
     if name in ("embed", "pos_embed", UNEMBED):
         return Name(kind=name)
     m = _PATTERN.fullmatch(name) if isinstance(name, str) else None
+    if m is None and isinstance(name, str):
+        if f := _FEATURE.fullmatch(name):
+            return Name(kind="feature", index=int(f["index"]), hook=f["hook"])
+        if f := _MODULE.fullmatch(name):
+            return Name(kind="module", index=int(f["index"]))
     if m is None:
         raise ValueError(f"{name!r} is not a tl_modular name: expected a channel (embed, pos_embed, L1.H3, L1.MLP, "
-                         "L1.b_O), a port (L1.H3:q, unembed), a neuron (L1.MLP.N12) or a direction (L1.H3:q.d0)")
+                         "L1.b_O), a port (L1.H3:q, unembed), a neuron (L1.MLP.N12), a direction (L1.H3:q.d0), "
+                         "a feature (sae:blocks.0.hook_mlp_out/F17) or a module (module:0)")
     layer = int(m["layer"])
     head = int(m["head"]) if m["head"] is not None else None
     kind: NameKind = "head" if head is not None else "mlp" if m["mlp"] else "bias"
@@ -143,6 +172,27 @@ def port_name(channel: str, path: str | None = None) -> str:
     return f"{channel}:{path}" if path else channel
 
 
+def direction_name(channel: str, side: str, index: int) -> str:
+    """``{channel}:{side}.d{index}``: direction ``index`` of a read side (``q``, ``k``, ``v``, ``in``) or
+    the ``write`` side of ``channel``."""
+    return f"{channel}:{side}.d{index}"
+
+
+def feature_name(hook: str, index: int) -> str:
+    """``sae:{hook}/F{index}``: feature ``index`` of the SAE (or transcoder) reading ``hook``."""
+    return f"sae:{hook}/F{index}"
+
+
+def module_name(index: int) -> str:
+    """``module:{index}``: a module (a set of channels) labeled as one unit."""
+    return f"module:{index}"
+
+
+def layer_name(layer: int) -> str:
+    """``L{layer}``: a block on its own (the folder of per-layer artifacts)."""
+    return f"L{layer}"
+
+
 def split_port(port: str) -> tuple[str, str]:
     """``(channel, path)`` of a port; the path is ``""`` for an MLP and for ``unembed``.
 
@@ -163,6 +213,30 @@ def act_name(name: str, layer: int | None = None, sub: str | None = None) -> str
     from transformer_lens.utilities import get_act_name
 
     return get_act_name(name, layer, sub)
+
+
+def norm_scale_hook(normalized_hook: str) -> str:
+    """The scale hook of the norm whose output is ``normalized_hook``
+    (``blocks.1.ln2.hook_normalized`` → ``blocks.1.ln2.hook_scale``).
+
+    >>> norm_scale_hook("blocks.1.ln2.hook_normalized")
+    'blocks.1.ln2.hook_scale'
+    """
+    return f"{normalized_hook.rsplit('.', 1)[0]}.hook_scale"
+
+
+def hook_kind(hook_name: str) -> str:
+    """What a hook point holds, by TransformerLens' short name (``get_act_name``'s first argument).
+
+    >>> hook_kind("blocks.0.attn.hook_z"), hook_kind("blocks.1.ln2.hook_normalized"), hook_kind("hook_embed")
+    ('z', 'normalized', 'embed')
+    """
+    return hook_name.rsplit(".", 1)[-1].removeprefix("hook_")
+
+
+def is_residual(hook_name: str) -> bool:
+    """Whether the hook reads the residual stream itself (``resid_pre``, ``resid_mid``, ``resid_post``)."""
+    return hook_kind(hook_name) in ("resid_pre", "resid_mid", "resid_post")
 
 
 def hook_layer(hook_name: str) -> int | None:

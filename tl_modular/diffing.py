@@ -45,13 +45,17 @@ import torch
 from tl_modular._io import SCHEMA_VERSION, read_versioned_json, reading, write_json
 from tl_modular._stats import adjusted_rand_index, principal_angles
 from tl_modular.circuits import CircuitSet
-from tl_modular.compression.compression import Compression
+from tl_modular.compression.compression import Compression, Side
 from tl_modular.graph.graph import ChannelGraph
 from tl_modular.graph.views import Layout, pyplot, save_figure
 
 __all__ = ["ChannelChange", "ModelDiff", "RouteChange", "diff", "diff_null", "principal_angles"]
 
 _SCHEMA = "tl_modular.ModelDiff"
+
+#: What :func:`diff` compares: a compression, a graph, or a directory saved by them.
+Diffable = Compression | ChannelGraph | str | os.PathLike
+
 # Principal angles below this many degrees are fp noise of float32 storage (saved compressions)
 # and QR; route changes below this fraction of the total strength likewise.
 ANGLE_TOL_DEG = 1e-2
@@ -248,7 +252,7 @@ class ModelDiff:
         with reading(Path(directory) / "diff.json", "ModelDiff.save"):
             return cls.from_json(meta)
 
-    def plot(self, graph: Any, path: str | os.PathLike | None = None, *, n_routes: int = 15) -> Any:
+    def plot(self, graph: ChannelGraph, path: str | os.PathLike | None = None, *, n_routes: int = 15) -> Any:
         """The graph's layer layout, channels shaded by energy moved (red) and the
         ``n_routes`` most changed routes drawn (red: stronger, blue: weaker; width by change)."""
 
@@ -278,9 +282,9 @@ class ModelDiff:
 
 @dataclass
 class _Side:
-    graph: Any = None
-    comp: Any = None
-    circuits: Any = None
+    graph: ChannelGraph | None = None
+    comp: Compression | None = None
+    circuits: CircuitSet | None = None
     name: str = "a"
 
 
@@ -290,7 +294,7 @@ def _check_n(n: int) -> None:
         raise ValueError(f"n must be a non-negative integer (how many to show), got {n!r}")
 
 
-def _unpack(x: Any, circuits: Any, name: str) -> _Side:
+def _unpack(x: Diffable, circuits: CircuitSet | None, name: str) -> _Side:
     if isinstance(x, (str, os.PathLike)):
         d = Path(x)
         if not d.is_dir():
@@ -362,7 +366,7 @@ def _spectrum_change(sa: torch.Tensor, sb: torch.Tensor) -> tuple[float, float]:
     return float((pa / ta - pb / tb).abs().sum() / 2), tb / ta
 
 
-def _outside(side: Any, basis: torch.Tensor) -> float:
+def _outside(side: Side, basis: torch.Tensor) -> float:
     """Spectrum-weighted mean of ``‖(I - Q Qᵀ) v_i‖²`` over the side's unit directions ``v_i``."""
     vecs = (side.encoder if side.role == "read" else side.decoder).double()
     if side.centered:
@@ -466,9 +470,9 @@ def _circuit_changes(ca: Any, cb: Any) -> dict[str, dict[str, Any]]:
     return dict(sorted(out.items(), key=lambda kv: kv[1]["jaccard"]))
 
 
-def diff(a: Any, b: Any, labels_a: Any = None, labels_b: Any = None, *, circuits_a: Any = None,
-         circuits_b: Any = None, weight: str | None = None, modules: bool = True,
-         null: Sequence[Any] | None = None, names: tuple[str, str] = ("a", "b")) -> ModelDiff:
+def diff(a: Diffable, b: Diffable, labels_a: Any = None, labels_b: Any = None, *, circuits_a: CircuitSet | None = None,
+         circuits_b: CircuitSet | None = None, weight: str | None = None, modules: bool = True,
+         null: Sequence[Diffable] | None = None, names: tuple[str, str] = ("a", "b")) -> ModelDiff:
     """What changed from model ``a`` to model ``b`` (same architecture).
 
     Args:

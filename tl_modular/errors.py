@@ -5,7 +5,10 @@ Every exception says what was expected, what came, and how to fix it.
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:      # annotations only: labeling raises these errors
+    from tl_modular.labeling import Labels
 
 __all__ = ["ArtifactError", "LabelingError", "UnsupportedModelError"]
 
@@ -48,6 +51,7 @@ class LabelingError(RuntimeError):
             so a re-run resumes), or None.
     """
 
-    def __init__(self, message: str, *, reason: str = "", endpoint: str | None = None, labels: Any = None) -> None:
+    def __init__(self, message: str, *, reason: str = "", endpoint: str | None = None,
+                 labels: Labels | None = None) -> None:
         super().__init__(message)
         self.reason, self.endpoint, self.labels = reason, endpoint, labels

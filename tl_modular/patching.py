@@ -177,58 +177,94 @@ def patch_routes(model: Any, channels: ChannelSet, tokens: Int[torch.Tensor, "ba
     """
     if amount is not None and amount.shape != (len(routes),):
         raise ValueError(f"amount must hold one value per route: shape ({len(routes)},), got {tuple(amount.shape)}")
+    by_port = _senders_by_port(channels, routes)
+    _check_source(source, {s for s, _ in routes})
+    patch = _RoutePatch(channels, source, [c for cs in by_port.values() for c in cs])
+    fwd_hooks = patch.capture_hooks()
+    if amount is None:
+        fwd_hooks += [patch.full_hook(port, port_senders) for port, port_senders in by_port.items()]
+    else:
+        fwd_hooks += patch.partial_hooks(routes, amount)
+    with hook_guard(model), split_inputs(model), model.hooks(fwd_hooks=fwd_hooks):
+        return model(tokens, **forward_kwargs)
+
+
+def _senders_by_port(channels: ChannelSet, routes: Sequence[Route]) -> dict[str, list[Channel]]:
+    """The senders patched into each port, in the order given; every route checked to exist."""
     by_port: dict[str, list[Channel]] = {}
     for sender, port in routes:
         if not valid_route(channels, sender, port):
             raise ValueError(f"route {sender} -> {port} does not exist: {sender} writes after "
                              f"{port} reads the residual stream")
         by_port.setdefault(port, []).append(channels[sender])
-    _check_source(source, {s for s, _ in routes})
-    senders = {c.name: c for cs in by_port.values() for c in cs}
-    order = sorted(senders.values(), key=lambda c: stream_index(c.writes))
-    current: dict[str, torch.Tensor] = {}
-    deltas: dict[str, torch.Tensor] = {}      # source - write of each sender, computed once per run
-    prefix: list[Any] = [0, None]             # how many of `order` are summed, and their sum
+    return by_port
 
-    def remember(activation: torch.Tensor, hook: Any) -> None:
-        current[hook.name] = activation
 
-    def delta(c: Channel, like: torch.Tensor) -> torch.Tensor:
-        if c.name not in deltas:
-            deltas[c.name] = source[c.name].to(like) - channel_write(c, current.get(c.source_hook), like)
-        return deltas[c.name]
+class _RoutePatch:
+    """The hooks of one patched run and what they share: each sender's write as the run computes it
+    and its delta ``source - write`` (once per run), summed upstream of a reader in stream order."""
 
-    def upstream(read: int, like: torch.Tensor) -> torch.Tensor:
+    def __init__(self, channels: ChannelSet, source: Mapping[str, torch.Tensor], senders: Sequence[Channel]) -> None:
+        self.channels, self.source = channels, source
+        self.senders = {c.name: c for c in senders}
+        self.order = sorted(self.senders.values(), key=lambda c: stream_index(c.writes))
+        self.current: dict[str, torch.Tensor] = {}
+        self.deltas: dict[str, torch.Tensor] = {}
+        self.summed, self.total = 0, None       # how many of `order` are in the running sum, and the sum
+
+    def capture_hooks(self) -> list[tuple[str, Any]]:
+        """Hooks that keep the senders' source activations as the run goes."""
+        hooks = sorted({c.source_hook for c in self.senders.values() if c.source_hook})
+        return [(h, self._remember) for h in hooks]
+
+    def _remember(self, activation: torch.Tensor, hook: Any) -> None:
+        self.current[hook.name] = activation
+
+    def delta(self, c: Channel, like: torch.Tensor) -> torch.Tensor:
+        if c.name not in self.deltas:
+            self.deltas[c.name] = self.source[c.name].to(like) - channel_write(c, self.current.get(c.source_hook), like)
+        return self.deltas[c.name]
+
+    def upstream(self, read: int, like: torch.Tensor) -> torch.Tensor:
         """Σ of every sender's delta written at or before stream index ``read`` (hooks fire in order)."""
-        k, total = prefix
-        while k < len(order) and stream_index(order[k].writes) <= read:
-            total = delta(order[k], like) if total is None else total + delta(order[k], like)
-            k += 1
-        prefix[:] = [k, total]
-        return torch.zeros_like(like) if total is None else total
+        while self.summed < len(self.order) and stream_index(self.order[self.summed].writes) <= read:
+            d = self.delta(self.order[self.summed], like)
+            self.total = d if self.total is None else self.total + d
+            self.summed += 1
+        return torch.zeros_like(like) if self.total is None else self.total
 
-    def receive(port_senders: list[Channel], index: int | None, read: int):
+    def full_hook(self, port: str, port_senders: list[Channel]) -> tuple[str, Any]:
+        """The hook that gives ``port`` every one of ``port_senders``' source values."""
+        index_hook, index, read = _port(self.channels, port)
         # Patching most routes into a port (a circuit's complement) is cheaper as "every upstream
         # sender minus the few left clean" than as a sum over the patched ones.
         names = {c.name for c in port_senders}
-        left = [c for c in order if stream_index(c.writes) <= read and c.name not in names]
+        left = [c for c in self.order if stream_index(c.writes) <= read and c.name not in names]
         by_complement = len(left) < len(port_senders)
 
         def hook_fn(activation: torch.Tensor, hook: Any) -> torch.Tensor:
             like = activation if index is None else activation[..., index, :]
             if by_complement:
-                change = upstream(read, like) - sum((delta(c, like) for c in left), torch.zeros_like(like))
+                change = self.upstream(read, like) - sum((self.delta(c, like) for c in left), torch.zeros_like(like))
             else:
-                change = sum((delta(c, like) for c in port_senders), torch.zeros_like(like))
+                change = sum((self.delta(c, like) for c in port_senders), torch.zeros_like(like))
             activation = activation.clone()
             if index is None:
                 activation += change
             else:
                 activation[..., index, :] += change
             return activation
-        return hook_fn
+        return index_hook, hook_fn
 
-    def blend(hook: str, slots: list[tuple[int | None, str, int]]):
+    def partial_hooks(self, routes: Sequence[Route], amount: torch.Tensor) -> list[tuple[str, Any]]:
+        """One hook per hook point mixing in ``amount[i]`` of route ``i``'s delta."""
+        by_hook: dict[str, list[tuple[int | None, str, int]]] = {}
+        for i, (sender, port) in enumerate(routes):
+            hook, index, _ = _port(self.channels, port)
+            by_hook.setdefault(hook, []).append((index, sender, i))
+        return [(hook, self._blend(slots, amount)) for hook, slots in by_hook.items()]
+
+    def _blend(self, slots: list[tuple[int | None, str, int]], amount: torch.Tensor) -> Any:
         # Partial patching, vectorised per hook: one stack of the senders' deltas and one mix for
         # every head the hook feeds (a differentiable mask's forward runs many times).
         names = sorted({s for _, s, _ in slots})
@@ -240,7 +276,7 @@ def patch_routes(model: Any, channels: ChannelSet, tokens: Int[torch.Tensor, "ba
 
         def hook_fn(activation: torch.Tensor, hook: Any) -> torch.Tensor:
             like = activation[..., 0, :] if per_head else activation
-            stack = torch.stack([delta(channels[s], like) for s in names])        # [senders, ..., d]
+            stack = torch.stack([self.delta(self.channels[s], like) for s in names])        # [senders, ..., d]
             rows = activation.shape[-2] if per_head else 1
             mix = torch.zeros(rows, len(names), dtype=like.dtype, device=like.device)
             mix = mix.index_put((heads.to(like.device), cols.to(like.device)),
@@ -249,20 +285,6 @@ def patch_routes(model: Any, channels: ChannelSet, tokens: Int[torch.Tensor, "ba
                 return activation + torch.einsum("hs,s...d->...hd", mix, stack)
             return activation + torch.einsum("s,s...->...", mix[0], stack)
         return hook_fn
-
-    fwd_hooks = [(h, remember) for h in sorted({c.source_hook for c in senders.values() if c.source_hook})]
-    if amount is None:
-        for port, port_senders in by_port.items():
-            hook, index, read = _port(channels, port)
-            fwd_hooks.append((hook, receive(port_senders, index, read)))
-    else:
-        by_hook: dict[str, list[tuple[int | None, str, int]]] = {}
-        for i, (sender, port) in enumerate(routes):
-            hook, index, _ = _port(channels, port)
-            by_hook.setdefault(hook, []).append((index, sender, i))
-        fwd_hooks += [(hook, blend(hook, slots)) for hook, slots in by_hook.items()]
-    with hook_guard(model), split_inputs(model), model.hooks(fwd_hooks=fwd_hooks):
-        return model(tokens, **forward_kwargs)
 
 
 def patch_channels(model: Any, channels: ChannelSet, tokens: Int[torch.Tensor, "batch pos"],

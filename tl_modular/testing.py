@@ -25,7 +25,7 @@ from typing import Any
 
 import torch
 
-from tl_modular._names import head_name, mlp_name
+from tl_modular._names import head_name, mlp_name, port_name
 
 __all__ = [
     "GPT2_SMALL_CONFIG",
@@ -179,7 +179,8 @@ def planted_modules(n_modules: int = 3, *, n_layers: int = 3, n_heads: int = 3, 
         c, e = randn(d_mlp), randn(d_head)
         model.blocks[1].mlp.W_out += route_gain * torch.outer(c / c.norm(), v)
         model.blocks[2].attn.W_Q[r] += route_gain * torch.outer(v, e / e.norm())
-    return model.eval(), module_of, [("L0.H0", f"L1.H{r}:v"), ("L1.MLP", f"L2.H{r}:q")]
+    routes = [("L0.H0", port_name(head_name(1, r), "v")), ("L1.MLP", port_name(head_name(2, r), "q"))]
+    return model.eval(), module_of, routes
 
 
 def offline_bridge(tokenizer: Any, *, n_layers: int = 2, d_model: int = 32, n_heads: int = 4,

@@ -46,9 +46,11 @@ from jaxtyping import Float, Int
 
 from tl_modular._hooks import hook_guard
 from tl_modular._io import (
+    SCHEMA_VERSION,
     bind_files,
     check_bound,
     check_shapes,
+    read_json,
     read_safetensors,
     read_versioned_json,
     reading,
@@ -56,14 +58,14 @@ from tl_modular._io import (
     write_safetensors,
 )
 from tl_modular._models import check_finite, fingerprint
-from tl_modular._names import act_name
+from tl_modular._names import act_name, hook_kind
 from tl_modular.compression.fidelity import fidelity
 from tl_modular.compression.fisher import FisherStats, collect_fisher
 from tl_modular.compression.refine import refine
 from tl_modular.compression.restriction import restriction_hooks
 from tl_modular.compression.statistics import Statistics, collect_statistics, read_map
-from tl_modular.errors import UnsupportedModelError
-from tl_modular.segmentation import ChannelSet, segment
+from tl_modular.errors import ArtifactError, UnsupportedModelError
+from tl_modular.segmentation import Channel, ChannelSet, segment
 
 __all__ = ["ChannelCompression", "Compression", "ReadSpace", "Side", "compress"]
 
@@ -72,6 +74,7 @@ WriteStatistic = Literal["output", "jacobian", "fisher"]
 # Directions whose singular value is below this fraction of the largest carry only rounding
 # noise (fp32 activations give ~1e-7) and are dropped; eigenvalues of covariances use its square.
 _REL_TOL = 1e-6
+_SCHEMA = "tl_modular.Compression"
 
 
 @dataclass
@@ -184,9 +187,17 @@ class ChannelCompression:
         return {**{f"read:{p}": s for p, s in self.read.items()}, "write": self.write}
 
 
-@dataclass
-class Compression:
-    """Every compressed channel of one model. Index by channel name."""
+@dataclass(eq=True)
+class Compression(Mapping[str, ChannelCompression]):
+    """Every compressed channel of one model: a read-only mapping channel name → :class:`ChannelCompression`
+    (``len``, ``in``, iteration over names, ``keys``/``values``/``items``/``get``), in the order compressed
+    (stream order unless ``compress(channels=...)`` named them otherwise).
+
+    Two compressions compare equal as dataclasses (same fields), not as mappings.
+
+    >>> comp["L1.H3"].write.rank, "L0.MLP" in comp, list(comp)[:2]          # doctest: +SKIP
+    (4, True, ['L0.H0', 'L0.H1'])
+    """
 
     channels: dict[str, ChannelCompression]
     model_fingerprint: str
@@ -308,21 +319,25 @@ class Compression:
                 tensors[prefix + part] = getattr(s, part).to(torch.float32)
             index.setdefault(name, {"kind": self[name].kind, "sides": {}})["sides"][key] = {
                 "rank": s.rank, "statistic": s.statistic, "centered": s.centered}
-        meta = {"kind": "compression", "model_fingerprint": self.model_fingerprint, "n_tokens": self.n_tokens,
-                "config": self.config, "channels": index}
+        meta = {"model_fingerprint": self.model_fingerprint, "n_tokens": self.n_tokens, "config": self.config,
+                "channels": index}
         # tensors first, the index last, binding them (a save interrupted between them is refused at load)
         write_safetensors(directory / "compression.safetensors", tensors,
                           {"kind": "compression", "bound_to": "compression.json"})
-        write_json(directory / "compression.json", {"schema_version": 1, **meta,
+        write_json(directory / "compression.json", {"schema": _SCHEMA, "version": SCHEMA_VERSION, **meta,
                                                     "files": bind_files(directory, ["compression.safetensors"])})
         return directory
 
     @classmethod
     def load(cls, directory: str | os.PathLike, model: Any | None = None) -> Compression:
-        """Read a saved compression; with ``model``, refuse it unless it is the same model."""
+        """Read a saved compression; with ``model``, refuse it unless it is the same model. Reads the
+        header of tl_modular 0.1.0.dev0 too (``{"kind": "compression", "schema_version": 1}``)."""
         directory, writer = Path(directory), "Compression.save (compress again)"
-        meta = read_versioned_json(directory, "compression.json", "compression", writer, schema_key="kind",
-                                   version_key="schema_version", required=("channels", "model_fingerprint"))
+        legacy = _legacy_header(directory / "compression.json")
+        meta = read_versioned_json(directory, "compression.json", "compression" if legacy else _SCHEMA, writer,
+                                   schema_key="kind" if legacy else "schema",
+                                   version_key="schema_version" if legacy else "version",
+                                   required=("channels", "model_fingerprint"))
         tensors, _ = read_safetensors(directory / "compression.safetensors", writer=writer)
         tensors = {k: v.to(torch.float64) for k, v in tensors.items()}
         channels = {}
@@ -347,6 +362,15 @@ class Compression:
         if model is not None:
             comp.check_model(model)
         return comp
+
+
+def _legacy_header(path: Path) -> bool:
+    """Whether ``path`` has the header compression.json had before the one artifact convention."""
+    try:
+        meta = read_json(path)
+    except (OSError, ArtifactError):
+        return False                    # read_versioned_json says what is wrong with it
+    return isinstance(meta, dict) and "schema" not in meta and meta.get("kind") == "compression"
 
 
 # --- building sides -----------------------------------------------------------------------------
@@ -380,13 +404,14 @@ def _factor(moment: torch.Tensor) -> torch.Tensor:
     return evecs * evals.clamp_min(0).sqrt()
 
 
-def _centering(channel: Any, model: Any) -> bool:
+def _centering(channel: Channel, model: Any) -> bool:
     """Whether the channel reads through a LayerNorm (whose residual functionals are centred)."""
-    return channel.input_hook.endswith("hook_normalized") and model.cfg.normalization_type in ("LN", "LNPre")
+    return hook_kind(channel.input_hook) == "normalized" and model.cfg.normalization_type in ("LN", "LNPre")
 
 
-def _read_sides(c: Any, stats: Statistics, statistic: ReadStatistic, model: Any,
-                roots: dict[str, tuple[torch.Tensor, torch.Tensor]], fisher: Any = None) -> dict[str, Side]:
+def _read_sides(c: Channel, stats: Statistics, statistic: ReadStatistic, model: Any,
+                roots: dict[str, tuple[torch.Tensor, torch.Tensor]], fisher: FisherStats | None = None
+                ) -> dict[str, Side]:
     """``roots`` caches ``_sym_sqrt`` of each input covariance: every head of a layer shares it."""
     inp = stats.inputs[c.input_hook]
     if c.input_hook not in roots:
@@ -414,7 +439,7 @@ def _read_sides(c: Any, stats: Statistics, statistic: ReadStatistic, model: Any,
     return sides
 
 
-def _write_side(c: Any, stats: Statistics, statistic: WriteStatistic, fisher: Any = None) -> Side:
+def _write_side(c: Channel, stats: Statistics, statistic: WriteStatistic, fisher: FisherStats | None = None) -> Side:
     w = stats.writes[c.name]
     if statistic == "fisher":
         # minimise E[δ F δᵀ] over the write's deviations δ: PCA of the output in the metric of the

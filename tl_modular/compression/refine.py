@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import replace
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from jaxtyping import Int
@@ -25,12 +25,15 @@ from tl_modular._hooks import hook_guard
 from tl_modular._tokens import check_tokens
 from tl_modular.compression.restriction import restriction_hooks
 
+if TYPE_CHECKING:      # annotations only: compression.py imports this module
+    from tl_modular.compression import Compression
+
 __all__ = ["refine"]
 
 
-def refine(comp: Any, model: Any, tokens: Int[torch.Tensor, "batch pos"], *, steps: int = 300, lr: float = 3e-3,
+def refine(comp: Compression, model: Any, tokens: Int[torch.Tensor, "batch pos"], *, steps: int = 300, lr: float = 3e-3,
            batch_size: int = 8, positions: float = 0.25, attention_mask: Int[torch.Tensor, "batch pos"] | None = None,
-           seed: int = 0, progress: bool = True) -> Any:
+           seed: int = 0, progress: bool = True) -> Compression:
     """A copy of ``comp`` whose kept directions are fitted end to end (see the module docs).
 
     Every side below its full rank gets a trainable encoder, decoder and mean (initialised from

@@ -9,7 +9,7 @@ on ``hook_attn_out`` (each head's write ``z_h W_O[h]`` projected) and ``hook_mlp
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
@@ -17,8 +17,11 @@ from tl_modular._names import act_name
 from tl_modular.compression.statistics import read_map
 from tl_modular.segmentation import segment
 
+if TYPE_CHECKING:      # annotations only: compression.py imports this module
+    from tl_modular.compression import Compression, Side
 
-def restriction_hooks(model: Any, comp: Any, names: list[str], *, restrict_first: bool,
+
+def restriction_hooks(model: Any, comp: Compression, names: list[str], *, restrict_first: bool,
                       override: dict[tuple[str, str], tuple[torch.Tensor, ...]] | None = None) -> list:
     """The hooks restricting ``names``; ``override[(channel, side_key)] = (mean, encoder, decoder)``
     replaces a side's tensors (trainable ones, for ``Compression.refined``)."""
@@ -42,7 +45,7 @@ def restriction_hooks(model: Any, comp: Any, names: list[str], *, restrict_first
             captured[name] = act
         return fn
 
-    def disc_fn(side: Any, key: tuple[str, str]):
+    def disc_fn(side: Side, key: tuple[str, str]):
         if key in override:
             mu, enc, dec = (cast(t) for t in override[key])
         else:

@@ -11,7 +11,7 @@
 """
 
 from tl_modular._stats import spearman
-from tl_modular.graph.graph import ChannelGraph, build_graph
+from tl_modular.graph.graph import ChannelGraph, ModuleRule, build_graph
 from tl_modular.graph.mincut import Split
 
-__all__ = ["ChannelGraph", "Split", "build_graph", "spearman"]
+__all__ = ["ChannelGraph", "ModuleRule", "Split", "build_graph", "spearman"]

@@ -39,9 +39,9 @@ from __future__ import annotations
 import math
 import os
 from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 import networkx as nx
 import numpy as np
@@ -59,10 +59,47 @@ from tl_modular.graph import views
 from tl_modular.graph.mincut import Backend, Split
 from tl_modular.segmentation import ChannelSet, segment
 
-__all__ = ["ChannelGraph", "Split", "build_graph", "spearman"]
+if TYPE_CHECKING:      # annotations only: circuits builds on this module (see ChannelGraph.circuits)
+    from tl_modular.circuits import CircuitSet
+    from tl_modular.compression import Compression
+
+__all__ = ["ChannelGraph", "ModuleRule", "Split", "build_graph", "spearman"]
 
 Weight = Literal["data", "static"]
 _SCHEMA = "tl_modular.ChannelGraph"
+
+
+@dataclass(frozen=True)
+class ModuleRule:
+    """How modules are cut from a graph, as one value: the graph's modules, its hierarchy and the
+    modules of every null graph in :meth:`ChannelGraph.modularity` follow the same rule.
+
+    Attributes:
+        weight: Route strength the capacities sum (``"data"`` or ``"static"``; ``None``: the graph's
+            default, :attr:`ChannelGraph.weight`).
+        io: Whether the embeddings and ``unembed`` take part (see :meth:`ChannelGraph.capacity_graph`).
+        min_size: Channels each side of a cut keeps at least (``None``: 5% of them, at least 2).
+        n_modules: How many modules (``None``: the level of the hierarchy with the highest Newman Q).
+        max_cut: Cut every admissible tree edge up to this value instead.
+        backend: Gomory–Hu solver: ``"auto"``, ``"networkx"`` or ``"igraph"``.
+
+    The graph's methods take a rule or the same keywords (``graph.modules(ModuleRule(n_modules=3))``
+    equals ``graph.modules(n_modules=3)``); a rule is hashable, so it can key a cache of modules.
+
+    >>> rule = ModuleRule(n_modules=3, io=True)
+    >>> rule == ModuleRule(io=True, n_modules=3), replace(rule, n_modules=4).n_modules
+    (True, 4)
+    """
+
+    weight: Weight | None = None
+    io: bool = False
+    min_size: int | None = None
+    n_modules: int | None = None
+    max_cut: float | None = None
+    backend: Backend = "auto"
+
+
+_DEFAULT_RULE = ModuleRule()
 
 
 def _effective_rank(spectrum: torch.Tensor) -> float:
@@ -80,7 +117,7 @@ class ChannelGraph:
     nx: nx.DiGraph
     model_fingerprint: str | None = None
     config: dict[str, Any] = field(default_factory=dict)
-    compression: Any = field(default=None, repr=False)  # the Compression it was built from, if known
+    compression: Compression | None = field(default=None, repr=False)  # the one it was built from, if known
 
     def __repr__(self) -> str:
         kinds: dict[str, int] = {}
@@ -153,26 +190,49 @@ class ChannelGraph:
         """The Gomory–Hu tree of the capacity graph (edge ``weight`` = pairwise min cut)."""
         return _mincut.gomory_hu_tree(self.capacity_graph(weight, io=io), backend)
 
-    def _min_size(self, min_size: int | None, io: bool) -> int:
-        n = len(self._counted(io))
-        if min_size is not None and not 1 <= min_size <= n:
-            raise ValueError(f"min_size must lie in 1..{n} (the channels of this graph), got {min_size}")
-        return max(2, round(0.05 * n)) if min_size is None else int(min_size)
+    def module_rule(self, rule: ModuleRule | None = None, **keywords: Any) -> ModuleRule:
+        """The :class:`ModuleRule` the module methods use: ``rule``, or one built from the keywords
+        (``weight``, ``io``, ``min_size``, ``n_modules``, ``max_cut``, ``backend``), with ``weight``
+        resolved to the graph's default.
+
+        Raises:
+            ValueError: both a rule and keywords that differ from their defaults.
+
+        >>> graph.module_rule(n_modules=3) == graph.module_rule(ModuleRule(n_modules=3))       # doctest: +SKIP
+        True
+        """
+        if rule is None:
+            rule = ModuleRule(**keywords)
+        elif not isinstance(rule, ModuleRule):
+            raise TypeError(f"rule must be a ModuleRule, got {type(rule).__name__}")
+        else:
+            extra = sorted(k for k, v in keywords.items() if v != getattr(_DEFAULT_RULE, k))
+            if extra:
+                raise ValueError(f"pass the module rule either as rule= or as keywords, not both: got rule= and "
+                                 f"{', '.join(f'{k}=' for k in extra)}; use dataclasses.replace(rule, ...) to vary it")
+        return rule if rule.weight is not None else replace(rule, weight=self.weight)
+
+    def _min_size(self, rule: ModuleRule) -> int:
+        n = len(self._counted(rule.io))
+        if rule.min_size is not None and not 1 <= rule.min_size <= n:
+            raise ValueError(f"min_size must lie in 1..{n} (the channels of this graph), got {rule.min_size}")
+        return max(2, round(0.05 * n)) if rule.min_size is None else int(rule.min_size)
 
     def _counted(self, io: bool) -> list[str]:
         return [n for n in self.partition_nodes(io) if n != "unembed"]
 
-    def _partition(self, capacity: nx.Graph, *, io: bool, min_size: int | None, n_modules: int | None,
-                   max_cut: float | None, backend: Backend, clamp: bool = False) -> tuple[list[frozenset], list[Split]]:
-        parts, splits, _ = _mincut.find_modules(capacity, min_size=self._min_size(min_size, io),
-                                                counted=self._counted(io), n_modules=n_modules,
-                                                max_cut=max_cut, backend=backend, clamp=clamp)
+    def _partition(self, capacity: nx.Graph, rule: ModuleRule, *,
+                   clamp: bool = False) -> tuple[list[frozenset], list[Split]]:
+        parts, splits, _ = _mincut.find_modules(capacity, min_size=self._min_size(rule), counted=self._counted(rule.io),
+                                                n_modules=rule.n_modules, max_cut=rule.max_cut,
+                                                backend=rule.backend, clamp=clamp)
         return parts, splits
 
-    def modules(self, *, weight: Weight | None = None, io: bool = False, min_size: int | None = None,
-                n_modules: int | None = None, max_cut: float | None = None,
+    def modules(self, rule: ModuleRule | None = None, *, weight: Weight | None = None, io: bool = False,
+                min_size: int | None = None, n_modules: int | None = None, max_cut: float | None = None,
                 backend: Backend = "auto") -> list[frozenset[str]]:
-        """Modules: channel sets cut from the Gomory–Hu tree of :meth:`capacity_graph`.
+        """Modules: channel sets cut from the Gomory–Hu tree of :meth:`capacity_graph`, by ``rule``
+        (a :class:`ModuleRule`) or the same keywords.
 
         Tree edges are cut from the weakest up while both sides keep ``min_size`` channels
         (default 5% of them, at least 2); ``n_modules`` fixes how many (more than the tree admits is
@@ -181,16 +241,19 @@ class ChannelGraph:
         highest Newman Q is taken. Modules list channel names only (no ports, no ``unembed``),
         largest first; the embeddings join a module only with ``io=True``.
         """
-        parts, _ = self._partition(self.capacity_graph(weight, io=io), io=io, min_size=min_size,
-                                   n_modules=n_modules, max_cut=max_cut, backend=backend)
+        rule = self.module_rule(rule, weight=weight, io=io, min_size=min_size, n_modules=n_modules, max_cut=max_cut,
+                         backend=backend)
+        parts, _ = self._partition(self.capacity_graph(rule.weight, io=rule.io), rule)
         return _strip(parts)
 
-    def hierarchy(self, *, weight: Weight | None = None, io: bool = False, min_size: int | None = None,
-                  backend: Backend = "auto") -> list[Split]:
+    def hierarchy(self, rule: ModuleRule | None = None, *, weight: Weight | None = None, io: bool = False,
+                  min_size: int | None = None, backend: Backend = "auto") -> list[Split]:
         """Every admissible cut, in the order the tree's weakest edges separate the modules
-        (``Split.parent`` → ``left`` + ``right`` at min-cut ``value``; channel names only)."""
-        tree = self.gomory_hu(weight, io=io, backend=backend)
-        splits = _mincut.hierarchy(tree, min_size=self._min_size(min_size, io), counted=self._counted(io))
+        (``Split.parent`` → ``left`` + ``right`` at min-cut ``value``; channel names only).
+        ``rule.n_modules`` and ``rule.max_cut`` do not apply: the hierarchy holds every level."""
+        rule = self.module_rule(rule, weight=weight, io=io, min_size=min_size, backend=backend)
+        tree = self.gomory_hu(rule.weight, io=rule.io, backend=rule.backend)
+        splits = _mincut.hierarchy(tree, min_size=self._min_size(rule), counted=self._counted(rule.io))
         clean = lambda s: frozenset(s - {"unembed"})  # noqa: E731
         return [Split(s.value, clean(s.parent), clean(s.left), clean(s.right)) for s in splits]
 
@@ -199,14 +262,14 @@ class ChannelGraph:
         """Communication components: channel classes whose every pairwise min cut exceeds ``threshold``."""
         return _strip(_mincut.components(self.gomory_hu(weight, io=io, backend=backend), threshold))
 
-    def modularity(self, *, weight: Weight | None = None, null: Literal["permute", "rotate"] = "permute",
-                   n_null: int = 100, seed: int = 0, io: bool = False, min_size: int | None = None,
-                   n_modules: int | None = None, max_cut: float | None = None,
+    def modularity(self, rule: ModuleRule | None = None, *, weight: Weight | None = None,
+                   null: Literal["permute", "rotate"] = "permute", n_null: int = 100, seed: int = 0, io: bool = False,
+                   min_size: int | None = None, n_modules: int | None = None, max_cut: float | None = None,
                    backend: Backend = "auto", modules: Sequence[Iterable[str]] | None = None,
                    progress: bool = True) -> dict[str, Any]:
         """How modular the graph is, against a null model built on the graph itself.
 
-        Scores the modules of :meth:`modules` (same arguments) by ``crossing`` (fraction of
+        Scores the modules of :meth:`modules` (same ``rule`` or keywords) by ``crossing`` (fraction of
         capacity between modules; lower is more modular), ``ncut`` (lower is more modular) and
         Newman's ``Q`` (higher is more modular). Each null graph finds its own modules by the same
         rule, so the comparison is fair. With ``modules=`` (channel sets, e.g. the modules a
@@ -225,19 +288,19 @@ class ChannelGraph:
 
         if n_null < 2:
             raise ValueError(f"n_null must be >= 2 null graphs (a z-score needs their spread), got {n_null}")
-        weight = weight or self.weight
-        rule = {"io": io, "min_size": min_size, "n_modules": n_modules, "max_cut": max_cut, "backend": backend}
-        capacity = self.capacity_graph(weight, io=io)
+        rule = self.module_rule(rule, weight=weight, io=io, min_size=min_size, n_modules=n_modules, max_cut=max_cut,
+                         backend=backend)
+        capacity = self.capacity_graph(rule.weight, io=rule.io)
         if modules is not None:
             fixed = self._fixed_partition(capacity, modules)
-        parts = fixed if modules is not None else self._partition(capacity, **rule)[0]
+        parts = fixed if modules is not None else self._partition(capacity, rule)[0]
         real = _mincut.partition_scores(capacity, parts)
         rng = np.random.default_rng(seed)
-        sampler = self._null_sampler(weight, null, rng, io)
+        sampler = self._null_sampler(rule.weight, null, rng, rule.io)
         nulls = []
         for _ in tqdm(range(n_null), desc=f"null model ({null})", disable=not progress):
             cap = sampler()
-            p = fixed if modules is not None else self._partition(cap, **rule, clamp=True)[0]
+            p = fixed if modules is not None else self._partition(cap, rule, clamp=True)[0]
             nulls.append(_mincut.partition_scores(cap, p))
         out: dict[str, Any] = {"modules": len(parts), "null": null, "n_null": n_null}
         for key, higher in (("crossing", False), ("ncut", False), ("Q", True)):
@@ -390,7 +453,7 @@ class ChannelGraph:
                 "random": randoms, "random_mean": rand,
                 "ratio": cross_change / rand if rand not in (0.0,) and not math.isnan(rand) else float("nan")}
 
-    def circuits(self, model: Any, categories: Mapping[str, Any], **kwargs: Any) -> Any:
+    def circuits(self, model: Any, categories: Mapping[str, Any], **kwargs: Any) -> CircuitSet:
         """Per-category circuits: ``{name: Task or [batch, pos] tokens}`` → :class:`~tl_modular.circuits.CircuitSet`
         (attribution scores per example, greedy growth verified by route patching, bootstrap
         intervals; see :func:`tl_modular.circuits.find_circuits` for the options)."""
@@ -424,7 +487,7 @@ class ChannelGraph:
         return directory
 
     @classmethod
-    def load(cls, directory: str | os.PathLike, *, compression: Any = None) -> ChannelGraph:
+    def load(cls, directory: str | os.PathLike, *, compression: Compression | None = None) -> ChannelGraph:
         """Read a graph written by :meth:`save` (pass ``compression=`` for the checks that need it)."""
         meta = read_versioned_json(directory, "graph.json", _SCHEMA, "ChannelGraph.save",
                                    required=("nodes", "edges", "model_fingerprint", "config"))
@@ -463,7 +526,7 @@ def _strip(parts: Sequence[frozenset]) -> list[frozenset[str]]:
 
 # --- building ------------------------------------------------------------------------------------
 
-def build_graph(comp: Any, model: Any | None = None, tokens: Int[torch.Tensor, "batch pos"] | None = None, *,
+def build_graph(comp: Compression, model: Any | None = None, tokens: Int[torch.Tensor, "batch pos"] | None = None, *,
                 attention_mask: torch.Tensor | None = None, loss_mask: torch.Tensor | None = None,
                 metric: Literal["loss", "logit"] = "loss", batch_size: int = 16,
                 progress: bool = True) -> ChannelGraph:
@@ -533,13 +596,13 @@ def build_graph(comp: Any, model: Any | None = None, tokens: Int[torch.Tensor, "
     return ChannelGraph(g, comp.model_fingerprint, config, comp)
 
 
-def _layers(comp: Any, channels: ChannelSet | None) -> int:
+def _layers(comp: Compression, channels: ChannelSet | None) -> int:
     if channels is not None:
         return channels.model.cfg.n_layers
     return 1 + max(parse(n).layer for n in comp)
 
 
-def _node_attrs(name: str, comp: Any, channels: ChannelSet | None) -> dict[str, Any]:
+def _node_attrs(name: str, comp: Compression, channels: ChannelSet | None) -> dict[str, Any]:
     if name in ("embed", "pos_embed"):
         return {"kind": name, "layer": -1, "order": -1.0}
     cc = comp[name]

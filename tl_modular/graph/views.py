@@ -6,14 +6,17 @@ import math
 import tempfile
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import networkx as nx
 
 from tl_modular._io import _atomic
 
+if TYPE_CHECKING:      # annotations only: graph.graph imports this module
+    from tl_modular.graph import ChannelGraph
 
-def write_graphml(graph: Any, path: Path) -> Path:
+
+def write_graphml(graph: ChannelGraph, path: Path) -> Path:
     g = nx.DiGraph()
     # GraphML holds scalars only: drop missing values, write infinities as a large order
     for n, d in graph.nx.nodes(data=True):
@@ -28,7 +31,7 @@ def _quote(s: str) -> str:
     return '"' + s.replace("\\", "\\\\").replace('"', '\\"') + '"'
 
 
-def write_dot(graph: Any, path: Path, *, weight: str, modules: Sequence[frozenset] | None) -> Path:
+def write_dot(graph: ChannelGraph, path: Path, *, weight: str, modules: Sequence[frozenset] | None) -> Path:
     modules = graph.modules(weight=weight) if modules is None else list(modules)
     cap = graph.capacity_graph(weight, io=True)
     top = max((c for _, _, c in cap.edges(data="capacity")), default=1.0) or 1.0
@@ -62,7 +65,7 @@ def pyplot(headless: bool) -> Any:
 class Layout:
     """Channels by stream position (embeddings left, logits right), heads stacked in their column."""
 
-    def __init__(self, graph: Any, names: list[str]) -> None:
+    def __init__(self, graph: ChannelGraph, names: list[str]) -> None:
         self.nodes = graph.nx.nodes
         self.n_layers = max((d["layer"] for _, d in self.nodes(data=True) if d["kind"] != "port"), default=0)
         self.columns: dict[float, list[str]] = {}
@@ -116,7 +119,7 @@ def save_figure(fig: Any, path: Path) -> None:
         Path(tmp.name).unlink(missing_ok=True)
 
 
-def plot(graph: Any, path: Path | None, *, weight: str, modules: Sequence[frozenset] | None,
+def plot(graph: ChannelGraph, path: Path | None, *, weight: str, modules: Sequence[frozenset] | None,
          top: float, ax: Any) -> Any:
     plt = pyplot(ax is None and path is not None)
     modules = graph.modules(weight=weight) if modules is None else list(modules)
@@ -142,7 +145,9 @@ def plot(graph: Any, path: Path | None, *, weight: str, modules: Sequence[frozen
     return ax
 
 
-def plot_circuits(circuits: Any, graph: Any, path: Path | None) -> Any:
+# circuits is a CircuitSet, typed Any: tl_modular.circuits imports this module, and the import scan
+# counts even a TYPE_CHECKING import back as a cycle
+def plot_circuits(circuits: Any, graph: ChannelGraph, path: Path | None) -> Any:
     """One panel per category: its circuit's routes (ports collapsed onto channels), widths by
     score; red routes are in every category's circuit, blue ones in this category's only."""
     plt = pyplot(path is not None)

@@ -31,11 +31,13 @@ from tl_modular.labeling._scoring import Score, score
 from tl_modular.labeling._scripted import offline_chat_model
 from tl_modular.labeling._units import (
     Unit,
+    UnitKind,
     channel_units,
     direction_units,
     feature_units,
     module_unit,
     neurons,
+    unit_named,
     units_for,
 )
 
@@ -59,6 +61,7 @@ __all__ = [
     "Simulation",
     "Simulator",
     "Unit",
+    "UnitKind",
     "channel_units",
     "collect_evidence",
     "direction_units",
@@ -70,5 +73,6 @@ __all__ = [
     "score",
     "split_rows",
     "str_tokens",
+    "unit_named",
     "units_for",
 ]

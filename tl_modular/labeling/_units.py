@@ -12,14 +12,34 @@ from __future__ import annotations
 
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any, Literal
 
 import torch
 from jaxtyping import Float
 
-from tl_modular.segmentation import Channel, segment
+from tl_modular._names import (
+    Name,
+    act_name,
+    direction_name,
+    feature_name,
+    hook_kind,
+    mlp_name,
+    module_name,
+    neuron_name,
+    parse,
+)
+from tl_modular.segmentation import Channel, ChannelSet, segment
+
+if TYPE_CHECKING:
+    from sae_lens import SAE
+
+    from tl_modular.compression import Compression
+    from tl_modular.graph import ChannelGraph
 
 Reader = Callable[[Mapping[str, torch.Tensor], Any], torch.Tensor]
+
+#: What a unit is; ``"custom"`` for a unit you build yourself with your own reader.
+UnitKind = Literal["neuron", "channel", "direction", "feature", "module", "custom"]
 
 
 @dataclass(frozen=True)
@@ -30,7 +50,8 @@ class Unit:
         name: ``L0.MLP.N12`` (neuron), ``L1.H3`` / ``L0.MLP`` (channel: the norm of its write),
             ``L1.H3:q.d0`` / ``L1.H3:write.d0`` (a direction of a read or write subspace),
             ``sae:blocks.0.hook_mlp_out/F17`` (SAE feature), ``module:0`` (a set of channels).
-        kind: ``"neuron"``, ``"channel"``, ``"direction"``, ``"feature"`` or ``"module"``.
+        kind: ``"neuron"``, ``"channel"``, ``"direction"``, ``"feature"``, ``"module"`` (the
+            constructors below) or ``"custom"``.
         hooks: The hook points :meth:`read` needs in the cache.
         channels: The channels the unit belongs to (for graph evidence and circuit categories).
         signed: Whether negative activations carry meaning (directions): then the evidence shows
@@ -42,7 +63,7 @@ class Unit:
     """
 
     name: str
-    kind: str
+    kind: UnitKind
     hooks: tuple[str, ...]
     reader: Reader = field(repr=False, compare=False)
     channels: tuple[str, ...] = ()
@@ -59,6 +80,18 @@ class Unit:
         """The unit's activation per token from a cache holding :attr:`hooks`."""
         return self.reader(cache, model)
 
+    @property
+    def identity(self) -> Name:
+        """The parsed :attr:`name` (``tl_modular._names`` grammar): kind, layer, head, index, hook.
+
+        Raises:
+            ValueError: a custom unit whose name follows no form of the grammar.
+
+        >>> Unit("L0.MLP.N12", "neuron", (), reader=None).identity.index      # doctest: +SKIP
+        12
+        """
+        return parse(self.name)
+
     def to_json(self) -> dict[str, Any]:
         return {"name": self.name, "kind": self.kind, "channels": list(self.channels),
                 "members": list(self.members), **({"info": self.info} if self.info else {})}
@@ -69,15 +102,15 @@ class Unit:
 def neurons(model: Any, layer: int, indices: Sequence[int] | None = None) -> list[Unit]:
     """MLP neurons of ``layer`` (all by default), read at ``blocks.{layer}.mlp.hook_post``."""
     channels = segment(model)
-    c = channels[f"L{layer}.MLP"]
-    hook = f"blocks.{layer}.mlp.hook_post"
+    c = channels[mlp_name(layer)]
+    hook = act_name("post", layer)
     w_out = c.weights["W_out"].detach()
     idx = range(w_out.shape[0]) if indices is None else indices
     units = []
     for i in idx:
         if not 0 <= int(i) < w_out.shape[0]:
-            raise ValueError(f"L{layer}.MLP has {w_out.shape[0]} neurons; index {i} is out of range")
-        units.append(Unit(name=f"{c.name}.N{int(i)}", kind="neuron", hooks=(hook,),
+            raise ValueError(f"{c.name} has {w_out.shape[0]} neurons; index {i} is out of range")
+        units.append(Unit(name=neuron_name(layer, int(i)), kind="neuron", hooks=(hook,),
                           reader=lambda cache, _m, h=hook, i=int(i): cache[h][..., i],
                           channels=(c.name,), write=w_out[int(i)], info={"layer": layer, "index": int(i)}))
     return units
@@ -110,7 +143,7 @@ def channel_units(model: Any, names: Sequence[str] | None = None) -> list[Unit]:
     for c in cs:
         write = _write_reader(c)
         pattern = (c.layer, c.head) if c.kind == "head" else None
-        hooks = _write_hooks([c]) + ((f"blocks.{c.layer}.attn.hook_pattern",) if pattern else ())
+        hooks = _write_hooks([c]) + ((act_name("pattern", c.layer),) if pattern else ())
         units.append(Unit(name=c.name, kind="channel", hooks=hooks,
                           reader=lambda cache, m, w=write: w(cache, m).norm(dim=-1),
                           channels=(c.name,), write_reader=write, pattern=pattern,
@@ -131,7 +164,7 @@ def module_unit(model: Any, name: str, channels: Sequence[str], members: Sequenc
                 info={"channels": list(channels)})
 
 
-def direction_units(model: Any, comp: Any, name: str, *, sides: Sequence[str] | None = None,
+def direction_units(model: Any, comp: Compression, name: str, *, sides: Sequence[str] | None = None,
                     max_per_side: int | None = None) -> list[Unit]:
     """The basis directions of channel ``name``'s compressed read subspaces (per port, read off its
     normalized input) and write subspace (read off its write), most important first."""
@@ -154,14 +187,14 @@ def direction_units(model: Any, comp: Any, name: str, *, sides: Sequence[str] | 
         write = _write_reader(c)
         for j in range(basis.shape[1] if max_per_side is None else min(max_per_side, basis.shape[1])):
             v = basis[:, j]
-            units.append(Unit(name=f"{name}:write.d{j}", kind="direction", hooks=_write_hooks([c]),
+            units.append(Unit(name=direction_name(name, "write", j), kind="direction", hooks=_write_hooks([c]),
                               reader=lambda cache, m, v=v, w=write: w(cache, m) @ v.to(cache[c.source_hook]),
                               channels=(name,), signed=True, write=v,
                               info={"port": "write", "index": j, "side": "write"}))
     return units
 
 
-def feature_units(sae: Any, indices: Sequence[int] | None = None, *, model: Any | None = None) -> list[Unit]:
+def feature_units(sae: SAE, indices: Sequence[int] | None = None, *, model: Any | None = None) -> list[Unit]:
     """SAE (or transcoder) features as units: ``sae.encode`` of the SAE's hook, feature by feature."""
     from tl_modular.sae import hook_name
 
@@ -169,7 +202,7 @@ def feature_units(sae: Any, indices: Sequence[int] | None = None, *, model: Any 
     d_sae = int(sae.cfg.d_sae)
     idx = range(d_sae) if indices is None else indices
     w_dec = sae.W_dec.detach()
-    residual = model is not None and w_dec.shape[1] == model.cfg.d_model and not hook.endswith("hook_normalized")
+    residual = model is not None and w_dec.shape[1] == model.cfg.d_model and hook_kind(hook) != "normalized"
     cache_key: dict[str, Any] = {}
 
     def encoded(cache: Mapping[str, torch.Tensor]) -> torch.Tensor:
@@ -184,19 +217,46 @@ def feature_units(sae: Any, indices: Sequence[int] | None = None, *, model: Any 
     for f in idx:
         if not 0 <= int(f) < d_sae:
             raise ValueError(f"the SAE at {hook} has {d_sae} features; index {f} is out of range")
-        units.append(Unit(name=f"sae:{hook}/F{int(f)}", kind="feature", hooks=(hook,),
+        units.append(Unit(name=feature_name(hook, int(f)), kind="feature", hooks=(hook,),
                           reader=lambda cache, _m, f=int(f): encoded(cache)[..., f],
                           write=w_dec[int(f)] if residual else None, info={"hook": hook, "index": int(f)}))
     return units
 
 
-def units_for(target: Any, model: Any, *, comp: Any | None = None, max_per_side: int = 2) -> list[Unit]:
+def unit_named(model: Any, name: str, *, comp: Compression | None = None) -> Unit:
+    """The unit called ``name``: a neuron (``L1.MLP.N42``), a head or MLP (``L1.H3``, ``L0.MLP``) or,
+    with ``comp``, a direction of a compressed side (``L1.H2:k.d3``, ``L1.H2:write.d0``).
+
+    Raises:
+        ValueError: ``name`` is none of those (a feature needs its SAE: :func:`feature_units`; a
+            module its channels: :func:`module_unit`), or a direction is asked for without ``comp``.
+
+    >>> unit_named(model, "L0.MLP.N12").kind                            # doctest: +SKIP
+    'neuron'
+    """
+    ident = parse(name)
+    if ident.kind == "neuron":
+        return neurons(model, ident.layer, [ident.index])[0]
+    if ident.kind in ("head", "mlp"):
+        return channel_units(model, [name])[0]
+    if ident.kind == "direction":
+        if comp is None:
+            raise ValueError(f"{name} is a direction of a compressed side: pass comp= (the Compression)")
+        found = [u for u in direction_units(model, comp, ident.channel, sides=(ident.path,)) if u.name == name]
+        if not found:
+            raise ValueError(f"{ident.channel} has no direction {name}: its {ident.path} side is narrower")
+        return found[0]
+    raise ValueError(f"{name!r} is a {ident.kind}, not a neuron, head, MLP or direction: build features with "
+                     "feature_units(sae) and modules with module_unit(model, name, channels)")
+
+
+def units_for(target: ChannelSet | Compression | ChannelGraph | Unit | Sequence[Unit], model: Any, *,
+              comp: Compression | None = None, max_per_side: int = 2) -> list[Unit]:
     """The units of a ChannelSet (its heads and MLPs), a Compression (each channel's top read and
     write directions), a ChannelGraph (its channels, then its modules with those as members) or
     a list of units (as given)."""
     from tl_modular.compression import Compression
     from tl_modular.graph import ChannelGraph
-    from tl_modular.segmentation import ChannelSet
 
     if isinstance(target, Unit):
         return [target]
@@ -218,7 +278,7 @@ def units_for(target: Any, model: Any, *, comp: Any | None = None, max_per_side:
         for i, mod in enumerate(target.modules()):
             names = [n for n in members if n in mod]
             if names:
-                out.append(module_unit(model, f"module:{i}", names, members=names))
+                out.append(module_unit(model, module_name(i), names, members=names))
         return out
     raise TypeError(f"label() takes a ChannelSet, Compression, ChannelGraph or a list of Units, "
                     f"got {type(target).__name__}")

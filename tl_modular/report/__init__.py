@@ -13,10 +13,13 @@ figures in ``figures/``. ``python -m tl_modular.report DIR`` re-renders the page
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 from tl_modular.report.html import render, render_diff
 from tl_modular.report.pipeline import AnalyzeConfig, Inputs, analyze, cache_key
+
+if TYPE_CHECKING:
+    from tl_modular.labeling import Labeler, Simulator
 
 __all__ = ["BUNDLED_MODELS", "AnalyzeConfig", "Inputs", "analyze", "bundled_inputs", "cache_key", "render",
            "render_diff", "textlm_inputs"]
@@ -25,8 +28,8 @@ __all__ = ["BUNDLED_MODELS", "AnalyzeConfig", "Inputs", "analyze", "bundled_inpu
 BUNDLED_MODELS = ("toy-modular", "toy", "textlm")
 
 
-def bundled_inputs(*, n_per_task: int = 128, n_examples: int = 64, seed: int = 0, labeler: Any = None,
-                   simulator: Any = None, variant: Literal["plain", "modular"] = "plain",
+def bundled_inputs(*, n_per_task: int = 128, n_examples: int = 64, seed: int = 0, labeler: Labeler | None = None,
+                   simulator: Simulator | None = None, variant: Literal["plain", "modular"] = "plain",
                    device: str = "cpu") -> Inputs:
     """The bundled model, its four tasks' prompts as data and as circuit categories, its SAEs.
 
@@ -60,8 +63,8 @@ def bundled_inputs(*, n_per_task: int = 128, n_examples: int = 64, seed: int = 0
 
 
 def textlm_inputs(*, n_tokens: int = 4096, seq_len: int = 128, n_examples: int = 32, seed: int = 0,
-                  labeler: Any = None, simulator: Any = None, model: Any = None, tokens: Any = None,
-                  data: Any = None) -> Inputs:
+                  labeler: Labeler | None = None, simulator: Simulator | None = None, model: Any = None,
+                  tokens: Any = None, data: Any = None) -> Inputs:
     """The bundled real-text GPT-2 (:mod:`tl_modular.textlm`) on its shipped text (Python
     documentation and source), with the four GPT-2 prompt sets as circuit categories."""
     from tl_modular import tasks, textlm

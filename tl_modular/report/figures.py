@@ -3,12 +3,17 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from tl_modular._io import write_json
 
+if TYPE_CHECKING:
+    from tl_modular.circuits import CircuitSet
+    from tl_modular.graph import ChannelGraph
 
-def draw_all(out: Path, graph: Any, modules: list, summary: dict[str, Any], circuits: Any) -> dict[str, str]:
+
+def draw_all(out: Path, graph: ChannelGraph, modules: list, summary: dict[str, Any],
+             circuits: CircuitSet | None) -> dict[str, str]:
     """Draw every figure the summary has data for into ``out/figures/``; returns ``{figure: path
     relative to out}`` (also written to ``out/figures.json``)."""
     import matplotlib

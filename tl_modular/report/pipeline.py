@@ -274,17 +274,10 @@ def _label_stage(inputs: Inputs, graph: Any, modules: list, summary: dict, out: 
         for row in (summary.get("polysemanticity") or {}).get("rows", []):
             if len(units) >= cfg.n_label_units:
                 break
-            name = row["unit"]
-            layer, _, index = name.partition(".MLP.N")
-            if name in kept:
-                continue
-            if index.isdigit() and layer.startswith("L"):                 # a neuron, L1.MLP.N42
-                units += labeling.neurons(model, int(layer[1:]), [int(index)])
-            elif ":" in name:                                               # a read direction, L1.H2:k.d3
-                channel, _, port = name.partition(":")
-                units += [u for u in labeling.direction_units(model, comp, channel, sides=(port.rsplit(".d", 1)[0],))
-                          if u.name == name]
-            kept.add(name)
+            name = row["unit"]                                  # a neuron L1.MLP.N42 or a read direction L1.H2:k.d3
+            if name not in kept:
+                units.append(labeling.unit_named(model, name, comp=comp))
+                kept.add(name)
         labels = labeling.label(units, model, inputs.tokens, labeler=inputs.labeler, simulator=inputs.simulator,
                                 attention_mask=inputs.attention_mask, graph=graph, circuits=circuits,
                                 progress=False)

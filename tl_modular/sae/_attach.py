@@ -9,7 +9,7 @@ import shutil
 import tempfile
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from jaxtyping import Float, Int
@@ -17,13 +17,17 @@ from jaxtyping import Float, Int
 from tl_modular._hooks import hook_guard, run_with_cache, run_with_hooks
 from tl_modular._io import read_json, read_safetensors_header, reading
 from tl_modular._models import fingerprint, stop_layer
+from tl_modular._names import hook_kind
 from tl_modular._tokens import check_tokens, valid_positions
+
+if TYPE_CHECKING:
+    from sae_lens import SAE
 
 #: ``edit(hook_name, feature_acts) -> feature_acts``: an intervention on features while spliced.
 FeatureEdit = Callable[[str, torch.Tensor], torch.Tensor]
 
 
-def hook_name(sae: Any) -> str:
+def hook_name(sae: SAE) -> str:
     """The hook point an sae-lens SAE was trained on (``cfg.metadata.hook_name``)."""
     name = getattr(getattr(sae, "cfg", None), "metadata", None)
     name = getattr(name, "hook_name", None) if name is not None else None
@@ -34,7 +38,7 @@ def hook_name(sae: Any) -> str:
 
 
 def load(release_or_path: str | os.PathLike, sae_id: str | None = None, *, model: Any | None = None,
-         device: str = "cpu") -> Any:
+         device: str = "cpu") -> SAE:
     """Load an sae-lens SAE by release and id (hub cache) or from a ``save_model`` folder.
 
     Args:
@@ -68,7 +72,7 @@ def load(release_or_path: str | os.PathLike, sae_id: str | None = None, *, model
 def _width(model: Any, hook: str) -> tuple[int, ...]:
     """Trailing shape of a hook's activation, from one two-token forward pass."""
     if hook not in model.hook_dict:
-        near = sorted(h for h in model.hook_dict if h.split(".")[-1] == hook.split(".")[-1])[:4]
+        near = sorted(h for h in model.hook_dict if hook_kind(h) == hook_kind(hook))[:4]
         raise ValueError(f"the model has no hook point {hook!r}" + (f" (hooks of that kind: {near})" if near else ""))
     shape: list[tuple[int, ...]] = []
 
@@ -83,7 +87,7 @@ def _width(model: Any, hook: str) -> tuple[int, ...]:
     return shape[0]
 
 
-def check_fits(sae: Any, model: Any) -> str:
+def check_fits(sae: SAE, model: Any) -> str:
     """Raise ``ValueError`` unless the SAE's hook exists in ``model`` and its ``d_in`` matches.
 
     ``hook_z`` SAEs (``reshape_activations="hook_z"``) read the heads flattened: ``n_heads * d_head``.
@@ -109,7 +113,7 @@ def _flat(act: torch.Tensor) -> torch.Tensor:
     return act.reshape(*act.shape[:2], -1)
 
 
-def save_atomic(sae: Any, path: str | os.PathLike) -> Path:
+def save_atomic(sae: SAE, path: str | os.PathLike) -> Path:
     """``sae.save_model(path)`` written to a sibling folder first, then moved into place."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -187,7 +191,7 @@ def spliced(model: Any, saes: Sequence[Any] | Any, *, use_error_term: bool = Fal
             hooks += _transcoder_hooks(sae, name, use_error_term, edit)
             continue
 
-        def fn(act: torch.Tensor, hook: Any, sae: Any = sae, name: str = name) -> torch.Tensor:
+        def fn(act: torch.Tensor, hook: Any, sae: SAE = sae, name: str = name) -> torch.Tensor:
             flat = _flat(act)
             feats = sae.encode(flat.to(sae.W_dec.dtype))
             recon = sae.decode(feats)
@@ -202,7 +206,7 @@ def spliced(model: Any, saes: Sequence[Any] | Any, *, use_error_term: bool = Fal
         yield model
 
 
-def _transcoder_hooks(tc: Any, name: str, use_error_term: bool, edit: FeatureEdit | None) -> list:
+def _transcoder_hooks(tc: SAE, name: str, use_error_term: bool, edit: FeatureEdit | None) -> list:
     """A transcoder replaces its output hook with its prediction from its input hook."""
     seen: dict[str, torch.Tensor] = {}
 
@@ -219,7 +223,7 @@ def _transcoder_hooks(tc: Any, name: str, use_error_term: bool, edit: FeatureEdi
     return [(name, grab), (tc.cfg.metadata.hook_name_out, replace)]
 
 
-def quality(model: Any, sae: Any, tokens: Int[torch.Tensor, "batch pos"], *,
+def quality(model: Any, sae: SAE, tokens: Int[torch.Tensor, "batch pos"], *,
             attention_mask: torch.Tensor | None = None, loss_mask: torch.Tensor | None = None,
             batch_size: int = 32) -> dict[str, float]:
     """Reconstruction quality of an SAE on ``tokens``.
@@ -266,7 +270,7 @@ def quality(model: Any, sae: Any, tokens: Int[torch.Tensor, "batch pos"], *,
             "ce_loss_recovered": recovered}
 
 
-def _losses(model: Any, sae: Any, hook: str, tokens: torch.Tensor, attention_mask: torch.Tensor | None,
+def _losses(model: Any, sae: SAE, hook: str, tokens: torch.Tensor, attention_mask: torch.Tensor | None,
             loss_mask: torch.Tensor | None, batch_size: int) -> tuple[float, float, float]:
     """Mean next-token loss clean, with the SAE spliced in, and with the hook zero-ablated."""
     out = getattr(sae.cfg.metadata, "hook_name_out", None) if getattr(sae.cfg, "d_out", None) else None
@@ -349,6 +353,6 @@ class SAESet(Mapping[str, Any]):
         return cls([load(p, device=device) for p in folders], model)
 
 
-def feature_directions(sae: Any) -> Float[torch.Tensor, "d_sae d_in"]:
+def feature_directions(sae: SAE) -> Float[torch.Tensor, "d_sae d_in"]:
     """The SAE's decoder rows (feature directions in the hook's coordinates), detached."""
     return sae.W_dec.detach()

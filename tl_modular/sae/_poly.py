@@ -11,16 +11,22 @@ feature's *spread* is the effective number of units it reaches, from ``|d_f · w
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
 from jaxtyping import Float
 
 from tl_modular._stats import effective_number
-from tl_modular.sae._attach import check_fits, collect
+from tl_modular.sae._attach import SAESet, check_fits, collect
 from tl_modular.sae._readers import Readers, readers_for
+
+if TYPE_CHECKING:
+    from sae_lens import SAE
+
+    from tl_modular.compression import Compression
 
 
 @dataclass
@@ -46,7 +52,7 @@ class UnitScores:
                  "top_features": self.top_features[i], "n_active": int(self.n_active[i])} for i in order[:n]]
 
 
-def feature_contributions(sae: Any, acts: Float[torch.Tensor, "n d_in"], readers: Float[torch.Tensor, "d_in n_units"],
+def feature_contributions(sae: SAE, acts: Float[torch.Tensor, "n d_in"], readers: Float[torch.Tensor, "d_in n_units"],
                           ) -> Float[torch.Tensor, "n d_sae n_units"]:
     """``c[t, f, u] = z_tf (d_f · w_u)`` for every token, feature and unit (small inputs only)."""
     z = sae.encode(acts.to(sae.W_dec.dtype))
@@ -54,7 +60,7 @@ def feature_contributions(sae: Any, acts: Float[torch.Tensor, "n d_in"], readers
 
 
 @torch.no_grad()
-def polysemanticity(sae: Any, acts: Float[torch.Tensor, "n d_in"],
+def polysemanticity(sae: SAE, acts: Float[torch.Tensor, "n d_in"],
                     readers: Readers | Float[torch.Tensor, "d_in n_units"], *,
                     scale: Float[torch.Tensor, " n"] | None = None, top: int | float = 0.1, n_features: int = 5,
                     merge: float | None = 0.95) -> UnitScores:
@@ -116,7 +122,7 @@ def polysemanticity(sae: Any, acts: Float[torch.Tensor, "n d_in"],
 
 
 @torch.no_grad()
-def feature_spread(sae: Any, readers: Readers | Float[torch.Tensor, "d_in n_units"]) -> np.ndarray:
+def feature_spread(sae: SAE, readers: Readers | Float[torch.Tensor, "d_in n_units"]) -> np.ndarray:
     """Effective number of units each feature reaches (its degree of superposition over units).
 
     Uses ``|d_f · w_u| / ‖w_u‖`` — how strongly unit u reads feature f's direction, independent of
@@ -127,7 +133,7 @@ def feature_spread(sae: Any, readers: Readers | Float[torch.Tensor, "d_in n_unit
     return effective_number(reach).cpu().numpy()
 
 
-def _sparse_codes(sae: Any, acts: torch.Tensor, factor: torch.Tensor, chunk: int = 4096) -> torch.Tensor:
+def _sparse_codes(sae: SAE, acts: torch.Tensor, factor: torch.Tensor, chunk: int = 4096) -> torch.Tensor:
     """``factor_t |z_tf|`` as a sparse ``[d_sae, n_tokens]`` matrix (encoded in token chunks)."""
     rows, cols, vals = [], [], []
     for start in range(0, acts.shape[0], chunk):
@@ -186,9 +192,9 @@ class PolysemanticityTable:
         return "\n".join(lines)
 
 
-def score_model(model: Any, saes: Any, tokens: torch.Tensor, *, comp: Any | None = None,
-                attention_mask: torch.Tensor | None = None, max_tokens: int = 16_384, top: int | float = 0.1,
-                batch_size: int = 32) -> PolysemanticityTable:
+def score_model(model: Any, saes: SAESet | Sequence[SAE] | SAE, tokens: torch.Tensor, *,
+                comp: Compression | None = None, attention_mask: torch.Tensor | None = None,
+                max_tokens: int = 16_384, top: int | float = 0.1, batch_size: int = 32) -> PolysemanticityTable:
     """Score every neuron (and, with ``comp``, every read direction) that reads an SAE's hook.
 
     ``saes``: an :class:`~tl_modular.sae.SAESet`, a list of SAEs or one SAE. Activations are

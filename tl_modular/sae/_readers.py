@@ -11,12 +11,16 @@ is one number per token. RMSNorm drops ``P_c``; a model without normalization re
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 from jaxtyping import Float
 
-from tl_modular._names import mlp_name, neuron_name
+from tl_modular._names import direction_name, mlp_name, neuron_name, norm_scale_hook
 from tl_modular.segmentation import Channel, segment
+
+if TYPE_CHECKING:
+    from tl_modular.compression import Compression
 
 
 @dataclass
@@ -46,10 +50,9 @@ def to_hook(model: object, channel: Channel, vectors: torch.Tensor, hook: str) -
     kind = _ln_kind(model)
     if kind is None:
         return vectors, None
-    ln = channel.input_hook.rsplit(".", 1)[0]             # blocks.{l}.ln1 / ln2
     if kind in ("LN", "LNPre"):
         vectors = vectors - vectors.mean(0, keepdim=True)  # P_c v
-    return vectors, f"{ln}.hook_scale"
+    return vectors, norm_scale_hook(channel.input_hook)
 
 
 def neuron_readers(model: object, layer: int, hook: str) -> Readers:
@@ -64,7 +67,7 @@ def neuron_readers(model: object, layer: int, hook: str) -> Readers:
     return Readers(hook, [neuron_name(layer, i) for i in range(v.shape[1])], vectors, scale)
 
 
-def subspace_readers(model: object, comp: object, name: str, hook: str, *, ports: tuple[str, ...] | None = None
+def subspace_readers(model: object, comp: Compression, name: str, hook: str, *, ports: tuple[str, ...] | None = None
                      ) -> Readers:
     """The directions of ``name``'s read subspaces (one reader per basis vector, per port)."""
     channels = segment(model)
@@ -75,7 +78,7 @@ def subspace_readers(model: object, comp: object, name: str, hook: str, *, ports
         if ports is not None and port not in ports:
             continue
         basis = side.basis.detach().to(torch.float32)
-        names += [f"{name}:{port}.d{i}" for i in range(basis.shape[1])]
+        names += [direction_name(name, port, i) for i in range(basis.shape[1])]
         cols.append(basis)
     if not cols:
         raise ValueError(f"{name} has no read side among ports {ports}")
@@ -83,7 +86,7 @@ def subspace_readers(model: object, comp: object, name: str, hook: str, *, ports
     return Readers(hook, names, vectors, scale)
 
 
-def readers_for(model: object, hook: str, comp: object | None = None) -> list[Readers]:
+def readers_for(model: object, hook: str, comp: Compression | None = None) -> list[Readers]:
     """Every unit reading ``hook``: neurons of MLPs that read it and, with ``comp``, the read
     directions of every channel that reads it."""
     groups = []

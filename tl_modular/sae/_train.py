@@ -6,13 +6,17 @@ import os
 import tempfile
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 import torch
 from jaxtyping import Int
 
+from tl_modular._names import hook_kind
 from tl_modular._tokens import check_tokens
 from tl_modular.sae._attach import _width, iter_activations, save_atomic
+
+if TYPE_CHECKING:
+    from sae_lens import SAE
 
 Architecture = Literal["standard", "topk", "jumprelu"]
 
@@ -78,7 +82,7 @@ def _training_sae(d_in: int, cfg: SAETrainConfig, metadata: dict[str, Any]) -> A
 
 def train_on_activations(batches: Iterator[torch.Tensor], d_in: int, config: SAETrainConfig | None = None, *,
                          metadata: dict[str, Any] | None = None, output_path: str | os.PathLike | None = None,
-                         ) -> Any:
+                         ) -> SAE:
     """Train an SAE on an iterator of ``[batch_size, d_in]`` activation batches.
 
     Returns an inference ``sae_lens.SAE`` (activation scaling folded in). With ``output_path``
@@ -123,7 +127,7 @@ class _Batches:
         return x[: self.batch_size]
 
 
-def _inference(trained: Any) -> Any:
+def _inference(trained: Any) -> SAE:
     """The trained SAE as its inference class (what ``SAE.load_from_disk`` gives)."""
     from sae_lens import SAE
 
@@ -158,7 +162,7 @@ def _shuffled(model: Any, tokens: torch.Tensor, hooks: list[str], attention_mask
 
 def train_sae(model: Any, tokens: Int[torch.Tensor, "batch pos"], hook: str, config: SAETrainConfig | None = None, *,
               attention_mask: torch.Tensor | None = None, output_path: str | os.PathLike | None = None,
-              model_batch_size: int = 64) -> Any:
+              model_batch_size: int = 64) -> SAE:
     """Train an SAE on ``model``'s activations at ``hook`` over in-memory ``tokens``.
 
     Uses sae-lens' ``SAETrainer`` with a streaming, shuffled activation buffer (position 0 and
@@ -177,7 +181,7 @@ def train_sae(model: Any, tokens: Int[torch.Tensor, "batch pos"], hook: str, con
         d_in *= s
     metadata = {"hook_name": hook, "model_name": getattr(model.cfg, "model_name", None),
                 "hook_head_index": None, "prepend_bos": True, "context_size": int(tokens.shape[1])}
-    if hook.endswith("hook_z"):
+    if hook_kind(hook) == "z":
         metadata["reshape_activations"] = "hook_z"
     batches = _shuffled(model, tokens, [hook], attention_mask, cfg, model_batch_size)
     return train_on_activations(batches, d_in, cfg, metadata=metadata, output_path=output_path)

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from jaxtyping import Int
@@ -22,12 +22,15 @@ from tl_modular.sae._attach import _width, iter_activations, save_atomic
 from tl_modular.sae._train import SAETrainConfig, _Batches, _shuffled
 from tl_modular.segmentation import segment
 
+if TYPE_CHECKING:
+    from sae_lens import SAE
 
-def is_transcoder(sae: Any) -> bool:
+
+def is_transcoder(sae: SAE) -> bool:
     return getattr(getattr(sae, "cfg", None), "d_out", None) is not None
 
 
-def output_hook(sae: Any) -> str:
+def output_hook(sae: SAE) -> str:
     name = getattr(sae.cfg.metadata, "hook_name_out", None)
     if not name:
         raise ValueError("this transcoder does not say which hook it writes (cfg.metadata.hook_name_out)")

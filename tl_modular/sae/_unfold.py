@@ -15,16 +15,22 @@ feature held at its mean (the project's convention for discarded parts); the err
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 import networkx as nx
 import numpy as np
 import torch
 
-from tl_modular._names import stream_index
+from tl_modular._names import hook_kind, hook_layer, is_residual, port_name, stream_index
 from tl_modular.sae._attach import check_fits, collect
 from tl_modular.sae._readers import to_hook
-from tl_modular.segmentation import segment
+from tl_modular.segmentation import Channel, segment
+
+if TYPE_CHECKING:
+    from sae_lens import SAE
+
+    from tl_modular.compression import Compression
+    from tl_modular.graph import ChannelGraph
 
 
 @dataclass
@@ -53,10 +59,10 @@ class Unfolding:
         return [(f, float(w)) for f, w in zip(self.features[:n], self.weights[:n], strict=True)]
 
 
-def _write_directions(model: Any, channel: Any, sae: Any, hook: str) -> torch.Tensor:
+def _write_directions(model: Any, channel: Channel, sae: SAE, hook: str) -> torch.Tensor:
     """Feature directions in residual coordinates for an SAE on (or after) ``channel``'s output."""
     d = sae.W_dec.detach().float()
-    if hook.endswith("attn.hook_z"):
+    if hook_kind(hook) == "z":
         if channel.kind != "head":
             raise ValueError(f"an SAE on {hook} unfolds heads, not {channel.name}")
         n_heads, d_head = model.cfg.n_heads, model.cfg.d_head
@@ -68,18 +74,19 @@ def _write_directions(model: Any, channel: Any, sae: Any, hook: str) -> torch.Te
     return d
 
 
-def _write_hook_ok(channel: Any, hook: str) -> bool:
-    if hook == channel.source_hook or hook.endswith("attn.hook_z") and channel.kind == "head":
+def _write_hook_ok(channel: Channel, hook: str) -> bool:
+    if hook == channel.source_hook or hook_kind(hook) == "z" and channel.kind == "head":
         return True
-    if "hook_resid" not in hook:
+    if not is_residual(hook):
         return False
     # a residual hook at or after the point the write appears
-    return stream_index(hook) >= stream_index(channel.writes) if channel.writes.startswith("blocks.") else True
+    return stream_index(hook) >= stream_index(channel.writes) if hook_layer(channel.writes) is not None else True
 
 
 @torch.no_grad()
-def unfold(model: Any, comp: Any, name: str, sae: Any, tokens: torch.Tensor, *, side: Literal["read", "write"] | None
-           = None, port: str | None = None, attention_mask: torch.Tensor | None = None, max_tokens: int = 16_384,
+def unfold(model: Any, comp: Compression, name: str, sae: SAE, tokens: torch.Tensor, *,
+           side: Literal["read", "write"] | None = None, port: str | None = None,
+           attention_mask: torch.Tensor | None = None, max_tokens: int = 16_384,
            max_features: int = 64, batch_size: int = 32) -> Unfolding:
     """Express channel ``name``'s read (or write) subspace in ``sae``'s features.
 
@@ -124,7 +131,7 @@ def unfold(model: Any, comp: Any, name: str, sae: Any, tokens: torch.Tensor, *, 
         # the channel sees (x @ B) / σ; the SAE's bias is part of its reconstruction, so take it out
         centred = ((x - b_dec) @ basis_hook) * factor[:, None]
         zf = z * factor[:, None]
-    elif hook.endswith("hook_z"):                                    # the head's own write, through W_O
+    elif hook_kind(hook) == "z":                                     # the head's own write, through W_O
         heads = (x - b_dec).reshape(x.shape[0], model.cfg.n_heads, model.cfg.d_head)[:, c.head]
         centred = heads @ c.weights["W_O"].detach().float() @ basis_hook
         zf = z
@@ -155,7 +162,7 @@ def unfold(model: Any, comp: Any, name: str, sae: Any, tokens: torch.Tensor, *, 
                      int(basis_hook.shape[1]), port if side == "read" else None)
 
 
-def expand(graph: Any, unfoldings: list[Unfolding] | Unfolding, *, n_features: int = 8) -> nx.DiGraph:
+def expand(graph: ChannelGraph, unfoldings: list[Unfolding] | Unfolding, *, n_features: int = 8) -> nx.DiGraph:
     """A copy of ``graph.nx`` with channels split into feature nodes and an error node.
 
     Write side: channel c keeps its node and ports; its outgoing routes leave from nodes
@@ -171,7 +178,7 @@ def expand(graph: Any, unfoldings: list[Unfolding] | Unfolding, *, n_features: i
         if u.side == "write":
             hub, edges = u.channel, [(a, b, d) for a, b, d in g.out_edges(u.channel, data=True) if d["kind"] == "route"]
         else:
-            hub = u.channel if u.port in (None, "in") else f"{u.channel}:{u.port}"
+            hub = port_name(u.channel, None if u.port in (None, "in") else u.port)
             edges = [(a, b, d) for a, b, d in g.in_edges(hub, data=True) if d["kind"] == "route"]
         nodes = [(f"{hub}#f{f}", w, "feature", f) for f, w in kept] + [(f"{hub}#error", rest, "feature_error", None)]
         for node, w, kind, f in nodes:

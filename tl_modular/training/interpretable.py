@@ -54,6 +54,7 @@ import torch
 from jaxtyping import Float, Int
 from tqdm.auto import tqdm
 
+from tl_modular import labeling
 from tl_modular._aio import run_sync
 from tl_modular._hooks import hook_guard, run_with_cache
 from tl_modular._io import (
@@ -68,9 +69,9 @@ from tl_modular._io import (
     write_json,
     write_safetensors,
 )
-from tl_modular._names import act_name, hook_layer, neuron_name
+from tl_modular._names import act_name, hook_layer, layer_name, neuron_name
 from tl_modular._tokens import check_tokens, valid_positions
-from tl_modular.labeling import LLMError
+from tl_modular.labeling import Labeler, Labels, LLMError, Simulator
 from tl_modular.tasks.task import Task
 from tl_modular.training.trainer import evaluate, task_loss
 
@@ -279,7 +280,7 @@ class BuildResult:
             for when in ("before", "after"):
                 labels = getattr(r, f"labels_{when}")
                 if labels is not None:
-                    labels.save(directory / f"L{r.layer}" / f"labels_{when}.json")
+                    labels.save(directory / layer_name(r.layer) / f"labels_{when}.json")
         return directory
 
 
@@ -352,7 +353,7 @@ def _mean(xs: Sequence[float | None]) -> float | None:
     return float(np.mean(vals)) if vals else None
 
 
-def _summary(labels: Any, idx: Sequence[int], layer: int) -> dict[str, Any]:
+def _summary(labels: Labels, idx: Sequence[int], layer: int) -> dict[str, Any]:
     vals = [labels[neuron_name(layer, i)].score for i in idx]
     vals = [v for v in vals if v is not None]
     return {"mean": float(np.mean(vals)) if vals else None, "median": float(np.median(vals)) if vals else None,
@@ -403,7 +404,7 @@ class _Targets:
             return cls(**t, errors=list(meta.get("errors", [])))
 
 
-def _simulate(simulator: Any, texts: list[str], contexts: list[list[str]]) -> tuple[list[list], list[str]]:
+def _simulate(simulator: Simulator, texts: list[str], contexts: list[list[str]]) -> tuple[list[list], list[str]]:
     """All units' simulations concurrently (an LLM simulator limits its own requests in flight)."""
     import asyncio
 
@@ -443,8 +444,8 @@ def _grid(preds: list[list], rows: torch.Tensor, tokens: torch.Tensor, valid: to
 def build_interpretable(
     model: Any,
     data: Task | Sequence[Task] | Mapping[str, Task] | Int[torch.Tensor, "batch pos"] | None,
-    labeler: Any = None,
-    simulator: Any = None,
+    labeler: Labeler | None = None,
+    simulator: Simulator | None = None,
     *,
     tokens: Int[torch.Tensor, "batch pos"] | None = None,
     attention_mask: Int[torch.Tensor, "batch pos"] | None = None,
@@ -489,13 +490,6 @@ def build_interpretable(
     """
     from transformer_lens import HookedTransformer
 
-    # the toy workbench supplies default data and imports this package's trainer: imported here, not at
-    # module level, so that importing tl_modular.training does not load (or cycle through) tl_modular.toy
-    from tl_modular import labeling
-    from tl_modular.labeling import split_rows
-    from tl_modular.toy.generators import mixed_tokens
-    from tl_modular.toy.recipe import eval_tasks, train
-
     base = {f.name: getattr(config, f.name) for f in fields(config)} if config is not None else {}
     cfg = BuildConfig(**{**base, **options})
     if not isinstance(model, HookedTransformer):
@@ -504,19 +498,58 @@ def build_interpretable(
     if model.cfg.attn_only:
         raise ValueError("the model is attention-only: it has no MLP neurons to label and constrain")
     layers = cfg.resolve_layers(model.cfg.n_layers)
+    labeler, simulator = _labeling_pair(labeler, simulator)
+    tasks, tokens, attention_mask, eval_sets = _objective(data, tokens, attention_mask, eval_sets, cfg)
+    rows = _LabelRows.choose(model, tokens, attention_mask, cfg)
+    run = _Build(cfg=cfg, work=copy.deepcopy(model), tasks=tasks, eval_sets=eval_sets, labeler=labeler,
+                 simulator=simulator, rows=rows, root=Path(checkpoint_dir) if checkpoint_dir is not None else None,
+                 progress=progress)
+    done, initial = run.resume()
+    bar = tqdm(total=len(layers), initial=len(done), desc="build_interpretable", disable=not progress, leave=False)
+    try:
+        for layer in layers[len(done):]:
+            done.append(run.layer(layer))
+            if run.root is not None:
+                _checkpoint(run.root, run.work, cfg, initial, done)
+            bar.update(1)
+        final_history = run.final_training()
+    finally:
+        bar.close()
+        run.work.eval()
+    loss1, acc1 = _original(run.work, eval_sets)
+    return BuildResult(model=run.work, layers=done, initial=initial, final={"loss": loss1, "accuracy": acc1},
+                       config=cfg, final_history=final_history)
+
+
+# --- the steps of build_interpretable ------------------------------------------------------------
+
+def _labeling_pair(labeler: Labeler | None, simulator: Simulator | None) -> tuple[Labeler, Simulator]:
+    """The labeler and simulator (default: the offline pair; a labeler that simulates is its own simulator)."""
     labeler = labeler if labeler is not None else labeling.OfflineLabeler()
     if simulator is None:
         simulator = labeler if isinstance(labeler, labeling.Simulator) else labeling.OfflineSimulator()
     if not isinstance(simulator, labeling.Simulator):
         raise TypeError(f"simulator must implement asimulate(label, contexts, signed=) (the Simulator protocol), "
                         f"got {type(simulator).__name__}")
+    return labeler, simulator
 
-    # the original objective, and the labeling tokens
+
+def _objective(data: Task | Sequence[Task] | Mapping[str, Task] | torch.Tensor | None, tokens: torch.Tensor | None,
+               attention_mask: torch.Tensor | None, eval_sets: Mapping[str, Task] | None, cfg: BuildConfig
+               ) -> tuple[list[Task] | None, torch.Tensor, torch.Tensor | None, Mapping[str, Task]]:
+    """The original objective by the kind of ``data`` (tasks, ``None`` for the workbench's mix), the
+    labeling tokens (default: prompts of those tasks) and the evaluation tasks."""
+    # the toy workbench supplies default data and imports this package's trainer: imported here, not at
+    # module level, so that importing tl_modular.training does not load (or cycle through) tl_modular.toy
+    from tl_modular.toy.generators import mixed_tokens
+    from tl_modular.toy.recipe import eval_tasks
+
+    tasks: list[Task] | None
     if isinstance(data, torch.Tensor):
         if attention_mask is not None and tokens is None and not bool(attention_mask.bool().all()):
             raise ValueError("token data with padding cannot train through the task loop (every position is "
                              "scored): pass unpadded rows as data, and padded labeling rows as tokens=")
-        tasks: Any = [lm_task(data)]
+        tasks = [lm_task(data)]
         default_tokens: tuple[torch.Tensor, torch.Tensor | None] = (data, attention_mask)
     elif data is None:
         tasks = None
@@ -535,99 +568,145 @@ def build_interpretable(
     tokens, attention_mask = check_tokens(tokens, attention_mask)
     if eval_sets is None:
         eval_sets = eval_tasks() if tasks is None else {t.name: t[:512] for t in tasks}
-    valid = valid_positions(tokens, attention_mask)
-    # a row's simulated context is its real tokens in order; predictions go back to the same positions
-    real = attention_mask.bool() if attention_mask is not None else torch.ones_like(tokens, dtype=torch.bool)
-    strs = labeling.str_tokens(model, tokens)
-    explain, heldout = split_rows(tokens.shape[0], cfg.evidence)
-    gen = np.random.default_rng(cfg.seed)
-    train_rows = torch.as_tensor(np.sort(gen.permutation(explain)[:cfg.n_contexts]), dtype=torch.long)
-    heldout_rows = torch.as_tensor(np.sort(gen.permutation(heldout)[:cfg.n_heldout]), dtype=torch.long)
-    d_mlp = model.cfg.d_mlp
-    labeled = list(range(d_mlp if cfg.neurons is None else min(cfg.neurons, d_mlp)))
-    if cfg.keep_free >= len(labeled):
-        raise ValueError(f"keep_free={cfg.keep_free} leaves none of the {len(labeled)} labeled neurons constrained")
-
-    work = copy.deepcopy(model)
-    device = next(work.parameters()).device
-    root = Path(checkpoint_dir) if checkpoint_dir is not None else None
-    state = _resume(root, cfg, work)
-    done: list[LayerRecord] = state["done"]
-    for r in done:
-        _freeze(work, r.frozen)
-        if root is not None:
-            r.labels_before = labeling.Labels.load(root / f"L{r.layer}" / "labels_before.json")
-            r.labels_after = labeling.Labels.load(root / f"L{r.layer}" / "labels_after.json")
-    initial = state.get("initial")
-    if initial is None:
-        loss0, acc0 = _original(work, eval_sets)
-        initial = {"loss": loss0, "accuracy": acc0}
-    train_opts = {"lr": cfg.lr, "batch_size": cfg.batch_size, "warmup": cfg.warmup, "weight_decay": cfg.weight_decay,
-                  "eval_every": cfg.eval_every, "seed": cfg.seed}
-
-    def label_layer(layer: int) -> Any:
-        units = labeling.neurons(work, layer, indices=labeled)
-        return labeling.label(units, work, tokens, labeler=labeler, simulator=simulator, attention_mask=attention_mask,
-                              evidence=cfg.evidence, n_boot=cfg.n_boot, seed=cfg.seed, progress=progress)
-
-    bar = tqdm(total=len(layers), initial=len(done), desc="build_interpretable", disable=not progress, leave=False)
-    try:
-        for layer in layers[len(done):]:
-            phase = root / f"L{layer}" if root is not None else None
-            # 1-2. labels and fixed targets (re-read on resume: an LLM's answers are not re-bought)
-            if phase is not None and (phase / "targets.safetensors").exists():
-                labels = labeling.Labels.load(phase / "labels_before.json")
-                targets = _Targets.load(phase / "targets.safetensors")
-                start = read_json(phase / "start.json")
-            else:
-                labels = label_layer(layer)
-                targets = _make_targets(work, layer, labels, labeled, cfg.keep_free, simulator, tokens, attention_mask,
-                                        strs, valid, real, train_rows, heldout_rows)
-                start = _measure(work, layer, targets, tokens, attention_mask, eval_sets, "before")
-                if phase is not None:
-                    labels.save(phase / "labels_before.json")
-                    targets.save(phase / "targets.safetensors")
-                    write_json(phase / "start.json", start)
-            # 3. train with the match term
-            match = _Match(layer, targets, tokens, attention_mask, cfg.match_batch, cfg.seed + layer, device)
-            match.calls = _phase_step(phase)
-            extra = (lambda m, f=match: cfg.match_weight * f(m)) if cfg.match_weight > 0 else None
-            res = train(work, tasks, extra_loss=extra, eval_sets=eval_sets, checkpoint_dir=phase, progress=progress,
-                        checkpoint_every=cfg.checkpoint_every, steps=cfg.steps_per_layer, **train_opts)
-            # 4. freeze, measure, re-label
-            frozen = _frozen_names(work, layer)
-            _freeze(work, frozen)
-            end = _measure(work, layer, targets, tokens, attention_mask, eval_sets, "after")
-            after = label_layer(layer)
-            k = targets.neurons.tolist()
-            free = [i for i in labeled if i not in set(k)]
-            rec = LayerRecord(
-                layer=layer, labeled=labeled, constrained=k, free=free,
-                scores={"before": _summary(labels, k, layer), "after": _summary(after, k, layer)},
-                free_scores={"before": _summary(labels, free, layer), "after": _summary(after, free, layer)},
-                fidelity={**start["fidelity"], **end["fidelity"]}, match_loss={**start["match"], **end["match"]},
-                loss={**start["loss"], **end["loss"]}, accuracy={**start["accuracy"], **end["accuracy"]},
-                frozen=frozen, history=res.history, errors=targets.errors,
-                labels_before=labels, labels_after=after)
-            done.append(rec)
-            if root is not None:
-                after.save(root / f"L{layer}" / "labels_after.json")
-                _checkpoint(root, work, cfg, initial, done)
-            bar.update(1)
-        final_history: list[dict[str, Any]] = []
-        if cfg.final_steps:
-            res = train(work, tasks, eval_sets=eval_sets, checkpoint_dir=root / "final" if root is not None else None,
-                        progress=progress, checkpoint_every=cfg.checkpoint_every, steps=cfg.final_steps, **train_opts)
-            final_history = res.history
-    finally:
-        bar.close()
-        work.eval()
-    loss1, acc1 = _original(work, eval_sets)
-    return BuildResult(model=work, layers=done, initial=initial, final={"loss": loss1, "accuracy": acc1},
-                       config=cfg, final_history=final_history)
+    return tasks, tokens, attention_mask, eval_sets
 
 
-def _make_targets(model: Any, layer: int, labels: Any, labeled: list[int], keep_free: int, simulator: Any,
+@dataclass
+class _LabelRows:
+    """The labeling tokens and the rows the labels are simulated on (training and held-out)."""
+
+    tokens: torch.Tensor
+    mask: torch.Tensor | None
+    valid: torch.Tensor             # positions that count (not position 0, not padding)
+    real: torch.Tensor              # real tokens: a row's simulated context is these, in order
+    strs: list[list[str]]
+    train: torch.Tensor
+    heldout: torch.Tensor
+    labeled: list[int]              # the neurons labeled in every layer
+
+    @classmethod
+    def choose(cls, model: Any, tokens: torch.Tensor, mask: torch.Tensor | None, cfg: BuildConfig) -> _LabelRows:
+        valid = valid_positions(tokens, mask)
+        # predictions go back to the positions of the real tokens they were made on
+        real = mask.bool() if mask is not None else torch.ones_like(tokens, dtype=torch.bool)
+        strs = labeling.str_tokens(model, tokens)
+        explain, heldout = labeling.split_rows(tokens.shape[0], cfg.evidence)
+        gen = np.random.default_rng(cfg.seed)
+        train_rows = torch.as_tensor(np.sort(gen.permutation(explain)[:cfg.n_contexts]), dtype=torch.long)
+        heldout_rows = torch.as_tensor(np.sort(gen.permutation(heldout)[:cfg.n_heldout]), dtype=torch.long)
+        d_mlp = model.cfg.d_mlp
+        labeled = list(range(d_mlp if cfg.neurons is None else min(cfg.neurons, d_mlp)))
+        if cfg.keep_free >= len(labeled):
+            raise ValueError(f"keep_free={cfg.keep_free} leaves none of the {len(labeled)} labeled neurons "
+                             "constrained")
+        return cls(tokens, mask, valid, real, strs, train_rows, heldout_rows, labeled)
+
+
+@dataclass
+class _Build:
+    """One run of :func:`build_interpretable`: the model being built and what every layer needs."""
+
+    cfg: BuildConfig
+    work: Any                       # the deep copy being built
+    tasks: list[Task] | None
+    eval_sets: Mapping[str, Task]
+    labeler: Labeler
+    simulator: Simulator
+    rows: _LabelRows
+    root: Path | None
+    progress: bool
+
+    @property
+    def train_opts(self) -> dict[str, Any]:
+        c = self.cfg
+        return {"lr": c.lr, "batch_size": c.batch_size, "warmup": c.warmup, "weight_decay": c.weight_decay,
+                "eval_every": c.eval_every, "seed": c.seed}
+
+    def resume(self) -> tuple[list[LayerRecord], dict[str, Any]]:
+        """The layers an earlier run in ``root`` finished (frozen again, their labels re-read) and the
+        original loss and accuracy before any training."""
+        state = _resume(self.root, self.cfg, self.work)
+        done: list[LayerRecord] = state["done"]
+        for r in done:
+            _freeze(self.work, r.frozen)
+            if self.root is not None:
+                r.labels_before = labeling.Labels.load(self.root / layer_name(r.layer) / "labels_before.json")
+                r.labels_after = labeling.Labels.load(self.root / layer_name(r.layer) / "labels_after.json")
+        initial = state.get("initial")
+        if initial is None:
+            loss0, acc0 = _original(self.work, self.eval_sets)
+            initial = {"loss": loss0, "accuracy": acc0}
+        return done, initial
+
+    def label(self, layer: int) -> Labels:
+        r = self.rows
+        units = labeling.neurons(self.work, layer, indices=r.labeled)
+        return labeling.label(units, self.work, r.tokens, labeler=self.labeler, simulator=self.simulator,
+                              attention_mask=r.mask, evidence=self.cfg.evidence, n_boot=self.cfg.n_boot,
+                              seed=self.cfg.seed, progress=self.progress)
+
+    def targets(self, layer: int, phase: Path | None) -> tuple[Labels, _Targets, dict[str, Any]]:
+        """Steps 1-2: labels, fixed targets and the measures before training (re-read on resume: an
+        LLM's answers are not re-bought)."""
+        r = self.rows
+        if phase is not None and (phase / "targets.safetensors").exists():
+            return (labeling.Labels.load(phase / "labels_before.json"), _Targets.load(phase / "targets.safetensors"),
+                    read_json(phase / "start.json"))
+        labels = self.label(layer)
+        targets = _make_targets(self.work, layer, labels, r.labeled, self.cfg.keep_free, self.simulator, r.tokens,
+                                r.mask, r.strs, r.valid, r.real, r.train, r.heldout)
+        start = _measure(self.work, layer, targets, r.tokens, r.mask, self.eval_sets, "before")
+        if phase is not None:
+            labels.save(phase / "labels_before.json")
+            targets.save(phase / "targets.safetensors")
+            write_json(phase / "start.json", start)
+        return labels, targets, start
+
+    def layer(self, layer: int) -> LayerRecord:
+        """One layer: label, simulate targets, train with the match term, freeze, measure, re-label."""
+        from tl_modular.toy.recipe import train
+
+        cfg, r = self.cfg, self.rows
+        phase = self.root / layer_name(layer) if self.root is not None else None
+        labels, targets, start = self.targets(layer, phase)
+        # 3. train with the match term
+        device = next(self.work.parameters()).device
+        match = _Match(layer, targets, r.tokens, r.mask, cfg.match_batch, cfg.seed + layer, device)
+        match.calls = _phase_step(phase)
+        extra = (lambda m, f=match: cfg.match_weight * f(m)) if cfg.match_weight > 0 else None
+        res = train(self.work, self.tasks, extra_loss=extra, eval_sets=self.eval_sets, checkpoint_dir=phase,
+                    progress=self.progress, checkpoint_every=cfg.checkpoint_every, steps=cfg.steps_per_layer,
+                    **self.train_opts)
+        # 4. freeze, measure, re-label
+        frozen = _frozen_names(self.work, layer)
+        _freeze(self.work, frozen)
+        end = _measure(self.work, layer, targets, r.tokens, r.mask, self.eval_sets, "after")
+        after = self.label(layer)
+        k = targets.neurons.tolist()
+        free = [i for i in r.labeled if i not in set(k)]
+        if phase is not None:
+            after.save(phase / "labels_after.json")
+        return LayerRecord(
+            layer=layer, labeled=r.labeled, constrained=k, free=free,
+            scores={"before": _summary(labels, k, layer), "after": _summary(after, k, layer)},
+            free_scores={"before": _summary(labels, free, layer), "after": _summary(after, free, layer)},
+            fidelity={**start["fidelity"], **end["fidelity"]}, match_loss={**start["match"], **end["match"]},
+            loss={**start["loss"], **end["loss"]}, accuracy={**start["accuracy"], **end["accuracy"]},
+            frozen=frozen, history=res.history, errors=targets.errors, labels_before=labels, labels_after=after)
+
+    def final_training(self) -> list[dict[str, Any]]:
+        """``final_steps`` of the original objective after the last layer (its history)."""
+        from tl_modular.toy.recipe import train
+
+        if not self.cfg.final_steps:
+            return []
+        res = train(self.work, self.tasks, eval_sets=self.eval_sets,
+                    checkpoint_dir=self.root / "final" if self.root is not None else None, progress=self.progress,
+                    checkpoint_every=self.cfg.checkpoint_every, steps=self.cfg.final_steps, **self.train_opts)
+        return res.history
+
+
+def _make_targets(model: Any, layer: int, labels: Labels, labeled: list[int], keep_free: int, simulator: Simulator,
                   tokens: torch.Tensor, mask: torch.Tensor | None, strs: list[list[str]], valid: torch.Tensor,
                   real: torch.Tensor, train_rows: torch.Tensor, heldout_rows: torch.Tensor) -> _Targets:
     """Choose the constrained neurons, simulate them from their labels, map predictions to activations."""

@@ -23,7 +23,7 @@ from tl_modular.compression.compression import compress
 from tl_modular.graph.graph import build_graph
 from tl_modular.tasks.task import Task
 from tl_modular.training.modularity import ModularityLoss, _params, _spec, alignment_matrix
-from tl_modular.training.trainer import TrainConfig
+from tl_modular.training.trainer import TrainConfig, TrainResult
 
 __all__ = ["graph_modularity", "train_modular"]
 
@@ -82,7 +82,7 @@ def train_modular(
     checkpoint_dir: str | os.PathLike | None = None,
     progress: bool = True,
     **config: Any,
-) -> Any:
+) -> TrainResult:
     """Train ``model`` on ``data`` with ``total = lm_loss + weight * modularity_loss(model)``.
 
     Args:

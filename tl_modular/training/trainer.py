@@ -137,13 +137,7 @@ def train(
         eval_sets = {t.name: t[:512] for t in tasks}
     device = next(model.parameters()).device
     tasks = [t.to(device) for t in tasks]
-
-    named = list(model.named_parameters())
-    plain = [p for n, p in named if any(k in n for k in cfg.no_decay)]
-    decayed = [p for n, p in named if not any(k in n for k in cfg.no_decay)]
-    groups = [{"params": decayed, "weight_decay": cfg.weight_decay}, {"params": plain, "weight_decay": 0.0}]
-    optimizer = torch.optim.AdamW([g for g in groups if g["params"]], lr=cfg.lr, betas=cfg.betas,
-                                  eps=cfg.eps)
+    optimizer = _optimizer(model, cfg)
     gen = torch.Generator().manual_seed(cfg.seed)
     result = TrainResult(model=model)
     path = Path(checkpoint_dir) / _CHECKPOINT if checkpoint_dir is not None else None
@@ -158,28 +152,14 @@ def train(
     stop = False
     try:
         while result.step < cfg.steps and not stop:
-            optimizer.zero_grad(set_to_none=True)
-            losses = {t.name: task_loss(model, t[torch.randint(len(t), (cfg.batch_size,), generator=gen)])
-                      for t in tasks}
-            loss = torch.stack(list(losses.values())).mean()
-            extra = extra_loss(model) if extra_loss is not None else None
-            total = loss if extra is None else loss + extra
-            total.backward()
-            torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
-            optimizer.step()
+            loss, losses, extra = _step(model, tasks, cfg, gen, optimizer, extra_loss)
             scheduler.step()
             result.step += 1
             bar.update(1)
             if result.step % cfg.eval_every == 0 or result.step == cfg.steps:
-                model.eval()
-                record = {"step": result.step, "loss": float(loss.detach()),
-                          "task_loss": {k: float(v.detach()) for k, v in losses.items()},
-                          "accuracy": evaluate(model, eval_sets), "lr": scheduler.get_last_lr()[0]}
-                if extra is not None:
-                    record["extra_loss"] = float(extra.detach())
+                record = _evaluation(model, result.step, loss, losses, extra, eval_sets, scheduler.get_last_lr()[0])
                 result.history.append(record)
-                worst = min(record["accuracy"].values())
-                bar.set_postfix(loss=f"{record['loss']:.3f}", min_acc=f"{worst:.3f}")
+                bar.set_postfix(loss=f"{record['loss']:.3f}", min_acc=f"{min(record['accuracy'].values()):.3f}")
                 stop = bool(callback(result.step, model, record)) if callback is not None else False
                 model.train()
             if path is not None and (result.step % checkpoint_every == 0 or result.step == cfg.steps or stop):
@@ -188,6 +168,44 @@ def train(
         bar.close()
         model.eval()
     return result
+
+
+def _optimizer(model: Any, cfg: TrainConfig) -> torch.optim.AdamW:
+    """AdamW with weight decay on every parameter but those named in ``cfg.no_decay``."""
+    named = list(model.named_parameters())
+    plain = [p for n, p in named if any(k in n for k in cfg.no_decay)]
+    decayed = [p for n, p in named if not any(k in n for k in cfg.no_decay)]
+    groups = [{"params": decayed, "weight_decay": cfg.weight_decay}, {"params": plain, "weight_decay": 0.0}]
+    return torch.optim.AdamW([g for g in groups if g["params"]], lr=cfg.lr, betas=cfg.betas, eps=cfg.eps)
+
+
+def _step(model: Any, tasks: list[Task], cfg: TrainConfig, gen: torch.Generator, optimizer: torch.optim.Optimizer,
+          extra_loss: Callable[[Any], torch.Tensor] | None
+          ) -> tuple[torch.Tensor, dict[str, torch.Tensor], torch.Tensor | None]:
+    """One optimizer step on ``batch_size`` examples of every task (plus ``extra_loss``, clipped):
+    the mean task loss, each task's loss and the extra term."""
+    optimizer.zero_grad(set_to_none=True)
+    losses = {t.name: task_loss(model, t[torch.randint(len(t), (cfg.batch_size,), generator=gen)]) for t in tasks}
+    loss = torch.stack(list(losses.values())).mean()
+    extra = extra_loss(model) if extra_loss is not None else None
+    total = loss if extra is None else loss + extra
+    total.backward()
+    torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+    optimizer.step()
+    return loss, losses, extra
+
+
+def _evaluation(model: Any, step: int, loss: torch.Tensor, losses: dict[str, torch.Tensor], extra: torch.Tensor | None,
+                eval_sets: Mapping[str, Task], lr: float) -> dict[str, Any]:
+    """The history record of ``step``: the step's losses and the accuracy on ``eval_sets`` (the model
+    is left in eval mode)."""
+    model.eval()
+    record = {"step": step, "loss": float(loss.detach()),
+              "task_loss": {k: float(v.detach()) for k, v in losses.items()},
+              "accuracy": evaluate(model, eval_sets), "lr": lr}
+    if extra is not None:
+        record["extra_loss"] = float(extra.detach())
+    return record
 
 
 def _as_tasks(data: Any) -> list[Task]:
