@@ -21,7 +21,7 @@ Schema of ``attribution_set.json`` (``"schema": "tl_modular.AttributionSet"``, `
                      "error_share": float, "n_examples": int,
                      "usage": [[float, ...], ...]}]}   # [examples, features]: each prompt's shares
 
->>> graphs = {name: tlm.attribution_graph(model, make(16), units=comp) for name, make in tasks.items()}  # doctest: +SKIP
+>>> graphs = {n: tlm.attribution_graph(model, make(16), units=comp) for n, make in tasks.items()}  # doctest: +SKIP
 >>> features = tlm.attribution.aggregate(graphs)                                          # doctest: +SKIP
 >>> features.shared(), features.specific(), features.similarity(), features.example_clusters()  # doctest: +SKIP
 """
