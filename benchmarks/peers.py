@@ -45,6 +45,7 @@ of auto-circuit is changed.
 from __future__ import annotations
 
 import argparse
+import functools
 import sys
 import time
 import types
@@ -93,6 +94,24 @@ def _edge_name(writer: str, port: str) -> tuple[str, str]:
     return node(writer), node(port)
 
 
+def _metric(task: Any, logits: Any) -> float:
+    """The task's logit difference, mean over prompts and scored positions (logits ``[b, k, vocab]``)."""
+    a, w = task.answers[..., None], task.wrong_answers[..., None]
+    return float((logits.gather(-1, a) - logits.gather(-1, w)).mean())
+
+
+def _curve(run_circuits: Any, patchable: Any, loader: Any, task: Any, n_edges: int, clean: float, empty: float,
+           scores: Any) -> dict[int, float]:
+    """Faithfulness of every top-k circuit of ``scores`` by auto-circuit's own patching (tree patching,
+    resample ablation from the corrupted prompts)."""
+    from auto_circuit.types import AblationType, PatchType
+
+    outs = run_circuits(patchable, loader, list(range(n_edges + 1)), scores, patch_type=PatchType.TREE_PATCH,
+                        ablation_type=AblationType.RESAMPLE)
+    m = {k: _metric(task, next(iter(v.values()))) for k, v in outs.items()}
+    return {k: (v - empty) / (clean - empty) for k, v in sorted(m.items())}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--prompts", type=int, default=32)
@@ -108,7 +127,6 @@ def main() -> None:
     from auto_circuit.prune_algos.ACDC import acdc_prune_scores
     from auto_circuit.prune_algos.edge_attribution_patching import edge_attribution_patching_prune_scores
     from auto_circuit.prune_algos.subnetwork_probing import subnetwork_probing_prune_scores
-    from auto_circuit.types import AblationType, PatchType
     from auto_circuit.utils.graph_utils import patchable_model
 
     import tl_modular as tlm
@@ -169,34 +187,20 @@ def main() -> None:
         loader = PromptDataLoader(dataset, seq_len=None, diverge_idx=0, batch_size=len(task), shuffle=False)
         patchable.out_slice = (slice(None), positions)      # the task's scored positions: logits [b, k, vocab]
 
-        def metric(logits: torch.Tensor) -> float:
-            a, w = task.answers[..., None], task.wrong_answers[..., None]
-            return float((logits.gather(-1, a) - logits.gather(-1, w)).mean())
-
         with torch.no_grad():     # no edge patched: the clean run; every edge patched: the corrupted run
-            clean, empty = (metric(model(x)[:, positions]) for x in (task.clean, task.corrupted))
-
-        def curve(scores: dict[str, torch.Tensor]) -> dict[int, float]:
-            outs = run_circuits(patchable, loader, list(range(len(routes) + 1)), scores,
-                                patch_type=PatchType.TREE_PATCH, ablation_type=AblationType.RESAMPLE)
-            m = {k: metric(next(iter(v.values()))) for k, v in outs.items()}
-            return {k: (v - empty) / (clean - empty) for k, v in sorted(m.items())}
-
-        def smallest(c: dict[int, float]) -> tuple[int, float]:
-            k = min((k for k, f in c.items() if f >= 0.9), default=max(c))
-            return k, c[k]
-
+            clean, empty = (_metric(task, model(x)[:, positions]) for x in (task.clean, task.corrupted))
+        curve = functools.partial(_curve, run_circuits, patchable, loader, task, len(routes), clean, empty)
         for label, algo in (
-                ("EAP", lambda: edge_attribution_patching_prune_scores(patchable, loader, None, answer_diff=True)),
-                ("ACDC", lambda: acdc_prune_scores(patchable, loader, None, tao_exps=list(range(-6, -2)),
-                                                   tao_bases=[1])),
-                ("SP", lambda: subnetwork_probing_prune_scores(patchable, loader, None, learning_rate=0.1,
-                                                               epochs=args.sp_epochs, regularize_lambda=0.5,
-                                                               mask_fn="hard_concrete", show_train_graph=False))):
+                ("EAP", functools.partial(edge_attribution_patching_prune_scores, answer_diff=True)),
+                ("ACDC", functools.partial(acdc_prune_scores, tao_exps=list(range(-6, -2)), tao_bases=[1])),
+                ("SP", functools.partial(subnetwork_probing_prune_scores, learning_rate=0.1, epochs=args.sp_epochs,
+                                         regularize_lambda=0.5, mask_fn="hard_concrete", show_train_graph=False))):
             t0 = time.perf_counter()
-            scores = algo()
+            scores = algo(patchable, loader, None)
             spent = time.perf_counter() - t0
-            row[label] = (*smallest(curve(scores)), spent)
+            c = curve(scores)
+            k = min((k for k, f in c.items() if f >= 0.9), default=max(c))
+            row[label] = (k, c[k], spent)
 
         # --- independent check: tl_modular's route circuit through auto-circuit's patching -------
         chosen = {_edge_name(*r) for r in circuit.routes}
