@@ -114,8 +114,8 @@ def _curve(run_circuits: Any, patchable: Any, loader: Any, task: Any, n_edges: i
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--prompts", type=int, default=32)
-    parser.add_argument("--tasks", default="induction,modular_addition,brackets,sorting")
+    parser.add_argument("--prompts", type=int, default=16)
+    parser.add_argument("--tasks", default="modular_addition,brackets,sorting,induction")
     parser.add_argument("--sp-epochs", type=int, default=200)
     args = parser.parse_args()
     import torch
