@@ -152,9 +152,9 @@ def all_reduce(values: Mapping[K, torch.Tensor | float], op: Op = "sum", *, devi
     return out
 
 
-def all_reduce_sum(values: Mapping[K, torch.Tensor | float]) -> dict[K, torch.Tensor | float]:
+def all_reduce_sum(values: Mapping[K, torch.Tensor | float], *, device: Any = None) -> dict[K, torch.Tensor | float]:
     """:func:`all_reduce` with ``op="sum"``: partial sums (and counts) of every rank added in fp64."""
-    return all_reduce(values, "sum")
+    return all_reduce(values, "sum", device=device)
 
 
 def all_gather_object(obj: Any) -> list[Any]:
