@@ -1,11 +1,12 @@
 """Data-parallel statistics under torch.distributed: 1 process vs N processes on this machine.
 
-    python benchmarks/distributed.py [--tokens 32768] [--nproc 2] [--threads 1] [--pass fisher|statistics]
+    python benchmarks/distributed.py [--tokens 32768] [--nproc 2] [--threads 1] [--pass statistics|fisher]
 
 GPT-2-small shape with random weights (``tl_modular.testing.gpt2_small_model``; the architecture
 sets the cost), random tokens in rows of 129 (position 0 excluded: 128 counted per row). Runs the
-pass ``tlm.compress`` makes by default (``fisher``: one forward and backward pass per batch with
-the input and write moments) or the exact Jacobian statistics (``statistics``), first in one
+pass ``tlm.compress`` makes by default (``statistics``: the exact Jacobian moments, inputs and
+writes) or the one of ``compress(read="fisher")`` (``fisher``: one forward and backward pass per
+batch with the input and write moments), first in one
 spawned process, then in ``--nproc`` spawned processes joined by a gloo process group (each takes
 its shard of the batches; the sums are all-reduced in float64). Prints, side by side: wall time of
 the pass (the slowest rank), tokens/s, peak resident memory per process, and the largest relative
@@ -83,7 +84,7 @@ def main() -> None:
     parser.add_argument("--nproc", type=int, default=2)
     parser.add_argument("--threads", type=int, default=1, help="torch threads per process")
     parser.add_argument("--batch-size", type=int, default=8)
-    parser.add_argument("--pass", dest="pass_", choices=["fisher", "statistics"], default="fisher")
+    parser.add_argument("--pass", dest="pass_", choices=["statistics", "fisher"], default="statistics")
     args = parser.parse_args()
     with tempfile.TemporaryDirectory(prefix="tlm-bench-dist-") as out:
         one = _run(1, args, out)

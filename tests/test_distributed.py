@@ -214,3 +214,37 @@ def test_without_a_process_group_everything_is_local():
     assert _dist.gather_batches([np.ones(2)])[0].tolist() == [1.0, 1.0]
     assert _dist.on_main(lambda: 7) == 7 and _dist.broadcast_object("x") == "x"
     _dist.check_consistent("nothing", None)
+
+
+@pytest.mark.slow
+def test_analyze_with_two_processes_writes_the_one_process_report(tmp_path):
+    """``tl-modular analyze --nproc 2`` (torchrun, gloo): the same report as one process; only rank 0
+    writes. Floats computed by fp32 forwards under bases that differ at 1e-14 agree to ~1e-7."""
+    import json
+    import subprocess
+    import sys
+
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    for name, extra in (("one", []), ("two", ["--nproc", "2"])):
+        done = subprocess.run([sys.executable, "-m", "tl_modular", "analyze", "--quiet", "--out", str(tmp_path / name),
+                               *extra], env=env, capture_output=True, text=True, timeout=900)
+        assert done.returncode == 0, done.stderr[-2000:]
+    a, b = (json.loads((tmp_path / n / "summary.json").read_text()) for n in ("one", "two"))
+    assert sorted(p.name for p in (tmp_path / "one").iterdir()) == sorted(p.name for p in (tmp_path / "two").iterdir())
+
+    def same(x, y, path):
+        if isinstance(x, dict):
+            assert sorted(x) == sorted(y), path
+            for k in x:
+                same(x[k], y[k], f"{path}/{k}")
+        elif isinstance(x, list):
+            assert len(x) == len(y), path
+            for i, (u, v) in enumerate(zip(x, y, strict=True)):
+                same(u, v, f"{path}[{i}]")
+        elif isinstance(x, float):
+            assert x == pytest.approx(y, rel=1e-6, nan_ok=True), path
+        else:
+            assert x == y, path
+
+    for key in ("compression", "rank_fidelity", "modules", "circuits", "polysemanticity", "labels"):
+        same(a[key], b[key], key)
