@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from typing import Any
 
-__all__ = ["ArtifactError", "LabelingError", "UnsupportedModelError"]
+__all__ = ["ArtifactError", "DistributedMismatchError", "LabelingError", "UnsupportedModelError"]
 
 
 class UnsupportedModelError(ValueError):
@@ -32,6 +32,13 @@ class ArtifactError(ValueError):
     def __init__(self, message: str, *, path: Any = None) -> None:
         super().__init__(message)
         self.path = path
+
+
+class DistributedMismatchError(ValueError):
+    """The ranks of a ``torch.distributed`` process group disagree on the model, the tokens or
+    the settings of a data-parallel pass. Raised on every rank (none waits in a collective); the
+    message names what differs and its value on rank 0 and on the rank that differs.
+    """
 
 
 class LabelingError(RuntimeError):
