@@ -248,3 +248,10 @@ def test_analyze_with_two_processes_writes_the_one_process_report(tmp_path):
 
     for key in ("compression", "rank_fidelity", "modules", "circuits", "polysemanticity", "labels"):
         same(a[key], b[key], key)
+
+
+def test_nproc_must_be_positive(capsys):
+    from tl_modular.cli import main
+
+    assert main(["analyze", "--nproc", "0", "--out", "unused"]) == 2
+    assert "--nproc must be >= 1, got 0" in capsys.readouterr().err

@@ -265,13 +265,13 @@ def label(target: Any, model: Any, tokens: Int[torch.Tensor, "batch pos"], *,
     def ask() -> Labels:
         before = _totals(labeler, simulator)
         try:
-            run, base = run_sync(main())
-        except LLMUnavailable as e:
+            done, base = run_sync(main())
+        except LLMUnavailable as e:     # the labels so far, from the run main() was filling
             partial = _labels(run, units, [], seed, _totals(labeler, simulator), before, labeler, simulator, evidence,
                               tokens)
             raise LabelingError(f"labeling stopped: {e}", reason=e.reason, endpoint=e.endpoint,
                                 labels=partial) from None
-        return _labels(run, units, base, seed, _totals(labeler, simulator), before, labeler, simulator, evidence,
+        return _labels(done, units, base, seed, _totals(labeler, simulator), before, labeler, simulator, evidence,
                        tokens)
 
     # under torch.distributed the evidence scan above is data parallel; the labeler is asked on
