@@ -103,10 +103,11 @@ def all_reduce(values: Mapping[K, torch.Tensor | float], op: Op = "sum", *, devi
                ) -> dict[K, torch.Tensor | float]:
     """``values`` reduced over the ranks with ``op``, in float64, back in each value's dtype and device.
 
-    Values are tensors or Python numbers (returned as floats). A key some rank lacks (e.g. a sum over no batch) counts
-    as zeros of the shape the others report for ``"sum"`` (and as missing for ``"max"``/``"min"``);
-    every rank returns every key, a missing one on ``device`` (default: where this rank's values
-    are, else the backend's device). One flat buffer, one collective (plus a small gather of the keys).
+    Values are tensors or Python numbers (returned as floats). A key some rank lacks (e.g. a sum
+    over no batch) counts as zeros of the shape the others report for ``"sum"`` (as ``∓inf`` for
+    ``"max"``/``"min"``); every rank returns every key, a missing one on ``device`` (default: where
+    this rank's values are, else the backend's device). One flat buffer, one collective (plus a
+    small gather of the keys and shapes).
 
     >>> all_reduce({"x": torch.ones(2)}, "max")["x"]
     tensor([1., 1.])
