@@ -29,6 +29,7 @@ import tl_modular as tlm
 from tl_modular import _dist
 from tl_modular.compression.fisher import collect_fisher
 from tl_modular.compression.statistics import collect_statistics
+from tl_modular.sae._attach import collect
 from tl_modular.testing import tiny_model
 
 BATCH = 5
@@ -95,6 +96,9 @@ def _passes(model, data, small, comp, units) -> dict[str, object]:
     labels = tlm.label(units(model), model, data, evidence=tlm.labeling.EvidenceConfig(batch_size=BATCH),
                        progress=False)
     res["labels"] = [(lab.unit, lab.text, lab.score) for lab in labels]
+    # SAE activations (polysemanticity, unfolding): the batches up to max_tokens, split, in order
+    res["sae_acts"] = collect(model, data, ["blocks.1.hook_resid_pre", "blocks.0.ln2.hook_normalized"],
+                              batch_size=BATCH, max_tokens=70)
     return res
 
 
@@ -170,7 +174,7 @@ def two_ranks(tmp_path_factory, one_thread):
 
 
 @pytest.mark.parametrize("key", ["stats", "stats_mf", "stats_one_batch", "fisher", "comp", "graph", "graph_one_batch",
-                                 "fidelity", "circuits", "evidence", "labels"])
+                                 "fidelity", "circuits", "evidence", "labels", "sae_acts"])
 def test_two_ranks_equal_one_process(two_ranks, key):
     ref, ranks = two_ranks
     for r, res in enumerate(ranks):
