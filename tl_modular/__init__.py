@@ -25,7 +25,7 @@ from tl_modular import _compat, diffing
 from tl_modular._tokens import TextCounts, tokens_from_text
 from tl_modular.compression import ChannelCompression, Compression, ReadSpace, Side, compress
 from tl_modular.diffing import ModelDiff, diff, diff_null
-from tl_modular.errors import ArtifactError, LabelingError, UnsupportedModelError
+from tl_modular.errors import ArtifactError, DistributedMismatchError, LabelingError, UnsupportedModelError
 from tl_modular.graph import ChannelGraph, ModuleRule, build_graph
 from tl_modular.segmentation import Channel, ChannelSet, segment
 from tl_modular.tasks import Task
@@ -54,6 +54,7 @@ __all__ = [
     "ChannelGraph",
     "ChannelSet",
     "Compression",
+    "DistributedMismatchError",
     "LabelingError",
     "ModelDiff",
     "ModuleRule",

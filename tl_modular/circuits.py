@@ -38,6 +38,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
+from tl_modular import _dist
 from tl_modular._io import SCHEMA_VERSION, read_versioned_json, reading, write_json
 from tl_modular._names import split_port
 from tl_modular._stats import adjusted_rand_index, kmeans
@@ -265,7 +266,9 @@ def _scores(model: Any, channels: ChannelSet, graph: Any, cat: _Category, routes
     embeds = [(c.source_hook, c.name) for c in channels.of_kind("embed", "pos_embed") if c.name in cat.baseline]
     out = []
     device = model.cfg.device
-    for start in range(0, len(cat.tokens), batch_size):
+    _dist.check_consistent(f"circuit scores of {cat.name}", model, cat.tokens, None, batch_size=batch_size,
+                           routes=routes, steps=steps)
+    for start in _dist.batch_starts(len(cat.tokens), batch_size):     # this rank's share; rows gathered below
         index = slice(start, start + batch_size)
         batch = cat.tokens[index].to(device)
         objective = lambda logits, i=index: cat.metric(logits, i).sum()  # noqa: E731
@@ -287,15 +290,16 @@ def _scores(model: Any, channels: ChannelSet, graph: Any, cat: _Category, routes
             full[:, :, s:s + per.shape[-1]] = per.reshape(b, p, len(ws), -1).sum(1).cpu()
         # attribution = metric(patched) - metric(clean) to first order; the score is the drop
         out.append(-np.stack([full[:, i, j].numpy() for i, j in pick], 1))
-    return np.concatenate(out)
+    return np.concatenate(_dist.gather_batches(out))
 
 
 @torch.no_grad()
 def _patched_metric(model: Any, channels: ChannelSet, cat: _Category, routes: Sequence[Route],
                     batch_size: int) -> np.ndarray:
-    """Per-example metric with ``routes`` patched to the baseline (all others clean)."""
+    """Per-example metric with ``routes`` patched to the baseline (all others clean); each rank
+    runs its share of the batches under ``torch.distributed``, every rank gets every row."""
     out = []
-    for start in range(0, len(cat.tokens), batch_size):
+    for start in _dist.batch_starts(len(cat.tokens), batch_size):
         index = slice(start, start + batch_size)
         batch = cat.tokens[index].to(model.cfg.device)
         if routes:
@@ -304,7 +308,7 @@ def _patched_metric(model: Any, channels: ChannelSet, cat: _Category, routes: Se
         else:
             logits = model(batch)
         out.append(cat.metric(logits, index).double().cpu().numpy())
-    return np.concatenate(out)
+    return np.concatenate(_dist.gather_batches(out))
 
 
 def _learn_mask(model: Any, channels: ChannelSet, cat: _Category, routes: list[Route], clean: np.ndarray,
@@ -458,7 +462,7 @@ def find_circuits(graph: Any, model: Any, categories: Mapping[str, Task | torch.
         touches[i, column[w]] = touches[i, column[graph.owner(p)]] = 1
     rng = np.random.default_rng(seed)
     out = {}
-    for name, data in tqdm(categories.items(), desc="circuits", disable=not progress):
+    for name, data in tqdm(categories.items(), desc="circuits", disable=not progress or not _dist.is_main()):
         base = baseline or ("corrupted" if isinstance(data, Task) else "mean")
         cat = _category(name, data, model, channels, senders, writers, base)
         scores = _scores(model, channels, graph, cat, routes, batch_size, chunk=64, steps=ig_steps)

@@ -6,6 +6,9 @@
     tl-modular analyze --labeler openai --llm-model gpt-4o-mini [--base-url http://localhost:8000/v1]
     tl-modular diff reportA reportB                     # what changed between two report directories
 
+    torchrun --nproc-per-node 2 -m tl_modular analyze ...   # data parallel: one process per CPU group / GPU
+    tl-modular analyze --nproc 2 ...                    # the same, torchrun started for you
+
 Exit status: 0 on success; 2 on bad arguments or inputs (one message says what to do; the traceback
 only with --debug); 1 on an internal error; 130 when interrupted (Ctrl-C) — the stages finished so
 far stay in the report directory and the same command reuses them.
@@ -74,7 +77,12 @@ def _parser() -> argparse.ArgumentParser:
                    help="route strengths from the loss or the correct logit (default: logit for the bundled "
                         "model, loss otherwise)")
     a.add_argument("--out", default="tl_modular_report", help="report directory (default ./tl_modular_report)")
-    a.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, mps ... (an error when not available)")
+    a.add_argument("--device", default="cpu",
+                   help="cpu, cuda, cuda:1, mps ... (an error when not available); under torchrun 'cuda' is "
+                        "each rank's own GPU, cuda:LOCAL_RANK")
+    a.add_argument("--nproc", type=int, default=None, metavar="N",
+                   help="run N data-parallel processes (torchrun on this machine: gloo on CPUs, NCCL with "
+                        "--device cuda); the report equals one process's")
     a.add_argument("--no-reuse", action="store_true", help="recompute every stage even if the directory has it")
     a.add_argument("--quiet", action="store_true")
     d = sub.add_parser("diff", parents=[debug], help="what changed between two report directories")
@@ -89,16 +97,24 @@ def main(argv: list[str] | None = None) -> int:
     """Run ``tl-modular``; returns the exit status (see the module docs)."""
     from tl_modular._redact import redact
 
+    argv = sys.argv[1:] if argv is None else list(argv)
     args = _parser().parse_args(argv)
     debug = getattr(args, "debug", False)
+    where = _rank_prefix()
 
     def fail(message: str, status: int) -> int:
         if debug:
             import traceback
 
             print(redact(traceback.format_exc()), file=sys.stderr, end="")
-        print(redact(f"tl-modular: {message}"), file=sys.stderr)
+        print(redact(f"tl-modular: {where}{message}"), file=sys.stderr)
         return status
+
+    if args.command == "analyze" and args.nproc is not None:
+        if args.nproc < 1:
+            return fail(f"error: --nproc must be >= 1, got {args.nproc}", 2)
+        if args.nproc > 1 and "WORLD_SIZE" not in os.environ:
+            return _launch(argv, args.nproc)
 
     try:
         with warnings.catch_warnings():
@@ -137,6 +153,54 @@ def _saved_stages(args: argparse.Namespace) -> str:
             "again to reuse them")
 
 
+# --- data parallel ------------------------------------------------------------------------------
+
+def _rank_prefix() -> str:
+    """``"rank 1 of 2: "`` in a process started by torchrun, else nothing."""
+    size = int(os.environ.get("WORLD_SIZE", "1") or 1)
+    return f"rank {os.environ.get('RANK', '?')} of {size}: " if size > 1 else ""
+
+
+def _launch(argv: list[str], nproc: int) -> int:
+    """``analyze --nproc N``: the same command under torchrun with N processes on this machine."""
+    import subprocess
+
+    rest, skip = [], False
+    for a in argv:
+        if skip:
+            skip = False
+        elif a == "--nproc":
+            skip = True
+        elif not a.startswith("--nproc="):
+            rest.append(a)
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}",
+           "-m", "tl_modular", *rest]
+    status = subprocess.run(cmd, check=False).returncode
+    if status != 0:
+        print(f"tl-modular: the {nproc}-process run failed (exit status {status}): a rank stopped, see its message "
+              "above; the stages finished before are saved and the same command reuses them", file=sys.stderr)
+    return status
+
+
+def _init_distributed(device: str) -> tuple[str, bool]:
+    """Join the process group torchrun describes (``WORLD_SIZE`` > 1); returns the rank's device (a
+    plain ``cuda`` becomes ``cuda:LOCAL_RANK``) and whether this call initialised the group."""
+    import torch
+
+    if int(os.environ.get("WORLD_SIZE", "1") or 1) <= 1:
+        return device, False
+    if device == "cuda":
+        device = f"cuda:{int(os.environ.get('LOCAL_RANK', '0'))}"
+    if torch.distributed.is_initialized():
+        return device, False
+    backend = "gloo"
+    if device.startswith("cuda"):
+        torch.cuda.set_device(torch.device(device))
+        backend = "nccl"
+    torch.distributed.init_process_group(backend)
+    return device, True
+
+
 # --- analyze ------------------------------------------------------------------------------------
 
 def _analyze(args: argparse.Namespace) -> int:
@@ -146,9 +210,22 @@ def _analyze(args: argparse.Namespace) -> int:
     if args.model not in (None, "textlm", *_BUNDLED):
         _check_hub(args.model)          # before the slow imports: fail in seconds, not after retries
     labeler, simulator = _labeler(args)
-    created = _check_out(args.out)
+    device, initialised = _init_distributed(_check_device(args.device))
     try:
-        device = _check_device(args.device)
+        return _analyze_here(args, device, labeler, simulator)
+    finally:
+        if initialised:
+            import torch
+
+            torch.distributed.destroy_process_group()
+
+
+def _analyze_here(args: argparse.Namespace, device: str, labeler: Any, simulator: Any) -> int:
+    from tl_modular import _dist
+
+    main = _dist.is_main()
+    created = _check_out(args.out) if main else False     # only rank 0 touches the report directory
+    try:
         import torch
 
         from tl_modular import report
@@ -184,8 +261,9 @@ def _analyze(args: argparse.Namespace) -> int:
         raise
     torch.manual_seed(0)
     path = report.analyze(inputs, args.out, report.AnalyzeConfig(metric=metric), reuse=not args.no_reuse,
-                          progress=not args.quiet)
-    print(f"report: {path}")
+                          progress=not args.quiet and main)
+    if main:
+        print(f"report: {path}")
     return 0
 
 

@@ -10,7 +10,7 @@ from typing import TYPE_CHECKING, Any
 if TYPE_CHECKING:      # annotations only: labeling raises these errors
     from tl_modular.labeling import Labels
 
-__all__ = ["ArtifactError", "LabelingError", "UnsupportedModelError"]
+__all__ = ["ArtifactError", "DistributedMismatchError", "LabelingError", "UnsupportedModelError"]
 
 
 class UnsupportedModelError(ValueError):
@@ -35,6 +35,13 @@ class ArtifactError(ValueError):
     def __init__(self, message: str, *, path: Any = None) -> None:
         super().__init__(message)
         self.path = path
+
+
+class DistributedMismatchError(ValueError):
+    """The ranks of a ``torch.distributed`` process group disagree on the model, the tokens or
+    the settings of a data-parallel pass. Raised on every rank (none waits in a collective); the
+    message names what differs and its value on rank 0 and on the rank that differs.
+    """
 
 
 class LabelingError(RuntimeError):

@@ -14,28 +14,32 @@ import torch
 from jaxtyping import Int
 from tqdm.auto import tqdm
 
+from tl_modular import _dist
 from tl_modular._tokens import check_tokens
 
 __all__ = ["fidelity", "rank_fidelity_curve"]
 
 
 @torch.no_grad()
-def _logprobs(model: Any, tokens: torch.Tensor, batch_size: int, mask: torch.Tensor | None) -> list[torch.Tensor]:
+def _logprobs(model: Any, tokens: torch.Tensor, starts: Sequence[int], batch_size: int, mask: torch.Tensor | None
+              ) -> list[torch.Tensor]:
     out = []
-    for start in range(0, tokens.shape[0], batch_size):
+    for start in starts:
         kwargs = {} if mask is None else {"attention_mask": mask[start:start + batch_size]}
         logits = model(tokens[start:start + batch_size], **kwargs)
         out.append(logits[:, :-1].float().log_softmax(-1))
     return out
 
 
-def _ce(logprobs: list[torch.Tensor], tokens: torch.Tensor, weights: torch.Tensor, batch_size: int) -> float:
+def _ce_sum(logprobs: list[torch.Tensor], tokens: torch.Tensor, weights: torch.Tensor, starts: Sequence[int],
+            batch_size: int) -> float:
+    """Summed next-token loss over this rank's batches (``starts``), weighted."""
     total = 0.0
-    for i, lp in enumerate(logprobs):
-        nxt = tokens[i * batch_size:(i + 1) * batch_size, 1:]
-        w = weights[i * batch_size:(i + 1) * batch_size]
+    for start, lp in zip(starts, logprobs, strict=True):
+        nxt = tokens[start:start + batch_size, 1:]
+        w = weights[start:start + batch_size]
         total += float((-lp.gather(-1, nxt[..., None])[..., 0] * w).sum())
-    return total / float(weights.sum())
+    return total
 
 
 def fidelity(model: Any, comp: Any, tokens: Int[torch.Tensor, "batch pos"], *, batch_size: int = 32,
@@ -43,7 +47,8 @@ def fidelity(model: Any, comp: Any, tokens: Int[torch.Tensor, "batch pos"], *, b
     """CE loss of the clean model, of the compressed one, and of the model with every compressed
     channel mean-ablated; ``loss_recovered = (ablated - compressed) / (ablated - clean)``; the
     mean KL divergence from the clean to the compressed next-token distribution. Predictions
-    of padded positions are excluded."""
+    of padded positions are excluded. Under ``torch.distributed`` each rank scores its shard of
+    the batches and every rank returns the totals (summed in float64)."""
     return _Reference(model, comp, tokens, batch_size, attention_mask, channels).score(comp)
 
 
@@ -63,19 +68,25 @@ class _Reference:
         if attention_mask is not None:
             self.mask = attention_mask.to(self.tokens.device)
             self.weights = self.weights * self.mask[:, 1:]
-        self.clean = _logprobs(model, self.tokens, batch_size, self.mask)
+        _dist.check_consistent("fidelity", model, tokens, attention_mask, batch_size=batch_size, channels=channels)
+        self.starts = _dist.batch_starts(tokens.shape[0], batch_size)      # this rank's batches
+        self.total = float(self.weights.sum())
+        self.clean = _logprobs(model, self.tokens, self.starts, batch_size, self.mask)
         with comp.truncated(rank=0).applied(model, channels):
-            ablated = _logprobs(model, self.tokens, batch_size, self.mask)
-        self.clean_loss = _ce(self.clean, self.tokens, self.weights, batch_size)
-        self.ablated_loss = _ce(ablated, self.tokens, self.weights, batch_size)
+            ablated = _logprobs(model, self.tokens, self.starts, batch_size, self.mask)
+        sums = _dist.all_reduce_sum({"clean": _ce_sum(self.clean, self.tokens, self.weights, self.starts, batch_size),
+                                     "ablated": _ce_sum(ablated, self.tokens, self.weights, self.starts, batch_size)})
+        self.clean_loss = sums["clean"] / self.total
+        self.ablated_loss = sums["ablated"] / self.total
 
     def score(self, comp: Any) -> dict[str, float]:
         b, w = self.batch_size, self.weights
         with comp.applied(self.model, self.channels):
-            compressed = _logprobs(self.model, self.tokens, b, self.mask)
-        loss = _ce(compressed, self.tokens, w, b)
-        kl = sum(float(((c.exp() * (c - q)).sum(-1) * w[i * b:(i + 1) * b]).sum())
-                 for i, (c, q) in enumerate(zip(self.clean, compressed, strict=True))) / float(w.sum())
+            compressed = _logprobs(self.model, self.tokens, self.starts, b, self.mask)
+        kl = sum(float(((c.exp() * (c - q)).sum(-1) * w[s:s + b]).sum())
+                 for s, c, q in zip(self.starts, self.clean, compressed, strict=True))
+        sums = _dist.all_reduce_sum({"loss": _ce_sum(compressed, self.tokens, w, self.starts, b), "kl": kl})
+        loss, kl = sums["loss"] / self.total, sums["kl"] / self.total
         gap = self.ablated_loss - self.clean_loss
         recovered = (self.ablated_loss - loss) / gap if gap != 0 else float("nan")
         return {"clean_loss": self.clean_loss, "compressed_loss": loss, "ablated_loss": self.ablated_loss,
@@ -95,6 +106,7 @@ def rank_fidelity_curve(model: Any, comp: Any, tokens: Int[torch.Tensor, "batch 
                          f"(comp.max_total_rank): pass budgets <= {comp.max_total_rank}")
     ref = _Reference(model, comp, tokens, batch_size, attention_mask, channels)
     rows = []
-    for b in tqdm(budgets, desc="rank-fidelity", leave=False, disable=not progress or len(budgets) < 3):
+    for b in tqdm(budgets, desc="rank-fidelity", leave=False,
+                  disable=not progress or len(budgets) < 3 or not _dist.is_main()):
         rows.append({"budget": b, **ref.score(comp.truncated(budget=b))})
     return rows

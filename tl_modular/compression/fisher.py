@@ -29,6 +29,7 @@ import torch
 from jaxtyping import Float, Int
 from tqdm.auto import tqdm
 
+from tl_modular import _dist
 from tl_modular._hooks import hook_guard
 from tl_modular._names import act_name
 from tl_modular._tokens import check_tokens, position_weights
@@ -75,7 +76,9 @@ def collect_fisher(model: Any, tokens: Int[torch.Tensor, "batch pos"], channels:
         tokens: ``[batch, pos]`` token ids.
         channels, names: The heads and MLPs whose read ports get moments (all by default).
         attention_mask: 1 for real tokens; padded positions are neither inputs nor predictions.
-        seed: Seeds the sampled labels.
+        seed: Seeds the sampled labels (with each batch's index: the same samples for any
+            number of ranks under ``torch.distributed``, where each rank takes its shard of the
+            batches and the moments are all-reduced in float64).
         moments: Also accumulate, from the same forward pass, the input and write moments
             Fisher-based compression needs (``.statistics``, without Jacobian moments): one pass
             for ``compress(read="fisher", write="fisher")``.
@@ -107,8 +110,12 @@ def collect_fisher(model: Any, tokens: Int[torch.Tensor, "batch pos"], channels:
     def add(key: Any, value: torch.Tensor) -> None:
         sums[key] = value if key not in sums else sums[key] + value
 
-    bar = tqdm(range(0, tokens.shape[0], batch_size), disable=not progress, desc="fisher", leave=False)
+    _dist.check_consistent("collect_fisher", model, tokens, attention_mask, names=names, batch_size=batch_size,
+                           seed=seed, moments=moments)
+    bar = tqdm(_dist.batch_starts(tokens.shape[0], batch_size), disable=not progress or not _dist.is_main(),
+               desc="fisher", leave=False)
     for start in bar:
+        gen.manual_seed(_dist.batch_seed(seed, start // batch_size))
         batch = tokens[start:start + batch_size].to(cfg.device)
         mask = None if attention_mask is None else attention_mask[start:start + batch_size].to(cfg.device)
         acts: dict[str, torch.Tensor] = {}
@@ -159,6 +166,12 @@ def collect_fisher(model: Any, tokens: Int[torch.Tensor, "batch pos"], channels:
                        for h, port in mlp_ports[c.name])                              # [b, p, d_model]
             g_in = g_in * w[..., None].sqrt()
             add(("mlp", c.name), torch.einsum("bpi,bpj->ij", g_in, g_in))
+    if _dist.active():
+        sums[("n_tokens",)] = n_tokens
+        sums = _dist.all_reduce_sum(sums, device=cfg.device)
+        n_tokens = float(sums.pop(("n_tokens",)))
+        if acc is not None:
+            acc.all_reduce()
     if n_tokens == 0:
         raise ValueError("no position after the first is a real token: nothing to average")
     writes = {h: sums[h] / n_tokens for h in write_hooks if h in sums}

@@ -25,7 +25,7 @@ positions are excluded from every statistic (as inputs and as outputs).
 from __future__ import annotations
 
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -33,6 +33,7 @@ import torch
 from jaxtyping import Float, Int
 from tqdm.auto import tqdm
 
+from tl_modular import _dist
 from tl_modular._hooks import func_guard, hook_guard, run_with_cache
 from tl_modular._names import act_name
 from tl_modular._tokens import check_tokens, position_weights
@@ -149,12 +150,6 @@ def read_map(c: Channel, port: str) -> torch.Tensor:
     return w if isinstance(scale, float) else scale.to(torch.float64)[:, None] * w
 
 
-def _batches(tokens: torch.Tensor, mask: torch.Tensor | None, batch_size: int
-             ) -> Iterator[tuple[torch.Tensor, torch.Tensor | None]]:
-    for start in range(0, tokens.shape[0], batch_size):
-        yield tokens[start:start + batch_size], None if mask is None else mask[start:start + batch_size]
-
-
 def _query_moment(A: torch.Tensor, k: torch.Tensor, vc: torch.Tensor, kbar: torch.Tensor,
                   w: torch.Tensor) -> torch.Tensor:
     """``Σ_b Σ_i w_i y_i y_iᵀ`` with ``y_i = Σ_j A_ij (k_j - kbar_i) ⊗ vc_j``, without forming ``y``.
@@ -240,7 +235,12 @@ def collect_statistics(
         attention_mask: ``[batch, pos]``, 1 for real tokens; padded positions are excluded and
             passed to the model.
         method: ``"closed_form"`` (exact; falls back to matrix-free per channel where no closed
-            form exists) or ``"matrix_free"`` (randomized, ``n_probes`` probes per batch).
+            form exists) or ``"matrix_free"`` (randomized, ``n_probes`` probes per batch, seeded
+            by ``seed`` and the batch's index).
+
+    Under ``torch.distributed`` (a process group initialised, e.g. by ``torchrun``) each rank
+    passes the same ``tokens``, takes its shard of the batches, and every rank returns the
+    statistics of all of them (partial sums all-reduced in float64).
 
     >>> stats = collect_statistics(model, tokens)                   # doctest: +SKIP
     >>> stats.reads["L1.MLP"]["in"].jacobian.shape                  # doctest: +SKIP
@@ -251,12 +251,15 @@ def collect_statistics(
     if method not in ("closed_form", "matrix_free"):
         raise ValueError(f"method must be 'closed_form' or 'matrix_free', got {method!r}")
     acc = _Accumulator(model, channels, method, n_probes, seed, names)
-    n_batches = -(-tokens.shape[0] // batch_size)
-    bar = tqdm(_batches(tokens, attention_mask, batch_size), total=n_batches, disable=not progress,
-               desc="statistics", leave=False)
+    _dist.check_consistent("collect_statistics", model, tokens, attention_mask, names=names, batch_size=batch_size,
+                           method=method, n_probes=n_probes, seed=seed)
+    starts = _dist.batch_starts(tokens.shape[0], batch_size)
+    bar = tqdm(starts, disable=not progress or not _dist.is_main(), desc="statistics", leave=False)
     with torch.no_grad():
-        for batch, mask in bar:
-            acc.add(batch.to(model.cfg.device), None if mask is None else mask.to(model.cfg.device))
+        for start in bar:
+            mask = None if attention_mask is None else attention_mask[start:start + batch_size].to(model.cfg.device)
+            acc.add(tokens[start:start + batch_size].to(model.cfg.device), mask, index=start // batch_size)
+    acc.all_reduce()
     return acc.finish()
 
 
@@ -279,7 +282,7 @@ class _Accumulator:
         mlp_reason = _closed_form_mlp_ok(model)
         self.head_method = "matrix_free" if method == "matrix_free" or head_reason else "closed_form"
         self.mlp_method = "matrix_free" if method == "matrix_free" or mlp_reason else "closed_form"
-        self.n_probes = n_probes
+        self.n_probes, self.seed = n_probes, seed
         self.gen = torch.Generator(device=self.cfg.device).manual_seed(seed)
         self.inputs: dict[str, _Sum] = {}
         self.src: dict[str, _Sum] = {}
@@ -312,7 +315,11 @@ class _Accumulator:
     def _add(self, store: dict, key: Any, value: torch.Tensor) -> None:
         store[key] = value if key not in store else store[key] + value
 
-    def add(self, batch: torch.Tensor, mask: torch.Tensor | None) -> None:
+    def add(self, batch: torch.Tensor, mask: torch.Tensor | None, index: int | None = None) -> None:
+        """Add one batch; ``index`` (its global batch index) reseeds the random probes, so that the
+        probes of a batch do not depend on which rank runs it."""
+        if index is not None:
+            self.gen.manual_seed(_dist.batch_seed(self.seed, index))
         names = set(self.hook_names())
         kwargs = {} if mask is None else {"attention_mask": mask}
         clock = time.perf_counter()
@@ -468,6 +475,33 @@ class _Accumulator:
         return torch.cat([slope * lin, act], dim=-1).to(torch.float64)
 
     # --- results --------------------------------------------------------------------------
+    def all_reduce(self) -> None:
+        """Add up the partial sums of every rank (float64; a no-op without a process group). Every
+        rank must call it, also one that saw no batch."""
+        if not _dist.active():
+            return
+        flat: dict[tuple, Any] = {("n_tokens",): float(self.n_tokens)}
+        for group, sums in (("inputs", self.inputs), ("src", self.src)):
+            for key, acc in sums.items():
+                flat[(group, key, "n")] = acc.n
+                for part in ("s1", "s2"):
+                    if getattr(acc, part) is not None:
+                        flat[(group, key, part)] = getattr(acc, part)
+        for group in ("cross", "port", "mlp_m", "mlp_write"):
+            for key, value in getattr(self, group).items():
+                flat[(group, key)] = value
+        total = _dist.all_reduce_sum(flat)
+        self.n_tokens = int(total.pop(("n_tokens",)))
+        self.inputs, self.src = {}, {}
+        for group in ("cross", "port", "mlp_m", "mlp_write"):
+            setattr(self, group, {})
+        for key, value in total.items():
+            if key[0] in ("inputs", "src"):
+                acc = getattr(self, key[0]).setdefault(key[1], _Sum())
+                setattr(acc, key[2], value)
+            else:
+                getattr(self, key[0])[key[1]] = value
+
     def finish(self) -> Statistics:
         start = time.perf_counter()
         if self.n_tokens == 0:

@@ -32,6 +32,7 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
+from tl_modular import _dist
 from tl_modular._hooks import hook_guard
 from tl_modular._names import UNEMBED, channel_order, port_hook, split_port
 from tl_modular._tokens import check_tokens, position_weights
@@ -260,7 +261,8 @@ def _deltas(writers_: list[Writer], writes: torch.Tensor, weight: torch.Tensor) 
 
 def _batches3(tokens: torch.Tensor, mask: torch.Tensor | None, loss_mask: torch.Tensor | None,
               batch_size: int, device: Any) -> Iterator[tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]]:
-    for start in range(0, tokens.shape[0], batch_size):
+    """This rank's batches (all of them without a process group: see :mod:`tl_modular._dist`)."""
+    for start in _dist.batch_starts(tokens.shape[0], batch_size):
         sl = slice(start, start + batch_size)
         batch = tokens[sl].to(device)
         m = None if mask is None else mask[sl].to(device)
@@ -288,14 +290,18 @@ def attributions(model: Any, channels: ChannelSet, writers_: list[Writer], reade
                  chunk: int = 64) -> tuple[torch.Tensor, torch.Tensor]:
     """``(signed, magnitude)``, each ``[writers, readers]`` per counted prediction: the first-order
     change of the metric when each route is mean-ablated, and the mean over positions of its
-    per-position magnitude (which does not cancel between positions that push either way)."""
+    per-position magnitude (which does not cancel between positions that push either way).
+    Under ``torch.distributed`` each rank runs its shard of the batches; the sums are all-reduced."""
     tokens, mask = check_tokens(tokens, mask, model=model)
     _check_loss_mask(tokens, mask, loss_mask)
+    _dist.check_consistent("route attributions", model, tokens, mask, loss_mask=loss_mask, metric=metric,
+                           batch_size=batch_size, routes=(len(writers_), len(readers_)))
     signed = torch.zeros(len(writers_), len(readers_), dtype=torch.float64)
     magnitude = torch.zeros_like(signed)
     n = n_targets(tokens, mask, loss_mask)
     bar = tqdm(_batches3(tokens, mask, loss_mask, batch_size, model.cfg.device),
-               total=-(-len(tokens) // batch_size), disable=not progress, desc="route attribution")
+               total=len(_dist.batch_starts(len(tokens), batch_size)), disable=not progress or not _dist.is_main(),
+               desc="route attribution")
     for batch, m, target in bar:
         writes, grads = forward_backward(model, channels, writers_, readers_, batch, m,
                                          lambda logits, b=batch, t=target: _loss(b, t, logits, metric))
@@ -303,6 +309,8 @@ def attributions(model: Any, channels: ChannelSet, writers_: list[Writer], reade
         for start, per in per_position(readers_, deltas, grads, chunk):
             signed[:, start:start + per.shape[-1]] += per.sum(0).cpu()
             magnitude[:, start:start + per.shape[-1]] += per.abs().sum(0).cpu()
+    total = _dist.all_reduce_sum({"signed": signed, "magnitude": magnitude})
+    signed, magnitude = total["signed"], total["magnitude"]
     zero = torch.zeros_like(signed)
     return torch.where(valid, signed / n, zero), torch.where(valid, magnitude / n, zero)
 
@@ -313,9 +321,12 @@ def ablation_effects(model: Any, channels: ChannelSet, route_sets: list[tuple[li
     """The real change of the mean metric when each set of routes is mean-ablated together
     (position 0 and padding keep their clean writes): one clean pass per batch, one patched pass
     per set. A set given with a reader (one route) has its ablated part projected through the
-    writer's write side and that reader's read side, as the attribution is."""
+    writer's write side and that reader's read side, as the attribution is. Data parallel under
+    ``torch.distributed`` as :func:`attributions`."""
     tokens, mask = check_tokens(tokens, mask, model=model)
     _check_loss_mask(tokens, mask, loss_mask)
+    _dist.check_consistent("ablation effects", model, tokens, mask, loss_mask=loss_mask, metric=metric,
+                           batch_size=batch_size, sets=len(route_sets))
     device = model.cfg.device
     senders = sorted({w for routes, _ in route_sets for w, _ in routes})
     hooks = sorted({channels[w].source_hook for w in senders})
@@ -345,6 +356,8 @@ def ablation_effects(model: Any, channels: ChannelSet, route_sets: list[tuple[li
                     source[w] = x + delta
                 patched = patch_routes(model, channels, batch, routes, source, **kwargs)
                 diffs[k] += float(_loss(batch, target, patched, metric)) - clean
+    total = _dist.all_reduce_sum(dict(enumerate(diffs)))
+    diffs = [total[k] for k in range(len(diffs))]
     n = n_targets(tokens, mask, loss_mask)
     return [d / n for d in diffs]
 

@@ -23,6 +23,7 @@ import torch
 from jaxtyping import Int
 from tqdm.auto import tqdm
 
+from tl_modular import _dist
 from tl_modular._hooks import run_with_cache
 from tl_modular._models import stop_layer as _stop_layer
 from tl_modular._tokens import check_tokens
@@ -191,8 +192,12 @@ def _peaks(units: Sequence[Unit], model: Any, tokens: torch.Tensor, mask: torch.
     out = {"max": np.full((n, rows), -np.inf, np.float32), "argmax": np.zeros((n, rows), np.int64),
            "min": np.full((n, rows), np.inf, np.float32), "argmin": np.zeros((n, rows), np.int64),
            "sum": np.zeros(n), "sumsq": np.zeros(n), "count": np.zeros(n)}
-    bar = tqdm(total=rows, desc="evidence: scan", disable=not progress, leave=False)
-    for start in range(0, rows, cfg.batch_size):
+    _dist.check_consistent("evidence scan", model, tokens, mask, units=[u.name for u in units],
+                           batch_size=cfg.batch_size)
+    starts = _dist.batch_starts(rows, cfg.batch_size)      # this rank's share (all without a process group)
+    bar = tqdm(total=sum(len(tokens[s:s + cfg.batch_size]) for s in starts), desc="evidence: scan",
+               disable=not progress or not _dist.is_main(), leave=False)
+    for start in starts:
         batch = tokens[start:start + cfg.batch_size]
         bmask = None if mask is None else mask[start:start + cfg.batch_size]
         keep = _valid(batch, bmask)
@@ -216,7 +221,20 @@ def _peaks(units: Sequence[Unit], model: Any, tokens: torch.Tensor, mask: torch.
             out["count"][i] += v.numel()
         bar.update(batch.shape[0])
     bar.close()
-    return out
+    return _merge_peaks(out)
+
+
+def _merge_peaks(out: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """Every rank's rows and sums in one table: a row's peaks come from the one rank that scanned it
+    (the others hold ±inf and index 0 there), so max/min/sum reductions are exact."""
+    if not _dist.active():
+        return out
+    ops = {"max": "max", "min": "min", "argmax": "sum", "argmin": "sum", "sum": "sum", "sumsq": "sum", "count": "sum"}
+    merged = {}
+    for op in ("max", "min", "sum"):
+        part = _dist.all_reduce({k: torch.from_numpy(np.asarray(v)) for k, v in out.items() if ops[k] == op}, op)
+        merged.update({k: v.numpy() for k, v in part.items()})
+    return merged
 
 
 # --- choosing contexts -------------------------------------------------------------------------
@@ -447,7 +465,9 @@ def _cut_windows(units: Sequence[Unit], model: Any, tokens: torch.Tensor, mask: 
             by_row.setdefault(p.row, []).append((i, p))
     hooks = sorted({h for u in units for h in u.hooks})
     writes: dict[str, list[torch.Tensor]] = {}
-    bar = tqdm(total=len(wanted), desc="evidence: contexts", disable=not progress, leave=False)
+    # every rank cuts the same few windows (a pass over the chosen rows only, not the data)
+    bar = tqdm(total=len(wanted), desc="evidence: contexts", disable=not progress or not _dist.is_main(),
+               leave=False)
     for start in range(0, len(wanted), cfg.batch_size):
         rows = wanted[start:start + cfg.batch_size]
         batch = tokens[rows]

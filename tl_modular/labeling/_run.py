@@ -13,6 +13,7 @@ import torch
 from jaxtyping import Int
 from tqdm.auto import tqdm
 
+from tl_modular import _dist
 from tl_modular._aio import run_sync
 from tl_modular._redact import redact
 from tl_modular.errors import LabelingError
@@ -242,7 +243,7 @@ def label(target: Any, model: Any, tokens: Int[torch.Tensor, "batch pos"], *,
     run = _Run(labeler, simulator, ev, n_boot, keep_evidence, None)
 
     async def work() -> tuple[_Run, list[float]]:
-        bar = tqdm(total=len(units), desc="labeling", disable=not progress, leave=False)
+        bar = tqdm(total=len(units), desc="labeling", disable=not progress or not _dist.is_main(), leave=False)
         run.bar = bar
         # members before their modules: a module's evidence holds its members' labels
         done: set[str] = set()
@@ -261,14 +262,21 @@ def label(target: Any, model: Any, tokens: Int[torch.Tensor, "batch pos"], *,
 
     from tl_modular.labeling._client import LLMUnavailable
 
-    before = _totals(labeler, simulator)
-    try:
-        run, base = run_sync(main())
-    except LLMUnavailable as e:
-        partial = _labels(run, units, [], seed, _totals(labeler, simulator), before, labeler, simulator, evidence,
-                          tokens)
-        raise LabelingError(f"labeling stopped: {e}", reason=e.reason, endpoint=e.endpoint, labels=partial) from None
-    result = _labels(run, units, base, seed, _totals(labeler, simulator), before, labeler, simulator, evidence, tokens)
+    def ask() -> Labels:
+        before = _totals(labeler, simulator)
+        try:
+            done, base = run_sync(main())
+        except LLMUnavailable as e:     # the labels so far, from the run main() was filling
+            partial = _labels(run, units, [], seed, _totals(labeler, simulator), before, labeler, simulator, evidence,
+                              tokens)
+            raise LabelingError(f"labeling stopped: {e}", reason=e.reason, endpoint=e.endpoint,
+                                labels=partial) from None
+        return _labels(done, units, base, seed, _totals(labeler, simulator), before, labeler, simulator, evidence,
+                       tokens)
+
+    # under torch.distributed the evidence scan above is data parallel; the labeler is asked on
+    # rank 0 only (no request paid once per rank) and the labels sent to every rank
+    result = _dist.on_main(ask)
     # a spent budget is a stop the user asked for (Labels.stopped), not a failure
     failures = {r: n for r, n in result.failures().items() if r != "budget"}
     if failures:

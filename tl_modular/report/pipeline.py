@@ -5,6 +5,10 @@ settings — the key is the model's weight fingerprint, a hash of the tokens and
 segmentation → compression (``compression/``) → rank–fidelity curve → channel graph
 (``graph.json``) → modules and null model → circuits per category (``circuits.json``) →
 polysemanticity with SAEs → labels (``labels.json``) → ``summary.json`` and ``report.html``.
+
+Under ``torch.distributed`` (``torchrun ... -m tl_modular analyze``) every rank runs every stage,
+whose passes over tokens are data parallel; rank 0 alone decides which stages are reused and
+writes the report (the other ranks write into a private temporary folder, removed at the end).
 """
 
 from __future__ import annotations
@@ -12,6 +16,8 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import shutil
+import tempfile
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import asdict, dataclass, field, replace
@@ -21,6 +27,7 @@ from typing import Any, Literal
 import numpy as np
 import torch
 
+from tl_modular import _dist
 from tl_modular._io import ArtifactError, read_json, write_json
 from tl_modular._models import fingerprint
 from tl_modular._redact import redact_obj, redact_url
@@ -111,37 +118,47 @@ def cache_key(inputs: Inputs, config: AnalyzeConfig) -> str:
 
 
 class _Stages:
-    """Runs stages, timing each and reusing what a previous run with the same key left."""
+    """Runs stages, timing each and reusing what a previous run with the same key left.
 
-    def __init__(self, out: Path, key: str, reuse: bool, progress: bool, data: Mapping[str, Any] | None = None):
+    ``out`` is where earlier stages are read from, ``dest`` where this process writes (``out`` on
+    rank 0; a private folder on the other ranks of a process group, which follow rank 0's reuse)."""
+
+    def __init__(self, out: Path, key: str, reuse: bool, progress: bool, data: Mapping[str, Any] | None = None,
+                 dest: Path | None = None):
         self.out, self.key, self.progress, self.data = out, key, progress, dict(data or {})
+        self.dest = dest or out
         manifest = out / "manifest.json"
         try:
-            old = read_json(manifest) if manifest.exists() else {}
+            old = read_json(manifest) if manifest.exists() and _dist.is_main() else {}
         except ArtifactError as e:               # e.g. a foreign or damaged file: every stage runs again
             self._say(f"{e}; every stage runs again")
             old = {}
         old = old if isinstance(old, dict) else {}
         stages = old.get("stages") if isinstance(old.get("stages"), dict) else {}
-        self.done: dict[str, Any] = stages if reuse and old.get("key") == key else {}
+        # every rank reuses what rank 0 reuses (a stage computed by some ranks only would wait forever)
+        self.done: dict[str, Any] = _dist.broadcast_object(stages if reuse and old.get("key") == key else {})
         self.times: dict[str, float] = {}
 
     def run(self, name: str, fn: Callable[[], Any], load: Callable[[], Any] | None = None) -> Any:
         if name in self.done and load is not None:
+            value, error = None, None
             try:
                 value = load()
+            except (OSError, ValueError, KeyError) as e:   # a missing, damaged or stale artifact: compute it again
+                error = e
+            # reused only when every rank could load it
+            if _dist.all_reduce({"failed": float(error is not None)}, "max")["failed"] == 0:
                 self.times[name] = 0.0   # marks a reused stage
                 self._say(f"{name}: reused")
                 return value
-            except (OSError, ValueError, KeyError) as e:   # a missing, damaged or stale artifact: compute it again
-                if isinstance(e, ArtifactError):
-                    self._say(f"{name}: {e}; computing it again")
+            if isinstance(error, ArtifactError):
+                self._say(f"{name}: {error}; computing it again")
         start = time.perf_counter()
         self._say(f"{name} ...")
         value = fn()
         self.times[name] = round(time.perf_counter() - start, 2)
         self.done[name] = {"seconds": self.times[name]}
-        write_json(self.out / "manifest.json", {"key": self.key, "data": self.data, "stages": self.done})
+        write_json(self.dest / "manifest.json", {"key": self.key, "data": self.data, "stages": self.done})
         return value
 
     def _say(self, text: str) -> None:
@@ -156,6 +173,21 @@ def analyze(inputs: Inputs, out: str | os.PathLike, config: AnalyzeConfig | None
     >>> tlm.report.analyze(tlm.report.bundled_inputs(), "report")        # doctest: +SKIP
     PosixPath('report/report.html')
     """
+    cfg = config or AnalyzeConfig()
+    out = Path(out)
+    if not _dist.is_main():      # the other ranks of a process group: no file in the report, no output
+        dest = Path(tempfile.mkdtemp(prefix=f"tl-modular-rank{_dist.rank()}-"))
+        try:
+            path = _analyze(inputs, out, dest, cfg, reuse=reuse, progress=False)
+        finally:
+            shutil.rmtree(dest, ignore_errors=True)
+        return out / path.name
+    out.mkdir(parents=True, exist_ok=True)
+    return _analyze(inputs, out, out, cfg, reuse=reuse, progress=progress)
+
+
+def _analyze(inputs: Inputs, out: Path, dest: Path, cfg: AnalyzeConfig, *, reuse: bool, progress: bool) -> Path:
+    """:func:`analyze` reading earlier stages from ``out`` and writing into ``dest``."""
     import tl_modular as tlm
     from tl_modular.circuits import CircuitSet
     from tl_modular.compression import Compression
@@ -163,11 +195,8 @@ def analyze(inputs: Inputs, out: str | os.PathLike, config: AnalyzeConfig | None
     from tl_modular.graph import ChannelGraph
     from tl_modular.report.html import render
 
-    cfg = config or AnalyzeConfig()
-    out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
     model, tokens, mask = inputs.model, inputs.tokens, inputs.attention_mask
-    stages = _Stages(out, cache_key(inputs, cfg), reuse, progress, inputs.data)
+    stages = _Stages(out, cache_key(inputs, cfg), reuse, progress, inputs.data, dest)
     summary: dict[str, Any] = {"schema": "tl_modular.Report", "version": SUMMARY_VERSION, "model": inputs.name,
                                "model_fingerprint": fingerprint(model), "n_sequences": int(tokens.shape[0]),
                                "n_tokens": int(tokens.numel() if mask is None else mask.sum()),
@@ -177,7 +206,7 @@ def analyze(inputs: Inputs, out: str | os.PathLike, config: AnalyzeConfig | None
 
     def compress() -> Any:
         comp = tlm.compress(model, tokens, attention_mask=mask, batch_size=min(cfg.batch_size, 16), progress=progress)
-        comp.save(out / "compression")
+        comp.save(dest / "compression")
         return comp
     comp = stages.run("compression", compress, lambda: Compression.load(out / "compression", model))
     summary["compression"] = {"dimensions": comp.total_rank, "max_dimensions": comp.max_total_rank,
@@ -190,14 +219,14 @@ def analyze(inputs: Inputs, out: str | os.PathLike, config: AnalyzeConfig | None
         rows = rank_fidelity_curve(model, comp, tokens[: 4 * cfg.batch_size], budgets,
                                    attention_mask=None if mask is None else mask[: 4 * cfg.batch_size],
                                    batch_size=cfg.batch_size, progress=progress)
-        write_json(out / "rank_fidelity.json", rows)
+        write_json(dest / "rank_fidelity.json", rows)
         return rows
     summary["rank_fidelity"] = stages.run("rank_fidelity", curve, lambda: read_json(out / "rank_fidelity.json"))
 
     def graph_stage() -> Any:
         g = tlm.build_graph(comp, model=model, tokens=tokens, attention_mask=mask, loss_mask=inputs.loss_mask,
                             metric=cfg.metric, batch_size=min(cfg.batch_size, 16), progress=progress)
-        g.save(out)
+        g.save(dest)
         return g
     graph = stages.run("graph", graph_stage, lambda: ChannelGraph.load(out, compression=comp))
 
@@ -210,7 +239,7 @@ def analyze(inputs: Inputs, out: str | os.PathLike, config: AnalyzeConfig | None
             result["given"] = {"modules": given, "source": str(inputs.modules.get("source", "given")),
                                "modularity": graph.modularity(n_null=cfg.n_null, modules=given, progress=False)
                                if cfg.n_null > 1 else {}}
-        write_json(out / "modules.json", result)
+        write_json(dest / "modules.json", result)
         return result
     summary["modules"] = stages.run("modules", modules_stage, lambda: read_json(out / "modules.json"))
     modules = [frozenset(m) for m in summary["modules"]["modules"]]
@@ -220,7 +249,7 @@ def analyze(inputs: Inputs, out: str | os.PathLike, config: AnalyzeConfig | None
         def circuits_stage() -> Any:
             cs = graph.circuits(model, dict(inputs.categories), n_boot=cfg.n_boot, n_random=cfg.n_random,
                                 batch_size=cfg.batch_size, progress=progress)
-            cs.save(out)
+            cs.save(dest)
             return cs
         circuits = stages.run("circuits", circuits_stage, lambda: CircuitSet.load(out))
         names, sim = circuits.similarity()
@@ -237,22 +266,22 @@ def analyze(inputs: Inputs, out: str | os.PathLike, config: AnalyzeConfig | None
             table = tlm.sae.score_model(model, inputs.saes, tokens, comp=comp, attention_mask=mask,
                                         max_tokens=cfg.max_score_tokens, batch_size=cfg.batch_size)
             rows = table.ranked(50)
-            write_json(out / "polysemanticity.json", {"n_tokens": table.n_tokens, "rows": rows})
+            write_json(dest / "polysemanticity.json", {"n_tokens": table.n_tokens, "rows": rows})
             return {"n_tokens": table.n_tokens, "rows": rows}
         summary["polysemanticity"] = stages.run("polysemanticity", poly_stage,
                                                 lambda: read_json(out / "polysemanticity.json"))
 
-    label_stage = _label_stage(inputs, graph, modules, summary, out, cfg, circuits, comp)
+    label_stage = _label_stage(inputs, graph, modules, summary, dest, cfg, circuits, comp)
     summary["labels"] = stages.run("labels", label_stage, lambda: _complete_labels(out / "labels_summary.json"))
 
     def figures() -> dict[str, str]:
         from tl_modular.report.figures import draw_all
-        return draw_all(out, graph, modules, summary, circuits)
+        return draw_all(dest, graph, modules, summary, circuits)
     summary["figures"] = stages.run("figures", figures, lambda: read_json(out / "figures.json"))
     summary["timings"] = {k: v["seconds"] for k, v in stages.done.items()}   # as first computed
     summary["reused"] = sorted(k for k, v in stages.times.items() if v == 0.0 and k in stages.done)
-    write_json(out / "summary.json", summary)
-    return render(summary, out)
+    write_json(dest / "summary.json", summary)
+    return render(summary, dest)
 
 
 def _label_stage(inputs: Inputs, graph: Any, modules: list, summary: dict, out: Path, cfg: AnalyzeConfig,

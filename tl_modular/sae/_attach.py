@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 from jaxtyping import Float, Int
 
+from tl_modular import _dist
 from tl_modular._hooks import hook_guard, run_with_cache, run_with_hooks
 from tl_modular._io import read_json, read_safetensors_header, reading
 from tl_modular._models import fingerprint, stop_layer
@@ -156,10 +157,15 @@ def iter_activations(model: Any, tokens: Int[torch.Tensor, "batch pos"], hooks: 
 def collect(model: Any, tokens: Int[torch.Tensor, "batch pos"], hooks: Sequence[str], *,
             attention_mask: torch.Tensor | None = None, batch_size: int = 32,
             max_tokens: int | None = None) -> dict[str, torch.Tensor]:
-    """``{hook: [n_tokens, width]}`` over valid positions (bounded by ``max_tokens``)."""
+    """``{hook: [n_tokens, width]}`` over valid positions (bounded by ``max_tokens``).
+
+    Under ``torch.distributed`` the batches it needs are split over the ranks and every rank gets
+    all the activations, in order (the same as one process)."""
     out: dict[str, list[torch.Tensor]] = {h: [] for h in hooks}
+    batches = (_collect_shards(model, tokens, hooks, attention_mask, batch_size, max_tokens) if _dist.active()
+               else iter_activations(model, tokens, hooks, attention_mask=attention_mask, batch_size=batch_size))
     n = 0
-    for acts in iter_activations(model, tokens, hooks, attention_mask=attention_mask, batch_size=batch_size):
+    for acts in batches:
         for h, a in acts.items():
             out[h].append(a.cpu())
         n += next(iter(acts.values())).shape[0]
@@ -169,6 +175,29 @@ def collect(model: Any, tokens: Int[torch.Tensor, "batch pos"], hooks: Sequence[
     if next(iter(res.values())).shape[0] == 0:
         raise ValueError("no valid positions: every position is padding or position 0")
     return res
+
+
+def _collect_shards(model: Any, tokens: torch.Tensor, hooks: Sequence[str], attention_mask: torch.Tensor | None,
+                    batch_size: int, max_tokens: int | None) -> list[dict[str, torch.Tensor]]:
+    """The batches :func:`collect` reads in one process (up to ``max_tokens`` valid positions),
+    each rank running its share; every rank's per-batch activations, in batch order."""
+    tokens, attention_mask = check_tokens(tokens, attention_mask, model=model)
+    _dist.check_consistent("activations", model, tokens, attention_mask, hooks=list(hooks), batch_size=batch_size,
+                           max_tokens=max_tokens)
+    counts = valid_positions(tokens, attention_mask).sum(1)
+    starts, n = [], 0
+    for start in range(0, tokens.shape[0], batch_size):
+        starts.append(start)
+        n += int(counts[start:start + batch_size].sum())
+        if max_tokens is not None and n >= max_tokens:
+            break
+    parts = []
+    for start in _dist.shard(starts):
+        mask = None if attention_mask is None else attention_mask[start:start + batch_size]
+        acts = next(iter_activations(model, tokens[start:start + batch_size], hooks, attention_mask=mask,
+                                     batch_size=batch_size))
+        parts.append({h: a.cpu() for h, a in acts.items()})
+    return _dist.gather_batches(parts)
 
 
 @contextlib.contextmanager
