@@ -9,9 +9,11 @@ tensors (issue 28: that loaded silently with the old fingerprint and the new num
 from __future__ import annotations
 
 import copy
+import shutil
 import json
 
 import _bad
+import numpy as np
 import pytest
 import torch
 
@@ -242,3 +244,156 @@ def test_circuits_load_checks_the_graph_given(analyses, tmp_path):
     assert tlm.circuits.CircuitSet.load(tmp_path, graph=old_graph).graph_digest == old_graph.digest()
     with _bad.raises(ArtifactError, match="the graph given come from different saves"):
         tlm.circuits.CircuitSet.load(tmp_path, graph=new_graph)
+
+
+# --- the report directory --------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def report_runs():
+    from tl_modular import report
+
+    model = tiny_model("gpt2", seed=0)
+
+    def inputs(seed):
+        tokens = torch.randint(0, 50, (16, 10), generator=torch.Generator().manual_seed(seed))
+        return report.Inputs(model=model, tokens=tokens, name="tiny", categories={"all": tokens[:8]})
+    cfg = report.AnalyzeConfig(n_null=2, budgets=2, n_boot=2, n_random=1, batch_size=8, n_label_units=2)
+    return inputs(3), inputs(4), cfg
+
+
+def _files(d) -> dict[str, bytes]:
+    return {str(p.relative_to(d)): p.read_bytes() for p in sorted(d.rglob("*")) if p.is_file()}
+
+
+def _report_files(d) -> dict[str, bytes]:
+    """The report's own files (those a run writes; not the LLM cache, not the user's)."""
+    return {k: v for k, v in _files(d).items() if k.split("/")[0] not in ("llm_cache", "notes.txt")}
+
+
+def _old_report(out, inputs, cfg) -> dict[str, bytes]:
+    from tl_modular import report
+
+    report.analyze(inputs, out, cfg, progress=False)
+    (out / "llm_cache").mkdir()
+    (out / "llm_cache" / "reply.json").write_text("{}")     # what the labeler caches under --out
+    (out / "notes.txt").write_text("the user's own file")
+    return _files(out)
+
+
+def _patch_writes(m, hook) -> None:
+    """Every atomic write of the report (JSON, tensors, pages, figures) calls ``hook(path)`` first."""
+    import tl_modular.report.figures as figures
+    import tl_modular.report.html as html
+
+    real = tio._atomic
+
+    def atomic(path, write):
+        hook(path)
+        real(path, write)
+    for module in (tio, html, figures):
+        m.setattr(module, "_atomic", atomic)
+
+
+def test_a_report_run_never_touches_the_old_report_until_it_is_complete(tmp_path, monkeypatch, report_runs):
+    """At every write of a new run (where a kill could land) the old report is there, whole; a kill
+    in the middle leaves it so, the next run resumes from the stages done and then replaces it."""
+    from tl_modular import report
+    from tl_modular.report.pipeline import staging_dir
+
+    old_in, new_in, cfg = report_runs
+    out = tmp_path / "report"
+    old = _old_report(out, old_in, cfg)
+    writes = []
+
+    def unchanged(path):
+        assert _files(out) == old, f"the old report changed before {path.name} was written"
+        writes.append(path.name)
+    with monkeypatch.context() as m:
+        _patch_writes(m, unchanged)
+        m.setattr(report.pipeline, "_commit", lambda staging, final: (_ for _ in ()).throw(_Killed("at the end")))
+        with pytest.raises(_Killed):
+            report.analyze(new_in, out, cfg, progress=False)
+    assert len(writes) > 15 and {"graph.json", "circuits.json", "report.html"} <= set(writes)
+    # killed in the middle: the old report whole, the stages done kept beside it
+    shutil.rmtree(staging_dir(out))
+    with monkeypatch.context() as m:
+        _interrupt_after(m, 9)
+        with pytest.raises(_Killed):
+            report.analyze(new_in, out, cfg, progress=False)
+    _bad.tried()
+    assert _files(out) == old
+    done = set(json.loads((staging_dir(out) / "manifest.json").read_text())["stages"])
+    assert {"compression", "rank_fidelity"} <= done and "labels" not in done
+    report.analyze(new_in, out, cfg, progress=False)          # resumes
+    summary = json.loads((out / "summary.json").read_text())
+    assert done <= set(summary["reused"]) and "labels" not in summary["reused"]
+    assert not staging_dir(out).exists() and not (tmp_path / ".report.old").exists()
+    fresh = tmp_path / "fresh"
+    report.analyze(new_in, fresh, cfg, progress=False)        # the same report, uninterrupted
+    for name in ("graph.json", "modules.json", "compression/compression.safetensors"):
+        assert (out / name).read_bytes() == (fresh / name).read_bytes(), name
+    # the resumed circuits ran on the compression as stored (float32), the fresh ones on float64
+    got, want = (tlm.circuits.CircuitSet.load(d)["all"] for d in (out, fresh))
+    assert got.scores.keys() == want.scores.keys()
+    assert np.allclose(list(got.scores.values()), list(want.scores.values()), rtol=1e-4, atol=1e-7)
+    # what the report does not write itself is carried over
+    assert (out / "notes.txt").read_text() == "the user's own file" and (out / "llm_cache" / "reply.json").exists()
+
+
+@pytest.mark.parametrize("exchange", [True, False])
+def test_a_report_killed_while_it_replaces_the_old_is_old_or_new_whole(tmp_path, monkeypatch, report_runs, exchange):
+    """Kills before each rename/removal of the replacement (with the atomic exchange, and with the
+    two renames used where there is none): the folder holds the old report or the new one whole
+    (or, between the two renames, none: the next run puts the old one back), never a mix; the next
+    run finishes the replacement and loses none of the user's files."""
+    from tl_modular import report
+    from tl_modular.report import pipeline
+
+    old_in, new_in, cfg = report_runs
+    out = tmp_path / "template" / "report"
+    old = _old_report(out, old_in, cfg)
+    with monkeypatch.context() as m:
+        m.setattr(pipeline, "_commit", lambda staging, final: (_ for _ in ()).throw(_Killed("at the end")))
+        with pytest.raises(_Killed):
+            report.analyze(new_in, out, cfg, progress=False)
+    new = _report_files(pipeline.staging_dir(out))
+    seen, j = set(), 0
+    while True:
+        d = tmp_path / f"j{j}"
+        shutil.copytree(tmp_path / "template", d, symlinks=True)
+        final = d / "report"
+        calls = {"n": 0}
+
+        def step(real, *args):
+            if calls["n"] >= j:
+                raise _Killed(f"killed before step {j}")
+            calls["n"] += 1
+            return real(*args)
+        with monkeypatch.context() as m:
+            import os as _os
+            m.setattr(pipeline.os, "replace", lambda a, b, real=_os.replace: step(real, a, b))
+            m.setattr(pipeline.shutil, "rmtree", lambda p, real=shutil.rmtree: step(real, p))
+            m.setattr(pipeline, "_exchange", (lambda a, b, real=pipeline._exchange: step(real, a, b)) if exchange
+                      else (lambda a, b: False))
+            try:
+                pipeline._commit(pipeline.staging_dir(final), final)
+                finished = True
+            except _Killed:
+                finished = False
+        _bad.tried()
+        if not final.exists():
+            seen.add("none")
+        elif _files(final) == old:
+            seen.add("old")
+        else:
+            assert _report_files(final) == new, f"a mix after {j} steps"
+            seen.add("new")
+        report.analyze(new_in, final, cfg, progress=False)    # recovers, reuses every stage, replaces
+        summary = json.loads((final / "summary.json").read_text())
+        assert "labels" in summary["reused"] and "graph" in summary["reused"]
+        assert (final / "notes.txt").exists() and (final / "llm_cache" / "reply.json").exists(), f"lost after {j}"
+        assert sorted(p.name for p in d.iterdir()) == ["report"], f"left over after {j} steps"
+        if finished:
+            break
+        j += 1
+    assert seen == ({"old", "new"} if exchange else {"old", "none", "new"})
