@@ -9,8 +9,8 @@ tensors (issue 28: that loaded silently with the old fingerprint and the new num
 from __future__ import annotations
 
 import copy
-import shutil
 import json
+import shutil
 
 import _bad
 import numpy as np
@@ -364,7 +364,7 @@ def test_a_report_killed_while_it_replaces_the_old_is_old_or_new_whole(tmp_path,
         final = d / "report"
         calls = {"n": 0}
 
-        def step(real, *args):
+        def step(real, *args, calls=calls, j=j):
             if calls["n"] >= j:
                 raise _Killed(f"killed before step {j}")
             calls["n"] += 1
