@@ -289,6 +289,8 @@ def _scores(model: Any, channels: ChannelSet, graph: Any, cat: _Category, routes
     embeds = [(c.source_hook, c.name) for c in channels.of_kind("embed", "pos_embed") if c.name in cat.baseline]
     out = []
     device = model.cfg.device
+    # passes of as many examples as fit in memory (each example's scores are computed alone either way)
+    batch_size = min(batch_size, _routes.rows_per_pass(model, len(ws), len(rs), cat.tokens.shape[1]))
     for start in range(0, len(cat.tokens), batch_size):
         index = slice(start, start + batch_size)
         batch = cat.tokens[index].to(device)
