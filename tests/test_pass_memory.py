@@ -16,13 +16,15 @@ from tl_modular.graph import routes
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 
-def test_gpt2_small_shape_takes_two_rows_of_129_per_pass():
+def test_gpt2_small_shape_takes_one_row_of_129_per_pass():
     cfg = SimpleNamespace(d_model=768, n_heads=12, n_layers=12, d_mlp=3072, dtype=torch.float32)
-    rows = routes.rows_per_pass(SimpleNamespace(cfg=cfg), 158, 445, 129)
-    assert rows == 2                                   # of build_graph's default 16 (8 in the benchmark)
-    assert routes.rows_per_pass(SimpleNamespace(cfg=cfg), 158, 445, 129, budget=1) == 1   # never none
+    model = SimpleNamespace(cfg=cfg)
+    assert routes.rows_per_pass(model, 158, 445, 129) == 1           # of build_graph's default 16
+    assert routes.rows_per_pass(model, 158, 445, 129, budget=2 << 30) == 2
+    assert routes.rows_per_pass(model, 158, 445, 129, budget=1) == 1   # never none
+    assert routes.rows_per_pass(model, 158, 445, 16) == 9             # short prompts (circuits): more rows
     cfg64 = SimpleNamespace(**{**vars(cfg), "dtype": torch.float64})
-    assert routes.rows_per_pass(SimpleNamespace(cfg=cfg64), 158, 445, 129) == 1
+    assert routes.rows_per_pass(SimpleNamespace(cfg=cfg64), 158, 445, 129, budget=2 << 30) == 1
 
 
 def _passes(monkeypatch) -> list[int]:
