@@ -439,7 +439,9 @@ def test_ctrl_c_during_analyze_exits_130_and_the_stages_done_are_reused(small_cl
             raise AssertionError(f"analyze did not stop within 180 s of Ctrl-C; its threads:\n{err[-6000:]}") from None
         assert child.returncode == 130, err[-3000:]
         assert "Traceback" not in err and "tl-modular: interrupted; the stages finished so far (compression" in err
-        manifest = json.loads((out / "manifest.json").read_text())
+        assert f"({out} is left as it was)" in err      # the stages are beside it, in the staging folder
+        from tl_modular.report.pipeline import staging_dir
+        manifest = json.loads((staging_dir(out) / "manifest.json").read_text())
         assert {"compression", "graph", "modules", "circuits"} <= set(manifest["stages"])
         assert "labels" not in manifest["stages"]
         # the same command again (in this process; the server now answers at once) reuses what was done

@@ -1,8 +1,9 @@
 """Ctrl-C at any moment of a pass leaves the user's model exactly as it was: no hook, same weights.
 
 A thread sends SIGINT to this process at random moments of ``compress``, ``build_graph``,
-``circuits`` and ``label`` (every other time followed by a second interrupt a few TransformerLens calls
-into the unwinding, which lands while TL removes its hooks); after each, the call either finished or
+``circuits``, ``label`` and the attribution passes (``attribution_graph``, ``run_with_features``)
+(every other time followed by a second interrupt a few TransformerLens calls into the unwinding,
+which lands while TL removes its hooks); after each, the call either finished or
 raised ``KeyboardInterrupt``, no HookPoint holds a hook (torch's dicts and TransformerLens' handle
 lists) and every weight is bit-identical.
 """
@@ -21,6 +22,7 @@ import torch
 
 import tl_modular as tlm
 from tl_modular._hooks import _func_outside, hook_guard
+from tl_modular.attribution import run_with_features
 from tl_modular.testing import tiny_model
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -134,7 +136,13 @@ def world(tiny_graph):
 
 
 def _entries(world):
+    from tl_modular.attribution.intervention import _writers
+
     model, data, comp, graph = world
+    target = {"positions": [8], "answers": [int(data[0, 9])]}
+    rng = torch.Generator().manual_seed(0)
+    masks = {w.channel.name: torch.rand(*data.shape, w.size, generator=rng) > 0.5 for w in _writers(model, comp)}
+    base = {name: torch.zeros(m.shape) for name, m in masks.items()}
     return {
         "compress": lambda: tlm.compress(model, data, progress=False),
         "build_graph": lambda: tlm.build_graph(comp, model=model, tokens=data, progress=False),
@@ -142,10 +150,13 @@ def _entries(world):
                                            progress=False),
         "label": lambda: tlm.label(tlm.labeling.neurons(model, 0, range(8)), model, data, n_baseline=0, n_boot=20,
                                    progress=False),
+        "attribution_graph": lambda: tlm.attribution_graph(model, data[:2], units=comp, target=target),
+        "run_with_features": lambda: run_with_features(model, comp, data, masks, base),
     }
 
 
-@pytest.mark.parametrize("entry", ["compress", "build_graph", "circuits", "label"])
+@pytest.mark.parametrize("entry", ["compress", "build_graph", "circuits", "label", "attribution_graph",
+                                   "run_with_features"])
 def test_sigint_at_random_moments_leaves_no_hook(world, entry, ctrl_c):
     model = world[0]
     call = _entries(world)[entry]

@@ -31,8 +31,8 @@ from safetensors.torch import load_file, safe_open, save_file
 
 from tl_modular.errors import ArtifactError, UnsupportedModelError
 
-__all__ = ["SCHEMA_VERSION", "ArtifactError", "bind_files", "check_bound", "check_shapes", "read_json",
-           "read_safetensors", "read_safetensors_header", "read_versioned_json", "reading", "write_json",
+__all__ = ["SCHEMA_VERSION", "ArtifactError", "artifact_digest", "bind_files", "check_bound", "check_shapes",
+           "read_json", "read_safetensors", "read_safetensors_header", "read_versioned_json", "reading", "write_json",
            "write_safetensors", "write_text"]
 
 #: Version of the on-disk formats written by tl_modular.
@@ -77,6 +77,17 @@ def _content_hash(tensors: Mapping[str, torch.Tensor]) -> str:
         h.update(f"{name}\0{t.dtype}\0{tuple(t.shape)}\0".encode())
         if t.numel():
             h.update(memoryview(t.reshape(-1).view(torch.uint8).numpy()))
+    return h.hexdigest()
+
+
+def artifact_digest(obj: Any, tensors: Mapping[str, torch.Tensor] | None = None) -> str:
+    """SHA-256 of an artifact's content: ``obj`` as canonical JSON (sorted keys, so a JSON round trip
+    gives the same digest) and ``tensors`` as stored (the content hash :func:`write_safetensors`
+    records). What a derived artifact records of the one it was computed from (a graph of its
+    compression, circuits of their graph), so that a load can refuse a pair from different saves."""
+    h = hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode())
+    if tensors is not None:
+        h.update(_content_hash(tensors).encode())
     return h.hexdigest()
 
 

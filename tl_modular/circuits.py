@@ -39,7 +39,7 @@ import torch
 from tqdm.auto import tqdm
 
 from tl_modular import _dist
-from tl_modular._io import SCHEMA_VERSION, read_versioned_json, reading, write_json
+from tl_modular._io import SCHEMA_VERSION, ArtifactError, read_versioned_json, reading, write_json
 from tl_modular._names import split_port
 from tl_modular._stats import adjusted_rand_index, kmeans
 from tl_modular._tokens import check_tokens
@@ -107,10 +107,13 @@ class Circuit:
 class CircuitSet(Mapping[str, Circuit]):
     """Circuits by category, with what they share."""
 
-    def __init__(self, circuits: Mapping[str, Circuit], n_routes: int, channels: Sequence[str] = ()) -> None:
+    def __init__(self, circuits: Mapping[str, Circuit], n_routes: int, channels: Sequence[str] = (),
+                 graph_digest: str | None = None) -> None:
         self._circuits = dict(circuits)
         self.n_routes = n_routes
         self.channels = list(channels)   # the columns of every circuit's ``usage``
+        # ChannelGraph.digest() of the graph they were found on: a load beside another graph is refused
+        self.graph_digest = graph_digest
 
     def __getitem__(self, name: str) -> Circuit:
         return self._circuits[name]
@@ -181,19 +184,40 @@ class CircuitSet(Mapping[str, Circuit]):
         return plot_circuits(self, graph, None if path is None else Path(path))
 
     def save(self, directory: str | os.PathLike) -> Path:
-        """Write ``directory/circuits.json`` (beside a saved ``graph.json``)."""
+        """Write ``directory/circuits.json`` (beside a saved ``graph.json``; it records the digest of
+        the graph the circuits were found on, checked by :meth:`load`)."""
         directory = Path(directory)
         write_json(directory / "circuits.json", {"schema": _SCHEMA, "version": SCHEMA_VERSION,
                                                  "n_routes": self.n_routes, "channels": self.channels,
+                                                 "graph_digest": self.graph_digest,
                                                  "circuits": [c.to_json() for c in self.values()]})
         return directory
 
     @classmethod
-    def load(cls, directory: str | os.PathLike) -> CircuitSet:
-        meta = read_versioned_json(directory, "circuits.json", _SCHEMA, "CircuitSet.save", required=("circuits",))
-        with reading(Path(directory) / "circuits.json", "CircuitSet.save"):
-            return cls({d["category"]: Circuit.from_json(d) for d in meta["circuits"]}, meta["n_routes"],
-                       meta.get("channels", []))
+    def load(cls, directory: str | os.PathLike, *, graph: Any = None) -> CircuitSet:
+        """Read circuits written by :meth:`save`; refused (:class:`~tl_modular.errors.ArtifactError`)
+        when they were found on another graph than ``graph`` or, by default, than the ``graph.json``
+        beside them (e.g. a report re-run interrupted after the graph was saved anew).
+
+        >>> circuits = tlm.circuits.CircuitSet.load("tl_modular_report")                 # doctest: +SKIP
+        """
+        from tl_modular.graph import ChannelGraph
+
+        path, writer = Path(directory) / "circuits.json", "CircuitSet.save"
+        meta = read_versioned_json(directory, "circuits.json", _SCHEMA, writer, required=("circuits",))
+        with reading(path, writer):
+            circuits = cls({d["category"]: Circuit.from_json(d) for d in meta["circuits"]}, meta["n_routes"],
+                           meta.get("channels", []), meta.get("graph_digest"))
+        beside = Path(directory) / "graph.json"
+        if circuits.graph_digest is not None and (graph is not None or beside.exists()):
+            found = graph if graph is not None else ChannelGraph.load(directory)
+            if found.digest() != circuits.graph_digest:
+                other = "the graph given" if graph is not None else str(beside)
+                raise ArtifactError(f"{path} and {other} come from different saves: the circuits were found on "
+                                    "another graph (a save was interrupted between the graph and the circuits, or "
+                                    "the graph was built again); find the circuits again with graph.circuits",
+                                    path=path)
+        return circuits
 
 
 # --- one category ----------------------------------------------------------------------------------
@@ -266,6 +290,8 @@ def _scores(model: Any, channels: ChannelSet, graph: Any, cat: _Category, routes
     embeds = [(c.source_hook, c.name) for c in channels.of_kind("embed", "pos_embed") if c.name in cat.baseline]
     out = []
     device = model.cfg.device
+    # passes of as many examples as fit in memory (each example's scores are computed alone either way)
+    batch_size = min(batch_size, _routes.rows_per_pass(model, len(ws), len(rs), cat.tokens.shape[1]))
     _dist.check_consistent(f"circuit scores of {cat.name}", model, cat.tokens, None, batch_size=batch_size,
                            routes=routes, steps=steps)
     for start in _dist.batch_starts(len(cat.tokens), batch_size):     # this rank's share; rows gathered below
@@ -504,4 +530,4 @@ def find_circuits(graph: Any, model: Any, categories: Mapping[str, Task | torch.
             completeness=_ratio(clean - without, den),
             completeness_interval=_bootstrap(clean - without, den, rng, n_boot),
             random_faithfulness=randoms, n_examples=len(cat.tokens), usage=usage, search=found)
-    return CircuitSet(out, n, names)
+    return CircuitSet(out, n, names, graph.digest())

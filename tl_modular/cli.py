@@ -143,14 +143,18 @@ def _saved_stages(args: argparse.Namespace) -> str:
         return ""
     import json
 
+    from tl_modular.report.pipeline import staging_dir
+
+    # an unfinished report is built beside --out (which keeps the previous report whole)
+    where = staging_dir(args.out) if staging_dir(args.out).is_dir() else Path(args.out)
     try:
-        stages = list(json.loads((Path(args.out) / "manifest.json").read_text()).get("stages", {}))
+        stages = list(json.loads((where / "manifest.json").read_text()).get("stages", {}))
     except (OSError, ValueError, AttributeError):
         stages = []
     if not stages:
-        return f"; no stage was finished in {args.out}"
-    return (f"; the stages finished so far ({', '.join(stages)}) are saved in {args.out}: run the same command "
-            "again to reuse them")
+        return f"; no stage was finished in {where}"
+    return (f"; the stages finished so far ({', '.join(stages)}) are saved in {where}: run the same command "
+            f"again to reuse them{'' if where == Path(args.out) else f' ({args.out} is left as it was)'}")
 
 
 # --- data parallel ------------------------------------------------------------------------------

@@ -34,6 +34,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
+from tl_modular._hooks import run_with_cache
 from tl_modular._models import check_supported
 from tl_modular._names import act_name
 from tl_modular.attribution.graph import AttributionGraph, Node
@@ -218,7 +219,7 @@ def _one(model: Any, channels: ChannelSet, comp: Compression | None, saes: dict[
     for layer in range(n_layers):
         hooks |= {f"blocks.{layer}.ln1.hook_scale", f"blocks.{layer}.ln2.hook_scale", act_name("pattern", layer),
                   act_name("z", layer), act_name("pre", layer), act_name("post", layer), act_name("mlp_out", layer)}
-    logits, cache = model.run_with_cache(tokens, names_filter=lambda n: n in hooks)
+    logits, cache = run_with_cache(model, tokens, names_filter=lambda n: n in hooks)
     cache = {k: v.detach().cpu() for k, v in cache.items()}
     logits = logits.detach().cpu().to(dtype)[0]
     f = lambda t: t.detach().cpu().to(dtype)  # noqa: E731

@@ -19,6 +19,7 @@ from typing import TYPE_CHECKING, Any, Literal
 
 import torch
 
+from tl_modular._hooks import run_with_cache, run_with_hooks
 from tl_modular._names import act_name
 from tl_modular.attribution.build import _units
 from tl_modular.attribution.pruning import Pruned
@@ -108,7 +109,7 @@ def _activations(model: Any, writers: Sequence[_Writer], tokens: torch.Tensor) -
     """Each unit's write in feature coordinates: ``[batch, pos, features]``."""
     names = {act_name("z", w.channel.layer) if w.channel.kind == "head" else act_name("mlp_out", w.channel.layer)
              for w in writers}
-    _, cache = model.run_with_cache(tokens.to(model.cfg.device), names_filter=lambda n: n in names)
+    _, cache = run_with_cache(model, tokens.to(model.cfg.device), names_filter=lambda n: n in names)
     out = {}
     for wr in writers:
         c = wr.channel
@@ -166,7 +167,7 @@ def run_with_features(model: Any, units: Any, tokens: torch.Tensor, masks: Mappi
         hooks.append((act_name("z", layer), save_z))
         hooks.append((act_name("attn_out", layer), lambda o, hook: edit(o, hook, "head")))
         hooks.append((act_name("mlp_out", layer), lambda o, hook: edit(o, hook, "mlp")))
-    return model.run_with_hooks(tokens.to(model.cfg.device), fwd_hooks=hooks)
+    return run_with_hooks(model, tokens.to(model.cfg.device), fwd_hooks=hooks)
 
 
 @torch.no_grad()

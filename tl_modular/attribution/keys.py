@@ -19,6 +19,7 @@ from typing import Any
 
 import torch
 
+from tl_modular._hooks import run_with_cache, run_with_hooks
 from tl_modular._names import act_name, parse
 from tl_modular.attribution.graph import AttributionGraph
 
@@ -55,7 +56,7 @@ def key_contributions(model: Any, graph: AttributionGraph, head: str
     tokens = graph.tokens[None].to(cfg.device)
     q_hook = act_name("rot_q" if cfg.positional_embedding_type == "rotary" else "q", layer)
     hooks = {q_hook, f"blocks.{layer}.ln1.hook_scale"}
-    _, cache = model.run_with_cache(tokens, names_filter=lambda n: n in hooks)
+    _, cache = run_with_cache(model, tokens, names_filter=lambda n: n in hooks)
     q = cache[q_hook][0, :, h].to("cpu", dtype)                      # [pos, d_head]
     sigma = cache[f"blocks.{layer}.ln1.hook_scale"][0, :, 0].to("cpu", dtype)
     ln = model.blocks[layer].ln1
@@ -98,7 +99,8 @@ def key_attribution(model: Any, graph: AttributionGraph, heads: Sequence[str] | 
 
     t = graph.target
     with torch.enable_grad():
-        logits = model.run_with_hooks(tokens, fwd_hooks=[(act_name("attn_scores", layer), keep) for layer in layers])[0]
+        hooks = [(act_name("attn_scores", layer), keep) for layer in layers]
+        logits = run_with_hooks(model, tokens, fwd_hooks=hooks)[0]
         wrong = t.get("wrong_answers")
         metric = sum(logits[p, a] - (logits[p, wrong[i]] if wrong else 0)
                      for i, (p, a) in enumerate(zip(t["positions"], t["answers"], strict=True))) / len(t["positions"])

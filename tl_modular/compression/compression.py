@@ -47,6 +47,7 @@ from jaxtyping import Float, Int
 from tl_modular._hooks import hook_guard
 from tl_modular._io import (
     SCHEMA_VERSION,
+    artifact_digest,
     bind_files,
     check_bound,
     check_shapes,
@@ -308,9 +309,8 @@ class Compression(Mapping[str, ChannelCompression]):
         raise ValueError(f"circuit must be 'OV' or 'QK', got {circuit!r}")
 
     # --- files ------------------------------------------------------------------------------
-    def save(self, directory: str | os.PathLike) -> Path:
-        """Write ``compression.safetensors`` + ``compression.json`` into ``directory`` (atomically)."""
-        directory = Path(directory)
+    def _payload(self) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+        """The tensors (float32, as stored) and the index that :meth:`save` writes."""
         tensors: dict[str, torch.Tensor] = {}
         index: dict[str, Any] = {}
         for (name, key), s in self.sides().items():
@@ -319,8 +319,24 @@ class Compression(Mapping[str, ChannelCompression]):
                 tensors[prefix + part] = getattr(s, part).to(torch.float32)
             index.setdefault(name, {"kind": self[name].kind, "sides": {}})["sides"][key] = {
                 "rank": s.rank, "statistic": s.statistic, "centered": s.centered}
-        meta = {"model_fingerprint": self.model_fingerprint, "n_tokens": self.n_tokens, "config": self.config,
-                "channels": index}
+        meta = {"model_fingerprint": self.model_fingerprint, "n_tokens": self.n_tokens,
+                "config": self.config, "channels": index}
+        return tensors, meta
+
+    def digest(self) -> str:
+        """SHA-256 of what :meth:`save` writes (the same before a save and after a load): a graph
+        records it, so that loading the graph beside another compression is refused.
+
+        >>> comp.digest() == tlm.Compression.load(comp.save("comp")).digest()   # doctest: +SKIP
+        True
+        """
+        tensors, meta = self._payload()
+        return artifact_digest(meta, tensors)
+
+    def save(self, directory: str | os.PathLike) -> Path:
+        """Write ``compression.safetensors`` + ``compression.json`` into ``directory`` (atomically)."""
+        directory = Path(directory)
+        tensors, meta = self._payload()
         # tensors first, the index last, binding them (a save interrupted between them is refused at load)
         write_safetensors(directory / "compression.safetensors", tensors,
                           {"kind": "compression", "bound_to": "compression.json"})

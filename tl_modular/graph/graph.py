@@ -30,6 +30,7 @@ Saved graphs (``graph.save(dir)`` → ``dir/graph.json``) follow this schema (ve
 
     {"schema": "tl_modular.ChannelGraph", "version": 1, "model_fingerprint": str | null,
      "config": {"weight": "data" | "static", "n_tokens": int, ...},
+     "compression_digest": str | null,           # Compression.digest() of the compression it was built from
      "nodes": [{"id": str, "kind": str, ...attributes}],
      "edges": [{"source": str, "target": str, "kind": "route" | "port", ...attributes}]}
 """
@@ -48,7 +49,7 @@ import numpy as np
 import torch
 from jaxtyping import Int
 
-from tl_modular._io import SCHEMA_VERSION, read_versioned_json, reading, write_json
+from tl_modular._io import SCHEMA_VERSION, ArtifactError, artifact_digest, read_versioned_json, reading, write_json
 from tl_modular._models import check_finite, fingerprint
 from tl_modular._names import channel_order, parse, split_port
 from tl_modular._stats import spearman
@@ -118,6 +119,9 @@ class ChannelGraph:
     model_fingerprint: str | None = None
     config: dict[str, Any] = field(default_factory=dict)
     compression: Compression | None = field(default=None, repr=False)  # the one it was built from, if known
+    # Compression.digest() of that compression (kept when the graph is saved without it): a load
+    # beside another compression of the same model is refused instead of mixing the two
+    compression_digest: str | None = field(default=None, repr=False)
 
     def __repr__(self) -> str:
         kinds: dict[str, int] = {}
@@ -476,23 +480,40 @@ class ChannelGraph:
 
     # --- files -------------------------------------------------------------------------------
 
-    def save(self, directory: str | os.PathLike) -> Path:
-        """Write ``directory/graph.json`` (atomic; schema in the module docs)."""
-        directory = Path(directory)
+    def _to_json(self) -> dict[str, Any]:
         nodes = [{"id": n, **d} for n, d in self.nx.nodes(data=True)]
         edges = [{"source": u, "target": v, **d} for u, v, d in self.nx.edges(data=True)]
-        write_json(directory / "graph.json", {"schema": _SCHEMA, "version": SCHEMA_VERSION,
-                                              "model_fingerprint": self.model_fingerprint,
-                                              "config": self.config, "nodes": nodes, "edges": edges})
+        return {"model_fingerprint": self.model_fingerprint, "config": self.config,
+                "compression_digest": self.compression_digest, "nodes": nodes, "edges": edges}
+
+    def digest(self) -> str:
+        """SHA-256 of what :meth:`save` writes (the same after a load): circuits record it, so that
+        circuits loaded beside another graph are refused.
+
+        >>> graph.digest() == tlm.ChannelGraph.load(graph.save("g")).digest()   # doctest: +SKIP
+        True
+        """
+        return artifact_digest(self._to_json())
+
+    def save(self, directory: str | os.PathLike) -> Path:
+        """Write ``directory/graph.json`` (atomic; schema in the module docs). It records the digest
+        of the compression the graph was built from, checked by :meth:`load`."""
+        directory = Path(directory)
+        write_json(directory / "graph.json", {"schema": _SCHEMA, "version": SCHEMA_VERSION, **self._to_json()})
         return directory
 
     @classmethod
     def load(cls, directory: str | os.PathLike, *, compression: Compression | None = None) -> ChannelGraph:
-        """Read a graph written by :meth:`save` (pass ``compression=`` for the checks that need it)."""
-        meta = read_versioned_json(directory, "graph.json", _SCHEMA, "ChannelGraph.save",
+        """Read a graph written by :meth:`save` (pass ``compression=`` for the checks that need it).
+
+        Raises :class:`~tl_modular.errors.ArtifactError` when ``compression`` is not the one the graph
+        was built from (e.g. a report re-run interrupted after the compression was saved anew and
+        before the graph was)."""
+        path, writer = Path(directory) / "graph.json", "ChannelGraph.save"
+        meta = read_versioned_json(directory, "graph.json", _SCHEMA, writer,
                                    required=("nodes", "edges", "model_fingerprint", "config"))
         g = nx.DiGraph()
-        with reading(Path(directory) / "graph.json", "ChannelGraph.save"):
+        with reading(path, writer):
             for node in meta["nodes"]:
                 attrs = dict(node)
                 g.add_node(attrs.pop("id"), **attrs)
@@ -501,7 +522,13 @@ class ChannelGraph:
                 g.add_edge(attrs.pop("source"), attrs.pop("target"), **attrs)
         if compression is not None and meta["model_fingerprint"] not in (None, compression.model_fingerprint):
             raise ValueError("the compression belongs to another model than the graph")
-        return cls(g, meta["model_fingerprint"], meta["config"], compression)
+        digest = meta.get("compression_digest")
+        if compression is not None and digest is not None and digest != compression.digest():
+            raise ArtifactError(f"{path} was built from another compression than the one given (same model, other "
+                                "contents): they come from different saves (a save was interrupted between the "
+                                "compression and the graph, or the compression was computed again); build the graph "
+                                "again with tlm.build_graph", path=path)
+        return cls(g, meta["model_fingerprint"], meta["config"], compression, digest)
 
     def to_graphml(self, path: str | os.PathLike) -> Path:
         """Export to GraphML (networkx), e.g. for Gephi or Cytoscape."""
@@ -593,7 +620,7 @@ def build_graph(comp: Compression, model: Any | None = None, tokens: Int[torch.T
               "metric": metric,
               "n_tokens": 0 if tokens is None else _routes.n_targets(tokens, attention_mask, loss_mask),
               "compression": dict(comp.config), "total_rank": comp.total_rank}
-    return ChannelGraph(g, comp.model_fingerprint, config, comp)
+    return ChannelGraph(g, comp.model_fingerprint, config, comp, comp.digest())
 
 
 def _layers(comp: Compression, channels: ChannelSet | None) -> int:

@@ -284,6 +284,31 @@ def per_position(readers_: list[Reader], deltas: torch.Tensor, grads: Mapping[st
         yield start, torch.bmm(flat, g.to(flat)).double()
 
 
+#: Bytes one forward/backward pass of a route attribution may hold (its writes, their deltas, the
+#: gradients at every reader port and the autograd graph): a batch is run in passes over as many
+#: rows as fit, at least one (each row's terms are computed alone either way, so the result is the
+#: same up to the order of the sums). At GPT-2-small shape, 1 GiB is one row of 129 tokens per pass:
+#: the data pass peaks at 4.0 GB (12.7 GB in one pass of 8 rows) at no measurable cost in time.
+PASS_MEMORY = 1 << 30
+
+
+def rows_per_pass(model: Any, n_writers: int, n_readers: int, n_pos: int, budget: int | None = None) -> int:
+    """Rows of ``n_pos`` tokens that one attribution pass takes within ``budget`` bytes
+    (:data:`PASS_MEMORY` by default); at least one.
+
+    >>> rows_per_pass(gpt2_small, 158, 445, 129)                       # doctest: +SKIP
+    1
+    """
+    cfg = model.cfg
+    size = torch.finfo(getattr(cfg, "dtype", torch.float32)).bits // 8
+    d_mlp = getattr(cfg, "d_mlp", None) or 0
+    # per position: writes, deltas and their transposed copy (3 per writer), a gradient per reader
+    # port, and per layer what autograd keeps of a pass with split inputs (~8 residual vectors per
+    # head: the q/k/v inputs, their LayerNorms; and the MLP's hidden activations)
+    floats = cfg.d_model * (3 * n_writers + n_readers) + cfg.n_layers * (8 * cfg.n_heads * cfg.d_model + 4 * d_mlp)
+    return max(1, int((PASS_MEMORY if budget is None else budget) // (floats * size * max(n_pos, 1))))
+
+
 def attributions(model: Any, channels: ChannelSet, writers_: list[Writer], readers_: list[Reader],
                  valid: torch.Tensor, tokens: torch.Tensor, mask: torch.Tensor | None,
                  loss_mask: torch.Tensor | None, *, metric: str, batch_size: int, progress: bool,
@@ -291,7 +316,8 @@ def attributions(model: Any, channels: ChannelSet, writers_: list[Writer], reade
     """``(signed, magnitude)``, each ``[writers, readers]`` per counted prediction: the first-order
     change of the metric when each route is mean-ablated, and the mean over positions of its
     per-position magnitude (which does not cancel between positions that push either way).
-    Under ``torch.distributed`` each rank runs its shard of the batches; the sums are all-reduced."""
+    Under ``torch.distributed`` each rank runs its shard of the batches; the sums are all-reduced.
+    Batches run in passes of at most :func:`rows_per_pass` rows (bounded memory)."""
     tokens, mask = check_tokens(tokens, mask, model=model)
     _check_loss_mask(tokens, mask, loss_mask)
     _dist.check_consistent("route attributions", model, tokens, mask, loss_mask=loss_mask, metric=metric,
@@ -299,6 +325,8 @@ def attributions(model: Any, channels: ChannelSet, writers_: list[Writer], reade
     signed = torch.zeros(len(writers_), len(readers_), dtype=torch.float64)
     magnitude = torch.zeros_like(signed)
     n = n_targets(tokens, mask, loss_mask)
+    # the rows of a pass, not the batches' sums, change: per-row terms are independent
+    batch_size = min(batch_size, rows_per_pass(model, len(writers_), len(readers_), tokens.shape[1]))
     bar = tqdm(_batches3(tokens, mask, loss_mask, batch_size, model.cfg.device),
                total=len(_dist.batch_starts(len(tokens), batch_size)), disable=not progress or not _dist.is_main(),
                desc="route attribution")

@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from tl_modular._io import write_json
+from tl_modular._io import _atomic, write_json
 
 if TYPE_CHECKING:
     from tl_modular.circuits import CircuitSet
@@ -37,7 +37,7 @@ def draw_all(out: Path, graph: ChannelGraph, modules: list, summary: dict[str, A
         ax.set_title("rank–fidelity")
         ax.legend()
         fig.tight_layout()
-        fig.savefig(out / "figures" / "rank_fidelity.png", dpi=110)
+        _savefig(fig, out / "figures" / "rank_fidelity.png")
         plt.close(fig)
         figures["rank_fidelity"] = "figures/rank_fidelity.png"
 
@@ -57,8 +57,13 @@ def draw_all(out: Path, graph: ChannelGraph, modules: list, summary: dict[str, A
         ax.set_xlabel("effective number of SAE features")
         ax.set_title("most polysemantic units")
         fig.tight_layout()
-        fig.savefig(out / "figures" / "polysemanticity.png", dpi=110)
+        _savefig(fig, out / "figures" / "polysemanticity.png")
         plt.close(fig)
         figures["polysemanticity"] = "figures/polysemanticity.png"
     write_json(out / "figures.json", figures)
     return figures
+
+
+def _savefig(fig: Any, path: Path) -> None:
+    """Atomically, as every file of the report (a re-run's staging folder hard-links the old files)."""
+    _atomic(path, lambda tmp: fig.savefig(tmp, dpi=110, format="png"))

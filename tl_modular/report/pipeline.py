@@ -6,6 +6,13 @@ segmentation → compression (``compression/``) → rank–fidelity curve → ch
 (``graph.json``) → modules and null model → circuits per category (``circuits.json``) →
 polysemanticity with SAEs → labels (``labels.json``) → ``summary.json`` and ``report.html``.
 
+The directory is replaced as a unit: the stages write into a sibling staging folder
+(``.NAME.partial``, seeded with hard links of a finished report with the same key), which replaces
+``out`` only when the report is complete (an atomic exchange of the two folders where the system
+has one). A run killed at any moment leaves the old report whole; the next run resumes from the
+staging folder. What the report does not write itself (the labeler's ``llm_cache``, files of your
+own) is carried over into the new report.
+
 Under ``torch.distributed`` (``torchrun ... -m tl_modular analyze``) every rank runs every stage,
 whose passes over tokens are data parallel; rank 0 alone decides which stages are reused and
 writes the report (the other ranks write into a private temporary folder, removed at the end).
@@ -13,10 +20,12 @@ writes the report (the other ranks write into a private temporary folder, remove
 
 from __future__ import annotations
 
+import ctypes
 import hashlib
 import json
 import os
 import shutil
+import sys
 import tempfile
 import time
 from collections.abc import Callable, Mapping
@@ -33,6 +42,10 @@ from tl_modular._models import fingerprint
 from tl_modular._redact import redact_obj, redact_url
 
 SUMMARY_VERSION = 1
+# What a report writes (replaced as a unit); any other entry of the report directory is carried over.
+_REPORT_ENTRIES = frozenset({"compression", "graph.json", "circuits.json", "modules.json", "rank_fidelity.json",
+                             "polysemanticity.json", "labels.json", "labels_summary.json", "figures", "figures.json",
+                             "manifest.json", "summary.json", "report.html"})
 
 
 @dataclass(kw_only=True)
@@ -174,16 +187,20 @@ def analyze(inputs: Inputs, out: str | os.PathLike, config: AnalyzeConfig | None
     PosixPath('report/report.html')
     """
     cfg = config or AnalyzeConfig()
-    out = Path(out)
+    final, key = Path(out), cache_key(inputs, cfg)
+    # every stage writes into the staging folder, which replaces final at the end (rank 0 chooses it)
+    staging = Path(_dist.on_main(lambda: _staging_for(final, key, reuse, progress)))
     if not _dist.is_main():      # the other ranks of a process group: no file in the report, no output
         dest = Path(tempfile.mkdtemp(prefix=f"tl-modular-rank{_dist.rank()}-"))
         try:
-            path = _analyze(inputs, out, dest, cfg, reuse=reuse, progress=False)
+            page = _analyze(inputs, staging, dest, cfg, reuse=reuse, progress=False)
         finally:
             shutil.rmtree(dest, ignore_errors=True)
-        return out / path.name
-    out.mkdir(parents=True, exist_ok=True)
-    return _analyze(inputs, out, out, cfg, reuse=reuse, progress=progress)
+        return final / page.name
+    page = _analyze(inputs, staging, staging, cfg, reuse=reuse, progress=progress)
+    if staging != final:
+        _commit(staging, final)
+    return final / page.name
 
 
 def _analyze(inputs: Inputs, out: Path, dest: Path, cfg: AnalyzeConfig, *, reuse: bool, progress: bool) -> Path:
@@ -282,6 +299,116 @@ def _analyze(inputs: Inputs, out: Path, dest: Path, cfg: AnalyzeConfig, *, reuse
     summary["reused"] = sorted(k for k, v in stages.times.items() if v == 0.0 and k in stages.done)
     write_json(dest / "summary.json", summary)
     return render(summary, dest)
+
+
+# --- the report directory as a unit -------------------------------------------------------------
+
+def staging_dir(out: str | os.PathLike) -> Path:
+    """The folder where :func:`analyze` builds the report that replaces ``out`` (the stages of an
+    interrupted run are saved there; the same call again resumes from it)."""
+    out = Path(out).resolve()
+    return out.parent / f".{out.name}.partial"
+
+
+def _retired_dir(out: Path) -> Path:
+    return out.parent / f".{out.name}.old"
+
+
+def _manifest_key(directory: Path) -> str | None:
+    try:
+        data = json.loads((directory / "manifest.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    return data.get("key") if isinstance(data, dict) else None
+
+
+def _link_or_copy(src: str, dst: str) -> None:
+    # every report file is replaced atomically (a new inode), so a hard link never sees a later write
+    try:
+        os.link(src, dst)
+    except OSError:
+        shutil.copy2(src, dst)
+
+
+def _staging_for(final: Path, key: str, reuse: bool, progress: bool) -> Path:
+    """The staging folder of ``final``: the one an interrupted run with this key left, else a new one
+    seeded with ``final``'s report files when they have this key; ``final`` itself where no sibling
+    folder can be made (the current directory, a mount point, a parent that is not writable)."""
+    say = (lambda text: print(f"[tl-modular] {text}", flush=True)) if progress else (lambda text: None)
+    final.mkdir(parents=True, exist_ok=True)
+    real = final.resolve()
+    cwd = Path.cwd().resolve()
+    if real.parent == real or os.path.ismount(real) or cwd == real or real in cwd.parents:
+        say(f"{final} is written in place (it cannot be replaced as a unit: it is the current folder or a mount)")
+        return final
+    _recover(real)
+    staging = staging_dir(real)
+    if staging.exists() and not (reuse and _manifest_key(staging) == key):
+        say(f"an unfinished report of other inputs or settings in {staging} is discarded")
+        _discard(staging, real)
+    if staging.exists():
+        say(f"resuming the unfinished report in {staging}")
+        return staging
+    try:
+        staging.mkdir()
+    except OSError as e:
+        say(f"{final} is written in place ({staging} cannot be made: {e.strerror or e})")
+        return final
+    if reuse and _manifest_key(real) == key:
+        for entry in sorted(_REPORT_ENTRIES):
+            src = real / entry
+            if src.is_dir() and not src.is_symlink():
+                shutil.copytree(src, staging / entry, copy_function=_link_or_copy)
+            elif src.is_file():
+                _link_or_copy(str(src), str(staging / entry))
+    return staging
+
+
+def _exchange(a: Path, b: Path) -> bool:
+    """Swap two folders atomically (Linux renameat2 RENAME_EXCHANGE); False where unavailable."""
+    if not sys.platform.startswith("linux"):
+        return False
+    try:
+        renameat2 = ctypes.CDLL(None, use_errno=True).renameat2
+    except (OSError, AttributeError):
+        return False
+    renameat2.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_char_p, ctypes.c_uint]
+    at_fdcwd, rename_exchange = -100, 2
+    return renameat2(at_fdcwd, os.fsencode(a), at_fdcwd, os.fsencode(b), rename_exchange) == 0
+
+
+def _commit(staging: Path, final: Path) -> None:
+    """Put the finished report in ``staging`` in place of ``final``: one atomic exchange where the
+    system has it, else two renames (a kill between them is undone by the next run's
+    :func:`_recover`); then carry over what the old folder held besides a report."""
+    real = final.resolve()
+    retired = _retired_dir(real)
+    if _exchange(staging, real):
+        os.replace(staging, retired)          # the old folder, now at the staging name
+    else:
+        os.replace(real, retired)
+        os.replace(staging, real)
+    _recover(real)
+
+
+def _recover(real: Path) -> None:
+    """Finish or undo a replacement that a kill stopped half way: with no report folder, the old one
+    comes back; else the old folder's own entries (LLM cache, other files) move into the new one."""
+    retired = _retired_dir(real)
+    if not retired.exists():
+        return
+    if not real.exists():
+        os.replace(retired, real)
+        return
+    _discard(retired, real)
+
+
+def _discard(folder: Path, real: Path) -> None:
+    """Remove ``folder``'s report files; its other entries move into ``real`` (never lost)."""
+    for entry in os.listdir(folder):
+        if entry not in _REPORT_ENTRIES and not (real / entry).exists():
+            os.replace(folder / entry, real / entry)
+    shutil.rmtree(folder)
 
 
 def _label_stage(inputs: Inputs, graph: Any, modules: list, summary: dict, out: Path, cfg: AnalyzeConfig,
