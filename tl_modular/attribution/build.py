@@ -28,7 +28,6 @@ activation × virtual weight as in transcoder attribution graphs.
 
 from __future__ import annotations
 
-import re
 from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any
 
@@ -36,7 +35,7 @@ import torch
 
 from tl_modular._hooks import run_with_cache
 from tl_modular._models import check_supported
-from tl_modular._names import act_name
+from tl_modular._names import act_name, hook_layer, mlp_name
 from tl_modular.attribution.graph import AttributionGraph, Node
 from tl_modular.segmentation import ChannelSet, segment
 
@@ -66,8 +65,8 @@ def _units(model: Any, units: Any) -> tuple[Any, dict[str, Any]]:
             items.extend(item.values())
         elif _is_sae(item):
             hook = item.cfg.metadata.hook_name
-            m = re.fullmatch(r"blocks\.(\d+)\.hook_mlp_out", hook or "")
-            if m is None or int(m[1]) >= model.cfg.n_layers:
+            layer = hook_layer(hook) if isinstance(hook, str) else None
+            if layer is None or hook != act_name("mlp_out", layer) or layer >= model.cfg.n_layers:
                 raise ValueError(f"SAE units must read an MLP's output (blocks.<layer>.hook_mlp_out), got one on "
                                  f"{hook!r}; residual-stream SAEs are not nodes of this graph (filter them out: "
                                  "[s for h, s in saes.items() if h.endswith('hook_mlp_out')])")
@@ -76,7 +75,7 @@ def _units(model: Any, units: Any) -> tuple[Any, dict[str, Any]]:
                 raise ValueError(f"the SAE on {hook!r} is {arch!r} with normalize_activations="
                                  f"{getattr(item.cfg, 'normalize_activations', None)!r}; only standard (ReLU) SAEs "
                                  "without input normalisation are supported")
-            name = f"L{int(m[1])}.MLP"
+            name = mlp_name(layer)
             if name in saes:
                 raise ValueError(f"units holds two SAEs on {hook!r}; pass one per hook")
             saes[name] = item
@@ -187,16 +186,17 @@ def attribution_graph(model: Any, tokens: Any, units: Any, *, target: dict[str, 
     return graphs[0] if tokens.ndim == 1 or len(rows) == 1 else graphs
 
 
-def _ln(model: Any, name: str, cache: Any, row: int, dtype: torch.dtype
+def _ln(model: Any, scale_hook: str, cache: Any, row: int, dtype: torch.dtype
         ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, bool]:
-    """Frozen normalisation ``x ↦ (P x) w / σ + b``: ``(σ [pos], w, b, centred)``."""
+    """Frozen normalisation ``x ↦ (P x) w / σ + b`` of the norm owning ``scale_hook``:
+    ``(σ [pos], w, b, centred)``."""
     cfg = model.cfg
     d = cfg.d_model
     if cfg.normalization_type is None:
         return torch.ones(cache["hook_embed"].shape[1], dtype=dtype), torch.ones(d, dtype=dtype), \
             torch.zeros(d, dtype=dtype), False
-    module = model.get_submodule(name)
-    sigma = cache[f"{name}.hook_scale"][row, :, 0].to(dtype)
+    module = model.get_submodule(scale_hook.rsplit(".", 1)[0])   # the hook is an attribute of its norm
+    sigma = cache[scale_hook][row, :, 0].to(dtype)
     w = getattr(module, "w", None)
     b = getattr(module, "b", None)
     w = w.detach().to(dtype) if isinstance(w, torch.Tensor) else torch.ones(d, dtype=dtype)
@@ -217,7 +217,7 @@ def _one(model: Any, channels: ChannelSet, comp: Compression | None, saes: dict[
     n_pos = tokens.shape[1]
     hooks = {"hook_embed", "hook_pos_embed", "ln_final.hook_scale"}
     for layer in range(n_layers):
-        hooks |= {f"blocks.{layer}.ln1.hook_scale", f"blocks.{layer}.ln2.hook_scale", act_name("pattern", layer),
+        hooks |= {act_name("scale", layer, "ln1"), act_name("scale", layer, "ln2"), act_name("pattern", layer),
                   act_name("z", layer), act_name("pre", layer), act_name("post", layer), act_name("mlp_out", layer)}
     logits, cache = run_with_cache(model, tokens, names_filter=lambda n: n in hooks)
     cache = {k: v.detach().cpu() for k, v in cache.items()}
@@ -301,7 +301,7 @@ def _one(model: Any, channels: ChannelSet, comp: Compression | None, saes: dict[
     for layer in range(n_layers):
         block = model.blocks[layer]
         # attention: targets read resid_pre (streams <= 2l) at every earlier position through the pattern
-        sigma, w_ln, b_ln, centred = _ln(model, f"blocks.{layer}.ln1", cache, 0, dtype)
+        sigma, w_ln, b_ln, centred = _ln(model, act_name("scale", layer, "ln1"), cache, 0, dtype)
         src = (wstream <= 2 * layer).nonzero()[:, 0]
         xs = _centre(vec[src], centred) * w_ln                 # [n_src, d_model]
         pattern = f(cache[act_name("pattern", layer)][0])      # [head, pos_q, pos_k]
@@ -323,8 +323,8 @@ def _one(model: Any, channels: ChannelSet, comp: Compression | None, saes: dict[
                 bias[tgt] = pattern[c.head, p].sum() * const - mu @ enc
                 activation[tgt] = pre_activation[tgt] = act[p]
         # MLP: targets read resid_mid (streams <= 2l + 1) at their own position, gate frozen
-        sigma, w_ln, b_ln, centred = _ln(model, f"blocks.{layer}.ln2", cache, 0, dtype)
-        name = f"L{layer}.MLP"
+        sigma, w_ln, b_ln, centred = _ln(model, act_name("scale", layer, "ln2"), cache, 0, dtype)
+        name = mlp_name(layer)
         if name in saes:
             sae = saes[name]
             w_enc, b_enc, b_dec = (f(getattr(sae, k)) for k in ("W_enc", "b_enc", "b_dec"))
@@ -359,7 +359,7 @@ def _one(model: Any, channels: ChannelSet, comp: Compression | None, saes: dict[
                 bias[tgt] = ((b_ln @ w_in + b_in) * gate[p]) @ out_e + (b_out - mu) @ enc
                 activation[tgt] = pre_activation[tgt] = act[p]
     # logit node: mean over scored positions of logit[answer] (- logit[wrong])
-    sigma, w_ln, b_ln, centred = _ln(model, "ln_final", cache, 0, dtype)
+    sigma, w_ln, b_ln, centred = _ln(model, "ln_final.hook_scale", cache, 0, dtype)
     w_u, b_u = f(model.W_U), f(model.b_U)
     positions, answers = target["positions"], target["answers"]
     wrong = target.get("wrong_answers")

@@ -20,7 +20,7 @@ from typing import Any
 import torch
 
 from tl_modular._hooks import run_with_cache, run_with_hooks
-from tl_modular._names import act_name, parse
+from tl_modular._names import act_name, head_name, parse
 from tl_modular.attribution.graph import AttributionGraph
 
 __all__ = ["key_attribution", "key_contributions"]
@@ -55,10 +55,10 @@ def key_contributions(model: Any, graph: AttributionGraph, head: str
     dtype = graph.writes.dtype
     tokens = graph.tokens[None].to(cfg.device)
     q_hook = act_name("rot_q" if cfg.positional_embedding_type == "rotary" else "q", layer)
-    hooks = {q_hook, f"blocks.{layer}.ln1.hook_scale"}
+    hooks = {q_hook, act_name("scale", layer, "ln1")}
     _, cache = run_with_cache(model, tokens, names_filter=lambda n: n in hooks)
     q = cache[q_hook][0, :, h].to("cpu", dtype)                      # [pos, d_head]
-    sigma = cache[f"blocks.{layer}.ln1.hook_scale"][0, :, 0].to("cpu", dtype)
+    sigma = cache[act_name("scale", layer, "ln1")][0, :, 0].to("cpu", dtype)
     ln = model.blocks[layer].ln1
     w_ln = ln.w.detach().to("cpu", dtype) if hasattr(ln, "w") else torch.ones(cfg.d_model, dtype=dtype)
     b_ln = ln.b.detach().to("cpu", dtype) if hasattr(ln, "b") else torch.zeros(cfg.d_model, dtype=dtype)
@@ -88,7 +88,7 @@ def key_attribution(model: Any, graph: AttributionGraph, heads: Sequence[str] | 
     """
     cfg = model.cfg
     if heads is None:
-        heads = [f"L{layer}.H{h}" for layer in range(cfg.n_layers) for h in range(cfg.n_heads)]
+        heads = [head_name(layer, h) for layer in range(cfg.n_layers) for h in range(cfg.n_heads)]
     layers = sorted({parse(h).layer for h in heads})
     tokens = graph.tokens[None].to(cfg.device)
     scores: dict[int, torch.Tensor] = {}

@@ -34,7 +34,7 @@ from tqdm.auto import tqdm
 
 from tl_modular import _dist
 from tl_modular._hooks import hook_guard
-from tl_modular._names import UNEMBED, channel_order, port_hook, split_port
+from tl_modular._names import UNEMBED, channel_order, port_hook, port_name, split_port
 from tl_modular._tokens import check_tokens, position_weights
 from tl_modular.patching import channel_write, patch_routes, split_inputs, valid_route
 from tl_modular.segmentation import Channel, ChannelSet
@@ -73,7 +73,7 @@ def readers(comp: Any, model: Any | None) -> list[Reader]:
     for name in comp:
         cc = comp[name]
         for path, side in cc.read.items():
-            port = name if path == "in" else f"{name}:{path}"
+            port = port_name(name, None if path == "in" else path)
             out.append(Reader(port, name, _centred(side.encoder.double(), side.centered),
                               _centred(side.decoder.double(), side.centered), side.spectrum[: side.rank].double()))
     if model is not None:

@@ -26,6 +26,7 @@ from tqdm.auto import tqdm
 from tl_modular import _dist
 from tl_modular._hooks import run_with_cache
 from tl_modular._models import stop_layer as _stop_layer
+from tl_modular._names import act_name, neuron_name
 from tl_modular._tokens import check_tokens
 from tl_modular._tokens import valid_positions as _valid
 from tl_modular.labeling._units import Unit
@@ -333,7 +334,7 @@ def _neuron_weights(model: Any, units: Sequence[Unit], n: int) -> dict[str, tupl
         return w - w.mean(0, keepdim=True) if centre else w
 
     def best(candidates: list[tuple[torch.Tensor, torch.Tensor, int]], col: int) -> list[tuple[str, float]]:
-        pairs = [(f"L{l_}.MLP.N{int(j)}", float(v)) for vals, idx, l_ in candidates
+        pairs = [(neuron_name(l_, int(j)), float(v)) for vals, idx, l_ in candidates
                  for v, j in zip(vals[:, col], idx[:, col], strict=True)]
         return [(k, round(v, 4)) for k, v in sorted(pairs, key=lambda p: -abs(p[1]))[:n]]
 
@@ -492,7 +493,7 @@ def _cut_windows(units: Sequence[Unit], model: Any, tokens: torch.Tensor, mask: 
                     writes.setdefault(u.name, []).append(batch_writes[i][b, p.at])
                 if u.pattern is not None:       # where a head looks from its peak
                     layer, head = u.pattern
-                    att = cache[f"blocks.{layer}.attn.hook_pattern"][b, head, p.at].detach().float().cpu()
+                    att = cache[act_name("pattern", layer)][b, head, p.at].detach().float().cpu()
                     top = att.topk(min(3, p.at + 1))
                     ev.attention.append({"row": r, "query": strings[b][p.at], "keys": [
                         [strings[b][k], round(float(w), 3), p.at - k]

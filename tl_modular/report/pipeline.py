@@ -39,6 +39,7 @@ import torch
 from tl_modular import _dist
 from tl_modular._io import ArtifactError, read_json, write_json
 from tl_modular._models import fingerprint
+from tl_modular._names import module_name, parse
 from tl_modular._redact import redact_obj, redact_url
 
 SUMMARY_VERSION = 1
@@ -420,8 +421,8 @@ def _label_stage(inputs: Inputs, graph: Any, modules: list, summary: dict, out: 
     def run() -> Any:
         model = inputs.model
         names = [n for n in graph.channels if any(n in m for m in modules)] or graph.channels
-        channels = labeling.channel_units(model, [n for n in names if n.startswith("L")])
-        mods = [labeling.module_unit(model, f"module:{i}", sorted(m, key=names.index), members=sorted(m))
+        channels = labeling.channel_units(model, [n for n in names if parse(n).kind in ("head", "mlp", "bias")])
+        mods = [labeling.module_unit(model, module_name(i), sorted(m, key=names.index), members=sorted(m))
                 for i, m in enumerate(modules) if m]
         units = channels[:max(cfg.n_label_units - len(mods), 0)] + mods[:cfg.n_label_units]
         kept = {u.name for u in units}
