@@ -181,7 +181,7 @@ class CircuitSet(Mapping[str, Circuit]):
         return {"labels": out, "k": k, "purity": float(majority / len(x)),
                 "ari": adjusted_rand_index(truth, labels)}
 
-    def plot(self, graph: Any, path: str | os.PathLike | None = None) -> Any:
+    def plot(self, graph: ChannelGraph, path: str | os.PathLike | None = None) -> Any:
         """Each category's circuit on the layer layout (routes shared by all in red, routes only this
         category uses in blue); saves to ``path`` when given and returns the axes."""
         return plot_circuits(self, graph, None if path is None else Path(path))
@@ -197,7 +197,7 @@ class CircuitSet(Mapping[str, Circuit]):
         return directory
 
     @classmethod
-    def load(cls, directory: str | os.PathLike, *, graph: Any = None) -> CircuitSet:
+    def load(cls, directory: str | os.PathLike, *, graph: ChannelGraph | None = None) -> CircuitSet:
         """Read circuits written by :meth:`save`; refused (:class:`~tl_modular.errors.ArtifactError`)
         when they were found on another graph than ``graph`` or, by default, than the ``graph.json``
         beside them (e.g. a report re-run interrupted after the graph was saved anew).
@@ -275,7 +275,7 @@ def _mean_source(model: Any, channels: ChannelSet, tokens: torch.Tensor, senders
     return out
 
 
-def _scores(model: Any, channels: ChannelSet, graph: Any, cat: _Category, routes: list[Route],
+def _scores(model: Any, channels: ChannelSet, graph: ChannelGraph, cat: _Category, routes: list[Route],
             batch_size: int, chunk: int, steps: int = 0) -> np.ndarray:
     """``[examples, routes]``: first-order drop of each example's metric when each route is patched
     to the baseline through the subspaces: the gradient at each port times (clean - baseline) write.
@@ -433,7 +433,7 @@ def _bootstrap(num: np.ndarray, den: np.ndarray, rng: np.random.Generator, n_boo
     return float(np.quantile(vals, 0.025)), float(np.quantile(vals, 0.975))
 
 
-def find_circuits(graph: Any, model: Any, categories: Mapping[str, Task | torch.Tensor], *,
+def find_circuits(graph: ChannelGraph, model: Any, categories: Mapping[str, Task | torch.Tensor], *,
                   baseline: Baseline | None = None, target: float = 0.9, search: Search = "mask",
                   mask_steps: int = 60, sizes: Sequence[int] | None = None,
                   n_boot: int = 200, n_random: int = 10, prune: bool = True, prune_limit: int = 256,

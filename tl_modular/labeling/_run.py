@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import asyncio
 import warnings
-from collections.abc import Coroutine, Iterable
+from collections.abc import Coroutine, Iterable, Sequence
 from dataclasses import replace
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 import numpy as np
 import torch
@@ -30,6 +30,12 @@ from tl_modular.labeling._labelers import (
 from tl_modular.labeling._labels import Label, Labels
 from tl_modular.labeling._scoring import baseline_summary, holdout, score
 from tl_modular.labeling._units import Unit, units_for
+
+if TYPE_CHECKING:      # annotations only: the stages are imported when label() runs
+    from tl_modular.circuits import CircuitSet
+    from tl_modular.compression import Compression
+    from tl_modular.graph import ChannelGraph
+    from tl_modular.segmentation import ChannelSet
 
 
 def _add_usage(total: dict[str, Any], part: dict[str, Any]) -> None:
@@ -183,11 +189,11 @@ async def _all_or_none(coros: Iterable[Coroutine[Any, Any, Any]]) -> list[Any]:
     return [t.result() for t in tasks]
 
 
-def label(target: Any, model: Any, tokens: Int[torch.Tensor, "batch pos"], *,
-          labeler: Labeler | None = None, simulator: Simulator | None = None,
-          attention_mask: Int[torch.Tensor, "batch pos"] | None = None, graph: Any = None, circuits: Any = None,
-          max_units: int | None = None, evidence: EvidenceConfig | None = None, n_baseline: int = 20,
-          n_boot: int = 200, keep_evidence: bool = True, seed: int = 0, progress: bool = True,
+def label(target: ChannelSet | Compression | ChannelGraph | Unit | Sequence[Unit], model: Any,
+          tokens: Int[torch.Tensor, "batch pos"], *, labeler: Labeler | None = None, simulator: Simulator | None = None,
+          attention_mask: Int[torch.Tensor, "batch pos"] | None = None, graph: ChannelGraph | None = None,
+          circuits: CircuitSet | None = None, max_units: int | None = None, evidence: EvidenceConfig | None = None,
+          n_baseline: int = 20, n_boot: int = 200, keep_evidence: bool = True, seed: int = 0, progress: bool = True,
           on_error: Literal["keep", "raise"] = "keep") -> Labels:
     """Label every unit of ``target`` and score each label by simulation.
 
