@@ -22,7 +22,10 @@ import os
 import sys
 import warnings
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from tl_modular.report import Inputs
 
 _TASKS = ("ioi", "greater_than", "docstring", "induction")
 _BUNDLED = ("toy-modular", "toy")   # tl_modular.report.BUNDLED_MODELS, named here to keep --help fast
@@ -234,30 +237,7 @@ def _analyze_here(args: argparse.Namespace, device: str, labeler: Any, simulator
 
         from tl_modular import report
 
-        if args.model is None or args.model in _BUNDLED:
-            inputs = report.bundled_inputs(labeler=labeler, simulator=simulator, device=device,
-                                           variant="plain" if args.model == "toy" else "modular")
-            metric = args.metric or "logit"
-        elif args.model == "textlm":              # the bundled real-text GPT-2: its own text unless --data
-            from tl_modular import textlm
-
-            model = textlm.load_model(device=device)
-            tokens, data = (None, None) if args.data is None else _load_data(args.data, model, args.tokens,
-                                                                             args.seq_len)
-            inputs = report.textlm_inputs(n_tokens=args.tokens, seq_len=args.seq_len, labeler=labeler,
-                                          simulator=simulator, model=model, tokens=tokens, data=data)
-            if args.circuits:
-                inputs.categories = _categories(args, model)
-            if args.sae:
-                inputs.saes = _saes(args, model)
-            metric = args.metric or "loss"
-        else:
-            model = _load_model(args.model, device)
-            tokens, data = _load_data(args.data, model, args.tokens, args.seq_len)
-            inputs = report.Inputs(model=model, tokens=tokens, name=args.model, categories=_categories(args, model),
-                                   saes=_saes(args, model), labeler=labeler, simulator=simulator,
-                                   decode=getattr(model, "to_string", None), data=data)
-            metric = args.metric or "loss"
+        inputs, metric = _inputs(args, device, labeler, simulator)
     except BaseException:
         if created:                     # nothing was written yet: leave no empty report directory behind
             with contextlib.suppress(OSError):
@@ -269,6 +249,40 @@ def _analyze_here(args: argparse.Namespace, device: str, labeler: Any, simulator
     if main:
         print(f"report: {path}")
     return 0
+
+
+def _inputs(args: argparse.Namespace, device: str, labeler: Any, simulator: Any) -> tuple[Inputs, str]:
+    """``(inputs, metric)`` of the model asked for: a bundled toy model (metric: the task logits), the
+    bundled text model or a TransformerLens model by name with its ``--data`` (metric: the loss)."""
+    from tl_modular import report
+
+    if args.model is None or args.model in _BUNDLED:
+        inputs = report.bundled_inputs(labeler=labeler, simulator=simulator, device=device,
+                                       variant="plain" if args.model == "toy" else "modular")
+        return inputs, args.metric or "logit"
+    if args.model == "textlm":
+        return _textlm_inputs(args, device, labeler, simulator), args.metric or "loss"
+    model = _load_model(args.model, device)
+    tokens, data = _load_data(args.data, model, args.tokens, args.seq_len)
+    inputs = report.Inputs(model=model, tokens=tokens, name=args.model, categories=_categories(args, model),
+                           saes=_saes(args, model), labeler=labeler, simulator=simulator,
+                           decode=getattr(model, "to_string", None), data=data)
+    return inputs, args.metric or "loss"
+
+
+def _textlm_inputs(args: argparse.Namespace, device: str, labeler: Any, simulator: Any) -> Inputs:
+    """The bundled real-text GPT-2 on its own text, or on ``--data`` when given."""
+    from tl_modular import report, textlm
+
+    model = textlm.load_model(device=device)
+    tokens, data = (None, None) if args.data is None else _load_data(args.data, model, args.tokens, args.seq_len)
+    inputs = report.textlm_inputs(n_tokens=args.tokens, seq_len=args.seq_len, labeler=labeler,
+                                  simulator=simulator, model=model, tokens=tokens, data=data)
+    if args.circuits:
+        inputs.categories = _categories(args, model)
+    if args.sae:
+        inputs.saes = _saes(args, model)
+    return inputs
 
 
 def _check_options(args: argparse.Namespace) -> None:

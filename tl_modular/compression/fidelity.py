@@ -8,7 +8,7 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from jaxtyping import Int
@@ -16,6 +16,9 @@ from tqdm.auto import tqdm
 
 from tl_modular import _dist
 from tl_modular._tokens import check_tokens
+
+if TYPE_CHECKING:      # annotations only: compression.py imports this module
+    from tl_modular.compression import Compression
 
 __all__ = ["fidelity", "rank_fidelity_curve"]
 
@@ -42,7 +45,7 @@ def _ce_sum(logprobs: list[torch.Tensor], tokens: torch.Tensor, weights: torch.T
     return total
 
 
-def fidelity(model: Any, comp: Any, tokens: Int[torch.Tensor, "batch pos"], *, batch_size: int = 32,
+def fidelity(model: Any, comp: Compression, tokens: Int[torch.Tensor, "batch pos"], *, batch_size: int = 32,
              attention_mask: torch.Tensor | None = None, channels: Sequence[str] | None = None) -> dict[str, float]:
     """CE loss of the clean model, of the compressed one, and of the model with every compressed
     channel mean-ablated; ``loss_recovered = (ablated - compressed) / (ablated - clean)``; the
@@ -56,7 +59,7 @@ class _Reference:
     """The clean and mean-ablated runs, computed once and scored against any number of
     compressions of the same channels (a rank-fidelity curve needs one new run per point)."""
 
-    def __init__(self, model: Any, comp: Any, tokens: torch.Tensor, batch_size: int,
+    def __init__(self, model: Any, comp: Compression, tokens: torch.Tensor, batch_size: int,
                  attention_mask: torch.Tensor | None, channels: Sequence[str] | None):
         if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
             raise ValueError(f"batch_size must be a positive integer (sequences per forward pass), got {batch_size!r}")
@@ -79,7 +82,7 @@ class _Reference:
         self.clean_loss = sums["clean"] / self.total
         self.ablated_loss = sums["ablated"] / self.total
 
-    def score(self, comp: Any) -> dict[str, float]:
+    def score(self, comp: Compression) -> dict[str, float]:
         b, w = self.batch_size, self.weights
         with comp.applied(self.model, self.channels):
             compressed = _logprobs(self.model, self.tokens, self.starts, b, self.mask)
@@ -94,7 +97,7 @@ class _Reference:
                 "max_dimensions": comp.max_total_rank}
 
 
-def rank_fidelity_curve(model: Any, comp: Any, tokens: Int[torch.Tensor, "batch pos"],
+def rank_fidelity_curve(model: Any, comp: Compression, tokens: Int[torch.Tensor, "batch pos"],
                         budgets: Sequence[int], *, batch_size: int = 32, attention_mask: torch.Tensor | None = None,
                         channels: Sequence[str] | None = None, progress: bool = True) -> list[dict[str, float]]:
     """:func:`fidelity` of ``comp.truncated(budget=b)`` for each total-dimension budget ``b`` (the
