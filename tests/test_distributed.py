@@ -1,11 +1,11 @@
 """Data-parallel passes under torch.distributed: two spawned gloo ranks equal one process.
 
 One spawn of two CPU processes runs every pass (statistics closed-form and matrix-free, Fisher,
-compression, graph data strengths, fidelity, circuit scores, evidence and labels) on 13 rows in
-batches of 5 — uneven shards (rank 0 one batch, rank 1 two) — and on 3 rows in one batch (rank 0
-gets none); then each rank feeds another model, other tokens and another token shape, and every
-rank must raise the clear mismatch error. The parent compares each rank's results with the same
-calls in one process.
+compression, graph data strengths, fidelity, route checks and lesions by ablation, circuit
+scores, evidence and labels) on 13 rows in batches of 5 — uneven shards (rank 0 one batch,
+rank 1 two) — and on 3 rows in one batch (rank 0 gets none); then each rank feeds another model,
+other tokens and another token shape, and every rank must raise the clear mismatch error. The
+parent compares each rank's results with the same calls in one process.
 
 Tolerances: sums are all-reduced in float64, so statistics and strengths equal the single
 process to fp64 rounding of a different summation order (1e-9 relative asked; at most 1.6e-14
@@ -84,6 +84,13 @@ def _passes(model, data, small, comp, units) -> dict[str, object]:
         for u, v, d in tlm.build_graph(comp, model=model, tokens=small, batch_size=4, progress=False
                                        ).nx.edges(data=True) if d.get("kind") == "route"}
     res["fidelity"] = comp.fidelity(model, data, batch_size=BATCH)
+    # graph checks against real ablation: per-batch loss changes, summed over the ranks' shards
+    res["check_routes"] = graph.check_routes(model, data, n=6, batch_size=BATCH)
+    res["check_routes_one_batch"] = graph.check_routes(model, small, n=6, batch_size=4)
+    members = sorted(set().union(*graph.modules()))
+    by_layer = [frozenset(n for n in members if n.startswith(f"L{i}.")) for i in range(2)]
+    res["lesion"] = graph.lesion(model, data, modules=by_layer, n_random=2, batch_size=BATCH)
+    res["lesion_one_module"] = graph.lesion(model, data, n_random=1, batch_size=BATCH)       # no route: zeros
     circuits = graph.circuits(model, {"data": data}, search="greedy", n_boot=5, n_random=1, batch_size=BATCH,
                               progress=False)
     c = circuits["data"]
@@ -146,6 +153,8 @@ def _close(a, b, path=""):
             _close(x, y, f"{path}[{i}]")
     elif isinstance(a, (torch.Tensor, np.ndarray, float)) and not isinstance(a, bool):
         x, y = torch.as_tensor(np.asarray(a), dtype=torch.float64), torch.as_tensor(np.asarray(b), dtype=torch.float64)
+        assert x.shape == y.shape and torch.equal(x.isnan(), y.isnan()), f"{path}: {a!r} != {b!r}"
+        x, y = x.nan_to_num(0.0), y.nan_to_num(0.0)          # NaN where both are (e.g. a ratio of no lesion)
         scale = max(float(x.abs().max()) if x.numel() else 0.0, 1e-300)
         err = float((x - y).abs().max()) if x.numel() else 0.0
         assert x.shape == y.shape and (err <= 1e-9 * scale or torch.equal(x, y)), f"{path}: {err:.3g} of {scale:.3g}"
@@ -174,7 +183,8 @@ def two_ranks(tmp_path_factory, one_thread):
 
 
 @pytest.mark.parametrize("key", ["stats", "stats_mf", "stats_one_batch", "fisher", "comp", "graph", "graph_one_batch",
-                                 "fidelity", "circuits", "evidence", "labels", "sae_acts"])
+                                 "fidelity", "check_routes", "check_routes_one_batch", "lesion",
+                                 "lesion_one_module", "circuits", "evidence", "labels", "sae_acts"])
 def test_two_ranks_equal_one_process(two_ranks, key):
     ref, ranks = two_ranks
     for r, res in enumerate(ranks):
@@ -186,6 +196,14 @@ def test_graph_strengths_are_not_trivially_equal(two_ranks):
     ref, _ = two_ranks
     values = torch.stack(list(ref["graph"].values()))
     assert values.abs().sum() > 0 and len(values) > 10
+
+
+def test_ablation_effects_are_not_trivially_equal(two_ranks):
+    ref, _ = two_ranks
+    for key in ("check_routes", "check_routes_one_batch"):
+        assert len(ref[key]["actual"]) == 6 and min(abs(x) for x in ref[key]["actual"]) > 0, key
+    assert ref["lesion"]["n_cross_routes"] > 0 and ref["lesion"]["cross"] != 0 and all(ref["lesion"]["random"])
+    assert ref["lesion_one_module"]["cross"] == 0.0 and ref["lesion_one_module"]["random"] == [0.0]
 
 
 @pytest.mark.parametrize("what", ["model", "tokens", "shape"])
