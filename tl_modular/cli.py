@@ -198,6 +198,8 @@ def _launch(argv: list[str], nproc: int) -> int:
         sig = getattr(e, "sigval", signal.SIGINT)
         message = "interrupted" if sig == signal.SIGINT else f"stopped by {signal.Signals(sig).name}"
         status = 128 + int(sig)
+    except Exception as e:  # noqa: BLE001 - e.g. no free port for the rendezvous: one message, no traceback
+        message, status = f"torchrun's launcher failed ({type(e).__name__}: {e})", 1
     finally:
         for s, h in handlers.items():         # the launcher's handlers raise its own exception: put ours back
             signal.signal(s, h)
