@@ -11,7 +11,9 @@
 
 Exit status: 0 on success; 2 on bad arguments or inputs (one message says what to do; the traceback
 only with --debug); 1 on an internal error; 130 when interrupted (Ctrl-C) — the stages finished so
-far stay in the report directory and the same command reuses them.
+far stay in the report directory and the same command reuses them. In a data-parallel run, a rank
+stops with 3 when another rank failed; ``--nproc N`` then names the rank that failed first and
+exits with its status (128 + the signal for a rank killed by a signal).
 """
 
 from __future__ import annotations
@@ -168,10 +170,63 @@ def _rank_prefix() -> str:
     return f"rank {os.environ.get('RANK', '?')} of {size}: " if size > 1 else ""
 
 
-def _launch(argv: list[str], nproc: int) -> int:
-    """``analyze --nproc N``: the same command under torchrun with N processes on this machine."""
-    import subprocess
+_PEER_FAILED = 3     # the exit status of a rank that stops because another rank failed
 
+
+def _launch(argv: list[str], nproc: int) -> int:
+    """``analyze --nproc N``: the same command under torchrun's launcher (run in this process), N
+    processes on this machine. A rank that fails stops the others; the message names it and its
+    exit status, and the report directory is left as it was (a fresh --out left empty is removed)."""
+    import signal
+
+    from torch.distributed import run as torchrun
+    from torch.distributed.elastic.multiprocessing.api import SignalException
+    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
+
+    from tl_modular.report.pipeline import staging_dir
+
+    args = _parser().parse_args(argv)
+    out = Path(args.out)
+    fresh = not out.exists()
+    launch = torchrun.parse_args(["--standalone", f"--nproc-per-node={nproc}", "-m", "tl_modular",
+                                  *_without_nproc(argv)])
+    handlers = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP, signal.SIGQUIT)}
+    try:
+        with _quiet_launcher(getattr(args, "debug", False)):
+            torchrun.run(launch)
+        return 0
+    except ChildFailedError as e:
+        message, status = _failed_ranks(e, nproc)
+    except (SignalException, KeyboardInterrupt) as e:     # Ctrl-C: the launcher passes it on to the ranks
+        sig = getattr(e, "sigval", signal.SIGINT)
+        message = "interrupted" if sig == signal.SIGINT else f"stopped by {signal.Signals(sig).name}"
+        status = 128 + int(sig)
+    except Exception as e:  # noqa: BLE001 - e.g. no free port for the rendezvous: one message, no traceback
+        message, status = f"torchrun's launcher failed ({type(e).__name__}: {e})", 1
+    finally:
+        for s, h in handlers.items():         # the launcher's handlers raise its own exception: put ours back
+            signal.signal(s, h)
+    _remove_if_empty(staging_dir(out))        # no stage finished: nothing to resume
+    removed = fresh and _remove_if_empty(out)  # made by rank 0 for a report that was never written
+    if staging_dir(out).is_dir():
+        message += _saved_stages(args)
+    else:
+        message += f"; no stage was finished{f' ({args.out} was not created)' if removed else ''}"
+    print(f"tl-modular: {message}", file=sys.stderr)
+    return status
+
+
+def _remove_if_empty(folder: Path) -> bool:
+    """Remove ``folder`` if it is an empty folder; whether it was."""
+    try:
+        folder.rmdir()                        # fails on a folder with anything in it
+    except OSError:
+        return False
+    return True
+
+
+def _without_nproc(argv: list[str]) -> list[str]:
+    """``argv`` less ``--nproc N`` / ``--nproc=N`` (the ranks run the command as one of N)."""
     rest, skip = [], False
     for a in argv:
         if skip:
@@ -180,13 +235,52 @@ def _launch(argv: list[str], nproc: int) -> int:
             skip = True
         elif not a.startswith("--nproc="):
             rest.append(a)
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}",
-           "-m", "tl_modular", *rest]
-    status = subprocess.run(cmd, check=False).returncode
-    if status != 0:
-        print(f"tl-modular: the {nproc}-process run failed (exit status {status}): a rank stopped, see its message "
-              "above; the stages finished before are saved and the same command reuses them", file=sys.stderr)
-    return status
+    return rest
+
+
+@contextlib.contextmanager
+def _quiet_launcher(debug: bool) -> Any:
+    """Silence torchrun's own log lines (its failure report is a page per rank) unless ``debug``:
+    the ranks' messages and ours say what happened."""
+    import logging
+
+    names = [n for n in logging.Logger.manager.loggerDict
+             if n.startswith(("torch.distributed.elastic", "torch.distributed.run", "torch.distributed.launcher"))]
+    levels = {n: logging.getLogger(n).level for n in names}
+    if not debug:
+        for n in names:
+            logging.getLogger(n).setLevel(logging.CRITICAL + 1)
+    try:
+        yield
+    finally:
+        for n, level in levels.items():
+            logging.getLogger(n).setLevel(level)
+
+
+def _failed_ranks(error: Any, nproc: int) -> tuple[str, int]:
+    """(message, exit status) for torchrun's ``ChildFailedError``: the ranks that failed of their own
+    accord — not those that stopped because of them (status 3) or that the launcher stopped
+    (SIGTERM) — else the first failure torchrun saw."""
+    import signal
+
+    failures = dict(error.failures)
+    first = {r: f for r, f in failures.items() if f.exitcode not in (_PEER_FAILED, -int(signal.SIGTERM))}
+    if not first:
+        rank, failure = error.get_first_failure()
+        first = {rank: failure}
+
+    def how(f: Any) -> str:
+        if f.exitcode < 0:
+            return f"was killed by {f.signal_name()} (exit status {f.exitcode})"
+        return f"exited with status {f.exitcode}"
+
+    ranks = sorted(first)
+    said = "; ".join(f"rank {r} {how(first[r])}" for r in ranks)
+    others = "" if len(first) == nproc else "; the other ranks stopped with it"
+    code = first[ranks[0]].exitcode
+    status = code if code > 0 else 128 - code
+    see = "its message" if len(first) == 1 else "their messages"
+    return f"the {nproc}-process run failed: {said} (see {see} above){others}", status
 
 
 def _init_distributed(device: str) -> tuple[str, bool]:
@@ -220,6 +314,14 @@ def _analyze(args: argparse.Namespace) -> int:
     device, initialised = _init_distributed(_check_device(args.device))
     try:
         return _analyze_here(args, device, labeler, simulator)
+    except Exception as e:
+        from tl_modular._dist import RankFailedError
+
+        if not isinstance(e, RankFailedError):
+            raise
+        # not this rank's fault: the launcher names the rank that failed
+        print(f"tl-modular: {_rank_prefix()}stopped: {e}; the launcher names that rank", file=sys.stderr)
+        return _PEER_FAILED
     finally:
         if initialised:
             import torch

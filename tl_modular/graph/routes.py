@@ -362,6 +362,8 @@ def ablation_effects(model: Any, channels: ChannelSet, route_sets: list[tuple[li
     senders = sorted({w for routes, _ in route_sets for w, _ in routes})
     hooks = sorted({channels[w].source_hook for w in senders})
     diffs = [0.0] * len(route_sets)
+    if not senders:              # only empty sets (e.g. a lesion of a one-module graph): nothing changes
+        return diffs
     for batch, m, target in _batches3(tokens, mask, loss_mask, batch_size, device):
         kwargs = {} if m is None else {"attention_mask": m}
         acts: dict[str, torch.Tensor] = {}

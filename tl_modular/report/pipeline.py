@@ -154,6 +154,7 @@ class _Stages:
         self.times: dict[str, float] = {}
 
     def run(self, name: str, fn: Callable[[], Any], load: Callable[[], Any] | None = None) -> Any:
+        _dist.exit_if_asked(name)            # tests only: a rank that dies here (TL_MODULAR_TEST_RANK_EXIT)
         if name in self.done and load is not None:
             value, error = None, None
             try:
