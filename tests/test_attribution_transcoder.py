@@ -11,7 +11,7 @@ import torch
 import tl_modular as tlm
 from tl_modular._models import count_hooks
 from tl_modular._names import act_name
-from tl_modular.attribution import feature_masks, prune
+from tl_modular.attribution import feature_masks, influence, prune
 from tl_modular.testing import tiny_model
 
 N_POS = 8
@@ -209,3 +209,49 @@ def test_transcoders_the_graph_cannot_take_are_refused(model, transcoders, token
         tlm.attribution_graph(model, tokens, units=[transcoders[0], transcoders[0]], target=TARGET)
     with pytest.raises(ValueError, match="min_influence must be a number >= 0"):
         tlm.attribution_graph(model, tokens, units=transcoders, target=TARGET, min_influence=-1.0)
+
+
+@pytest.fixture(scope="module")
+def mixed_units(model, transcoders):
+    """Write directions for the heads, transcoders for the MLPs."""
+    comp = tlm.compress(model, torch.randint(0, 50, (32, N_POS), generator=torch.Generator().manual_seed(1)),
+                        progress=False)
+    return [comp, *transcoders]
+
+
+@pytest.mark.parametrize("which", ["transcoders", "mixed"])
+def test_pruned_build_keeps_the_full_builds_edges_and_completeness(model, transcoders, mixed_units, tokens, which):
+    units = transcoders if which == "transcoders" else mixed_units
+    full = tlm.attribution_graph(model, tokens, units=units, target=TARGET)
+    same = tlm.attribution_graph(model, tokens, units=units, target=TARGET, min_influence=0.0)
+    assert same.info["dropped_features"] == 0
+    assert torch.equal(same.adjacency.indices(), full.adjacency.indices())
+    assert torch.equal(same.adjacency.values(), full.adjacency.values())
+    infl = influence(full)
+    feature = full.mask("feature")
+    x = float(infl[feature & (infl > 0)].median())
+    pruned = tlm.attribution_graph(model, tokens, units=units, target=TARGET, min_influence=x)
+    assert 0 < pruned.info["dropped_features"] < int(feature.sum())
+    assert pruned.completeness() < 1e-10
+    # the kept features: those whose influence on the pruned graph reaches x (a lower bound of the full one)
+    kept_infl = influence(pruned)
+    mine = pruned.mask("feature")
+    assert (kept_infl[mine] >= x * (1 - 1e-9)).all()
+    where = torch.tensor([full.index(n.name) for n in pruned.nodes])
+    assert (infl[where][mine] >= x * (1 - 1e-9)).all()
+    assert len(pruned) == len(full) - pruned.info["dropped_features"]
+    # every edge out of a kept node equals the full build's bit for bit; an error node's out-edges also
+    # carry its folded features' edges
+    p, fd = pruned.adjacency, full.dense()
+    rows, cols = where[p.indices()[0]], where[p.indices()[1]]
+    error = torch.tensor([pruned.nodes[i].kind == "error" for i in p.indices()[1].tolist()])
+    assert torch.equal(p.values()[~error], fd[rows[~error], cols[~error]])
+    dropped = torch.ones(len(full), dtype=torch.bool)
+    dropped[where] = False
+    for i in sorted(set(p.indices()[1][error].tolist())):
+        node = pruned.nodes[i]
+        folded = [j for j in dropped.nonzero()[:, 0].tolist()
+                  if full.nodes[j].channel == node.channel and full.nodes[j].position == node.position]
+        expect = fd[where][:, [int(where[i]), *folded]].sum(1)           # into the kept targets
+        assert torch.allclose(pruned.dense()[:, i], expect, rtol=1e-12, atol=1e-14)
+        assert torch.allclose(pruned.writes[i], full.writes[[int(where[i]), *folded]].sum(0), atol=1e-13)
