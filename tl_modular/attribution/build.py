@@ -333,6 +333,14 @@ def _one(model: Any, channels: ChannelSet, comp: Compression | None, saes: dict[
     cache = {k: v.detach().cpu() for k, v in cache.items()}
     logits = logits.detach().cpu().to(dtype)[0]
     f = lambda t: t.detach().cpu().to(dtype)  # noqa: E731
+    weights: dict[tuple[int, str], torch.Tensor] = {}
+
+    def weight(sae: Any, key: str) -> torch.Tensor:
+        """An SAE's / transcoder's parameter in ``dtype``, converted once per graph."""
+        if (id(sae), key) not in weights:
+            weights[(id(sae), key)] = f(getattr(sae, key))
+        return weights[(id(sae), key)]
+
     nodes: list[Node] = []
     writes: list[torch.Tensor] = []
     acts: list[float] = []
@@ -343,22 +351,30 @@ def _one(model: Any, channels: ChannelSet, comp: Compression | None, saes: dict[
 
     def add(node: Node, vec: torch.Tensor, act: float = 1.0) -> int:
         nodes.append(node)
-        writes.append(vec)
+        writes.append(vec[None])
         acts.append(act)
         return len(nodes) - 1
 
+    def add_many(new: list[Node], vecs: torch.Tensor, values: list[float]) -> list[int]:
+        """Nodes with writes ``vecs`` ``[k, d_model]`` and activations ``values``; their indices."""
+        nodes.extend(new)
+        writes.append(vecs)
+        acts.extend(values)
+        return list(range(len(nodes) - len(new), len(nodes)))
+
     def sparse_features(c: Any, p: int, stream: int, sae: Any, pre: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
         """Nodes of an SAE's / transcoder's active features and its error; returns the bias part ``b_dec``."""
-        w_dec, b_dec = f(sae.W_dec), f(sae.b_dec)
+        w_dec, b_dec = weight(sae, "W_dec"), weight(sae, "b_dec")
         a = pre.clamp_min(0)
         if hasattr(sae, "threshold"):                    # JumpReLU: zero at or below the threshold
-            a = torch.where(pre > f(sae.threshold), a, torch.zeros_like(a))
-        active = (a != 0).nonzero()[:, 0].tolist()
+            a = torch.where(pre > weight(sae, "threshold"), a, torch.zeros_like(a))
+        on = (a != 0).nonzero()[:, 0]
+        active = on.tolist()
         hook = sae.cfg.metadata.hook_name
-        feature_of[(c.name, p)] = [add(Node("feature", c.name, j, p, stream, hook), a[j] * w_dec[j], float(a[j]))
-                                   for j in active]
-        pres.update((i, float(pre[j])) for i, j in zip(feature_of[(c.name, p)], active, strict=True))
-        error_of[(c.name, p)] = add(Node("error", c.name, None, p, stream), w - a @ w_dec - b_dec)
+        feature_of[(c.name, p)] = add_many([Node("feature", c.name, j, p, stream, hook) for j in active],
+                                           a[on, None] * w_dec[on], a[on].tolist())
+        pres.update(zip(feature_of[(c.name, p)], pre[on].tolist(), strict=True))
+        error_of[(c.name, p)] = add(Node("error", c.name, None, p, stream), w - a[on] @ w_dec[on] - b_dec)
         return b_dec
 
     for p in range(n_pos):
@@ -382,12 +398,13 @@ def _one(model: Any, channels: ChannelSet, comp: Compression | None, saes: dict[
                         tc = transcoders[c.name]
                         x = f(cache[tc.cfg.metadata.hook_name if "normalized" in tc.cfg.metadata.hook_name
                                     else act_name("resid_mid", layer)][0, p])
-                        bias += sparse_features(c, p, stream, tc, x @ f(tc.W_enc) + f(tc.b_enc), w)
+                        bias += sparse_features(c, p, stream, tc, x @ weight(tc, "W_enc") + weight(tc, "b_enc"), w)
                         continue
                     if c.name in saes:
                         sae = saes[c.name]
-                        shift = f(sae.b_dec) * float(sae.cfg.apply_b_dec_to_input)
-                        bias += sparse_features(c, p, stream, sae, (w - shift) @ f(sae.W_enc) + f(sae.b_enc), w)
+                        shift = weight(sae, "b_dec") * float(sae.cfg.apply_b_dec_to_input)
+                        bias += sparse_features(c, p, stream, sae, (w - shift) @ weight(sae, "W_enc")
+                                                + weight(sae, "b_enc"), w)
                         continue
                     if comp is None or c.name not in comp:
                         error_of[(c.name, p)] = add(Node("error", c.name, None, p, stream), w)
@@ -403,7 +420,7 @@ def _one(model: Any, channels: ChannelSet, comp: Compression | None, saes: dict[
                 add(Node("bias", None, None, p, stream), bias)
     n = len(nodes) + 1
     nodes.append(Node("logit", None, None, None, 2 * n_layers + 1))
-    vec = torch.stack(writes)                                  # [n - 1, d_model]
+    vec = torch.cat(writes)                                    # [n - 1, d_model]
     wpos = torch.tensor([nd.position for nd in nodes[:-1]])
     wstream = torch.tensor([nd.stream for nd in nodes[:-1]])
     activation = torch.tensor([*acts, 0.0], dtype=dtype)
