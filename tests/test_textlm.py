@@ -26,13 +26,15 @@ def test_gpt2_architecture_exactly_through_the_from_pretrained_conversion(model)
     assert cfg.positional_embedding_type == "standard" and cfg.original_architecture == "GPT2LMHeadModel"
     assert model.tokenizer.bos_token_id == 50256 and model.to_tokens("Hello world").tolist() == [[50256, 15496, 995]]
     # the processed HookedTransformer computes what the Hugging Face checkpoint computes: LayerNorm
-    # folded and weights centred reorder fp32 sums, ~1e-5 relative on log-probabilities down to -30
+    # folded and weights centred reorder fp32 sums: up to ~1e-4 relative on log-probabilities down to
+    # -36 (1.1e-3 absolute at the tail on one CPU, under 1e-3 on another: the kernels' order differs)
     hf = GPT2LMHeadModel.from_pretrained(str(tlm.textlm.BUNDLED_DIR), dtype=torch.float32,
                                          local_files_only=True).eval()      # the shipped folder; no hub
     rows = tlm.textlm.tokens("heldout", 4 * 64, 64)
     with torch.no_grad():
         ours, theirs = model(rows).log_softmax(-1), hf(rows).logits.log_softmax(-1)
-    assert (ours - theirs).abs().max() < 1e-3 and (ours - theirs).abs().mean() < 1e-4
+    diff = (ours - theirs).abs()
+    assert (diff / theirs.abs().clamp_min(1)).max() < 3e-4 and diff.mean() < 1e-4
 
 
 def test_held_out_loss(model):
