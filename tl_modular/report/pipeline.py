@@ -439,7 +439,11 @@ def _discard(folder: Path, real: Path) -> None:
 # --- feature circuits ---------------------------------------------------------------------------
 
 _ATTRIBUTION_FILES = ("attribution.json", "attribution_set.json")
-_PAGE_EDGES = 200          # strongest edges per feature circuit kept for the page
+_PAGE_EDGES = 120          # strongest edges per feature circuit kept for the page
+
+
+def _round(x: float) -> float:
+    return float(f"{x:.4g}")
 
 
 def _attribution(inputs: Inputs, stages: _Stages, comp: Any, summary: dict[str, Any], out: Path, dest: Path,
@@ -517,8 +521,8 @@ def _attribution_stage(inputs: Inputs, comp: Any, settings: dict[str, Any], dest
             for name, c in features.items():
                 # what the page draws (attribution_set.json, the whole set, stays out of the page)
                 cats[name].update(circuit={"features": c.size, "edges": len(c.edges), "error_share": c.error_share},
-                                  features=[[f, c.share[f], c.frequency[f], *nodes[f]] for f in c.features],
-                                  top_edges=[list(e) for e in c.edges[:_PAGE_EDGES]])
+                                  features=[[f, _round(c.share[f]), c.frequency[f], *nodes[f]] for f in c.features],
+                                  top_edges=[[s, t, _round(w), f] for s, t, w, f in c.edges[:_PAGE_EDGES]])
         elif not data["skipped"]:
             data["skipped"] = "no category is a tlm.Task"
         write_json(dest / "attribution.json", data)
