@@ -95,6 +95,8 @@ T.featureGraph = function (c) {
   return svg;
 };
 
+T.count = function (x) { return x === null || x === undefined ? '–' : Math.round(x).toLocaleString('en'); };
+
 T.FeaturesView = function (D, root) {
   const view = {};
   const A = D.attribution;
@@ -116,7 +118,7 @@ T.FeaturesView = function (D, root) {
     `features (the others at their ${st.baseline || 'baseline'}-run value, as the route circuits patch routes); random feature sets of the same size are the control.`);
   const rows = C.map((c) => ({dataset: {category: c.name}, cells: c.skipped ? [c.name, T.el('span', {class: 'muted'}, c.skipped), '', '', '', '', '', ''] : [
     c.name, String(c.circuit.features ?? '–'), String(c.circuit.edges ?? '–'),
-    `${T.num(mean(c.edgesKept), 3)} of ${T.num(mean(c.edges), 3)} (${T.pct(mean(c.edgesKept) / Math.max(1, mean(c.edges)))})`,
+    `${T.count(mean(c.edgesKept))} of ${T.count(mean(c.edges))} (${T.pct(mean(c.edgesKept) / Math.max(1, mean(c.edges)))})`,
     T.interval(c.faithfulness), T.interval(mean(c.random)),
     c.routes ? `${c.routes.size} of ${c.routes.of ?? '?'}` : '–', c.routes ? T.interval(c.routes.faithfulness) : '–']}));
   const table = T.table(['category', 'features', 'feature edges', 'edges kept per prompt', 'faithfulness', 'random sets', 'routes', 'route faithfulness'],

@@ -80,7 +80,7 @@ T.boot = function () {
   // tabs
   const tabs = D.kind === 'diff'
     ? [['changes', 'Changes'], ['graph', 'Graph']]
-    : [['graph', 'Graph'], ['circuits', 'Circuits'], ['features', 'Feature circuits'], ['units', 'Labels'], ['overview', 'Overview']];
+    : [['graph', 'Graph'], ['circuits', 'Circuits'], ['units', 'Labels'], ['overview', 'Overview'], ['features', 'Feature circuits']];
   const nav = T.el('nav', {class: 'tabs', role: 'tablist', 'aria-label': 'views'});
   const views = T.el('div', {class: 'views'});
   const panes = {};
