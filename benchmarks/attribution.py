@@ -13,6 +13,15 @@ of random feature sets of the same size.
     OMP_NUM_THREADS=1 nice .venv/bin/python benchmarks/attribution.py              # ~3-4 min
     OMP_NUM_THREADS=1 nice .venv/bin/python benchmarks/attribution.py --prompts 4  # quicker
     OMP_NUM_THREADS=1 nice .venv/bin/python benchmarks/attribution.py --sae        # MLPs as SAE features
+
+``--gpt2``: one graph on a GPT-2-small-shaped model (random weights, 64 tokens) whose 12 MLPs are
+replaced by random sae-lens transcoders of 6,144 features (reading ``ln2.hook_normalized``, about
+1% of the features active per token, as trained transcoders' L0 of ~60), full and pruned while
+building (``--min-influence``), plus one graph on the bundled model for comparison. The aim: ≤ 60 s
+per GPT-2 graph on 2 cores, ≤ 2 s on the bundled model.
+
+    OMP_NUM_THREADS=2 nice .venv/bin/python benchmarks/attribution.py --gpt2 --min-influence 1e-4
+    OMP_NUM_THREADS=2 nice .venv/bin/python benchmarks/attribution.py --gpt2 --float64
 """
 
 from __future__ import annotations
@@ -37,7 +46,15 @@ def main() -> None:
     parser.add_argument("--random", type=int, default=3)
     parser.add_argument("--sae", action="store_true",
                         help="MLP nodes: the bundled SAEs' features (hook_mlp_out), not write directions")
+    parser.add_argument("--gpt2", action="store_true",
+                        help="one graph on a GPT-2-small-shaped model with 6,144-feature transcoders per layer")
+    parser.add_argument("--float64", action="store_true", help="with --gpt2: the model in float64")
+    parser.add_argument("--min-influence", type=float, default=None,
+                        help="with --gpt2: also build pruned while building at this influence")
     args = parser.parse_args()
+    if args.gpt2:
+        gpt2(args.float64, args.min_influence)
+        return
     torch.set_num_threads(1)
     model = toy.load_model()
     rows = []
@@ -71,6 +88,64 @@ def main() -> None:
         for baseline, (t, frac, feats, f, rnd) in found.items():
             print(f"{name:18} {n:7d} {edges:11d} {1000 * per_graph:9.0f} {worst:9.1e}  {baseline:9} {t:6.2f} "
                   f"{frac:9.5f} {feats:9.3f} {f:8.3f} {rnd:10.3f}")
+
+
+def random_transcoders(model: torch.nn.Module, d_sae: int = 6144, active: float = 0.01, seed: int = 0) -> list:
+    """One random ReLU transcoder per MLP: unit-norm encoder columns read ``ln2.hook_normalized``
+    (unit variance per dimension), so each pre-activation is ~N(0, 1) and a bias at the ``1 - active``
+    quantile leaves about ``active`` of the features on per token."""
+    from sae_lens import Transcoder, TranscoderConfig
+
+    d = model.cfg.d_model
+    gen = torch.Generator().manual_seed(seed)
+    cut = float(torch.distributions.Normal(0.0, 1.0).icdf(torch.tensor(1 - active)))
+    out = []
+    for layer in range(model.cfg.n_layers):
+        cfg = TranscoderConfig(d_in=d, d_sae=d_sae, d_out=d, apply_b_dec_to_input=False)
+        cfg.metadata.hook_name = f"blocks.{layer}.ln2.hook_normalized"
+        cfg.metadata.hook_name_out = f"blocks.{layer}.hook_mlp_out"
+        tc = Transcoder(cfg)
+        with torch.no_grad():
+            w = torch.randn(d, d_sae, generator=gen)
+            tc.W_enc.copy_(w / w.norm(dim=0, keepdim=True))
+            tc.b_enc.fill_(-cut)
+            tc.W_dec.copy_(torch.randn(d_sae, d, generator=gen) / (d_sae * active) ** 0.5)
+        out.append(tc.eval().to(model.cfg.dtype))
+    return out
+
+
+def gpt2(float64: bool, min_influence: float | None) -> None:
+    from tl_modular.testing import gpt2_small_model
+
+    print(f"torch threads: {torch.get_num_threads()}")
+    model = gpt2_small_model(seed=0)
+    if float64:
+        model = model.to(torch.float64)
+    tcs = random_transcoders(model)
+    gen = torch.Generator().manual_seed(1)
+    tokens = torch.randint(0, model.cfg.d_vocab, (64,), generator=gen)
+    target = {"positions": [63], "answers": [int(tokens[10])], "wrong_answers": [int(tokens[20])]}
+    tlm.attribution_graph(model, tokens[:8], units=tcs, target={**target, "positions": [7]})   # warm-up
+    runs = [("full", None)] + ([(f"min_influence={min_influence:g}", min_influence)] if min_influence else [])
+    for label, x in runs:
+        start = time.perf_counter()
+        g = tlm.attribution_graph(model, tokens, units=tcs, target=target, min_influence=x)
+        took = time.perf_counter() - start
+        n_feat = int(g.mask("feature").sum())
+        print(f"GPT-2 shape, {'float64' if float64 else 'fp32'} model, {label}: {took:.1f} s, {len(g):,} nodes "
+              f"({n_feat:,} transcoder features, {g.info.get('dropped_features', 0):,} folded), "
+              f"{g.adjacency._nnz():,} edges, completeness {g.completeness():.1e}")
+        del g
+    small = toy.load_model()
+    task = toy.induction(2, seed=1234)
+    comp = tlm.compress(small, toy.induction(64, seed=0).clean, progress=False)
+    saes = [s for h, s in tlm.sae.bundled(small).items() if h.endswith("hook_mlp_out")]
+    for label, units in (("compression", comp), ("compression + SAEs", [comp, *saes])):
+        tlm.attribution_graph(small, task[:1], units=units)
+        start = time.perf_counter()
+        g = tlm.attribution_graph(small, task[:1], units=units)[0]
+        print(f"bundled model, induction prompt, {label}: {time.perf_counter() - start:.2f} s, "
+              f"{g.adjacency._nnz():,} edges, completeness {g.completeness():.1e}")
 
 
 if __name__ == "__main__":

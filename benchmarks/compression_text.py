@@ -2,7 +2,8 @@
 
     python benchmarks/compression_text.py [--fit-tokens 16384] [--eval-tokens 8192] [--threads 2]
         [--fractions 0.1,0.2,0.35,0.5,0.7] [--methods pca,whitened,jacobian,fisher] [--refine-steps 0]
-        [--refine-tokens 245760] [--json out.json]
+        [--refine-tokens 245760] [--refine-lr 3e-3] [--refine-batch-size 8] [--refine-positions 0.25]
+        [--json out.json]
 
 The bundled real-text GPT-2 (``tlm.textlm``): statistics are fitted on its training text
 (Python documentation and source) and every point is scored on held-out text (NetworkX's
@@ -20,8 +21,10 @@ Methods:
 - ``fisher``: ``read="fisher", write="fisher"``: bases and rank allocation from the Fisher of the
   model's own predictions (``tlm.fisher``), budgets by absolute spectra (marginal KL);
 - ``fisher+refine``: the same, then encoders/decoders fitted end to end against the clean
-  model's KL for ``--refine-steps`` steps (``Compression.refined``, its defaults) on
-  ``--refine-tokens`` training tokens (many: on few, the fit does not carry over to held-out text).
+  model's KL for ``--refine-steps`` steps (``Compression.refined``; ``--refine-lr``,
+  ``--refine-batch-size`` rows and ``--refine-positions`` of their positions per step, its
+  defaults unless given) on ``--refine-tokens`` training tokens (many: on few, the fit does not
+  carry over to held-out text).
 """
 
 from __future__ import annotations
@@ -71,6 +74,9 @@ def main() -> None:
     parser.add_argument("--methods", default="pca,whitened,jacobian,fisher")
     parser.add_argument("--refine-steps", type=int, default=0)
     parser.add_argument("--refine-tokens", type=int, default=245760)
+    parser.add_argument("--refine-lr", type=float, default=None)
+    parser.add_argument("--refine-batch-size", type=int, default=None)
+    parser.add_argument("--refine-positions", type=float, default=None)
     parser.add_argument("--json", default=None)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
@@ -84,6 +90,8 @@ def main() -> None:
     fit = tlm.textlm.tokens("train", args.fit_tokens, args.seq_len)
     held = tlm.textlm.tokens("heldout", args.eval_tokens, args.seq_len)
     refine_fit = tlm.textlm.tokens("train", args.refine_tokens, args.seq_len) if args.refine_steps else None
+    refine_kwargs = {k: v for k, v in (("lr", args.refine_lr), ("batch_size", args.refine_batch_size),
+                                       ("positions", args.refine_positions)) if v is not None}
     times = {}
     start = time.perf_counter()
     stats = collect_statistics(model, fit, progress=False)
@@ -118,7 +126,7 @@ def main() -> None:
             variants = [(method, kept)]
             if method == "fisher" and args.refine_steps:
                 variants.append(("fisher+refine", kept.refined(model, refine_fit, steps=args.refine_steps,
-                                                               progress=False)))
+                                                               progress=False, **refine_kwargs)))
             for label, c in variants:
                 score = ref.score(c)
                 dims = _role_dims(c)

@@ -1,6 +1,6 @@
 """The report's feature-circuit stage: its files against the attribution API run directly on the
 report's compression, reuse (and the stage kept out of the other stages' cache key),
-``--no-attribution``, models and categories the builder does not take (skipped with its reason),
+``--attribution``, models and categories the builder does not take (skipped with its reason),
 and the "Feature circuits" tab in a real browser (skipped where no Chromium is installed)."""
 
 from __future__ import annotations
@@ -19,7 +19,8 @@ from tl_modular.compression import Compression
 from tl_modular.testing import tiny_model
 
 TASKS = ("induction", "sorting")
-CFG = dict(metric="logit", n_null=2, budgets=2, n_boot=5, n_random=1, n_label_units=2, max_score_tokens=512)
+CFG = dict(metric="logit", n_null=2, budgets=2, n_boot=5, n_random=1, n_label_units=2, max_score_tokens=512,
+           attribution=True)
 
 
 def _load(directory, name):
@@ -121,10 +122,10 @@ def test_rerun_reuses_the_stage_and_its_settings_stay_out_of_the_others_key(bund
     assert data["settings"]["n_attribution"] == 2 and data != before
     assert all(c["n_prompts"] == 2 for c in data["categories"].values())
     # switched off: every other stage reused, the stage's files and manifest entry gone, the page says why
-    report.analyze(inputs, out, report.AnalyzeConfig(**CFG, attribution=False), progress=False)
+    report.analyze(inputs, out, report.AnalyzeConfig(**{**CFG, "attribution": False}), progress=False)
     summary = _load(out, "summary.json")
     assert set(summary["reused"]) == others
-    assert summary["attribution"] == {"skipped": "switched off (--no-attribution)"}
+    assert summary["attribution"] == {"skipped": "off (--attribution turns it on)"}
     assert not (out / "attribution.json").exists() and not (out / "attribution_set.json").exists()
     assert "attribution" not in _load(out, "manifest.json")["stages"]
     page = report.html.page_data(out)
@@ -179,14 +180,14 @@ def test_models_and_categories_the_builder_does_not_take_are_skipped_with_its_re
     assert data["skipped"] == "no category is a tlm.Task"
 
 
-def test_no_attribution_flag_reaches_the_report(monkeypatch, tmp_path):
+def test_attribution_flag_reaches_the_report(monkeypatch, tmp_path):
     seen = []
 
     def fake(inputs, out, config, **kwargs):
         seen.append(config)
         return tmp_path / "report.html"
     monkeypatch.setattr(report, "analyze", fake)
-    for flag, want in (([], True), (["--no-attribution"], False)):
+    for flag, want in (([], False), (["--attribution"], True)):
         assert cli.main(["analyze", "--model", "toy", "--out", str(tmp_path / "out"), "--quiet", *flag]) == 0
         assert seen[-1].attribution is want
 

@@ -24,8 +24,12 @@ batch index (:func:`batch_seed`), so the samples do not depend on the number of 
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import math
+import os
+import re
+import sys
 from collections.abc import Callable, Hashable, Mapping, Sequence
 from typing import Any, Literal, TypeVar
 
@@ -33,13 +37,37 @@ import torch
 
 from tl_modular.errors import DistributedMismatchError
 
-__all__ = ["DistributedMismatchError", "active", "all_gather_object", "all_reduce", "all_reduce_sum",
-           "batch_seed", "batch_starts", "broadcast_object", "check_consistent", "gather_batches", "is_main",
-           "model_fingerprint", "on_main", "rank", "shard", "world_size"]
+__all__ = ["DistributedMismatchError", "RankFailedError", "active", "all_gather_object", "all_reduce",
+           "all_reduce_sum", "batch_seed", "batch_starts", "broadcast_object", "check_consistent", "exit_if_asked",
+           "gather_batches", "is_main", "model_fingerprint", "on_main", "rank", "shard", "world_size"]
 
 T = TypeVar("T")
 K = TypeVar("K", bound=Hashable)
 Op = Literal["sum", "max", "min"]
+
+
+class RankFailedError(RuntimeError):
+    """Another rank of the process group failed: its connection closed in a collective, or rank 0
+    raised in :func:`on_main`. This rank cannot go on (the sums would lack that rank's shard)."""
+
+
+@contextlib.contextmanager
+def _collective() -> Any:
+    """Errors of a collective (gloo: "Connection closed by peer", NCCL errors) as :class:`RankFailedError`:
+    with the shapes and keys agreed beforehand, a collective fails only when a peer is gone."""
+    try:
+        yield
+    except RuntimeError as e:
+        if isinstance(e, RankFailedError):
+            raise
+        raise RankFailedError(f"another rank of the run failed ({_first_sentence(e)})") from e
+
+
+def _first_sentence(error: BaseException) -> str:
+    """``"Read error [127.0.0.1]:22933: Connection reset by peer"`` from gloo's message (less its
+    source location and advice)."""
+    text = re.sub(r"^\[[^\]]*\]\s*", "", str(error).strip().splitlines()[0] if str(error).strip() else "")
+    return re.split(r"\.\s", text, maxsplit=1)[0][:300] or type(error).__name__
 
 
 def active() -> bool:
@@ -138,7 +166,8 @@ def all_reduce(values: Mapping[K, torch.Tensor | float], op: Op = "sum", *, devi
             part.fill_(fill)
         else:
             part.copy_(v.reshape(-1) if isinstance(v, torch.Tensor) else torch.tensor([float(v)], dtype=torch.float64))
-    torch.distributed.all_reduce(buffer, op=getattr(torch.distributed.ReduceOp, _OPS[op]))
+    with _collective():
+        torch.distributed.all_reduce(buffer, op=getattr(torch.distributed.ReduceOp, _OPS[op]))
     out: dict[K, torch.Tensor | float] = {}
     for k, part in zip(keys, buffer.split(sizes), strict=True):
         m, v = every[k], values.get(k)
@@ -161,7 +190,8 @@ def all_gather_object(obj: Any) -> list[Any]:
     if not active():
         return [obj]
     out: list[Any] = [None] * world_size()
-    torch.distributed.all_gather_object(out, obj)
+    with _collective():
+        torch.distributed.all_gather_object(out, obj)
     return out
 
 
@@ -183,13 +213,15 @@ def broadcast_object(obj: Any) -> Any:
     if not active():
         return obj
     box = [obj if is_main() else None]
-    torch.distributed.broadcast_object_list(box, src=0)
+    with _collective():
+        torch.distributed.broadcast_object_list(box, src=0)
     return box[0]
 
 
 def on_main(fn: Callable[[], T]) -> T:
     """``fn()`` run on rank 0 only and its result sent to every rank (e.g. calls to a paid API that
-    must not repeat per rank). An exception on rank 0 is raised on every rank (not a hang)."""
+    must not repeat per rank). An exception on rank 0 is raised on every rank (not a hang): as
+    itself on rank 0, as :class:`RankFailedError` naming it on the others."""
     if not active():
         return fn()
     if is_main():
@@ -203,7 +235,7 @@ def on_main(fn: Callable[[], T]) -> T:
         box = broadcast_object(None)
     status, value = box
     if status == "error":
-        raise RuntimeError(f"rank 0 failed: {value}")
+        raise RankFailedError(f"rank 0 failed: {value}")
     return value
 
 
@@ -263,3 +295,22 @@ def check_consistent(what: str, model: Any = None, tokens: torch.Tensor | None =
                 f"{what}: the ranks of the process group disagree on {', '.join(diff)} (rank 0: {every[0].get(k)}, "
                 f"rank {r}: {theirs.get(k)}); every rank must load the same model and pass the same tokens and "
                 "settings (each takes its own shard of the batches)")
+
+
+TEST_EXIT_ENV = "TL_MODULAR_TEST_RANK_EXIT"
+
+
+def exit_if_asked(stage: str) -> None:
+    """Tests only: a rank that dies. With ``TL_MODULAR_TEST_RANK_EXIT="RANK:STAGE[:STATUS]"`` the
+    process of rank ``RANK`` (``0`` without a process group) exits at once with ``STATUS`` (default
+    1; no clean-up, no ``atexit``, as a crash) where ``stage`` begins."""
+    spec = os.environ.get(TEST_EXIT_ENV, "")
+    if not spec:
+        return
+    parts = spec.split(":")
+    if len(parts) not in (2, 3) or not all(p.strip().lstrip("-").isdigit() for p in parts[::2]):
+        raise ValueError(f"{TEST_EXIT_ENV}={spec!r}: expected RANK:STAGE or RANK:STAGE:STATUS, e.g. 1:graph")
+    if int(parts[0]) == rank() and parts[1] == stage:
+        status = int(parts[2]) if len(parts) == 3 else 1
+        print(f"rank {rank()}: exits with status {status} at {stage!r} ({TEST_EXIT_ENV})", file=sys.stderr, flush=True)
+        os._exit(status)

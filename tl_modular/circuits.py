@@ -32,7 +32,7 @@ import os
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 import numpy as np
 import torch
@@ -48,6 +48,9 @@ from tl_modular.graph.views import plot_circuits
 from tl_modular.patching import capture_writes, patch_routes
 from tl_modular.segmentation import ChannelSet, segment
 from tl_modular.tasks.task import Task
+
+if TYPE_CHECKING:      # annotations only: tl_modular.graph calls find_circuits (ChannelGraph.circuits)
+    from tl_modular.graph import ChannelGraph
 
 __all__ = ["Circuit", "CircuitSet", "adjusted_rand_index", "find_circuits"]
 
@@ -178,7 +181,7 @@ class CircuitSet(Mapping[str, Circuit]):
         return {"labels": out, "k": k, "purity": float(majority / len(x)),
                 "ari": adjusted_rand_index(truth, labels)}
 
-    def plot(self, graph: Any, path: str | os.PathLike | None = None) -> Any:
+    def plot(self, graph: ChannelGraph, path: str | os.PathLike | None = None) -> Any:
         """Each category's circuit on the layer layout (routes shared by all in red, routes only this
         category uses in blue); saves to ``path`` when given and returns the axes."""
         return plot_circuits(self, graph, None if path is None else Path(path))
@@ -194,7 +197,7 @@ class CircuitSet(Mapping[str, Circuit]):
         return directory
 
     @classmethod
-    def load(cls, directory: str | os.PathLike, *, graph: Any = None) -> CircuitSet:
+    def load(cls, directory: str | os.PathLike, *, graph: ChannelGraph | None = None) -> CircuitSet:
         """Read circuits written by :meth:`save`; refused (:class:`~tl_modular.errors.ArtifactError`)
         when they were found on another graph than ``graph`` or, by default, than the ``graph.json``
         beside them (e.g. a report re-run interrupted after the graph was saved anew).
@@ -272,7 +275,7 @@ def _mean_source(model: Any, channels: ChannelSet, tokens: torch.Tensor, senders
     return out
 
 
-def _scores(model: Any, channels: ChannelSet, graph: Any, cat: _Category, routes: list[Route],
+def _scores(model: Any, channels: ChannelSet, graph: ChannelGraph, cat: _Category, routes: list[Route],
             batch_size: int, chunk: int, steps: int = 0) -> np.ndarray:
     """``[examples, routes]``: first-order drop of each example's metric when each route is patched
     to the baseline through the subspaces: the gradient at each port times (clean - baseline) write.
@@ -430,7 +433,7 @@ def _bootstrap(num: np.ndarray, den: np.ndarray, rng: np.random.Generator, n_boo
     return float(np.quantile(vals, 0.025)), float(np.quantile(vals, 0.975))
 
 
-def find_circuits(graph: Any, model: Any, categories: Mapping[str, Task | torch.Tensor], *,
+def find_circuits(graph: ChannelGraph, model: Any, categories: Mapping[str, Task | torch.Tensor], *,
                   baseline: Baseline | None = None, target: float = 0.9, search: Search = "mask",
                   mask_steps: int = 60, sizes: Sequence[int] | None = None,
                   n_boot: int = 200, n_random: int = 10, prune: bool = True, prune_limit: int = 256,
@@ -459,6 +462,26 @@ def find_circuits(graph: Any, model: Any, categories: Mapping[str, Task | torch.
             integrated gradients over that many interpolation steps of the embeddings.
     """
     graph.check_data(model)
+    _check_arguments(model, categories, search, n_boot, n_random, batch_size)
+    channels = segment(model)
+    routes = sorted(graph.routes("static"))
+    senders = sorted({w for w, _ in routes})
+    writers = {w.name: w for w in _routes.writers(graph.compression, channels)}
+    n = len(routes)
+    grid = sorted({int(round(x)) for x in np.geomspace(1, n, 16)} | {n}) if sizes is None else sorted(set(sizes))
+    names = graph.partition_nodes(io=True)
+    finder = _Finder(model, channels, graph, routes, grid, _touches(graph, routes, names), np.random.default_rng(seed),
+                     target=target, search=search, mask_steps=mask_steps, n_boot=n_boot, n_random=n_random,
+                     prune=prune, prune_limit=prune_limit, ig_steps=ig_steps, batch_size=batch_size)
+    out = {}
+    for name, data in tqdm(categories.items(), desc="circuits", disable=not progress or not _dist.is_main()):
+        base = baseline or ("corrupted" if isinstance(data, Task) else "mean")
+        out[name] = finder.circuit(_category(name, data, model, channels, senders, writers, base))
+    return CircuitSet(out, n, names, graph.digest())
+
+
+def _check_arguments(model: Any, categories: Mapping[str, Task | torch.Tensor], search: str, n_boot: int,
+                     n_random: int, batch_size: int) -> None:
     if not categories:
         raise ValueError("pass at least one category: {name: task or tokens}")
     if search not in ("mask", "greedy"):
@@ -475,59 +498,91 @@ def find_circuits(graph: Any, model: Any, categories: Mapping[str, Task | torch.
             check_tokens(data.corrupted, model=model, name=f"categories[{key!r}].corrupted")
         else:
             check_tokens(data, model=model, name=f"categories[{key!r}]")
-    channels = segment(model)
-    routes = sorted(graph.routes("static"))
-    senders = sorted({w for w, _ in routes})
-    writers = {w.name: w for w in _routes.writers(graph.compression, channels)}
-    n = len(routes)
-    grid = sorted({int(round(x)) for x in np.geomspace(1, n, 16)} | {n}) if sizes is None else sorted(set(sizes))
-    names = graph.partition_nodes(io=True)
-    touches = np.zeros((n, len(names)))                      # route -> the channels at its two ends
+
+
+def _touches(graph: ChannelGraph, routes: list[Route], names: list[str]) -> np.ndarray:
+    """``[routes, channels]``: 1 at the two channels each route joins (its writer and its reader's owner)."""
+    touches = np.zeros((len(routes), len(names)))
     column = {c: i for i, c in enumerate(names)}
     for i, (w, p) in enumerate(routes):
         touches[i, column[w]] = touches[i, column[graph.owner(p)]] = 1
-    rng = np.random.default_rng(seed)
-    out = {}
-    for name, data in tqdm(categories.items(), desc="circuits", disable=not progress or not _dist.is_main()):
-        base = baseline or ("corrupted" if isinstance(data, Task) else "mean")
-        cat = _category(name, data, model, channels, senders, writers, base)
-        scores = _scores(model, channels, graph, cat, routes, batch_size, chunk=64, steps=ig_steps)
-        usage = np.abs(scores) @ touches                      # [examples, channels]
+    return touches
+
+
+@dataclass
+class _Finder:
+    """What the search of every category shares: the model, the routes, the options, one random stream."""
+
+    model: Any
+    channels: ChannelSet
+    graph: ChannelGraph
+    routes: list[Route]
+    grid: list[int]
+    touches: np.ndarray
+    rng: np.random.Generator
+    target: float
+    search: Search
+    mask_steps: int
+    n_boot: int
+    n_random: int
+    prune: bool
+    prune_limit: int
+    ig_steps: int
+    batch_size: int
+
+    def metric(self, cat: _Category, patched: Sequence[Route]) -> np.ndarray:
+        """Per-example metric with the ``patched`` routes at their baseline."""
+        return _patched_metric(self.model, self.channels, cat, patched, self.batch_size)
+
+    def circuit(self, cat: _Category) -> Circuit:
+        """The category's circuit: scored, ordered, grown and pruned, then measured."""
+        routes = self.routes
+        scores = _scores(self.model, self.channels, self.graph, cat, routes, self.batch_size, chunk=64,
+                         steps=self.ig_steps)
+        usage = np.abs(scores) @ self.touches                      # [examples, channels]
         usage = usage / np.clip(usage.sum(1, keepdims=True), 1e-300, None)
         mean = scores.mean(0)
-        clean = _patched_metric(model, channels, cat, [], batch_size)
-        empty = _patched_metric(model, channels, cat, routes, batch_size)
+        clean = self.metric(cat, [])
+        empty = self.metric(cat, routes)
         den = clean - empty
-        def faithful(kept: Sequence[Route], cat=cat, empty=empty, den=den) -> tuple[float, np.ndarray]:
+
+        def faithful(kept: Sequence[Route]) -> tuple[float, np.ndarray]:
             keep = set(kept)
-            m = _patched_metric(model, channels, cat, [r for r in routes if r not in keep], batch_size)
+            m = self.metric(cat, [r for r in routes if r not in keep])
             return _ratio(m - empty, den), m
 
-        attribution = np.lexsort((np.arange(n), -np.abs(mean)))     # strongest first, stable
-        orders = {"greedy": [routes[i] for i in attribution]}
-        if search == "mask":
-            theta, best = _learn_mask(model, channels, cat, routes, clean, empty, target, faithful,
-                                      steps=mask_steps, batch_size=batch_size)
-            # the verified mask by θ, then the rest by attribution (θ alone when no mask verified)
-            strength = theta if best is None else np.where([r in set(best) for r in routes], 1e6 + theta, 0.0)
-            orders["mask"] = [routes[i] for i in np.lexsort((-np.abs(mean), -strength))]
+        orders = self.orders(cat, mean, clean, empty, faithful)
         # each order grown and pruned; the smallest circuit wins (ties: the learnt mask)
-        grown = {how: _grow(order, grid, target, faithful, clean, prune=prune, prune_limit=prune_limit)
-                 for how, order in orders.items()}
-        found = min(grown, key=lambda how: (len(grown[how][0]), how != search))
+        grown = {how: _grow(order, self.grid, self.target, faithful, clean, prune=self.prune,
+                            prune_limit=self.prune_limit) for how, order in orders.items()}
+        found = min(grown, key=lambda how: (len(grown[how][0]), how != self.search))
         circuit, m_k, curve = grown[found]
-        k = len(circuit)
-        without = _patched_metric(model, channels, cat, circuit, batch_size)
-        randoms = []
-        for _ in range(n_random):
-            kept = {routes[i] for i in rng.choice(n, size=k, replace=False)}
-            m_r = _patched_metric(model, channels, cat, [r for r in routes if r not in kept], batch_size)
-            randoms.append(_ratio(m_r - empty, den))
-        out[name] = Circuit(
-            category=name, routes=circuit, scores={r: float(s) for r, s in zip(routes, mean, strict=True)},
-            curve=curve, target=target, faithfulness=_ratio(m_k - empty, den),
+        without = self.metric(cat, circuit)
+        randoms = [faithful(self.random_routes(len(circuit)))[0] for _ in range(self.n_random)]
+        rng, n_boot = self.rng, self.n_boot
+        return Circuit(
+            category=cat.name, routes=circuit, scores={r: float(s) for r, s in zip(routes, mean, strict=True)},
+            curve=curve, target=self.target, faithfulness=_ratio(m_k - empty, den),
             faithfulness_interval=_bootstrap(m_k - empty, den, rng, n_boot),
             completeness=_ratio(clean - without, den),
             completeness_interval=_bootstrap(clean - without, den, rng, n_boot),
             random_faithfulness=randoms, n_examples=len(cat.tokens), usage=usage, search=found)
-    return CircuitSet(out, n, names, graph.digest())
+
+    def orders(self, cat: _Category, mean: np.ndarray, clean: np.ndarray, empty: np.ndarray,
+               faithful: Any) -> dict[str, list[Route]]:
+        """The route orders to grow circuits from: by attribution (``"greedy"``) and, with
+        ``search="mask"``, the learnt mask's."""
+        routes = self.routes
+        attribution = np.lexsort((np.arange(len(routes)), -np.abs(mean)))     # strongest first, stable
+        orders = {"greedy": [routes[i] for i in attribution]}
+        if self.search == "mask":
+            theta, best = _learn_mask(self.model, self.channels, cat, routes, clean, empty, self.target, faithful,
+                                      steps=self.mask_steps, batch_size=self.batch_size)
+            # the verified mask by θ, then the rest by attribution (θ alone when no mask verified)
+            strength = theta if best is None else np.where([r in set(best) for r in routes], 1e6 + theta, 0.0)
+            orders["mask"] = [routes[i] for i in np.lexsort((-np.abs(mean), -strength))]
+        return orders
+
+    def random_routes(self, k: int) -> set[Route]:
+        """``k`` routes drawn at random (without replacement)."""
+        return {self.routes[i] for i in self.rng.choice(len(self.routes), size=k, replace=False)}

@@ -11,7 +11,9 @@
 
 Exit status: 0 on success; 2 on bad arguments or inputs (one message says what to do; the traceback
 only with --debug); 1 on an internal error; 130 when interrupted (Ctrl-C) — the stages finished so
-far stay in the report directory and the same command reuses them.
+far stay in the report directory and the same command reuses them. In a data-parallel run, a rank
+stops with 3 when another rank failed; ``--nproc N`` then names the rank that failed first and
+exits with its status (128 + the signal for a rank killed by a signal).
 """
 
 from __future__ import annotations
@@ -22,7 +24,10 @@ import os
 import sys
 import warnings
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from tl_modular.report import Inputs
 
 _TASKS = ("ioi", "greater_than", "docstring", "induction")
 _BUNDLED = ("toy-modular", "toy")   # tl_modular.report.BUNDLED_MODELS, named here to keep --help fast
@@ -84,8 +89,9 @@ def _parser() -> argparse.ArgumentParser:
                    help="run N data-parallel processes (torchrun on this machine: gloo on CPUs, NCCL with "
                         "--device cuda); the report equals one process's")
     a.add_argument("--no-reuse", action="store_true", help="recompute every stage even if the directory has it")
-    a.add_argument("--no-attribution", action="store_true",
-                   help="skip the feature circuits per category (the other stages are reused either way)")
+    a.add_argument("--attribution", action="store_true",
+                   help="also build feature circuits per category (attribution graphs over the compression; "
+                        "small models: memory grows with the compression's dimensions); other stages are reused")
     a.add_argument("--quiet", action="store_true")
     d = sub.add_parser("diff", parents=[debug], help="what changed between two report directories")
     d.add_argument("a")
@@ -167,10 +173,63 @@ def _rank_prefix() -> str:
     return f"rank {os.environ.get('RANK', '?')} of {size}: " if size > 1 else ""
 
 
-def _launch(argv: list[str], nproc: int) -> int:
-    """``analyze --nproc N``: the same command under torchrun with N processes on this machine."""
-    import subprocess
+_PEER_FAILED = 3     # the exit status of a rank that stops because another rank failed
 
+
+def _launch(argv: list[str], nproc: int) -> int:
+    """``analyze --nproc N``: the same command under torchrun's launcher (run in this process), N
+    processes on this machine. A rank that fails stops the others; the message names it and its
+    exit status, and the report directory is left as it was (a fresh --out left empty is removed)."""
+    import signal
+
+    from torch.distributed import run as torchrun
+    from torch.distributed.elastic.multiprocessing.api import SignalException
+    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
+
+    from tl_modular.report.pipeline import staging_dir
+
+    args = _parser().parse_args(argv)
+    out = Path(args.out)
+    fresh = not out.exists()
+    launch = torchrun.parse_args(["--standalone", f"--nproc-per-node={nproc}", "-m", "tl_modular",
+                                  *_without_nproc(argv)])
+    handlers = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP, signal.SIGQUIT)}
+    try:
+        with _quiet_launcher(getattr(args, "debug", False)):
+            torchrun.run(launch)
+        return 0
+    except ChildFailedError as e:
+        message, status = _failed_ranks(e, nproc)
+    except (SignalException, KeyboardInterrupt) as e:     # Ctrl-C: the launcher passes it on to the ranks
+        sig = getattr(e, "sigval", signal.SIGINT)
+        message = "interrupted" if sig == signal.SIGINT else f"stopped by {signal.Signals(sig).name}"
+        status = 128 + int(sig)
+    except Exception as e:  # noqa: BLE001 - e.g. no free port for the rendezvous: one message, no traceback
+        message, status = f"torchrun's launcher failed ({type(e).__name__}: {e})", 1
+    finally:
+        for s, h in handlers.items():         # the launcher's handlers raise its own exception: put ours back
+            signal.signal(s, h)
+    _remove_if_empty(staging_dir(out))        # no stage finished: nothing to resume
+    removed = fresh and _remove_if_empty(out)  # made by rank 0 for a report that was never written
+    if staging_dir(out).is_dir():
+        message += _saved_stages(args)
+    else:
+        message += f"; no stage was finished{f' ({args.out} was not created)' if removed else ''}"
+    print(f"tl-modular: {message}", file=sys.stderr)
+    return status
+
+
+def _remove_if_empty(folder: Path) -> bool:
+    """Remove ``folder`` if it is an empty folder; whether it was."""
+    try:
+        folder.rmdir()                        # fails on a folder with anything in it
+    except OSError:
+        return False
+    return True
+
+
+def _without_nproc(argv: list[str]) -> list[str]:
+    """``argv`` less ``--nproc N`` / ``--nproc=N`` (the ranks run the command as one of N)."""
     rest, skip = [], False
     for a in argv:
         if skip:
@@ -179,13 +238,52 @@ def _launch(argv: list[str], nproc: int) -> int:
             skip = True
         elif not a.startswith("--nproc="):
             rest.append(a)
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}",
-           "-m", "tl_modular", *rest]
-    status = subprocess.run(cmd, check=False).returncode
-    if status != 0:
-        print(f"tl-modular: the {nproc}-process run failed (exit status {status}): a rank stopped, see its message "
-              "above; the stages finished before are saved and the same command reuses them", file=sys.stderr)
-    return status
+    return rest
+
+
+@contextlib.contextmanager
+def _quiet_launcher(debug: bool) -> Any:
+    """Silence torchrun's own log lines (its failure report is a page per rank) unless ``debug``:
+    the ranks' messages and ours say what happened."""
+    import logging
+
+    names = [n for n in logging.Logger.manager.loggerDict
+             if n.startswith(("torch.distributed.elastic", "torch.distributed.run", "torch.distributed.launcher"))]
+    levels = {n: logging.getLogger(n).level for n in names}
+    if not debug:
+        for n in names:
+            logging.getLogger(n).setLevel(logging.CRITICAL + 1)
+    try:
+        yield
+    finally:
+        for n, level in levels.items():
+            logging.getLogger(n).setLevel(level)
+
+
+def _failed_ranks(error: Any, nproc: int) -> tuple[str, int]:
+    """(message, exit status) for torchrun's ``ChildFailedError``: the ranks that failed of their own
+    accord — not those that stopped because of them (status 3) or that the launcher stopped
+    (SIGTERM) — else the first failure torchrun saw."""
+    import signal
+
+    failures = dict(error.failures)
+    first = {r: f for r, f in failures.items() if f.exitcode not in (_PEER_FAILED, -int(signal.SIGTERM))}
+    if not first:
+        rank, failure = error.get_first_failure()
+        first = {rank: failure}
+
+    def how(f: Any) -> str:
+        if f.exitcode < 0:
+            return f"was killed by {f.signal_name()} (exit status {f.exitcode})"
+        return f"exited with status {f.exitcode}"
+
+    ranks = sorted(first)
+    said = "; ".join(f"rank {r} {how(first[r])}" for r in ranks)
+    others = "" if len(first) == nproc else "; the other ranks stopped with it"
+    code = first[ranks[0]].exitcode
+    status = code if code > 0 else 128 - code
+    see = "its message" if len(first) == 1 else "their messages"
+    return f"the {nproc}-process run failed: {said} (see {see} above){others}", status
 
 
 def _init_distributed(device: str) -> tuple[str, bool]:
@@ -219,6 +317,14 @@ def _analyze(args: argparse.Namespace) -> int:
     device, initialised = _init_distributed(_check_device(args.device))
     try:
         return _analyze_here(args, device, labeler, simulator)
+    except Exception as e:
+        from tl_modular._dist import RankFailedError
+
+        if not isinstance(e, RankFailedError):
+            raise
+        # not this rank's fault: the launcher names the rank that failed
+        print(f"tl-modular: {_rank_prefix()}stopped: {e}; the launcher names that rank", file=sys.stderr)
+        return _PEER_FAILED
     finally:
         if initialised:
             import torch
@@ -236,42 +342,53 @@ def _analyze_here(args: argparse.Namespace, device: str, labeler: Any, simulator
 
         from tl_modular import report
 
-        if args.model is None or args.model in _BUNDLED:
-            inputs = report.bundled_inputs(labeler=labeler, simulator=simulator, device=device,
-                                           variant="plain" if args.model == "toy" else "modular")
-            metric = args.metric or "logit"
-        elif args.model == "textlm":              # the bundled real-text GPT-2: its own text unless --data
-            from tl_modular import textlm
-
-            model = textlm.load_model(device=device)
-            tokens, data = (None, None) if args.data is None else _load_data(args.data, model, args.tokens,
-                                                                             args.seq_len)
-            inputs = report.textlm_inputs(n_tokens=args.tokens, seq_len=args.seq_len, labeler=labeler,
-                                          simulator=simulator, model=model, tokens=tokens, data=data)
-            if args.circuits:
-                inputs.categories = _categories(args, model)
-            if args.sae:
-                inputs.saes = _saes(args, model)
-            metric = args.metric or "loss"
-        else:
-            model = _load_model(args.model, device)
-            tokens, data = _load_data(args.data, model, args.tokens, args.seq_len)
-            inputs = report.Inputs(model=model, tokens=tokens, name=args.model, categories=_categories(args, model),
-                                   saes=_saes(args, model), labeler=labeler, simulator=simulator,
-                                   decode=getattr(model, "to_string", None), data=data)
-            metric = args.metric or "loss"
+        inputs, metric = _inputs(args, device, labeler, simulator)
     except BaseException:
         if created:                     # nothing was written yet: leave no empty report directory behind
             with contextlib.suppress(OSError):
                 Path(args.out).rmdir()
         raise
     torch.manual_seed(0)
-    path = report.analyze(inputs, args.out, report.AnalyzeConfig(metric=metric, attribution=not args.no_attribution),
+    path = report.analyze(inputs, args.out, report.AnalyzeConfig(metric=metric, attribution=args.attribution),
                           reuse=not args.no_reuse,
                           progress=not args.quiet and main)
     if main:
         print(f"report: {path}")
     return 0
+
+
+def _inputs(args: argparse.Namespace, device: str, labeler: Any, simulator: Any) -> tuple[Inputs, str]:
+    """``(inputs, metric)`` of the model asked for: a bundled toy model (metric: the task logits), the
+    bundled text model or a TransformerLens model by name with its ``--data`` (metric: the loss)."""
+    from tl_modular import report
+
+    if args.model is None or args.model in _BUNDLED:
+        inputs = report.bundled_inputs(labeler=labeler, simulator=simulator, device=device,
+                                       variant="plain" if args.model == "toy" else "modular")
+        return inputs, args.metric or "logit"
+    if args.model == "textlm":
+        return _textlm_inputs(args, device, labeler, simulator), args.metric or "loss"
+    model = _load_model(args.model, device)
+    tokens, data = _load_data(args.data, model, args.tokens, args.seq_len)
+    inputs = report.Inputs(model=model, tokens=tokens, name=args.model, categories=_categories(args, model),
+                           saes=_saes(args, model), labeler=labeler, simulator=simulator,
+                           decode=getattr(model, "to_string", None), data=data)
+    return inputs, args.metric or "loss"
+
+
+def _textlm_inputs(args: argparse.Namespace, device: str, labeler: Any, simulator: Any) -> Inputs:
+    """The bundled real-text GPT-2 on its own text, or on ``--data`` when given."""
+    from tl_modular import report, textlm
+
+    model = textlm.load_model(device=device)
+    tokens, data = (None, None) if args.data is None else _load_data(args.data, model, args.tokens, args.seq_len)
+    inputs = report.textlm_inputs(n_tokens=args.tokens, seq_len=args.seq_len, labeler=labeler,
+                                  simulator=simulator, model=model, tokens=tokens, data=data)
+    if args.circuits:
+        inputs.categories = _categories(args, model)
+    if args.sae:
+        inputs.saes = _saes(args, model)
+    return inputs
 
 
 def _check_options(args: argparse.Namespace) -> None:

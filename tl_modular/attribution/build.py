@@ -28,7 +28,8 @@ activation × virtual weight as in transcoder attribution graphs.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -49,8 +50,40 @@ def _is_sae(x: Any) -> bool:
     return hasattr(x, "W_enc") and hasattr(x, "W_dec") and hasattr(x, "cfg")
 
 
+def _is_transcoder(x: Any) -> bool:
+    return getattr(x.cfg, "d_out", None) is not None
+
+
+_TRANSCODER_ARCHS = ("transcoder", "jumprelu_transcoder")
+
+
+def _transcoder_layer(model: Any, tc: Any) -> int:
+    """The MLP layer a transcoder replaces; ``ValueError`` for one this graph cannot take."""
+    arch = tc.cfg.architecture() if callable(getattr(tc.cfg, "architecture", None)) else None
+    hook_in = tc.cfg.metadata.hook_name
+    hook_out = getattr(tc.cfg.metadata, "hook_name_out", None)
+    if arch not in _TRANSCODER_ARCHS or hasattr(tc, "W_skip"):
+        raise ValueError(f"the transcoder on {hook_in!r} is {arch!r}; only sae-lens Transcoder and "
+                         "JumpReLUTranscoder (no skip connection) are supported as graph nodes")
+    if getattr(tc.cfg, "normalize_activations", "none") != "none":
+        raise ValueError(f"the transcoder on {hook_in!r} has normalize_activations="
+                         f"{tc.cfg.normalize_activations!r}; only 'none' is supported (fold the scales first)")
+    layer = hook_layer(hook_out) if isinstance(hook_out, str) else None
+    if layer is None or layer >= model.cfg.n_layers or hook_out != act_name("mlp_out", layer):
+        raise ValueError(f"a transcoder node must write an MLP's output (cfg.metadata.hook_name_out = "
+                         f"'blocks.<layer>.hook_mlp_out'), got {hook_out!r}")
+    ins = (act_name("normalized", layer, "ln2"), act_name("resid_mid", layer), act_name("mlp_in", layer))
+    if hook_in not in ins or (hook_in == ins[0] and model.cfg.normalization_type is None):
+        raise ValueError(f"the transcoder writing {hook_out!r} must read that MLP's input ({ins[0]!r}, or "
+                         f"{ins[1]!r} / {ins[2]!r}), got {hook_in!r}")
+    if int(tc.cfg.d_in) != model.cfg.d_model or int(tc.cfg.d_out) != model.cfg.d_model:
+        raise ValueError(f"the transcoder on {hook_in!r} is {tc.cfg.d_in} -> {tc.cfg.d_out} wide, the model's "
+                         f"d_model is {model.cfg.d_model}: it was trained on another model")
+    return layer
+
+
 def _units(model: Any, units: Any) -> tuple[Any, dict[str, Any]]:
-    """``(compression or None, {MLP channel: SAE})`` from what ``units`` holds."""
+    """``(compression or None, {MLP channel: SAE or transcoder})`` from what ``units`` holds."""
     from tl_modular.compression import Compression
 
     items = list(units) if isinstance(units, (list, tuple)) else [units]
@@ -63,6 +96,11 @@ def _units(model: Any, units: Any) -> tuple[Any, dict[str, Any]]:
             comp = item
         elif isinstance(item, Mapping) and item and all(_is_sae(v) for v in item.values()):
             items.extend(item.values())
+        elif _is_sae(item) and _is_transcoder(item):
+            name = mlp_name(_transcoder_layer(model, item))
+            if name in saes:
+                raise ValueError(f"units holds two SAEs or transcoders on {name}; pass one per MLP")
+            saes[name] = item
         elif _is_sae(item):
             hook = item.cfg.metadata.hook_name
             layer = hook_layer(hook) if isinstance(hook, str) else None
@@ -77,12 +115,13 @@ def _units(model: Any, units: Any) -> tuple[Any, dict[str, Any]]:
                                  "without input normalisation are supported")
             name = mlp_name(layer)
             if name in saes:
-                raise ValueError(f"units holds two SAEs on {hook!r}; pass one per hook")
+                raise ValueError(f"units holds two SAEs on {hook!r} (or an SAE and a transcoder on {name}); pass "
+                                 "one per MLP")
             saes[name] = item
         else:
             raise TypeError(f"units must be a tlm.Compression (from tlm.compress(model, tokens)), an sae-lens SAE on "
-                            f"an MLP's output, a mapping of them (tlm.sae.bundled()) or a list of these; got "
-                            f"{type(item).__name__}")
+                            f"an MLP's output or a Transcoder / JumpReLUTranscoder replacing an MLP, a mapping of "
+                            f"them (tlm.sae.bundled()) or a list of these; got {type(item).__name__}")
     return comp, saes
 
 
@@ -134,7 +173,8 @@ def _targets(target: Any, n_pos: int, d_vocab: int) -> dict[str, list[int]]:
 
 
 def attribution_graph(model: Any, tokens: Any, units: Any, *, target: dict[str, Any] | None = None,
-                      dtype: torch.dtype = torch.float64) -> AttributionGraph | list[AttributionGraph]:
+                      dtype: torch.dtype = torch.float64, min_influence: float | None = None
+                      ) -> AttributionGraph | list[AttributionGraph]:
     """Attribution graph(s) of ``model`` on ``tokens`` over the write directions of ``units``.
 
     Args:
@@ -145,14 +185,24 @@ def attribution_graph(model: Any, tokens: Any, units: Any, *, target: dict[str, 
         units: A :class:`~tl_modular.Compression` (each compressed channel's write side gives one
             feature node per direction kept, ``side.rank``, and position), standard sae-lens SAEs
             on MLP outputs (``blocks.{l}.hook_mlp_out``: one node per feature active at a position;
-            they take the place of that MLP's write side), a mapping of them (``tlm.sae.bundled()``
-            filtered to ``hook_mlp_out``) or a list of these. Channels covered by neither become
+            they take the place of that MLP's write side), sae-lens ``Transcoder`` /
+            ``JumpReLUTranscoder`` objects reading an MLP's input (``blocks.{l}.ln2.hook_normalized``,
+            ``hook_resid_mid`` or ``hook_mlp_in``) and writing its output (``hook_mlp_out``): one
+            node per active feature replacing that MLP, as in circuit-tracer, the MLP's error node
+            its true output minus the transcoder's; a mapping of them (``tlm.sae.bundled()``
+            filtered to ``hook_mlp_out``) or a list of these. Channels covered by none become
             error nodes.
         target: With plain tokens: ``{"positions": [...], "answers": [...], "wrong_answers":
             [...]}`` (wrong answers optional; the logit node is the mean over the positions of
             the logit, or logit difference).
         dtype: Arithmetic precision (float64 by default, so completeness holds to ~1e-12 on a
             float64 model and to fp32 rounding on a float32 one).
+        min_influence: Prune while building: targets are visited from the logit backwards and a
+            feature whose influence on the logit (:func:`~tl_modular.attribution.influence` over
+            the edges found so far) is below this gets no incoming edges; it is folded into its
+            channel's error node at its position (its write and outgoing edges move there), so
+            completeness still holds. Every other edge equals the full build's bit for bit.
+            ``info["dropped_features"]`` counts the folded features. ``None``: the full graph.
 
     Returns:
         One :class:`AttributionGraph` for ``[pos]`` or ``[1, pos]`` tokens, else a list of them
@@ -160,7 +210,8 @@ def attribution_graph(model: Any, tokens: Any, units: Any, *, target: dict[str, 
 
     Raises:
         TypeError / ValueError: an unsupported model, ``units`` not a Compression, a missing or
-            malformed target, tokens of the wrong shape.
+            malformed target, tokens of the wrong shape, an SAE or transcoder the graph cannot
+            take (wrong hooks, skip connections, input normalisation), ``min_influence`` < 0.
 
     >>> g = tlm.attribution_graph(model, task[0], units=comp)[0]        # doctest: +SKIP
     >>> g.completeness() < 1e-5                                          # doctest: +SKIP
@@ -170,12 +221,16 @@ def attribution_graph(model: Any, tokens: Any, units: Any, *, target: dict[str, 
     from tl_modular.tasks import Task  # tasks is a lazily loaded package
 
     channels, comp, saes = _check(model, units)
+    if min_influence is not None and (isinstance(min_influence, bool) or not isinstance(min_influence, (int, float))
+                                      or not min_influence >= 0):
+        raise ValueError(f"min_influence must be a number >= 0 (or None for the full graph), got {min_influence!r}")
     if isinstance(tokens, Task):
         task = tokens
         rows = [(task.clean[i], {"positions": task.positions[i], "answers": task.answers[i],
                                  "wrong_answers": None if task.wrong_answers is None or task.metric_kind != "logit_diff"
                                  else task.wrong_answers[i]}) for i in range(len(task))]
-        graphs = [_one(model, channels, comp, saes, t, _targets(tg, len(t), model.cfg.d_vocab), dtype)
+        graphs = [_one(model, channels, comp, saes, t, _targets(tg, len(t), model.cfg.d_vocab), dtype,
+                       min_influence)
                   for t, tg in rows]
         return graphs
     if not isinstance(tokens, torch.Tensor) or tokens.dtype not in (torch.long, torch.int, torch.int32) or not (
@@ -192,7 +247,7 @@ def attribution_graph(model: Any, tokens: Any, units: Any, *, target: dict[str, 
                          "'wrong_answers': [tok]} or pass a tlm.Task instead of tokens")
     rows = tokens[None] if tokens.ndim == 1 else tokens
     tg = _targets(target, rows.shape[1], model.cfg.d_vocab)
-    graphs = [_one(model, channels, comp, saes, row, tg, dtype) for row in rows]
+    graphs = [_one(model, channels, comp, saes, row, tg, dtype, min_influence) for row in rows]
     return graphs[0] if tokens.ndim == 1 or len(rows) == 1 else graphs
 
 
@@ -218,9 +273,61 @@ def _centre(v: torch.Tensor, centred: bool) -> torch.Tensor:
     return v - v.mean(-1, keepdim=True) if centred else v
 
 
+_CHUNK = 256   # features per target block of an SAE / transcoder: the unit of work a pruned build skips
+
+
+@dataclass
+class _Job:
+    """The incoming edges of ``targets`` (node indices, one stream point) from ``sources``:
+    ``compute()`` returns the ``[targets, sources]`` block. The same job gives the same block
+    bit for bit whether or not other jobs run, so a pruned build's edges equal the full build's."""
+
+    stream: int
+    targets: torch.Tensor
+    sources: torch.Tensor
+    compute: Callable[[], torch.Tensor]
+
+
+def _gate(model: Any, cache: Mapping[str, torch.Tensor], layer: int, dtype: torch.dtype) -> torch.Tensor:
+    """The MLP's frozen activation gate ``act(pre) / pre`` ``[pos, d_mlp]`` (0 where pre is 0)."""
+    pre = cache[act_name("pre", layer)][0].to(dtype)
+    post = cache[act_name("post", layer)][0].to(dtype)
+    return torch.where(pre != 0, post / torch.where(pre != 0, pre, 1.0), torch.zeros_like(pre))
+
+
+def _chunks(items: list[int]) -> list[list[int]]:
+    return [items[i:i + _CHUNK] for i in range(0, len(items), _CHUNK)]
+
+
+def _sweep(jobs: list[_Job], n: int, logit: int, min_influence: float | None,
+           emit: Callable[[torch.Tensor, torch.Tensor, torch.Tensor], None], dtype: torch.dtype) -> torch.Tensor:
+    """Run the jobs; with ``min_influence``, from the logit backwards, skipping the targets whose
+    influence on the logit (on the edges found so far, as :func:`~tl_modular.attribution.influence`
+    computes it) is below it. Returns ``[n]`` booleans: the targets whose edges were computed."""
+    done = torch.zeros(n, dtype=torch.bool)
+    infl = torch.zeros(n, dtype=dtype)
+    infl[logit] = 1.0                       # the e term of e Σ Âᵏ: the logit's weight on its own row
+    order = sorted(jobs, key=lambda j: -j.stream) if min_influence is not None else jobs
+    for job in order:
+        keep = (infl[job.targets] >= min_influence) if min_influence is not None else None
+        if keep is not None and not keep.any():
+            continue
+        block = job.compute()
+        targets = job.targets
+        if keep is not None and not keep.all():
+            block, targets = block[keep], targets[keep]
+        emit(targets, job.sources, block)
+        done[targets] = True
+        if min_influence is not None:       # pass the targets' influence on to their sources
+            a = block.abs()
+            weight = infl[targets] / a.sum(1).clamp_min(torch.finfo(dtype).tiny)
+            infl.index_add_(0, job.sources, weight @ a)
+    return done
+
+
 @torch.no_grad()
 def _one(model: Any, channels: ChannelSet, comp: Compression | None, saes: dict[str, Any], tokens: torch.Tensor,
-         target: dict[str, list[int]], dtype: torch.dtype) -> AttributionGraph:
+         target: dict[str, list[int]], dtype: torch.dtype, min_influence: float | None = None) -> AttributionGraph:
     cfg = model.cfg
     n_layers = cfg.n_layers
     tokens = tokens.to(cfg.device)[None]
@@ -228,22 +335,57 @@ def _one(model: Any, channels: ChannelSet, comp: Compression | None, saes: dict[
     hooks = {"hook_embed", "hook_pos_embed", "ln_final.hook_scale"}
     for layer in range(n_layers):
         hooks |= {act_name("scale", layer, "ln1"), act_name("scale", layer, "ln2"), act_name("pattern", layer),
-                  act_name("z", layer), act_name("pre", layer), act_name("post", layer), act_name("mlp_out", layer)}
+                  act_name("z", layer), act_name("pre", layer), act_name("post", layer), act_name("mlp_out", layer),
+                  act_name("resid_mid", layer)}
+        if cfg.normalization_type is not None:
+            hooks.add(act_name("normalized", layer, "ln2"))
     logits, cache = run_with_cache(model, tokens, names_filter=lambda n: n in hooks)
     cache = {k: v.detach().cpu() for k, v in cache.items()}
     logits = logits.detach().cpu().to(dtype)[0]
     f = lambda t: t.detach().cpu().to(dtype)  # noqa: E731
+    weights: dict[tuple[int, str], torch.Tensor] = {}
+
+    def weight(sae: Any, key: str) -> torch.Tensor:
+        """An SAE's / transcoder's parameter in ``dtype``, converted once per graph."""
+        if (id(sae), key) not in weights:
+            weights[(id(sae), key)] = f(getattr(sae, key))
+        return weights[(id(sae), key)]
+
     nodes: list[Node] = []
     writes: list[torch.Tensor] = []
     acts: list[float] = []
-    pres: dict[int, float] = {}                          # SAE features: pre-activation when it differs
+    pres: dict[int, float] = {}                          # SAE / transcoder features: pre-activation
     feature_of: dict[tuple[str, int], list[int]] = {}   # (channel, position) -> node indices of its features
+    error_of: dict[tuple[str, int], int] = {}           # (channel, position) -> its error node
+    transcoders = {name: tc for name, tc in saes.items() if _is_transcoder(tc)}
 
     def add(node: Node, vec: torch.Tensor, act: float = 1.0) -> int:
         nodes.append(node)
-        writes.append(vec)
+        writes.append(vec[None])
         acts.append(act)
         return len(nodes) - 1
+
+    def add_many(new: list[Node], vecs: torch.Tensor, values: list[float]) -> list[int]:
+        """Nodes with writes ``vecs`` ``[k, d_model]`` and activations ``values``; their indices."""
+        nodes.extend(new)
+        writes.append(vecs)
+        acts.extend(values)
+        return list(range(len(nodes) - len(new), len(nodes)))
+
+    def sparse_features(c: Any, p: int, stream: int, sae: Any, pre: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+        """Nodes of an SAE's / transcoder's active features and its error; returns the bias part ``b_dec``."""
+        w_dec, b_dec = weight(sae, "W_dec"), weight(sae, "b_dec")
+        a = pre.clamp_min(0)
+        if hasattr(sae, "threshold"):                    # JumpReLU: zero at or below the threshold
+            a = torch.where(pre > weight(sae, "threshold"), a, torch.zeros_like(a))
+        on = (a != 0).nonzero()[:, 0]
+        active = on.tolist()
+        hook = sae.cfg.metadata.hook_name
+        feature_of[(c.name, p)] = add_many([Node("feature", c.name, j, p, stream, hook) for j in active],
+                                           a[on, None] * w_dec[on], a[on].tolist())
+        pres.update(zip(feature_of[(c.name, p)], pre[on].tolist(), strict=True))
+        error_of[(c.name, p)] = add(Node("error", c.name, None, p, stream), w - a[on] @ w_dec[on] - b_dec)
+        return b_dec
 
     for p in range(n_pos):
         add(Node("embed", "embed", None, p, 0), f(cache["hook_embed"][0, p]))
@@ -262,21 +404,20 @@ def _one(model: Any, channels: ChannelSet, comp: Compression | None, saes: dict[
                     if c.kind == "bias":
                         bias += w
                         continue
+                    if c.name in transcoders:            # features read the MLP's input, write its output
+                        tc = transcoders[c.name]
+                        x = f(cache[tc.cfg.metadata.hook_name if "normalized" in tc.cfg.metadata.hook_name
+                                    else act_name("resid_mid", layer)][0, p])
+                        bias += sparse_features(c, p, stream, tc, x @ weight(tc, "W_enc") + weight(tc, "b_enc"), w)
+                        continue
                     if c.name in saes:
                         sae = saes[c.name]
-                        w_enc, b_enc, w_dec, b_dec = (f(getattr(sae, k)) for k in ("W_enc", "b_enc", "W_dec", "b_dec"))
-                        pre = (w - b_dec * float(sae.cfg.apply_b_dec_to_input)) @ w_enc + b_enc
-                        a = pre.clamp_min(0)
-                        active = (a > 0).nonzero()[:, 0].tolist()
-                        hook = sae.cfg.metadata.hook_name
-                        feature_of[(c.name, p)] = [add(Node("feature", c.name, j, p, stream, hook),
-                                                       a[j] * w_dec[j], float(a[j])) for j in active]
-                        pres.update((i, float(pre[j])) for i, j in zip(feature_of[(c.name, p)], active, strict=True))
-                        add(Node("error", c.name, None, p, stream), w - a @ w_dec - b_dec)
-                        bias += b_dec
+                        shift = weight(sae, "b_dec") * float(sae.cfg.apply_b_dec_to_input)
+                        bias += sparse_features(c, p, stream, sae, (w - shift) @ weight(sae, "W_enc")
+                                                + weight(sae, "b_enc"), w)
                         continue
                     if comp is None or c.name not in comp:
-                        add(Node("error", c.name, None, p, stream), w)
+                        error_of[(c.name, p)] = add(Node("error", c.name, None, p, stream), w)
                         continue
                     side = comp[c.name].write
                     sides[c.name] = side
@@ -284,12 +425,12 @@ def _one(model: Any, channels: ChannelSet, comp: Compression | None, saes: dict[
                     a = (w - mu) @ enc
                     feature_of[(c.name, p)] = [add(Node("feature", c.name, j, p, stream), a[j] * dec[:, j], float(a[j]))
                                                for j in range(a.shape[0])]
-                    add(Node("error", c.name, None, p, stream), w - mu - a @ dec.T)
+                    error_of[(c.name, p)] = add(Node("error", c.name, None, p, stream), w - mu - a @ dec.T)
                     bias += mu
                 add(Node("bias", None, None, p, stream), bias)
     n = len(nodes) + 1
     nodes.append(Node("logit", None, None, None, 2 * n_layers + 1))
-    vec = torch.stack(writes)                                  # [n - 1, d_model]
+    vec = torch.cat(writes)                                    # [n - 1, d_model]
     wpos = torch.tensor([nd.position for nd in nodes[:-1]])
     wstream = torch.tensor([nd.stream for nd in nodes[:-1]])
     activation = torch.tensor([*acts, 0.0], dtype=dtype)
@@ -297,6 +438,17 @@ def _one(model: Any, channels: ChannelSet, comp: Compression | None, saes: dict[
     for i, v in pres.items():
         pre_activation[i] = v
     bias = torch.zeros(n, dtype=dtype)
+    jobs: list[_Job] = []
+
+    for layer in range(n_layers):
+        jobs += _head_jobs(model, channels, comp, sides, layer, cache, vec, wpos, wstream, feature_of, bias,
+                           activation, pre_activation, dtype)
+        name = mlp_name(layer)
+        if name in saes or (comp is not None and name in comp):
+            jobs += _mlp_jobs(model, name, layer, saes.get(name), sides.get(name), cache, vec, wpos, wstream,
+                              nodes, feature_of, bias, activation, pre_activation, dtype)
+    jobs.append(_logit_job(model, target, cache, logits, vec, wpos, n, bias, activation, pre_activation, dtype))
+
     rows: list[torch.Tensor] = []
     cols: list[torch.Tensor] = []
     vals: list[torch.Tensor] = []
@@ -308,88 +460,170 @@ def _one(model: Any, channels: ChannelSet, comp: Compression | None, saes: dict[
         cols.append(sources[nz[1]])
         vals.append(block[nz])
 
-    for layer in range(n_layers):
-        block = model.blocks[layer]
-        # attention: targets read resid_pre (streams <= 2l) at every earlier position through the pattern
-        sigma, w_ln, b_ln, centred = _ln(model, act_name("scale", layer, "ln1"), cache, 0, dtype)
-        src = (wstream <= 2 * layer).nonzero()[:, 0]
-        xs = _centre(vec[src], centred) * w_ln                 # [n_src, d_model]
-        pattern = f(cache[act_name("pattern", layer)][0])      # [head, pos_q, pos_k]
-        z = f(cache[act_name("z", layer)][0])
-        for c in channels.in_layer(layer):
-            if c.kind != "head" or comp is None or c.name not in comp:
-                continue
-            side = sides[c.name]
-            mu, enc = f(side.mean), f(side.encoder)
-            w_v, w_o, b_v = f(block.attn.W_V[c.head]), f(block.attn.W_O[c.head]), f(block.attn.b_V[c.head])
-            ov_e = w_v @ (w_o @ enc)                           # [d_model, r]
-            y = xs @ ov_e                                      # [n_src, r]
-            per_pos = pattern[c.head][:, wpos[src]] / sigma[wpos[src]]   # [pos_q, n_src]
-            const = (b_ln @ w_v + b_v) @ (w_o @ enc)           # through the pattern, whose rows sum to 1
-            act = (z[:, c.head] @ w_o - mu) @ enc              # [pos, r]
-            for p in range(n_pos):
-                tgt = torch.tensor(feature_of[(c.name, p)])
-                emit(tgt, src, y.T * per_pos[p])
-                bias[tgt] = pattern[c.head, p].sum() * const - mu @ enc
-                activation[tgt] = pre_activation[tgt] = act[p]
-        # MLP: targets read resid_mid (streams <= 2l + 1) at their own position, gate frozen
-        sigma, w_ln, b_ln, centred = _ln(model, act_name("scale", layer, "ln2"), cache, 0, dtype)
-        name = mlp_name(layer)
-        if name in saes:
-            sae = saes[name]
-            w_enc, b_enc, b_dec = (f(getattr(sae, k)) for k in ("W_enc", "b_enc", "b_dec"))
-            offset = b_dec * float(sae.cfg.apply_b_dec_to_input)
-            w_in, b_in, w_out, b_out = (f(getattr(block.mlp, k)) for k in ("W_in", "b_in", "W_out", "b_out"))
-            pre, post = f(cache[act_name("pre", layer)][0]), f(cache[act_name("post", layer)][0])
-            gate = torch.where(pre != 0, post / torch.where(pre != 0, pre, 1.0), torch.zeros_like(pre))
-            for p in range(n_pos):
-                tgt_nodes = feature_of[(name, p)]
-                if not tgt_nodes:
-                    continue
-                enc = w_enc[:, [nodes[i].index for i in tgt_nodes]]
-                src = ((wstream <= 2 * layer + 1) & (wpos == p)).nonzero()[:, 0]
-                y = ((_centre(vec[src], centred) * w_ln) @ w_in * gate[p]) @ (w_out @ enc) / sigma[p]
-                tgt = torch.tensor(tgt_nodes)
-                emit(tgt, src, y.T)
-                bias[tgt] = ((b_ln @ w_in + b_in) * gate[p]) @ (w_out @ enc) + (b_out - offset) @ enc \
-                    + b_enc[[nodes[i].index for i in tgt_nodes]]
-        elif comp is not None and name in comp:
-            side = sides[name]
-            mu, enc = f(side.mean), f(side.encoder)
-            w_in, b_in, w_out, b_out = (f(getattr(block.mlp, k)) for k in ("W_in", "b_in", "W_out", "b_out"))
-            pre, post = f(cache[act_name("pre", layer)][0]), f(cache[act_name("post", layer)][0])
-            gate = torch.where(pre != 0, post / torch.where(pre != 0, pre, 1.0), torch.zeros_like(pre))
-            out_e = w_out @ enc                                # [d_mlp, r]
-            act = (f(cache[act_name("mlp_out", layer)][0]) - mu) @ enc
-            for p in range(n_pos):
-                src = ((wstream <= 2 * layer + 1) & (wpos == p)).nonzero()[:, 0]
-                y = ((_centre(vec[src], centred) * w_ln) @ w_in * gate[p]) @ out_e / sigma[p]
-                tgt = torch.tensor(feature_of[(name, p)])
-                emit(tgt, src, y.T)
-                bias[tgt] = ((b_ln @ w_in + b_in) * gate[p]) @ out_e + (b_out - mu) @ enc
-                activation[tgt] = pre_activation[tgt] = act[p]
-    # logit node: mean over scored positions of logit[answer] (- logit[wrong])
+    done = _sweep(jobs, n, n - 1, min_influence, emit, dtype)
+    index = torch.stack([torch.cat(rows), torch.cat(cols)])
+    values = torch.cat(vals)
+    info: dict[str, Any] = {"n_layers": n_layers, "d_model": cfg.d_model}
+    if transcoders:
+        info["transcoders"] = {name: {"hook_in": tc.cfg.metadata.hook_name, "hook_out": tc.cfg.metadata.hook_name_out,
+                                        "architecture": tc.cfg.architecture(), "d_sae": int(tc.cfg.d_sae)}
+            for name, tc in transcoders.items()}
+    full_writes = torch.cat([vec, vec.new_zeros(1, vec.shape[1])])
+    keep = torch.ones(n, dtype=torch.bool)
+    if min_influence is not None:
+        info["min_influence"] = float(min_influence)
+        dropped = torch.tensor([nd.kind == "feature" for nd in nodes]) & ~done
+        info["dropped_features"] = int(dropped.sum())
+        if dropped.any():
+            keep, index, full_writes = _fold(nodes, dropped, error_of, index, full_writes)
+            nodes = [nd for nd, k in zip(nodes, keep.tolist(), strict=True) if k]
+            activation, pre_activation, bias = activation[keep], pre_activation[keep], bias[keep]
+            full_writes = full_writes[keep]
+            n = len(nodes)
+    adjacency = torch.sparse_coo_tensor(index, values, (n, n), check_invariants=False).coalesce()
+    return AttributionGraph(nodes=nodes, adjacency=adjacency, activation=activation,
+                            pre_activation=pre_activation, bias=bias, tokens=tokens[0].cpu(), target=dict(target),
+                            info=info, writes=full_writes)
+
+
+def _fold(nodes: list[Node], dropped: torch.Tensor, error_of: dict[tuple[str, int], int], index: torch.Tensor,
+          writes: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Fold each dropped feature into its channel's error node at its position: its outgoing edges
+    and its write move there (so every kept target's incoming edges still sum to its value).
+    Returns the kept-node mask, the edge index renumbered over the kept nodes, and the writes."""
+    n = len(nodes)
+    into = torch.arange(n)
+    for i in dropped.nonzero()[:, 0].tolist():
+        into[i] = error_of[(nodes[i].channel, nodes[i].position)]
+    writes = writes.clone().index_add_(0, into[dropped], writes[dropped])
+    keep = ~dropped
+    renumber = torch.cumsum(keep.long(), 0) - 1
+    return keep, torch.stack([renumber[index[0]], renumber[into[index[1]]]]), writes
+
+
+def _head_jobs(model: Any, channels: ChannelSet, comp: Compression | None, sides: dict[str, Any], layer: int,
+               cache: Mapping[str, torch.Tensor], vec: torch.Tensor, wpos: torch.Tensor, wstream: torch.Tensor,
+               feature_of: dict[tuple[str, int], list[int]], bias: torch.Tensor, activation: torch.Tensor,
+               pre_activation: torch.Tensor, dtype: torch.dtype) -> list[_Job]:
+    """Attention write directions: they read resid_pre (streams <= 2l) at every earlier position
+    through the frozen pattern. One job per head and position; the head's ``[sources, r]``
+    product is shared by its positions and computed on first use."""
+    f = lambda t: t.detach().cpu().to(dtype)  # noqa: E731
+    block = model.blocks[layer]
+    sigma, w_ln, b_ln, centred = _ln(model, act_name("scale", layer, "ln1"), cache, 0, dtype)
+    src = (wstream <= 2 * layer).nonzero()[:, 0]
+    pattern = f(cache[act_name("pattern", layer)][0])      # [head, pos_q, pos_k]
+    z = f(cache[act_name("z", layer)][0])
+    shared: dict[str, torch.Tensor] = {}
+    jobs = []
+    for c in channels.in_layer(layer):
+        if c.kind != "head" or comp is None or c.name not in comp:
+            continue
+        mu, enc = f(sides[c.name].mean), f(sides[c.name].encoder)
+        w_v, w_o, b_v = f(block.attn.W_V[c.head]), f(block.attn.W_O[c.head]), f(block.attn.b_V[c.head])
+        ov_e = w_v @ (w_o @ enc)                           # [d_model, r]
+        per_pos = pattern[c.head][:, wpos[src]] / sigma[wpos[src]]   # [pos_q, n_src]
+        const = (b_ln @ w_v + b_v) @ (w_o @ enc)           # through the pattern, whose rows sum to 1
+        act = (z[:, c.head] @ w_o - mu) @ enc              # [pos, r]
+
+        def y(name: str = c.name, ov_e: torch.Tensor = ov_e) -> torch.Tensor:
+            if "xs" not in shared:
+                shared["xs"] = _centre(vec[src], centred) * w_ln        # [n_src, d_model]
+            if name not in shared:
+                shared[name] = shared["xs"] @ ov_e                     # [n_src, r]
+            return shared[name]
+
+        for p in range(pattern.shape[1]):
+            tgt = torch.tensor(feature_of[(c.name, p)])
+            bias[tgt] = pattern[c.head, p].sum() * const - mu @ enc
+            activation[tgt] = pre_activation[tgt] = act[p]
+            jobs.append(_Job(2 * layer + 1, tgt, src, lambda y=y, w=per_pos[p]: y().T * w))
+    return jobs
+
+
+def _mlp_jobs(model: Any, name: str, layer: int, sae: Any, side: Any, cache: Mapping[str, torch.Tensor],
+              vec: torch.Tensor, wpos: torch.Tensor, wstream: torch.Tensor, nodes: list[Node],
+              feature_of: dict[tuple[str, int], list[int]], bias: torch.Tensor, activation: torch.Tensor,
+              pre_activation: torch.Tensor, dtype: torch.dtype) -> list[_Job]:
+    """The MLP's nodes read resid_mid (streams <= 2l + 1) at their own position: write directions and
+    SAE features on its output through the frozen gate, transcoder features straight from their
+    input (ln2.hook_normalized through the frozen LayerNorm scale, or resid_mid itself)."""
+    f = lambda t: t.detach().cpu().to(dtype)  # noqa: E731
+    mlp = model.blocks[layer].mlp
+    sigma, w_ln, b_ln, centred = _ln(model, act_name("scale", layer, "ln2"), cache, 0, dtype)
+    if sae is not None and _is_transcoder(sae):
+        # TransformerLens' hook_normalized holds (P x) / σ, before the norm's w and b; hook_resid_mid
+        # (and hook_mlp_in) the residual stream itself
+        w_ln, b_ln = torch.ones_like(w_ln), torch.zeros_like(b_ln)
+        if "normalized" not in sae.cfg.metadata.hook_name:
+            sigma, centred = sigma.new_ones(sigma.shape), False
+    inputs: dict[int, torch.Tensor] = {}
+
+    def x_in(p: int, src: torch.Tensor) -> torch.Tensor:
+        """The sources' writes as the MLP (or transcoder) reads them at position ``p``: ``[n_src, d_model]``."""
+        if p not in inputs:
+            inputs[p] = _centre(vec[src], centred) * w_ln
+        return inputs[p]
+
+    n_pos = int(wpos.max()) + 1
+    jobs = []
+    if sae is not None:
+        w_enc, b_enc = f(sae.W_enc), f(sae.b_enc)
+        if _is_transcoder(sae):
+            read, const = w_enc, b_ln @ w_enc + b_enc
+        else:
+            w_in, b_in, w_out, b_out = (f(getattr(mlp, k)) for k in ("W_in", "b_in", "W_out", "b_out"))
+            gate = _gate(model, cache, layer, dtype)
+            offset = f(sae.b_dec) * float(sae.cfg.apply_b_dec_to_input)
+        for p in range(n_pos):
+            src = ((wstream <= 2 * layer + 1) & (wpos == p)).nonzero()[:, 0]
+            for chunk in _chunks(feature_of[(name, p)]):
+                idx = [nodes[i].index for i in chunk]
+                tgt = torch.tensor(chunk)
+                if _is_transcoder(sae):
+                    bias[tgt] = const[idx]
+                    compute = lambda p=p, src=src, e=read[:, idx]: (x_in(p, src) @ e / sigma[p]).T  # noqa: E731
+                else:
+                    out_e = w_out @ w_enc[:, idx]
+                    bias[tgt] = ((b_ln @ w_in + b_in) * gate[p]) @ out_e + (b_out - offset) @ w_enc[:, idx] + b_enc[idx]
+                    compute = lambda p=p, src=src, e=out_e: ((x_in(p, src) @ w_in * gate[p]) @ e / sigma[p]).T  # noqa: E731
+                jobs.append(_Job(2 * layer + 2, tgt, src, compute))
+        return jobs
+    mu, enc = f(side.mean), f(side.encoder)
+    w_in, b_in, w_out, b_out = (f(getattr(mlp, k)) for k in ("W_in", "b_in", "W_out", "b_out"))
+    gate = _gate(model, cache, layer, dtype)
+    out_e = w_out @ enc                                # [d_mlp, r]
+    act = (f(cache[act_name("mlp_out", layer)][0]) - mu) @ enc
+    for p in range(n_pos):
+        src = ((wstream <= 2 * layer + 1) & (wpos == p)).nonzero()[:, 0]
+        tgt = torch.tensor(feature_of[(name, p)])
+        bias[tgt] = ((b_ln @ w_in + b_in) * gate[p]) @ out_e + (b_out - mu) @ enc
+        activation[tgt] = pre_activation[tgt] = act[p]
+        jobs.append(_Job(2 * layer + 2, tgt, src,
+                         lambda p=p, src=src: ((x_in(p, src) @ w_in * gate[p]) @ out_e / sigma[p]).T))
+    return jobs
+
+
+def _logit_job(model: Any, target: dict[str, list[int]], cache: Mapping[str, torch.Tensor], logits: torch.Tensor,
+               vec: torch.Tensor, wpos: torch.Tensor, n: int, bias: torch.Tensor, activation: torch.Tensor,
+               pre_activation: torch.Tensor, dtype: torch.dtype) -> _Job:
+    """The logit node: mean over scored positions of ``logit[answer]`` (- ``logit[wrong]``), one row
+    over every source."""
+    f = lambda t: t.detach().cpu().to(dtype)  # noqa: E731
     sigma, w_ln, b_ln, centred = _ln(model, "ln_final.hook_scale", cache, 0, dtype)
     w_u, b_u = f(model.W_U), f(model.b_U)
     positions, answers = target["positions"], target["answers"]
     wrong = target.get("wrong_answers")
     k = len(positions)
+    row = torch.zeros(n - 1, dtype=dtype)
     logit_value, logit_bias = 0.0, 0.0
-    logit_index = torch.tensor([n - 1])
     for i, p in enumerate(positions):
         u = w_u[:, answers[i]] - (w_u[:, wrong[i]] if wrong else 0)
         ub = b_u[answers[i]] - (b_u[wrong[i]] if wrong else 0)
         src = (wpos == p).nonzero()[:, 0]
-        emit(logit_index, src, ((_centre(vec[src], centred) * w_ln) @ u / sigma[p] / k)[None])
+        row[src] += (_centre(vec[src], centred) * w_ln) @ u / sigma[p] / k
         logit_bias += float((b_ln @ u + ub) / k)
         logit_value += float((logits[p, answers[i]] - (logits[p, wrong[i]] if wrong else 0)) / k)
-    activation[-1] = logit_value
-    pre_activation[-1] = logit_value
+    activation[-1] = pre_activation[-1] = logit_value
     bias[-1] = logit_bias
-    index = torch.stack([torch.cat(rows), torch.cat(cols)])
-    adjacency = torch.sparse_coo_tensor(index, torch.cat(vals), (n, n), check_invariants=False).coalesce()
-    return AttributionGraph(nodes=nodes, adjacency=adjacency, activation=activation,
-                            pre_activation=pre_activation, bias=bias,
-                            tokens=tokens[0].cpu(), target=dict(target),
-                            info={"n_layers": n_layers, "d_model": cfg.d_model},
-                            writes=torch.cat([vec, vec.new_zeros(1, vec.shape[1])]))
+    return _Job(2 * model.cfg.n_layers + 1, torch.tensor([n - 1]), torch.arange(n - 1), lambda: row[None])

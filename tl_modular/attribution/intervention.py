@@ -1,7 +1,8 @@
 """Verifying a pruned graph by intervention: keep only its feature nodes, ablate the rest.
 
 Every unit's write at every position is ``μ + Σ_j a_j D_j + error`` (a write side) or
-``b_dec + Σ_f a_f W_dec[f] + error`` (an SAE on an MLP's output). A run that
+``b_dec + Σ_f a_f W_dec[f] + error`` (an SAE on an MLP's output, or a transcoder whose ``a_f``
+encode the MLP's input). A run that
 *keeps* a set of features leaves those ``a_j`` (recomputed in the run) and every error term as
 they are, and sets every other feature to its baseline: its mean over the task's clean prompts
 (positions ≥ 1; ``baseline="mean"``) or its value in the corrupted prompt (``"corrupted"``).
@@ -21,7 +22,7 @@ import torch
 
 from tl_modular._hooks import run_with_cache, run_with_hooks
 from tl_modular._names import act_name
-from tl_modular.attribution.build import _units
+from tl_modular.attribution.build import _is_transcoder, _units
 from tl_modular.attribution.pruning import Pruned
 from tl_modular.segmentation import segment
 
@@ -35,19 +36,26 @@ Masks = dict[str, torch.Tensor]          # channel -> [batch, pos, rank] bool: f
 
 
 class _Writer:
-    """A channel's write in feature coordinates: ``encode(w)`` ``[..., k]``, ``decoder`` ``[k, d_model]``
-    (a write side: ``(w - μ) E`` and ``Dᵀ``; an SAE: ``relu((w - b_dec) W_enc + b_enc)`` and ``W_dec``)."""
+    """A channel's write in feature coordinates: ``encode(x)`` ``[..., k]``, ``decoder`` ``[k, d_model]``
+    (a write side: ``(w - μ) E`` and ``Dᵀ``; an SAE: ``relu((w - b_dec) W_enc + b_enc)`` and ``W_dec``;
+    a transcoder: its encoder on the MLP's input ``x`` at :attr:`reads`, JumpReLU thresholds applied)."""
 
     def __init__(self, channel: Any, side: Any = None, sae: Any = None) -> None:
         self.channel, self.side, self.sae = channel, side, sae
         self.size = side.rank if side is not None else sae.cfg.d_sae
+        #: the hook a transcoder encodes (the MLP's input); None: the channel's own write
+        self.reads = sae.cfg.metadata.hook_name if sae is not None and _is_transcoder(sae) else None
+        if self.reads is not None and "normalized" not in self.reads:
+            self.reads = act_name("resid_mid", channel.layer)      # hook_mlp_in holds the same values
 
     def encode(self, w: torch.Tensor) -> torch.Tensor:
         if self.side is not None:
             return (w - self.side.mean.to(w)) @ self.side.encoder.to(w)
         s = self.sae
-        pre = (w - s.b_dec.to(w) * float(s.cfg.apply_b_dec_to_input)) @ s.W_enc.to(w) + s.b_enc.to(w)
-        return pre.clamp_min(0)
+        shift = 0.0 if self.reads is not None else s.b_dec.to(w) * float(s.cfg.apply_b_dec_to_input)
+        pre = (w - shift) @ s.W_enc.to(w) + s.b_enc.to(w)
+        a = pre.clamp_min(0)
+        return torch.where(pre > s.threshold.to(w), a, 0.0) if hasattr(s, "threshold") else a
 
     def decoder(self, like: torch.Tensor) -> torch.Tensor:
         return (self.side.decoder.T if self.side is not None else self.sae.W_dec).to(like)
@@ -107,8 +115,8 @@ def random_masks(masks: Masks, generator: torch.Generator, candidates: Masks | N
 @torch.no_grad()
 def _activations(model: Any, writers: Sequence[_Writer], tokens: torch.Tensor) -> dict[str, torch.Tensor]:
     """Each unit's write in feature coordinates: ``[batch, pos, features]``."""
-    names = {act_name("z", w.channel.layer) if w.channel.kind == "head" else act_name("mlp_out", w.channel.layer)
-             for w in writers}
+    names = {act_name("z", w.channel.layer) if w.channel.kind == "head"
+             else w.reads or act_name("mlp_out", w.channel.layer) for w in writers}
     _, cache = run_with_cache(model, tokens.to(model.cfg.device), names_filter=lambda n: n in names)
     out = {}
     for wr in writers:
@@ -116,7 +124,7 @@ def _activations(model: Any, writers: Sequence[_Writer], tokens: torch.Tensor) -
         if c.kind == "head":
             w = cache[act_name("z", c.layer)][:, :, c.head] @ model.blocks[c.layer].attn.W_O[c.head]
         else:
-            w = cache[act_name("mlp_out", c.layer)]
+            w = cache[wr.reads or act_name("mlp_out", c.layer)]
         out[c.name] = wr.encode(w)
     return out
 
@@ -145,10 +153,14 @@ def run_with_features(model: Any, units: Any, tokens: torch.Tensor, masks: Mappi
                 raise ValueError(f"{label}[{c.name!r}] must be [batch, pos, features] = {want} for these tokens and "
                                  f"units, got {got}")
     z_store: dict[int, torch.Tensor] = {}
+    in_store: dict[str, torch.Tensor] = {}        # transcoders' inputs, by hook
     hooks = []
 
     def save_z(z: torch.Tensor, hook: Any) -> None:
         z_store[hook.layer()] = z
+
+    def save_input(x: torch.Tensor, hook: Any) -> None:
+        in_store[hook.name] = x
 
     def edit(out: torch.Tensor, hook: Any, kind: str) -> torch.Tensor:
         layer = hook.layer()
@@ -158,11 +170,12 @@ def run_with_features(model: Any, units: Any, tokens: torch.Tensor, masks: Mappi
             if c.layer != layer or c.kind != kind:
                 continue
             w = z_store[layer][:, :, c.head] @ model.blocks[layer].attn.W_O[c.head] if kind == "head" else out
-            cur = wr.encode(w)
+            cur = wr.encode(in_store[wr.reads] if wr.reads is not None else w)
             new = torch.where(masks[c.name].to(cur.device), cur, base[c.name].to(cur))
             delta = delta + (new - cur) @ wr.decoder(w)
         return out + delta
 
+    hooks += [(h, save_input) for h in sorted({wr.reads for wr in writers if wr.reads is not None})]
     for layer in range(model.cfg.n_layers):
         hooks.append((act_name("z", layer), save_z))
         hooks.append((act_name("attn_out", layer), lambda o, hook: edit(o, hook, "head")))

@@ -9,16 +9,18 @@ on ``hook_attn_out`` (each head's write ``z_h W_O[h]`` projected) and ``hook_mlp
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from functools import partial
 from typing import TYPE_CHECKING, Any
 
 import torch
 
 from tl_modular._names import act_name
 from tl_modular.compression.statistics import read_map
-from tl_modular.segmentation import segment
+from tl_modular.segmentation import Channel, segment
 
 if TYPE_CHECKING:      # annotations only: compression.py imports this module
-    from tl_modular.compression import Compression, Side
+    from tl_modular.compression import ChannelCompression, Compression, Side
 
 
 def restriction_hooks(model: Any, comp: Compression, names: list[str], *, restrict_first: bool,
@@ -26,84 +28,108 @@ def restriction_hooks(model: Any, comp: Compression, names: list[str], *, restri
     """The hooks restricting ``names``; ``override[(channel, side_key)] = (mean, encoder, decoder)``
     replaces a side's tensors (trainable ones, for ``Compression.refined``)."""
     channels = segment(model)
-    override = override or {}
-    dtype = next(model.parameters()).dtype
-    device = model.cfg.device
-    cast = lambda t: t.to(device=device, dtype=dtype)  # noqa: E731
+    disc = _Discarded(model, override or {})
+    first = partial(_first_mask, restrict_first=restrict_first)
     captured: dict[str, torch.Tensor] = {}
-    hooks: list = []
-    inputs: set[str] = set()
-
-    def first_mask(act: torch.Tensor) -> torch.Tensor:
-        mask = torch.ones(act.shape[1], device=act.device, dtype=act.dtype)
-        if not restrict_first:
-            mask[0] = 0
-        return mask.view(1, -1, *([1] * (act.ndim - 2)))
-
-    def capture(name: str):
-        def fn(act: torch.Tensor, hook: Any) -> None:
-            captured[name] = act
-        return fn
-
-    def disc_fn(side: Side, key: tuple[str, str]):
-        if key in override:
-            mu, enc, dec = (cast(t) for t in override[key])
-        else:
-            mu, enc, dec = cast(side.mean), cast(side.encoder), cast(side.decoder)
-        return lambda x: (x - mu) - ((x - mu) @ enc) @ dec.T
-
-    def shift_port(index: int, pairs: list):
-        """Subtract disc(ŷ) @ map for each (input hook, disc, map) pair at head/unit ``index``."""
-        def fn(act: torch.Tensor, hook: Any) -> torch.Tensor:
-            act = act.clone()
-            for inp, disc, w in pairs:
-                delta = disc(captured[inp]) @ w
-                if index is None:
-                    act -= delta * first_mask(act)
-                else:
-                    act[:, :, index] -= delta * first_mask(delta)
-            return act
-        return fn
-
-    by_hook: dict[tuple[str, int | None], list] = {}
-    head_writes: dict[int, list] = {}
+    reads: dict[tuple[str, int | None], list] = {}      # (port hook, head index) -> [(input hook, disc, map)]
+    head_writes: dict[int, list] = {}                   # layer -> [(head, W_O, disc)]
+    mlp_writes: list = []
     for name in names:
-        c, cc = channels[name], comp[name]
-        inputs.add(c.input_hook)
+        c = channels[name]
         if c.kind == "head":
-            for p in "qkv":
-                index = c.head if p == "q" else c.kv_head
-                key = (act_name(p, c.layer), index)
-                by_hook.setdefault(key, []).append((c.input_hook, disc_fn(cc.read[p], (name, f"read:{p}")),
-                                                    cast(read_map(c, p))))
-            head_writes.setdefault(c.layer, []).append((c.head, cast(c.weights["W_O"].detach()),
-                                                        disc_fn(cc.write, (name, "write"))))
+            _add_head(c, comp[name], disc, reads, head_writes)
         else:
-            side = cc.read["in"]
-            disc = disc_fn(side, (name, "read:in"))
-            by_hook.setdefault((act_name("pre", c.layer), None), []).append(
-                (c.input_hook, disc, cast(read_map(c, "gate" if "W_gate" in c.weights else "in"))))
-            if "W_gate" in c.weights:
-                by_hook.setdefault((act_name("pre_linear", c.layer), None), []).append(
-                    (c.input_hook, disc, cast(read_map(c, "in"))))
-            write = disc_fn(cc.write, (name, "write"))
-            hooks.append((act_name("mlp_out", c.layer), _write_hook(write, first_mask)))
-    hooks = [(h, capture(h)) for h in sorted(inputs)] + hooks
-    for (hook, index), pairs in by_hook.items():
-        hooks.append((hook, shift_port(index, pairs)))
+            mlp_writes.append(_add_mlp(c, comp[name], disc, reads, first))
+    hooks = [(h, _capture(captured, h)) for h in sorted({channels[n].input_hook for n in names})] + mlp_writes
+    hooks += [(hook, _shift_port(captured, index, pairs, first)) for (hook, index), pairs in reads.items()]
     for layer, writes in head_writes.items():
-        z_name = act_name("z", layer)
-        hooks.append((z_name, capture(z_name)))
-
-        def attn_out(act: torch.Tensor, hook: Any, writes: list = writes, z_name: str = z_name) -> torch.Tensor:
-            z = captured[z_name]
-            delta = sum(disc(z[:, :, h] @ w_o) for h, w_o, disc in writes)
-            return act - delta * first_mask(act)
-        hooks.append((act_name("attn_out", layer), attn_out))
+        hooks += _attn_out_hooks(captured, layer, writes, first)
     return hooks
 
 
-def _write_hook(disc, first_mask):
+class _Discarded:
+    """``disc(x) = (x - mean) - (x - mean) E Dᵀ``: what a side drops of ``x``, in the model's dtype and
+    device; ``override`` replaces a side's ``(mean, encoder, decoder)``."""
+
+    def __init__(self, model: Any, override: dict[tuple[str, str], tuple[torch.Tensor, ...]]) -> None:
+        self.dtype = next(model.parameters()).dtype
+        self.device = model.cfg.device
+        self.override = override
+
+    def cast(self, t: torch.Tensor) -> torch.Tensor:
+        return t.to(device=self.device, dtype=self.dtype)
+
+    def __call__(self, side: Side, key: tuple[str, str]) -> Callable[[torch.Tensor], torch.Tensor]:
+        if key in self.override:
+            mu, enc, dec = (self.cast(t) for t in self.override[key])
+        else:
+            mu, enc, dec = self.cast(side.mean), self.cast(side.encoder), self.cast(side.decoder)
+        return lambda x: (x - mu) - ((x - mu) @ enc) @ dec.T
+
+
+def _add_head(c: Channel, cc: ChannelCompression, disc: _Discarded, reads: dict, head_writes: dict) -> None:
+    """Register a head's q / k / v read shifts and its share of the layer's attention write."""
+    for p in "qkv":
+        index = c.head if p == "q" else c.kv_head
+        reads.setdefault((act_name(p, c.layer), index), []).append(
+            (c.input_hook, disc(cc.read[p], (c.name, f"read:{p}")), disc.cast(read_map(c, p))))
+    head_writes.setdefault(c.layer, []).append((c.head, disc.cast(c.weights["W_O"].detach()),
+                                                disc(cc.write, (c.name, "write"))))
+
+
+def _add_mlp(c: Channel, cc: ChannelCompression, disc: _Discarded, reads: dict, first: Callable
+             ) -> tuple[str, Callable]:
+    """Register an MLP's read shifts (gate and linear branch when gated); its write hook."""
+    read = disc(cc.read["in"], (c.name, "read:in"))
+    gated = "W_gate" in c.weights
+    reads.setdefault((act_name("pre", c.layer), None), []).append(
+        (c.input_hook, read, disc.cast(read_map(c, "gate" if gated else "in"))))
+    if gated:
+        reads.setdefault((act_name("pre_linear", c.layer), None), []).append(
+            (c.input_hook, read, disc.cast(read_map(c, "in"))))
+    return act_name("mlp_out", c.layer), _write_hook(disc(cc.write, (c.name, "write")), first)
+
+
+def _first_mask(act: torch.Tensor, *, restrict_first: bool) -> torch.Tensor:
+    """1 at every position (0 at position 0 unless ``restrict_first``), shaped to broadcast on ``act``."""
+    mask = torch.ones(act.shape[1], device=act.device, dtype=act.dtype)
+    if not restrict_first:
+        mask[0] = 0
+    return mask.view(1, -1, *([1] * (act.ndim - 2)))
+
+
+def _capture(captured: dict[str, torch.Tensor], name: str) -> Callable:
+    def fn(act: torch.Tensor, hook: Any) -> None:
+        captured[name] = act
+    return fn
+
+
+def _shift_port(captured: dict[str, torch.Tensor], index: int | None, pairs: list, first: Callable) -> Callable:
+    """Subtract disc(ŷ) @ map for each (input hook, disc, map) pair at head/unit ``index``."""
+    def fn(act: torch.Tensor, hook: Any) -> torch.Tensor:
+        act = act.clone()
+        for inp, disc, w in pairs:
+            delta = disc(captured[inp]) @ w
+            if index is None:
+                act -= delta * first(act)
+            else:
+                act[:, :, index] -= delta * first(delta)
+        return act
+    return fn
+
+
+def _attn_out_hooks(captured: dict[str, torch.Tensor], layer: int, writes: list, first: Callable) -> list:
+    """Capture the layer's ``z``, then subtract each restricted head's discarded write from ``attn_out``."""
+    z_name = act_name("z", layer)
+
+    def attn_out(act: torch.Tensor, hook: Any) -> torch.Tensor:
+        z = captured[z_name]
+        delta = sum(disc(z[:, :, h] @ w_o) for h, w_o, disc in writes)
+        return act - delta * first(act)
+    return [(z_name, _capture(captured, z_name)), (act_name("attn_out", layer), attn_out)]
+
+
+def _write_hook(disc: Callable, first_mask: Callable) -> Callable:
     def fn(act: torch.Tensor, hook: Any) -> torch.Tensor:
         return act - disc(act) * first_mask(act)
     return fn

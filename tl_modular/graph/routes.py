@@ -27,7 +27,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from tqdm.auto import tqdm
@@ -38,6 +38,9 @@ from tl_modular._names import UNEMBED, channel_order, port_hook, port_name, spli
 from tl_modular._tokens import check_tokens, position_weights
 from tl_modular.patching import channel_write, patch_routes, split_inputs, valid_route
 from tl_modular.segmentation import Channel, ChannelSet
+
+if TYPE_CHECKING:      # annotations only
+    from tl_modular.compression import Compression
 
 
 @dataclass
@@ -67,7 +70,7 @@ def _centred(vecs: torch.Tensor, centered: bool) -> torch.Tensor:
     return vecs - vecs.mean(0, keepdim=True) if centered else vecs
 
 
-def readers(comp: Any, model: Any | None) -> list[Reader]:
+def readers(comp: Compression, model: Any | None) -> list[Reader]:
     """Every reader port of the compressed channels (and the unembedding when ``model`` is given)."""
     out = []
     for name in comp:
@@ -109,7 +112,7 @@ def _embedding_writer(c: Channel, tokens: torch.Tensor | None, mask: torch.Tenso
     return Writer(c.name, None, order, mean, evecs.flip(1) * order.sqrt())
 
 
-def writers(comp: Any, channels: ChannelSet | None, tokens: torch.Tensor | None = None,
+def writers(comp: Compression, channels: ChannelSet | None, tokens: torch.Tensor | None = None,
             mask: torch.Tensor | None = None) -> list[Writer]:
     """The embeddings (when the channels are known) and every compressed channel, as writers."""
     out = []
@@ -359,6 +362,8 @@ def ablation_effects(model: Any, channels: ChannelSet, route_sets: list[tuple[li
     senders = sorted({w for routes, _ in route_sets for w, _ in routes})
     hooks = sorted({channels[w].source_hook for w in senders})
     diffs = [0.0] * len(route_sets)
+    if not senders:              # only empty sets (e.g. a lesion of a one-module graph): nothing changes
+        return diffs
     for batch, m, target in _batches3(tokens, mask, loss_mask, batch_size, device):
         kwargs = {} if m is None else {"attention_mask": m}
         acts: dict[str, torch.Tensor] = {}

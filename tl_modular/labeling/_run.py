@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import asyncio
 import warnings
-from collections.abc import Coroutine, Iterable
+from collections.abc import Coroutine, Iterable, Sequence
 from dataclasses import replace
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 import numpy as np
 import torch
@@ -17,7 +17,7 @@ from tl_modular import _dist
 from tl_modular._aio import run_sync
 from tl_modular._redact import redact
 from tl_modular.errors import LabelingError
-from tl_modular.labeling._client import REASONS
+from tl_modular.labeling._client import REASONS, BudgetExceeded, LLMError, LLMUnavailable
 from tl_modular.labeling._evidence import Evidence, EvidenceConfig, collect_evidence
 from tl_modular.labeling._labelers import (
     Explanation,
@@ -30,6 +30,12 @@ from tl_modular.labeling._labelers import (
 from tl_modular.labeling._labels import Label, Labels
 from tl_modular.labeling._scoring import baseline_summary, holdout, score
 from tl_modular.labeling._units import Unit, units_for
+
+if TYPE_CHECKING:      # annotations only: the stages are imported when label() runs
+    from tl_modular.circuits import CircuitSet
+    from tl_modular.compression import Compression
+    from tl_modular.graph import ChannelGraph
+    from tl_modular.segmentation import ChannelSet
 
 
 def _add_usage(total: dict[str, Any], part: dict[str, Any]) -> None:
@@ -65,9 +71,34 @@ class _Run:
         self.stopped: str | None = None
         self.baseline_usage: dict[str, Any] = {}
 
-    async def one(self, unit: Unit) -> None:
-        from tl_modular.labeling._client import BudgetExceeded, LLMError, LLMUnavailable
+    async def all(self, units: list[Unit], n_baseline: int, seed: int, progress: bool) -> list[float]:
+        """Label ``units`` (members before their modules) and score the baseline; the clients are
+        closed at the end, also on error. Returns the baseline correlations."""
+        try:
+            await self.each(units, progress)
+            return await self.baseline([u for u in units if u.kind != "module"], n_baseline, seed)
+        finally:
+            for obj in {id(self.labeler): self.labeler, id(self.simulator): self.simulator}.values():
+                if hasattr(obj, "aclose"):
+                    await obj.aclose()
 
+    async def each(self, units: list[Unit], progress: bool) -> None:
+        """Every unit, concurrently in rounds: members before their modules (a module's evidence
+        holds its members' labels)."""
+        self.bar = tqdm(total=len(units), desc="labeling", disable=not progress or not _dist.is_main(), leave=False)
+        done: set[str] = set()
+        names = {v.name for v in units}
+        try:
+            while len(done) < len(units):
+                ready = [u for u in units if u.name not in done and all(m in done or m not in names for m in u.members)]
+                if not ready:
+                    raise ValueError("module membership has a cycle")
+                await _all_or_none(self.one(u) for u in ready)
+                done |= {u.name for u in ready}
+        finally:
+            self.bar.close()
+
+    async def one(self, unit: Unit) -> None:
         ev = self.evidence[unit.name]
         ev.member_labels = {m: self.labels[m].text for m in unit.members if m in self.labels and self.labels[m].ok}
         lab = Label(unit=unit.name, kind=unit.kind, channels=list(unit.channels), members=list(unit.members),
@@ -108,8 +139,6 @@ class _Run:
 
     async def baseline(self, units: list[Unit], n: int, seed: int) -> list[float]:
         """Correlations of other units' labels simulated on each unit's held-out contexts."""
-        from tl_modular.labeling._client import LLMError, LLMUnavailable
-
         pool = [u for u in units if self.labels[u.name].ok and self.labels[u.name].score is not None]
         if len(pool) < 2 or n <= 0 or self.stopped:
             return []
@@ -160,11 +189,11 @@ async def _all_or_none(coros: Iterable[Coroutine[Any, Any, Any]]) -> list[Any]:
     return [t.result() for t in tasks]
 
 
-def label(target: Any, model: Any, tokens: Int[torch.Tensor, "batch pos"], *,
-          labeler: Labeler | None = None, simulator: Simulator | None = None,
-          attention_mask: Int[torch.Tensor, "batch pos"] | None = None, graph: Any = None, circuits: Any = None,
-          max_units: int | None = None, evidence: EvidenceConfig | None = None, n_baseline: int = 20,
-          n_boot: int = 200, keep_evidence: bool = True, seed: int = 0, progress: bool = True,
+def label(target: ChannelSet | Compression | ChannelGraph | Unit | Sequence[Unit], model: Any,
+          tokens: Int[torch.Tensor, "batch pos"], *, labeler: Labeler | None = None, simulator: Simulator | None = None,
+          attention_mask: Int[torch.Tensor, "batch pos"] | None = None, graph: ChannelGraph | None = None,
+          circuits: CircuitSet | None = None, max_units: int | None = None, evidence: EvidenceConfig | None = None,
+          n_baseline: int = 20, n_boot: int = 200, keep_evidence: bool = True, seed: int = 0, progress: bool = True,
           on_error: Literal["keep", "raise"] = "keep") -> Labels:
     """Label every unit of ``target`` and score each label by simulation.
 
@@ -206,10 +235,30 @@ def label(target: Any, model: Any, tokens: Int[torch.Tensor, "batch pos"], *,
     """
     from tl_modular.graph import ChannelGraph
 
+    _check_options(on_error, n_baseline, n_boot)
+    labeler, simulator = _agents(labeler, simulator)
+    if graph is None and isinstance(target, ChannelGraph):
+        graph = target
+    units = _at_most(units_for(target, model), max_units)
+    ev = collect_evidence(units, model, tokens, attention_mask=attention_mask, config=evidence, graph=graph,
+                          circuits=circuits, progress=progress)
+    run = _Run(labeler, simulator, ev, n_boot, keep_evidence, None)
+    # under torch.distributed the evidence scan above is data parallel; the labeler is asked on
+    # rank 0 only (no request paid once per rank) and the labels sent to every rank
+    result = _dist.on_main(lambda: _ask(run, units, n_baseline, seed, progress, evidence, tokens))
+    _check_failures(result, on_error, labeler)
+    return result
+
+
+def _check_options(on_error: str, n_baseline: int, n_boot: int) -> None:
     if on_error not in ("keep", "raise"):
         raise ValueError(f"on_error must be 'keep' or 'raise', got {on_error!r}")
     if n_baseline < 0 or n_boot < 0:
         raise ValueError(f"n_baseline and n_boot must be >= 0, got n_baseline={n_baseline}, n_boot={n_boot}")
+
+
+def _agents(labeler: Labeler | None, simulator: Simulator | None) -> tuple[Labeler, Simulator]:
+    """The labeler and simulator to use (defaults filled in), checked against their protocols."""
     labeler = labeler if labeler is not None else OfflineLabeler()
     if simulator is None:
         simulator = labeler if isinstance(labeler, Simulator) else OfflineSimulator()
@@ -219,84 +268,60 @@ def label(target: Any, model: Any, tokens: Int[torch.Tensor, "batch pos"], *,
     if not isinstance(simulator, Simulator):
         raise TypeError(f"simulator must have an async asimulate(label, contexts, signed=) method, "
                         f"got {type(simulator).__name__}")
-    if graph is None and isinstance(target, ChannelGraph):
-        graph = target
-    units = units_for(target, model)
-    if max_units is not None:
-        if max_units < 1:
-            raise ValueError(f"max_units must be >= 1, got {max_units}")
-        modules = [u for u in units if u.kind == "module"][:max_units]
-        leaves = [u for u in units if u.kind != "module"][:max_units - len(modules)]
-        kept = {u.name for u in leaves}
-        units = leaves + [replace(u, members=tuple(m for m in u.members if m in kept)) for u in modules]
-    ev = collect_evidence(units, model, tokens, attention_mask=attention_mask, config=evidence, graph=graph,
-                          circuits=circuits, progress=progress)
+    return labeler, simulator
 
-    async def main() -> tuple[_Run, list[float]]:
-        try:
-            return await work()
-        finally:
-            for obj in {id(labeler): labeler, id(simulator): simulator}.values():
-                if hasattr(obj, "aclose"):
-                    await obj.aclose()
 
-    run = _Run(labeler, simulator, ev, n_boot, keep_evidence, None)
+def _at_most(units: list[Unit], max_units: int | None) -> list[Unit]:
+    """At most ``max_units`` units: modules first, then the others in order; a module keeps only
+    the members that are kept."""
+    if max_units is None:
+        return units
+    if max_units < 1:
+        raise ValueError(f"max_units must be >= 1, got {max_units}")
+    modules = [u for u in units if u.kind == "module"][:max_units]
+    leaves = [u for u in units if u.kind != "module"][:max_units - len(modules)]
+    kept = {u.name for u in leaves}
+    return leaves + [replace(u, members=tuple(m for m in u.members if m in kept)) for u in modules]
 
-    async def work() -> tuple[_Run, list[float]]:
-        bar = tqdm(total=len(units), desc="labeling", disable=not progress or not _dist.is_main(), leave=False)
-        run.bar = bar
-        # members before their modules: a module's evidence holds its members' labels
-        done: set[str] = set()
-        try:
-            while len(done) < len(units):
-                ready = [u for u in units if u.name not in done
-                         and all(m in done or m not in {v.name for v in units} for m in u.members)]
-                if not ready:
-                    raise ValueError("module membership has a cycle")
-                await _all_or_none(run.one(u) for u in ready)
-                done |= {u.name for u in ready}
-        finally:
-            bar.close()
-        base = await run.baseline([u for u in units if u.kind != "module"], n_baseline, seed)
-        return run, base
 
-    from tl_modular.labeling._client import LLMUnavailable
+def _ask(run: _Run, units: list[Unit], n_baseline: int, seed: int, progress: bool, evidence: EvidenceConfig | None,
+         tokens: torch.Tensor) -> Labels:
+    """Run the labeling and return its Labels; a server that cannot answer raises LabelingError
+    holding the labels made so far."""
+    before = _totals(run.labeler, run.simulator)
+    try:
+        base = run_sync(run.all(units, n_baseline, seed, progress))
+    except LLMUnavailable as e:     # the labels so far, from the run that was filling them
+        partial = _labels(run, units, [], seed, before, evidence, tokens)
+        raise LabelingError(f"labeling stopped: {e}", reason=e.reason, endpoint=e.endpoint,
+                            labels=partial) from None
+    return _labels(run, units, base, seed, before, evidence, tokens)
 
-    def ask() -> Labels:
-        before = _totals(labeler, simulator)
-        try:
-            done, base = run_sync(main())
-        except LLMUnavailable as e:     # the labels so far, from the run main() was filling
-            partial = _labels(run, units, [], seed, _totals(labeler, simulator), before, labeler, simulator, evidence,
-                              tokens)
-            raise LabelingError(f"labeling stopped: {e}", reason=e.reason, endpoint=e.endpoint,
-                                labels=partial) from None
-        return _labels(done, units, base, seed, _totals(labeler, simulator), before, labeler, simulator, evidence,
-                       tokens)
 
-    # under torch.distributed the evidence scan above is data parallel; the labeler is asked on
-    # rank 0 only (no request paid once per rank) and the labels sent to every rank
-    result = _dist.on_main(ask)
+def _check_failures(result: Labels, on_error: str, labeler: Labeler) -> None:
+    """Warn (``on_error="keep"``) or raise LabelingError (``"raise"``) when units failed."""
     # a spent budget is a stop the user asked for (Labels.stopped), not a failure
     failures = {r: n for r, n in result.failures().items() if r != "budget"}
-    if failures:
-        counts = ", ".join(f"{n} {REASONS.get(r, r)}" for r, n in failures.items())
-        n_failed = sum(failures.values())
-        if on_error == "raise":
-            raise LabelingError(f"{n_failed} of {len(result)} units could not be labeled ({counts}); re-run with the "
-                                "same cache_dir to ask only for those, or on_error='keep' for the partial labels",
-                                reason="failures", endpoint=getattr(getattr(labeler, "client", None), "endpoint", None),
-                                labels=result)
-        warnings.warn(f"{n_failed} of {len(result)} units could not be labeled ({counts}); their labels say why "
-                      "(Labels.failures()). Save the labels and re-run with the same cache_dir: only what is missing "
-                      "is asked again", RuntimeWarning, stacklevel=2)
-    return result
+    if not failures:
+        return
+    counts = ", ".join(f"{n} {REASONS.get(r, r)}" for r, n in failures.items())
+    n_failed = sum(failures.values())
+    if on_error == "raise":
+        raise LabelingError(f"{n_failed} of {len(result)} units could not be labeled ({counts}); re-run with the "
+                            "same cache_dir to ask only for those, or on_error='keep' for the partial labels",
+                            reason="failures", endpoint=getattr(getattr(labeler, "client", None), "endpoint", None),
+                            labels=result)
+    warnings.warn(f"{n_failed} of {len(result)} units could not be labeled ({counts}); their labels say why "
+                  "(Labels.failures()). Save the labels and re-run with the same cache_dir: only what is missing "
+                  "is asked again", RuntimeWarning, stacklevel=3)        # the caller of label()
 
 
-def _labels(run: _Run, units: list[Unit], base: list[float], seed: int, usage: dict[str, Any],
-            before: dict[str, Any], labeler: Any, simulator: Any, evidence: EvidenceConfig | None,
-            tokens: torch.Tensor) -> Labels:
-    """The Labels of a run (finished or stopped: units never started are left out)."""
+def _labels(run: _Run, units: list[Unit], base: list[float], seed: int, before: dict[str, Any],
+            evidence: EvidenceConfig | None, tokens: torch.Tensor) -> Labels:
+    """The Labels of a run (finished or stopped: units never started are left out); ``before``: the
+    clients' running usage when it started."""
+    labeler, simulator = run.labeler, run.simulator
+    usage = _totals(labeler, simulator)
     if usage:       # the clients' own totals: failed and repaired requests included
         usage = {k: v - before.get(k, 0) for k, v in usage.items()}
     else:

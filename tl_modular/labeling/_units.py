@@ -151,13 +151,29 @@ def channel_units(model: Any, names: Sequence[str] | None = None) -> list[Unit]:
     return units
 
 
+#: Bytes of channel writes stacked at once for a module's summed write (the rows of a batch go in
+#: chunks: all 156 channel writes of GPT-2 small on 32 × 128 tokens stacked were 2 GB, twice over).
+MODULE_STACK_BYTES = 128 * 2 ** 20
+
+
 def module_unit(model: Any, name: str, channels: Sequence[str], members: Sequence[str] = ()) -> Unit:
     """A module (set of channels) as a unit: the norm of its channels' summed write."""
     cs = [segment(model)[n] for n in channels]
     writes = [_write_reader(c) for c in cs]
+    hooks = _write_hooks(cs)
+
+    def summed(cache: Mapping[str, torch.Tensor], m: Any) -> torch.Tensor:
+        return torch.stack([w(cache, m) for w in writes]).sum(0)
 
     def write(cache: Mapping[str, torch.Tensor], m: Any) -> torch.Tensor:
-        return torch.stack([w(cache, m) for w in writes]).sum(0)
+        acts = {h: cache[h] for h in hooks}
+        first = acts[hooks[0]]
+        rows, per_row = first.shape[0], len(writes) * first.shape[1] * m.cfg.d_model * first.element_size()
+        step = max(1, MODULE_STACK_BYTES // max(per_row, 1))
+        if step >= rows:
+            return summed(acts, m)
+        # the same sum per row as in one stack (each output element adds the channels in the same order)
+        return torch.cat([summed({h: a[s:s + step] for h, a in acts.items()}, m) for s in range(0, rows, step)])
 
     return Unit(name=name, kind="module", hooks=_write_hooks(cs), reader=lambda cache, m: write(cache, m).norm(dim=-1),
                 channels=tuple(channels), members=tuple(members), write_reader=write,

@@ -68,8 +68,9 @@ class AnalyzeConfig:
         n_boot, n_random: Bootstrap samples and random circuits per category.
         max_score_tokens: Tokens for the polysemanticity scores.
         n_label_units: How many units (modules, then the most polysemantic neurons) get labels.
-        attribution: Whether to build feature circuits per category (``--no-attribution`` turns
-            it off); the other stages are reused either way.
+        attribution: Whether to build feature circuits per category (``--attribution``; off by
+            default: graphs over a text model's full compression can exhaust memory); the other
+            stages are reused either way.
         n_attribution: Prompts per category for the feature circuits (one attribution graph each).
     """
 
@@ -81,7 +82,7 @@ class AnalyzeConfig:
     n_random: int = 5
     max_score_tokens: int = 8192
     n_label_units: int = 24
-    attribution: bool = True
+    attribution: bool = False
     n_attribution: int = 4
 
     def __post_init__(self) -> None:
@@ -166,6 +167,7 @@ class _Stages:
         self.times: dict[str, float] = {}
 
     def run(self, name: str, fn: Callable[[], Any], load: Callable[[], Any] | None = None) -> Any:
+        _dist.exit_if_asked(name)            # tests only: a rank that dies here (TL_MODULAR_TEST_RANK_EXIT)
         if name in self.done and load is not None:
             value, error = None, None
             try:
@@ -453,7 +455,7 @@ def _attribution(inputs: Inputs, stages: _Stages, comp: Any, summary: dict[str, 
     files leave the report."""
     if not cfg.attribution or not inputs.categories:
         stages.forget("attribution", _ATTRIBUTION_FILES)
-        why = "switched off (--no-attribution)" if not cfg.attribution else "no circuit categories"
+        why = "off (--attribution turns it on)" if not cfg.attribution else "no circuit categories"
         summary["attribution"] = {"skipped": why}
         return
     settings = _attribution_settings(cfg)
