@@ -156,7 +156,8 @@ def test_a_damaged_or_foreign_stage_file_is_not_reused(bundled, tmp_path):
 
 def test_models_and_categories_the_builder_does_not_take_are_skipped_with_its_reason(tmp_path):
     tokens = torch.randint(0, 50, (16, 8), generator=torch.Generator().manual_seed(0))
-    cfg = report.AnalyzeConfig(n_null=2, budgets=2, n_boot=5, n_random=1, batch_size=8, n_label_units=2)
+    cfg = report.AnalyzeConfig(n_null=2, budgets=2, n_boot=5, n_random=1, batch_size=8, n_label_units=2,
+                               attribution=True)
     # a gated RMSNorm model: the report analyzes it, the attribution builder does not
     model = tiny_model("gated_rms", seed=0)
     out = tmp_path / "rms"
