@@ -89,6 +89,9 @@ def _parser() -> argparse.ArgumentParser:
                    help="run N data-parallel processes (torchrun on this machine: gloo on CPUs, NCCL with "
                         "--device cuda); the report equals one process's")
     a.add_argument("--no-reuse", action="store_true", help="recompute every stage even if the directory has it")
+    a.add_argument("--attribution", action="store_true",
+                   help="also build feature circuits per category (attribution graphs over the compression; "
+                        "small models: memory grows with the compression's dimensions); other stages are reused")
     a.add_argument("--quiet", action="store_true")
     d = sub.add_parser("diff", parents=[debug], help="what changed between two report directories")
     d.add_argument("a")
@@ -346,7 +349,8 @@ def _analyze_here(args: argparse.Namespace, device: str, labeler: Any, simulator
                 Path(args.out).rmdir()
         raise
     torch.manual_seed(0)
-    path = report.analyze(inputs, args.out, report.AnalyzeConfig(metric=metric), reuse=not args.no_reuse,
+    path = report.analyze(inputs, args.out, report.AnalyzeConfig(metric=metric, attribution=args.attribution),
+                          reuse=not args.no_reuse,
                           progress=not args.quiet and main)
     if main:
         print(f"report: {path}")

@@ -70,6 +70,20 @@ ax.figure.savefig(out / "11_feature_graph.png", dpi=100, bbox_inches="tight")
 plt.close(ax.figure)
 
 # %% [markdown]
+# ## Side by side: the same task, routes and features
+#
+# Edges are different units — a route joins two whole channels, a feature edge two directions at
+# given positions — so the count is set against each graph's own total. `tl-modular analyze --attribution`
+# shows the same comparison per task in the report's **Feature circuits** tab.
+
+# %%
+mean_kept = sum(k.n_edges for k in kept) / len(kept)
+mean_all = sum(x.adjacency._nnz() for x in graphs) / len(graphs)
+print(f"{'':>9} {'edges kept':>12} {'of':>10} {'faithfulness':>13}")
+print(f"{'routes':>9} {routes.size:>12} {len(graph.routes()):>10} {routes.faithfulness:>13.2f}")
+print(f"{'features':>9} {mean_kept:>12,.0f} {mean_all:>10,.0f} {result['faithfulness']:>13.2f}   (per prompt)")
+
+# %% [markdown]
 # ## Channels: route circuit vs feature circuit
 #
 # Which channels' features does the pruned feature graph use, and are they the route circuit's

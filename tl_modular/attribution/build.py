@@ -43,7 +43,7 @@ from tl_modular.segmentation import ChannelSet, segment
 if TYPE_CHECKING:
     from tl_modular.compression import Compression
 
-__all__ = ["attribution_graph"]
+__all__ = ["attribution_graph", "unsupported"]
 
 
 def _is_sae(x: Any) -> bool:
@@ -142,6 +142,16 @@ def _check(model: Any, units: Any) -> tuple[ChannelSet, Any, dict[str, Any]]:
     if cfg.act_fn not in ("gelu", "gelu_new", "relu", "silu", "gelu_fast", "gelu_pytorch_tanh"):
         raise ValueError(f"the MLP activation must be elementwise (gelu, relu, silu), got {cfg.act_fn!r}")
     return segment(model), comp, saes
+
+
+def unsupported(model: Any, units: Any) -> str | None:
+    """Why :func:`attribution_graph` cannot build graphs of ``model`` over ``units``, or ``None`` when
+    it can (the same checks it runs, so callers such as the report follow what it supports)."""
+    try:
+        _check(model, units)
+    except (TypeError, ValueError) as e:
+        return str(e)
+    return None
 
 
 def _targets(target: Any, n_pos: int, d_vocab: int) -> dict[str, list[int]]:

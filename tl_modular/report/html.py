@@ -3,10 +3,12 @@
 The page is a small app (``tl_modular/report/app/``: plain JavaScript and CSS written for it, no
 framework, nothing fetched) with the report directory's JSON files embedded at render time —
 ``graph.json``, ``modules.json``, ``circuits.json``, ``labels.json`` (with its evidence),
-``polysemanticity.json``, ``rank_fidelity.json``, ``summary.json``, ``compression/compression.json``
-— so the files stay the single source and the page is re-rendered from them with
-``python -m tl_modular.report DIR``. Views: the channel graph (modules, routes, zoom/pan, hover,
-collapse), the circuits per category, every label with search, an overview; a side panel per unit.
+``polysemanticity.json``, ``rank_fidelity.json``, ``attribution.json`` (the feature circuits'
+strongest edges; ``attribution_set.json`` stays beside the page), ``summary.json``,
+``compression/compression.json`` — so the files stay the single source and the page is re-rendered
+from them with ``python -m tl_modular.report DIR``. Views: the channel graph (modules, routes,
+zoom/pan, hover, collapse), the circuits per category, the feature circuits beside them, every
+label with search, an overview; a side panel per unit.
 ``tl-modular diff A B --out D`` writes ``D/report.html`` in the same viewer (:func:`render_diff`).
 
 Safety: the data sits in a ``<script type="application/json">`` block with ``<``, ``>``, ``&`` and
@@ -33,11 +35,12 @@ __all__ = ["APP_DIR", "REPORT_FILES", "page_data", "render", "render_diff"]
 
 #: The app's JavaScript and CSS, shipped with the package.
 APP_DIR = Path(__file__).with_name("app")
-_SCRIPTS = ("util.js", "data.js", "charts.js", "graph.js", "panel.js", "views.js", "main.js")
+_SCRIPTS = ("util.js", "data.js", "charts.js", "graph.js", "panel.js", "views.js", "features.js", "main.js")
 
 #: The report directory's files the page embeds (paths relative to the directory).
 REPORT_FILES = ("summary.json", "graph.json", "modules.json", "circuits.json", "labels.json", "polysemanticity.json",
-                "rank_fidelity.json", "compression/compression.json", "figures.json", "manifest.json")
+                "rank_fidelity.json", "attribution.json", "compression/compression.json", "figures.json",
+                "manifest.json")
 _REQUIRED = ("summary.json", "graph.json")
 _STAGE_FILES = {"modules": "modules.json", "circuits": "circuits.json", "polysemanticity": "polysemanticity.json",
                 "labels": "labels.json", "rank_fidelity": "rank_fidelity.json"}
@@ -96,6 +99,8 @@ def page_data(directory: str | os.PathLike, summary: dict[str, Any] | None = Non
             continue
         stage = next((k for k, v in _STAGE_FILES.items() if v == name), None)
         expected = name in _REQUIRED or (stage is not None and made.get(stage) is not None)
+        if name == "attribution.json":     # written only when the stage ran (not when switched off)
+            expected = "settings" in (made.get("attribution") or {})
         files[name] = _read(directory, name, problems, expected=expected)
     figures = files.get("figures.json") or (made.get("figures") if isinstance(made.get("figures"), dict) else {}) or {}
     return {"schema": "tl_modular.ReportPage", "version": 1, "kind": "report",

@@ -4,7 +4,8 @@ Stages (each saved as it finishes, and reused on a re-run with the same model, d
 settings — the key is the model's weight fingerprint, a hash of the tokens and the settings):
 segmentation → compression (``compression/``) → rank–fidelity curve → channel graph
 (``graph.json``) → modules and null model → circuits per category (``circuits.json``) →
-polysemanticity with SAEs → labels (``labels.json``) → ``summary.json`` and ``report.html``.
+polysemanticity with SAEs → feature circuits per category (``attribution.json``,
+``attribution_set.json``) → labels (``labels.json``) → ``summary.json`` and ``report.html``.
 
 The directory is replaced as a unit: the stages write into a sibling staging folder
 (``.NAME.partial``, seeded with hard links of a finished report with the same key), which replaces
@@ -45,13 +46,18 @@ from tl_modular._redact import redact_obj, redact_url
 SUMMARY_VERSION = 1
 # What a report writes (replaced as a unit); any other entry of the report directory is carried over.
 _REPORT_ENTRIES = frozenset({"compression", "graph.json", "circuits.json", "modules.json", "rank_fidelity.json",
-                             "polysemanticity.json", "labels.json", "labels_summary.json", "figures", "figures.json",
-                             "manifest.json", "summary.json", "report.html"})
+                             "polysemanticity.json", "attribution.json", "attribution_set.json", "labels.json",
+                             "labels_summary.json", "figures", "figures.json", "manifest.json", "summary.json",
+                             "report.html"})
+# Settings of the feature-circuit stage alone: outside the cache key, so switching it on or off (or
+# changing its prompt count) reuses every other stage; the stage checks them itself on reuse.
+_OWN_KEY = ("attribution", "n_attribution")
+ATTRIBUTION_VERSION = 1
 
 
 @dataclass(kw_only=True)
 class AnalyzeConfig:
-    """Settings of :func:`analyze` (all part of the cache key).
+    """Settings of :func:`analyze` (all but ``attribution`` and ``n_attribution`` part of the cache key).
 
     Attributes:
         metric: Route strengths from the next-token ``"loss"`` or the correct token's ``"logit"``
@@ -62,6 +68,10 @@ class AnalyzeConfig:
         n_boot, n_random: Bootstrap samples and random circuits per category.
         max_score_tokens: Tokens for the polysemanticity scores.
         n_label_units: How many units (modules, then the most polysemantic neurons) get labels.
+        attribution: Whether to build feature circuits per category (``--attribution``; off by
+            default: graphs over a text model's full compression can exhaust memory); the other
+            stages are reused either way.
+        n_attribution: Prompts per category for the feature circuits (one attribution graph each).
     """
 
     metric: Literal["loss", "logit"] = "loss"
@@ -72,11 +82,13 @@ class AnalyzeConfig:
     n_random: int = 5
     max_score_tokens: int = 8192
     n_label_units: int = 24
+    attribution: bool = False
+    n_attribution: int = 4
 
     def __post_init__(self) -> None:
         if self.metric not in ("loss", "logit"):
             raise ValueError(f"metric must be 'loss' or 'logit', got {self.metric!r}")
-        for name in ("batch_size", "budgets"):
+        for name in ("batch_size", "budgets", "n_attribution"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
 
@@ -122,7 +134,8 @@ def _describe(labeler: Any) -> str | None:
 def cache_key(inputs: Inputs, config: AnalyzeConfig) -> str:
     parts = {"model": fingerprint(inputs.model), "tokens": _digest(inputs.tokens, inputs.attention_mask,
                                                                      inputs.loss_mask),
-             "categories": sorted(inputs.categories), "config": asdict(config),
+             "categories": sorted(inputs.categories),
+             "config": {k: v for k, v in asdict(config).items() if k not in _OWN_KEY},
              # the SAEs by their weights, not only their hooks: retrained SAEs must not reuse old scores
              "saes": {h: _digest(getattr(inputs.saes[h], "W_dec", None)) for h in sorted(inputs.saes)}
              if inputs.saes is not None else None,
@@ -173,8 +186,18 @@ class _Stages:
         value = fn()
         self.times[name] = round(time.perf_counter() - start, 2)
         self.done[name] = {"seconds": self.times[name]}
-        write_json(self.dest / "manifest.json", {"key": self.key, "data": self.data, "stages": self.done})
+        self._write_manifest()
         return value
+
+    def forget(self, name: str, files: tuple[str, ...]) -> None:
+        """Drop stage ``name`` and its ``files`` from the report (a stage switched off)."""
+        for f in files:
+            (self.dest / f).unlink(missing_ok=True)
+        if self.done.pop(name, None) is not None:
+            self._write_manifest()
+
+    def _write_manifest(self) -> None:
+        write_json(self.dest / "manifest.json", {"key": self.key, "data": self.data, "stages": self.done})
 
     def _say(self, text: str) -> None:
         if self.progress:
@@ -289,6 +312,8 @@ def _analyze(inputs: Inputs, out: Path, dest: Path, cfg: AnalyzeConfig, *, reuse
             return {"n_tokens": table.n_tokens, "rows": rows}
         summary["polysemanticity"] = stages.run("polysemanticity", poly_stage,
                                                 lambda: read_json(out / "polysemanticity.json"))
+
+    _attribution(inputs, stages, comp, summary, out, dest, cfg)
 
     label_stage = _label_stage(inputs, graph, modules, summary, dest, cfg, circuits, comp)
     summary["labels"] = stages.run("labels", label_stage, lambda: _complete_labels(out / "labels_summary.json"))
@@ -411,6 +436,132 @@ def _discard(folder: Path, real: Path) -> None:
         if entry not in _REPORT_ENTRIES and not (real / entry).exists():
             os.replace(folder / entry, real / entry)
     shutil.rmtree(folder)
+
+
+# --- feature circuits ---------------------------------------------------------------------------
+
+_ATTRIBUTION_FILES = ("attribution.json", "attribution_set.json")
+_PAGE_EDGES = 120          # strongest edges per feature circuit kept for the page
+
+
+def _round(x: float) -> float:
+    return float(f"{x:.4g}")
+
+
+def _attribution(inputs: Inputs, stages: _Stages, comp: Any, summary: dict[str, Any], out: Path, dest: Path,
+                 cfg: AnalyzeConfig) -> None:
+    """Feature circuits per category (``attribution.json``, ``attribution_set.json``) and their
+    comparison with the route circuits in ``summary["attribution"]``; switched off, the stage's
+    files leave the report."""
+    if not cfg.attribution or not inputs.categories:
+        stages.forget("attribution", _ATTRIBUTION_FILES)
+        why = "off (--attribution turns it on)" if not cfg.attribution else "no circuit categories"
+        summary["attribution"] = {"skipped": why}
+        return
+    settings = _attribution_settings(cfg)
+    data = stages.run("attribution", _attribution_stage(inputs, comp, settings, dest),
+                      lambda: _load_attribution(out, settings))
+    summary["attribution"] = _attribution_summary(data, summary.get("circuits"))
+
+
+def _attribution_settings(cfg: AnalyzeConfig) -> dict[str, Any]:
+    """What the stage's result depends on besides the cache key: its own settings and the
+    pruning defaults of :func:`tl_modular.attribution.prune` and ``aggregate`` (read from them)."""
+    import inspect
+
+    from tl_modular.attribution import aggregate, prune
+
+    def defaults(f: Callable[..., Any], names: tuple[str, ...]) -> dict[str, float]:
+        params = inspect.signature(f).parameters
+        return {n: params[n].default for n in names}
+    return {"version": ATTRIBUTION_VERSION, "n_attribution": cfg.n_attribution, "baseline": "corrupted",
+            "n_random": cfg.n_random, "prune": defaults(prune, ("node_threshold", "edge_threshold")),
+            "min_frequency": defaults(aggregate, ("min_frequency",))["min_frequency"], "units": "compression"}
+
+
+def _attribution_stage(inputs: Inputs, comp: Any, settings: dict[str, Any], dest: Path) -> Callable[[], Any]:
+    """Per category: attribution graphs of its first ``n_attribution`` prompts over the report's
+    compression, pruned with the default thresholds, verified by intervention (the other features
+    set to their corrupted-run value, as the route circuits patch), then aggregated per category.
+    A model the builder does not support, or a category that is no task, is skipped with the
+    builder's reason."""
+    def run() -> dict[str, Any]:
+        from tl_modular.attribution import aggregate, attribution_graph, faithfulness, feature_name, prune
+        from tl_modular.attribution.build import unsupported
+        from tl_modular.tasks import Task
+
+        model = inputs.model
+        data: dict[str, Any] = {"schema": "tl_modular.ReportAttribution", "version": ATTRIBUTION_VERSION,
+                                "settings": settings, "skipped": unsupported(model, comp), "categories": {}}
+        cats: dict[str, Any] = data["categories"]
+        kept_per_task: dict[str, list[Any]] = {}
+        nodes: dict[str, list[Any]] = {}         # feature -> [channel, stream] where it writes
+        for name, task in ({} if data["skipped"] else inputs.categories).items():
+            if not isinstance(task, Task):
+                cats[name] = {"skipped": f"{type(task).__name__} prompts, not a tlm.Task: an attribution graph needs "
+                                         "the task's answers for its logit node"}
+                continue
+            start = time.perf_counter()
+            sub = task[: settings["n_attribution"]]
+            graphs = attribution_graph(model, sub, units=comp)
+            kept = [prune(g, **settings["prune"]) for g in graphs]
+            check = faithfulness(model, sub, comp, kept, baseline=settings["baseline"], n_random=settings["n_random"])
+            for k in kept:
+                for node, keep in zip(k.graph.nodes, k.nodes.tolist(), strict=True):
+                    if keep and node.kind == "feature":
+                        nodes[feature_name(node)] = [node.channel, node.stream]
+            kept_per_task[name] = kept
+            cats[name] = {"n_prompts": len(sub), "faithfulness": check["faithfulness"], "random": check["random"],
+                          "clean": check["clean"], "ablated": check["ablated"],
+                          "completeness": max(g.completeness() for g in graphs),
+                          "nodes": [len(g) for g in graphs], "edges": [int(g.adjacency._nnz()) for g in graphs],
+                          "edges_kept": [k.n_edges for k in kept], "features_kept": [len(k.features()) for k in kept],
+                          "n_streams": 2 * model.cfg.n_layers + 2, "seconds": round(time.perf_counter() - start, 2)}
+        if kept_per_task:
+            features = aggregate(kept_per_task, min_frequency=settings["min_frequency"])
+            features.save(dest)
+            for name, c in features.items():
+                # what the page draws (attribution_set.json, the whole set, stays out of the page)
+                cats[name].update(circuit={"features": c.size, "edges": len(c.edges), "error_share": c.error_share},
+                                  features=[[f, _round(c.share[f]), c.frequency[f], *nodes[f]] for f in c.features],
+                                  top_edges=[[s, t, _round(w), f] for s, t, w, f in c.edges[:_PAGE_EDGES]])
+        elif not data["skipped"]:
+            data["skipped"] = "no category is a tlm.Task"
+        write_json(dest / "attribution.json", data)
+        return data
+    return run
+
+
+def _load_attribution(out: Path, settings: dict[str, Any]) -> dict[str, Any]:
+    """The saved stage, if made with these settings and with its feature circuits whole."""
+    from tl_modular.attribution import AttributionSet
+
+    data = read_json(out / "attribution.json")
+    if not isinstance(data, dict) or data.get("settings") != settings:
+        raise ValueError("feature circuits of other settings")
+    if any("skipped" not in c for c in data["categories"].values()):
+        AttributionSet.load(out)                 # present and readable, else the stage runs again
+    return data
+
+
+def _attribution_summary(data: dict[str, Any], circuits: dict[str, Any] | None) -> dict[str, Any]:
+    """Per category: the feature circuit's size, edges and faithfulness beside the route circuit's."""
+    routes = (circuits or {}).get("categories", {})
+    mean = lambda xs: float(np.mean(xs)) if xs else None  # noqa: E731
+    cats = {}
+    for name, c in data["categories"].items():
+        if "skipped" in c:
+            cats[name] = {"skipped": c["skipped"]}
+            continue
+        r = routes.get(name)
+        cats[name] = {"n_prompts": c["n_prompts"], "faithfulness": c["faithfulness"],
+                      "random": mean(c["random"]), "completeness": c["completeness"],
+                      "edges_kept": mean(c["edges_kept"]), "edges": mean(c["edges"]),
+                      "features": c.get("circuit", {}).get("features"),
+                      "circuit_edges": c.get("circuit", {}).get("edges"),
+                      "routes": None if r is None else {"size": r["size"], "of": (circuits or {}).get("n_routes"),
+                                                         "faithfulness": r["faithfulness"]}}
+    return {"settings": data["settings"], "skipped": data["skipped"], "categories": cats}
 
 
 def _label_stage(inputs: Inputs, graph: Any, modules: list, summary: dict, out: Path, cfg: AnalyzeConfig,

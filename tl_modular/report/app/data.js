@@ -26,6 +26,7 @@ T.loadData = function () {
   D.labels = T.indexLabels(file(prefix + 'labels.json'), D.summary);
   D.poly = T.indexPoly(file(prefix + 'polysemanticity.json') || (D.summary && D.summary.polysemanticity));
   D.circuits = T.indexCircuits(file(prefix + 'circuits.json'), D.graph, D.problems);
+  D.attribution = D.kind === 'diff' ? null : T.indexAttribution(file('attribution.json'), D.summary, D.problems);
   D.rankFidelity = file(prefix + 'rank_fidelity.json') || (D.summary && D.summary.rank_fidelity) || null;
   D.compression = file(prefix + 'compression/compression.json');
   if (D.kind === 'diff') {

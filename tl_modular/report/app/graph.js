@@ -63,7 +63,7 @@ T.GraphView = function (D, root) {
     zoomBtn('+', 'zoom in', () => zoomBy(1.25)), zoomBtn('−', 'zoom out', () => zoomBy(0.8)),
     zoomBtn('fit', 'fit the graph', () => fit())]));
   if (D.circuits && D.circuits.categories.length && !diff) toolbar.appendChild(T.categoryToggles(D, 'graph'));
-  toolbar.appendChild(T.el('span', {class: 'muted keys'}, 'keys: / search · 1–4 views · Tab/arrows move · Enter select · c collapse · Esc close'));
+  toolbar.appendChild(T.el('span', {class: 'muted keys'}, 'keys: / search · 1–5 views · Tab/arrows move · Enter select · c collapse · Esc close'));
   if (diff) {
     toolbar.appendChild(T.el('span', {class: 'legend'}, [
       T.el('span', {class: 'swatch', dataset: {c: 'up'}}), ' share up  ',

@@ -80,7 +80,7 @@ T.boot = function () {
   // tabs
   const tabs = D.kind === 'diff'
     ? [['changes', 'Changes'], ['graph', 'Graph']]
-    : [['graph', 'Graph'], ['circuits', 'Circuits'], ['units', 'Labels'], ['overview', 'Overview']];
+    : [['graph', 'Graph'], ['circuits', 'Circuits'], ['units', 'Labels'], ['overview', 'Overview'], ['features', 'Feature circuits']];
   const nav = T.el('nav', {class: 'tabs', role: 'tablist', 'aria-label': 'views'});
   const views = T.el('div', {class: 'views'});
   const panes = {};
@@ -106,6 +106,7 @@ T.boot = function () {
   try {
     V.graph = D.graph ? T.GraphView(D, panes.graph) : (panes.graph.appendChild(T.missing(D, 'channel graph', [(D.kind === 'diff' ? 'a/' : '') + 'graph.json'])), null);
     if (panes.circuits) V.circuits = T.CircuitsView(D, panes.circuits);
+    if (panes.features) V.features = T.FeaturesView(D, panes.features);
     if (panes.units) V.units = T.UnitsView(D, panes.units);
     if (panes.overview) T.OverviewView(D, panes.overview);
     if (panes.changes) T.ChangesView(D, panes.changes);

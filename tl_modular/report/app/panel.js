@@ -208,6 +208,7 @@ T.Panel = function (D, root) {
       section('what it reads and writes', tokensBlock(ev)),
       node ? section('routes', routesBlock(unit)) : section('inputs and outputs', evidenceRoutes(ev)),
       node ? section('circuits', circuitsBlock(unit)) : null,
+      section(channel && channel !== unit ? `feature circuits (of ${channel})` : 'feature circuits', T.featuresBlock(D, channel || unit), 'panel-features-section'),
       section('polysemanticity', polyBlock(unit, channel)),
       section('labelled parts', channel === unit ? subunitsBlock(channel, unit) : null),
       section('module', moduleBlock(unit, channel))];
