@@ -36,6 +36,18 @@ def pytest_sessionfinish(session, exitstatus):
     shutil.rmtree(_XDG_CACHE_HOME, ignore_errors=True)
 
 
+@pytest.fixture(scope="module")
+def browser(tmp_path_factory):
+    """A headless chromium for the report page's tests (skipped where none is installed)."""
+    from tl_modular.report.browser import Browser, find_chromium
+
+    exe = find_chromium()
+    if exe is None:
+        pytest.skip("no chromium: `apt-get install chromium` (CI installs it in its system-packages stage)")
+    with Browser(exe, tmp_path_factory.mktemp("chromium-profile")) as b:
+        yield b
+
+
 @pytest.fixture(scope="session")
 def hf_home() -> Path:
     """The session's temporary Hugging Face home (tests may add hub-cache entries)."""

@@ -17,17 +17,7 @@ import torch
 
 import tl_modular as tlm
 from tl_modular import cli, report
-from tl_modular.report.browser import Browser, find_chromium
 from tl_modular.testing import tiny_model
-
-
-@pytest.fixture(scope="module")
-def browser(tmp_path_factory):
-    exe = find_chromium()
-    if exe is None:
-        pytest.skip("no chromium: `apt-get install chromium` (CI installs it in its system-packages stage)")
-    with Browser(exe, tmp_path_factory.mktemp("chromium-profile")) as b:
-        yield b
 
 
 @pytest.fixture(scope="module")

@@ -204,17 +204,6 @@ def test_the_page_embeds_the_stage_file_not_the_whole_set(bundled):
 
 # --- the tab in a browser ---------------------------------------------------------------------------
 
-@pytest.fixture(scope="module")
-def browser(tmp_path_factory):
-    from tl_modular.report.browser import Browser, find_chromium
-
-    exe = find_chromium()
-    if exe is None:
-        pytest.skip("no chromium: `apt-get install chromium` (CI installs it in its system-packages stage)")
-    with Browser(exe, tmp_path_factory.mktemp("chromium-profile")) as b:
-        yield b
-
-
 def test_the_feature_circuits_tab_draws_each_task_and_the_panel_lists_a_channels_features(browser, bundled):
     _, out = bundled
     page = out / "report.html"

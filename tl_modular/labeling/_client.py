@@ -494,7 +494,8 @@ class ChatClient:
     async def _send_batch(self, body: dict[str, Any], usage: Usage, ids: list[str] | None
                           ) -> tuple[str, list | None] | None:
         """``body`` answered through the Batch API; None for a line error that may pass online."""
-        assert self.batch is not None
+        if self.batch is None:            # an internal call error, not the user's: say so under python -O too
+            raise RuntimeError("_send_batch needs a client made with batch=True")
         if self._unavailable is not None:
             raise _again(self._unavailable)
         self._check_budget()                  # checked at submission: a batch's cost is known once it ends
