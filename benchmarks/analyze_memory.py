@@ -113,6 +113,8 @@ def main() -> None:
             now = time.perf_counter()
             rows.append((stage, _status(child.pid, "VmHWM"), _status(child.pid, "VmRSS"), now - since))
             last.reset()
+            print(f"[analyze_memory] {stage}: peak {rows[-1][1]:.2f} GB, held {rows[-1][2]:.2f} GB, "
+                  f"{rows[-1][3]:.0f} s", flush=True)   # also for a run stopped before its end
             stage, since = line.removeprefix("[tl-modular] ").rsplit(" ", 1)[0].rstrip(":"), now
     status = child.wait()
     rows.append((f"{stage} (and the page)", last.stop(), float("nan"), time.perf_counter() - since))
