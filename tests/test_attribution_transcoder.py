@@ -255,3 +255,33 @@ def test_pruned_build_keeps_the_full_builds_edges_and_completeness(model, transc
         expect = fd[where][:, [int(where[i]), *folded]].sum(1)           # into the kept targets
         assert torch.allclose(pruned.dense()[:, i], expect, rtol=1e-12, atol=1e-14)
         assert torch.allclose(pruned.writes[i], full.writes[[int(where[i]), *folded]].sum(0), atol=1e-13)
+
+
+@pytest.mark.parametrize("which", ["transcoders", "mixed", "compression"])
+def test_graph_size_bounds_the_build_and_max_edges_stops_it(model, transcoders, mixed_units, tokens, which):
+    from tl_modular.attribution.build import EDGE_BYTES, GraphTooLargeError, graph_size
+
+    units = {"transcoders": transcoders, "mixed": mixed_units, "compression": mixed_units[0]}[which]
+    full = tlm.attribution_graph(model, tokens, units=units, target=TARGET)
+    size = graph_size(model, units, N_POS, 1)
+    # transcoder features are counted as if all were active: an upper bound there, exact for write directions
+    n_inactive = sum(int(tc.cfg.d_sae) * N_POS for tc in transcoders) - int(
+        sum(n.kind == "feature" and n.sae is not None for n in full.nodes)) if which != "compression" else 0
+    assert size.nodes == len(full) + n_inactive
+    assert full.adjacency._nnz() <= size.edges
+    if which == "compression":                     # only exact zeros of the frozen products are missing
+        assert size.edges <= 1.01 * full.adjacency._nnz()
+    assert size.bytes == 24 * size.nodes * model.cfg.d_model + EDGE_BYTES * size.edges
+    # a build that passes max_edges stops with the count; at the graph's own size it does not
+    nnz = full.adjacency._nnz()
+    assert full.info["edges_built"] == nnz
+    with pytest.raises(GraphTooLargeError, match="raise min_influence") as e:
+        tlm.attribution_graph(model, tokens, units=units, target=TARGET, max_edges=nnz // 2)
+    assert nnz // 2 < e.value.edges <= nnz and e.value.max_edges == nnz // 2
+    same = tlm.attribution_graph(model, tokens, units=units, target=TARGET, max_edges=nnz)
+    assert torch.equal(same.adjacency.values(), full.adjacency.values())
+    for bad in (0, 1.5, True):
+        with pytest.raises(ValueError, match="max_edges must be an int >= 1"):
+            tlm.attribution_graph(model, tokens, units=units, target=TARGET, max_edges=bad)
+    with pytest.raises(ValueError, match="n_pos and n_targets"):
+        graph_size(model, units, 0)
