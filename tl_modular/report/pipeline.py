@@ -52,7 +52,7 @@ _REPORT_ENTRIES = frozenset({"compression", "graph.json", "circuits.json", "modu
 # Settings of the feature-circuit stage alone: outside the cache key, so switching it on or off (or
 # changing its prompt count) reuses every other stage; the stage checks them itself on reuse.
 _OWN_KEY = ("attribution", "n_attribution", "attribution_memory")
-# 2: pruned builds (min_influence) within a memory budget, one prompt at a time
+# 2: pruned builds (min_influence) within a memory budget, one prompt at a time; error nodes frozen
 ATTRIBUTION_VERSION = 2
 
 
@@ -485,7 +485,7 @@ def _attribution_settings(cfg: AnalyzeConfig) -> dict[str, Any]:
     return {"version": ATTRIBUTION_VERSION, "n_attribution": cfg.n_attribution, "baseline": "corrupted",
             "n_random": cfg.n_random, "prune": defaults(prune, ("node_threshold", "edge_threshold")),
             "min_frequency": defaults(aggregate, ("min_frequency",))["min_frequency"], "units": "compression",
-            "min_influence": _MIN_INFLUENCE, "memory_gib": cfg.attribution_memory}
+            "min_influence": _MIN_INFLUENCE, "memory_gib": cfg.attribution_memory, "errors": "frozen"}
 
 
 def _attribution_stage(inputs: Inputs, comp: Any, settings: dict[str, Any], dest: Path) -> Callable[[], Any]:
@@ -518,7 +518,8 @@ def _attribution_stage(inputs: Inputs, comp: Any, settings: dict[str, Any], dest
                 cats[name] = built
                 continue
             kept = built.pop("kept")
-            check = faithfulness(model, sub, comp, kept, baseline=settings["baseline"], n_random=settings["n_random"])
+            check = faithfulness(model, sub, comp, kept, baseline=settings["baseline"], errors=settings["errors"],
+                                 n_random=settings["n_random"])
             for k in kept:
                 for node, keep in zip(k.graph.nodes, k.nodes.tolist(), strict=True):
                     if keep and node.kind == "feature":
