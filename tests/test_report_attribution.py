@@ -153,6 +153,16 @@ def test_a_damaged_or_foreign_stage_file_is_not_reused(bundled, tmp_path):
     # the stage's runner computes again on ValueError (ArtifactError is one) or OSError
     with pytest.raises(ValueError, match="other settings"):
         _load_attribution(out, _attribution_settings(report.AnalyzeConfig(**CFG, n_attribution=3)))
+    # a stage file of version 1 (full builds, error nodes recomputed, off by default) is built again
+    saved = (out / "attribution.json").read_text()
+    old = json.loads(saved)
+    old["version"] = 1
+    old["settings"] = {k: v for k, v in old["settings"].items() if k not in ("min_influence", "memory_gib", "errors")}
+    old["settings"]["version"] = 1
+    (out / "attribution.json").write_text(json.dumps(old))
+    with pytest.raises(ValueError, match="other settings"):
+        _load_attribution(out, settings)
+    (out / "attribution.json").write_text(saved)
     (out / "attribution_set.json").write_text("{not json")
     with pytest.raises(ValueError, match="attribution_set.json"):
         _load_attribution(out, settings)
