@@ -590,6 +590,8 @@ def _feature_graphs(model: Any, task: Any, comp: Any, settings: dict[str, Any]) 
 
 def _pruned_graphs(model: Any, task: Any, comp: Any, settings: dict[str, Any], min_influence: float,
                    max_edges: int) -> dict[str, Any]:
+    """Each prompt's graph built at ``min_influence`` (stopping past ``max_edges``), its sizes
+    recorded and only its pruned part kept."""
     from tl_modular.attribution import attribution_graph, prune
 
     kept, sizes = [], {"completeness": 0.0, "nodes": [], "edges": [], "features_folded": []}
