@@ -13,7 +13,7 @@ import torch
 
 import tl_modular as tlm
 from tl_modular import cli, report
-from tl_modular.attribution import AttributionSet, aggregate, faithfulness, prune
+from tl_modular.attribution import AttributionSet, aggregate, faithfulness, feature_masks, prune
 from tl_modular.attribution.build import unsupported
 from tl_modular.compression import Compression
 from tl_modular.testing import tiny_model
@@ -58,6 +58,7 @@ def test_feature_circuits_match_the_attribution_api_on_the_reports_compression(b
     s = data["settings"]
     assert s["n_attribution"] == 4 and s["prune"] == {"node_threshold": 0.8, "edge_threshold": 0.98}
     assert s["min_influence"] == 1e-4 and s["memory_gib"] == 1.0 and s["version"] == 2
+    assert s["errors"] == "frozen" and s["folded"] == "ablated"
     assert list(data["categories"]) == list(TASKS)
     comp = Compression.load(out / "compression", inputs.model)
     sets = AttributionSet.load(out)
@@ -68,7 +69,9 @@ def test_feature_circuits_match_the_attribution_api_on_the_reports_compression(b
         task = inputs.categories[name][:4]
         graphs = tlm.attribution_graph(model, task, units=comp, min_influence=1e-4)
         kept[name] = [prune(g) for g in graphs]
-        check = faithfulness(model, task, comp, kept[name], baseline="corrupted", n_random=1)
+        # every feature outside the circuit ablated, those the pruned build folded too
+        check = faithfulness(model, task, comp, feature_masks(model, kept[name], comp), baseline="corrupted",
+                             n_random=1)
         assert c["n_prompts"] == 4
         assert c["faithfulness"] == pytest.approx(check["faithfulness"], abs=1e-9)
         assert c["random"] == pytest.approx(check["random"], abs=1e-9)

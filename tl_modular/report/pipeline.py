@@ -485,18 +485,20 @@ def _attribution_settings(cfg: AnalyzeConfig) -> dict[str, Any]:
     return {"version": ATTRIBUTION_VERSION, "n_attribution": cfg.n_attribution, "baseline": "corrupted",
             "n_random": cfg.n_random, "prune": defaults(prune, ("node_threshold", "edge_threshold")),
             "min_frequency": defaults(aggregate, ("min_frequency",))["min_frequency"], "units": "compression",
-            "min_influence": _MIN_INFLUENCE, "memory_gib": cfg.attribution_memory, "errors": "frozen"}
+            "min_influence": _MIN_INFLUENCE, "memory_gib": cfg.attribution_memory, "errors": "frozen",
+            "folded": "ablated"}
 
 
 def _attribution_stage(inputs: Inputs, comp: Any, settings: dict[str, Any], dest: Path) -> Callable[[], Any]:
     """Per category: pruned builds (``min_influence``) of attribution graphs of its first
     ``n_attribution`` prompts over the report's compression, one prompt at a time and each within
     the memory budget (:func:`_feature_graphs`), pruned with the default thresholds, verified by
-    intervention (the other features set to their corrupted-run value, as the route circuits
-    patch), then aggregated per category. A model the builder does not support, a category that
-    is no task or whose graphs do not fit the budget, is skipped with the reason."""
+    intervention (every other feature, folded ones included, set to its corrupted-run value, as
+    the route circuits patch; error nodes at their clean values), then aggregated per category.
+    A model the builder does not support, a category that is no task or whose graphs do not fit
+    the budget, is skipped with the reason."""
     def run() -> dict[str, Any]:
-        from tl_modular.attribution import aggregate, faithfulness, feature_name
+        from tl_modular.attribution import aggregate, faithfulness, feature_masks, feature_name
         from tl_modular.attribution.build import unsupported
         from tl_modular.tasks import Task
 
@@ -518,8 +520,10 @@ def _attribution_stage(inputs: Inputs, comp: Any, settings: dict[str, Any], dest
                 cats[name] = built
                 continue
             kept = built.pop("kept")
-            check = faithfulness(model, sub, comp, kept, baseline=settings["baseline"], errors=settings["errors"],
-                                 n_random=settings["n_random"])
+            # as masks: every feature outside the circuit is ablated, those the pruned build folded into
+            # the error nodes too (as a full build's pruning would), and random sets draw from them all
+            check = faithfulness(model, sub, comp, feature_masks(model, kept, comp), baseline=settings["baseline"],
+                                 errors=settings["errors"], n_random=settings["n_random"])
             for k in kept:
                 for node, keep in zip(k.graph.nodes, k.nodes.tolist(), strict=True):
                     if keep and node.kind == "feature":
