@@ -3,14 +3,17 @@
     python benchmarks/compression_text.py [--fit-tokens 16384] [--eval-tokens 8192] [--threads 2]
         [--fractions 0.1,0.2,0.35,0.5,0.7] [--methods pca,whitened,jacobian,fisher] [--refine-steps 0]
         [--refine-tokens 245760] [--refine-lr 3e-3] [--refine-batch-size 8] [--refine-positions 0.25]
-        [--json out.json]
+        [--refine-warmup N] [--eval-split heldout,train] [--json out.json]
 
 The bundled real-text GPT-2 (``tlm.textlm``): statistics are fitted on its training text
 (Python documentation and source) and every point is scored on held-out text (NetworkX's
 source, which the model never saw): the CE increase over the clean model and the mean KL from
 the clean to the compressed next-token distribution (CE alone flatters: a compressed model can
-even lower it). Each point keeps the same fraction of the read dimensions and of the write
-dimensions (separate budgets), so "35%" means at most 35% of each.
+even lower it). ``--eval-split train`` scores in distribution instead, on the training sample's
+tail past every token the statistics and the refinement used (text the model itself trained on,
+from the same sources); ``heldout,train`` scores both. Each point keeps the same fraction of the
+read dimensions and of the write dimensions (separate budgets), so "35%" means at most 35% of
+each; read dimensions are counted per port (a head's q, k and v separately, max 3 × d_head).
 
 Methods:
 - ``pca``: the baseline — PCA of each channel's output (write) and of each read port's output
@@ -22,9 +25,9 @@ Methods:
   model's own predictions (``tlm.fisher``), budgets by absolute spectra (marginal KL);
 - ``fisher+refine``: the same, then encoders/decoders fitted end to end against the clean
   model's KL for ``--refine-steps`` steps (``Compression.refined``; ``--refine-lr``,
-  ``--refine-batch-size`` rows and ``--refine-positions`` of their positions per step, its
-  defaults unless given) on ``--refine-tokens`` training tokens (many: on few, the fit does not
-  carry over to held-out text).
+  ``--refine-batch-size`` rows and ``--refine-positions`` of their positions per step,
+  ``--refine-warmup`` steps of warm-up; its defaults unless given) on ``--refine-tokens``
+  training tokens (many: on few, the fit does not carry over to held-out text).
 """
 
 from __future__ import annotations
@@ -64,6 +67,24 @@ def _role_dims(comp) -> dict[str, int]:
     return out
 
 
+def _eval_sets(textlm, splits: str, n_tokens: int, seq_len: int, used: int) -> dict[str, torch.Tensor]:
+    """The scoring text by split: ``heldout`` (NetworkX) or ``train``, the training sample past its
+    first ``used`` stream tokens (those the statistics and the refinement read)."""
+    out = {}
+    for split in splits.split(","):
+        if split == "heldout":
+            out[split] = textlm.tokens("heldout", n_tokens, seq_len)
+        elif split == "train":
+            left = len(textlm.token_stream("train")) - used
+            if n_tokens // seq_len * (seq_len - 1) > left:
+                raise SystemExit(f"--eval-split train: the training sample has {left} tokens past the {used} the fit "
+                                 f"and refinement use; lower --eval-tokens (now {n_tokens}) or --refine-tokens")
+            out[split] = textlm.tokens("train", n_tokens, seq_len, offset=used)
+        else:
+            raise SystemExit(f"--eval-split: unknown split {split!r}; use heldout, train or heldout,train")
+    return out
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     parser.add_argument("--fit-tokens", type=int, default=16384)
@@ -77,6 +98,9 @@ def main() -> None:
     parser.add_argument("--refine-lr", type=float, default=None)
     parser.add_argument("--refine-batch-size", type=int, default=None)
     parser.add_argument("--refine-positions", type=float, default=None)
+    parser.add_argument("--refine-warmup", type=int, default=None)
+    parser.add_argument("--eval-split", default="heldout",
+                        help="heldout (NetworkX source), train (the training sample's unused tail), or both")
     parser.add_argument("--json", default=None)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
@@ -88,10 +112,12 @@ def main() -> None:
 
     model = tlm.textlm.load_model()
     fit = tlm.textlm.tokens("train", args.fit_tokens, args.seq_len)
-    held = tlm.textlm.tokens("heldout", args.eval_tokens, args.seq_len)
     refine_fit = tlm.textlm.tokens("train", args.refine_tokens, args.seq_len) if args.refine_steps else None
+    used = max(fit.shape[0], 0 if refine_fit is None else refine_fit.shape[0]) * (args.seq_len - 1)
+    evals = _eval_sets(tlm.textlm, args.eval_split, args.eval_tokens, args.seq_len, used)
     refine_kwargs = {k: v for k, v in (("lr", args.refine_lr), ("batch_size", args.refine_batch_size),
-                                       ("positions", args.refine_positions)) if v is not None}
+                                       ("positions", args.refine_positions), ("warmup", args.refine_warmup))
+                     if v is not None}
     times = {}
     start = time.perf_counter()
     stats = collect_statistics(model, fit, progress=False)
@@ -108,8 +134,11 @@ def main() -> None:
 
     fractions = [float(f) for f in args.fractions.split(",")]
     base = tlm.compress(model, statistics=stats, read="whitened", write="output")
-    ref = _Reference(model, base, held, 16, None, None)
-    print(f"clean CE on held-out text {ref.clean_loss:.4f}; all channels mean-ablated {ref.ablated_loss:.4f}")
+    refs = {}
+    for split, toks in evals.items():
+        refs[split] = _Reference(model, base, toks, 16, None, None)
+        print(f"clean CE on {split} text {refs[split].clean_loss:.4f}; all channels mean-ablated "
+              f"{refs[split].ablated_loss:.4f}")
     rows = []
     for method in args.methods.split(","):
         if method == "pca":
@@ -127,18 +156,21 @@ def main() -> None:
             if method == "fisher" and args.refine_steps:
                 variants.append(("fisher+refine", kept.refined(model, refine_fit, steps=args.refine_steps,
                                                                progress=False, **refine_kwargs)))
+            seconds = round(time.perf_counter() - start, 1)
             for label, c in variants:
-                score = ref.score(c)
                 dims = _role_dims(c)
-                row = {"method": label, "fraction": frac, "read_dims": dims["read"], "write_dims": dims["write"],
-                       "ce_increase": score["compressed_loss"] - score["clean_loss"], "kl": score["kl"],
-                       "seconds": round(time.perf_counter() - start, 1)}
-                rows.append(row)
-                print(f"{label:14s} {frac:4.0%}  read {dims['read']:5d}  write {dims['write']:5d}  "
-                      f"CE +{row['ce_increase']:.4f}  KL {row['kl']:.4f}", flush=True)
+                for split, ref in refs.items():
+                    score = ref.score(c)
+                    row = {"method": label, "fraction": frac, "eval_split": split, "read_dims": dims["read"],
+                           "write_dims": dims["write"], "ce_increase": score["compressed_loss"] - score["clean_loss"],
+                           "kl": score["kl"], "seconds": seconds}
+                    rows.append(row)
+                    print(f"{label:14s} {frac:4.0%}  read {dims['read']:5d}  write {dims['write']:5d}  {split:7s}  "
+                          f"CE +{row['ce_increase']:.4f}  KL {row['kl']:.4f}", flush=True)
     if args.json:
         with open(args.json, "w") as f:
-            json.dump({"times": times, "clean_loss": ref.clean_loss, "rows": rows}, f, indent=1)
+            json.dump({"times": times, "clean_loss": {s: r.clean_loss for s, r in refs.items()}, "rows": rows}, f,
+                      indent=1)
 
 
 if __name__ == "__main__":
