@@ -9,8 +9,9 @@ stage's peak is the child's resident-set high-water mark (Linux ``VmHWM``), rese
 ``/proc/PID/clear_refs`` when the CLI announces the next stage, so it is exact (no polling); "held"
 is the resident set when the stage ends (what later stages start from). "load" is everything before
 the first stage (imports, the model, the data); the last stage's row includes what follows it (the
-summary and the page). ``--cli-args`` passes options on to ``analyze`` (``"--circuits ioi
---attribution"`` adds the circuit and feature-circuit stages, off at the defaults).
+summary and the page). ``--cli-args`` passes options on to ``analyze`` (``"--circuits ioi"`` adds
+the circuit and feature-circuit stages, which need categories: none run at the defaults;
+``"--circuits ioi --no-attribution"`` the circuits alone).
 """
 
 from __future__ import annotations
@@ -89,7 +90,7 @@ def main() -> None:
     tokenizer = ROOT.parent / "shared" / "data" / "gpt2-tokenizer"
     parser.add_argument("--tokenizer", default=os.environ.get("TLM_GPT2_TOKENIZER", str(tokenizer)))
     parser.add_argument("--keep", default=None, help="write the report here (default: a temporary folder)")
-    parser.add_argument("--cli-args", default="", help='more options for analyze, e.g. "--circuits ioi --attribution"')
+    parser.add_argument("--cli-args", default="", help='more options for analyze, e.g. "--circuits ioi"')
     args = parser.parse_args()
 
     work = Path(tempfile.mkdtemp(prefix="tlm-analyze-memory-"))

@@ -143,7 +143,8 @@ def test_interrupted_toy_model_save_never_loads_as_a_mix(tmp_path, monkeypatch):
 
 
 def test_interrupted_build_checkpoint_never_resumes_from_a_mix(tmp_path, monkeypatch):
-    from tl_modular.training.interpretable import BuildConfig, _checkpoint, _resume
+    from tl_modular.training import BuildConfig
+    from tl_modular.training.build_state import _checkpoint, _resume
 
     cfg, root = BuildConfig(), tmp_path / "build"
     root.mkdir()

@@ -331,6 +331,17 @@ def test_sae_features_as_nodes(model64, comp64, mlp_saes):
     assert count_hooks(model64) == 0
 
 
+def test_the_whole_graph_scores_one_with_sae_units_and_the_error_nodes_frozen(model64, comp64, mlp_saes):
+    units = [comp64, *mlp_saes]
+    task = toy.induction(3, seed=11)
+    kept = [prune(x, node_threshold=1.0, edge_threshold=1.0) for x in tlm.attribution_graph(model64, task, units=units)]
+    # (inactive="ablate" would also set the SAE features that are no nodes of the graphs: not the whole graph)
+    for baseline in ("mean", "corrupted"):
+        got = faithfulness(model64, task, units, kept, baseline=baseline, n_random=1)
+        assert got["faithfulness"] == pytest.approx(1.0, abs=1e-9) and got["random"][0] < 0.9
+    assert count_hooks(model64) == 0
+
+
 def test_bad_units_are_refused(model64, mlp_saes):
     resid = [s for h, s in tlm.sae.bundled(model64).items() if h.endswith("hook_resid_mid")][0]
     task = toy.induction(1, seed=0)

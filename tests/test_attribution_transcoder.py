@@ -255,3 +255,100 @@ def test_pruned_build_keeps_the_full_builds_edges_and_completeness(model, transc
         expect = fd[where][:, [int(where[i]), *folded]].sum(1)           # into the kept targets
         assert torch.allclose(pruned.dense()[:, i], expect, rtol=1e-12, atol=1e-14)
         assert torch.allclose(pruned.writes[i], full.writes[[int(where[i]), *folded]].sum(0), atol=1e-13)
+
+
+@pytest.mark.parametrize("which", ["transcoders", "mixed", "compression"])
+def test_graph_size_bounds_the_build_and_max_edges_stops_it(model, transcoders, mixed_units, tokens, which):
+    from tl_modular.attribution.build import EDGE_BYTES, GraphTooLargeError, graph_size
+
+    units = {"transcoders": transcoders, "mixed": mixed_units, "compression": mixed_units[0]}[which]
+    full = tlm.attribution_graph(model, tokens, units=units, target=TARGET)
+    size = graph_size(model, units, N_POS, 1)
+    # transcoder features are counted as if all were active: an upper bound there, exact for write directions
+    n_inactive = sum(int(tc.cfg.d_sae) * N_POS for tc in transcoders) - int(
+        sum(n.kind == "feature" and n.sae is not None for n in full.nodes)) if which != "compression" else 0
+    assert size.nodes == len(full) + n_inactive
+    assert full.adjacency._nnz() <= size.edges
+    if which == "compression":                     # only exact zeros of the frozen products are missing
+        assert size.edges <= 1.01 * full.adjacency._nnz()
+    assert size.bytes == 24 * size.nodes * model.cfg.d_model + EDGE_BYTES * size.edges
+    # a build that passes max_edges stops with the count; at the graph's own size it does not
+    nnz = full.adjacency._nnz()
+    assert full.info["edges_built"] == nnz
+    with pytest.raises(GraphTooLargeError, match="raise min_influence") as e:
+        tlm.attribution_graph(model, tokens, units=units, target=TARGET, max_edges=nnz // 2)
+    assert nnz // 2 < e.value.edges <= nnz and e.value.max_edges == nnz // 2
+    same = tlm.attribution_graph(model, tokens, units=units, target=TARGET, max_edges=nnz)
+    assert torch.equal(same.adjacency.values(), full.adjacency.values())
+    for bad in (0, 1.5, True):
+        with pytest.raises(ValueError, match="max_edges must be an int >= 1"):
+            tlm.attribution_graph(model, tokens, units=units, target=TARGET, max_edges=bad)
+    with pytest.raises(ValueError, match="n_pos and n_targets"):
+        graph_size(model, units, 0)
+
+
+def _task(n=3, seed=5):
+    from tl_modular.tasks import Task
+
+    gen = torch.Generator().manual_seed(seed)
+    full = lambda v: torch.full((n, 1), v)  # noqa: E731
+    return Task(name="random", clean=torch.randint(0, 50, (n, N_POS), generator=gen),
+                corrupted=torch.randint(0, 50, (n, N_POS), generator=gen), positions=full(N_POS - 1),
+                answers=full(TARGET["answers"][0]), wrong_answers=full(TARGET["wrong_answers"][0]))
+
+
+@pytest.mark.parametrize("which", ["transcoders", "mixed", "compression"])
+def test_the_whole_graph_scores_one_with_the_error_nodes_frozen(model, transcoders, mixed_units, which):
+    from tl_modular.attribution import faithfulness
+
+    units = {"transcoders": transcoders, "mixed": mixed_units, "compression": mixed_units[0]}[which]
+    task = _task()
+    kept = [prune(g, node_threshold=1.0, edge_threshold=1.0) for g in tlm.attribution_graph(model, task, units=units)]
+    # features without a path to the logit in the graph are pruned even at thresholds 1 (with transcoders
+    # only, every feature off the scored position: the heads are error nodes); frozen, they change nothing
+    assert any(int((~k.nodes & k.graph.mask("feature")).sum()) > 0 for k in kept) or which == "compression"
+    for baseline in ("mean", "corrupted"):
+        got = faithfulness(model, task, units, kept, baseline=baseline, n_random=1)
+        assert got["faithfulness"] == pytest.approx(1.0, abs=1e-9)           # float64 model
+        assert abs(got["clean"] - got["ablated"]) > 1e-3 and got["random"][0] < 1 - 1e-3
+    old = faithfulness(model, task, units, kept, baseline="corrupted", errors="recomputed")
+    if which == "transcoders":      # the heads respond to the pruned features through the recomputed run
+        assert old["faithfulness"] < 0.99
+    with pytest.raises(ValueError, match="errors must be 'frozen' or 'recomputed'"):
+        faithfulness(model, task, units, kept, errors="live")
+    assert count_hooks(model) == 0
+
+
+def test_frozen_error_nodes_hold_the_clean_writes(model, transcoders, tokens):
+    """The error nodes' clean values against the cache (an uncovered head's whole write, an MLP's output
+    minus its transcoder's); held at them, setting a layer-0 transcoder feature at one position leaves
+    every later position's logits exactly clean (its only way there is through the heads, error nodes
+    at their clean writes), while recomputed error nodes carry it on."""
+    from tl_modular.attribution import run_with_features
+    from tl_modular.attribution.intervention import clean_errors
+
+    batch = tokens[None]
+    x0, _ = _inputs(model, tokens, transcoders[0])
+    with torch.no_grad():
+        acts = {"L0.MLP": transcoders[0].encode(x0)[None],
+                "L1.MLP": transcoders[1].encode(_inputs(model, tokens, transcoders[1])[0])[None]}
+        masks = {k: torch.ones_like(v, dtype=torch.bool) for k, v in acts.items()}
+        errors = clean_errors(model, transcoders, batch)
+        clean, cache = model.run_with_cache(batch)
+        assert set(errors) == {f"L{l}.H{h}" for l in range(2) for h in range(model.cfg.n_heads)} | {"L0.MLP", "L1.MLP"}
+        head = cache[act_name("z", 1)][0, :, 2] @ model.blocks[1].attn.W_O[2]
+        assert torch.allclose(errors["L1.H2"][0], head, atol=1e-14)          # an uncovered head: its whole write
+        recon = transcoders[1].decode(acts["L1.MLP"][0])
+        assert torch.allclose(errors["L1.MLP"][0], cache[act_name("mlp_out", 1)][0] - recon, atol=1e-12)
+        same = run_with_features(model, transcoders, batch, masks, acts, errors=errors)
+        assert torch.allclose(same, clean, atol=1e-12)
+        p, j = 3, int(acts["L0.MLP"][0, 3].argmax())
+        masks["L0.MLP"][0, p, j] = False
+        base = {k: v.clone() for k, v in acts.items()}
+        base["L0.MLP"][0, p, j] += 0.5
+        got = run_with_features(model, transcoders, batch, masks, base, errors=errors)
+        live = run_with_features(model, transcoders, batch, masks, base)
+    assert torch.allclose(got[0, p + 1:], clean[0, p + 1:], atol=1e-12)     # later positions: through heads only
+    assert (got[0, p] - clean[0, p]).abs().max() > 1e-3                       # its own position moves
+    assert (live[0, -1] - clean[0, -1]).abs().max() > 1e-6                    # recomputed: the heads carry it
+    assert count_hooks(model) == 0

@@ -38,7 +38,9 @@ def world(tmp_path_factory):
     """One saved artifact of every kind tl_modular reads, from a tiny model."""
     from sae_lens import StandardSAE, StandardSAEConfig
 
-    from tl_modular.training.interpretable import _MODEL, BuildConfig, _save_state
+    from tl_modular.training import BuildConfig
+    from tl_modular.training.build_result import _MODEL
+    from tl_modular.training.build_state import _save_state
     from tl_modular.training.trainer import TrainConfig, TrainResult, _save_checkpoint
 
     torch.manual_seed(0)
@@ -81,7 +83,7 @@ def _load_train_state(w, path):
 
 
 def _load_build(w, path):
-    from tl_modular.training.interpretable import _resume
+    from tl_modular.training.build_state import _resume
 
     return _resume(path.parent, w.build_cfg, tiny_model("gpt2", seed=0))
 
@@ -267,7 +269,8 @@ def test_artifacts_of_another_model_are_refused(world, tmp_path):
     with raises(ValueError, match="checkpoint of a different run"):
         _load_checkpoint(world.root / "train_state.safetensors", m, torch.optim.AdamW(m.parameters()),
                          torch.Generator(), TrainConfig(steps=1, lr=0.5))
-    from tl_modular.training.interpretable import BuildConfig, _resume
+    from tl_modular.training import BuildConfig
+    from tl_modular.training.build_state import _resume
 
     with raises(ValueError, match="other settings"):
         _resume(world.root / "build", BuildConfig(lr=0.5), tiny_model("gpt2", seed=0))

@@ -14,7 +14,8 @@ from tl_modular._io import read_safetensors
 from tl_modular._models import count_hooks
 from tl_modular.testing import tiny_model
 from tl_modular.training import BuildConfig, build_interpretable, lm_task
-from tl_modular.training.interpretable import _grid, _Match, _pearson, _Targets
+from tl_modular.training.matching import _Match, _pearson
+from tl_modular.training.targets import _grid, _Targets
 
 # A run that matches hard: few steps, a large match weight and a high learning rate on a tiny model.
 SETTINGS = dict(steps_per_layer=80, match_weight=20.0, keep_free=4, n_contexts=32, n_heldout=16, match_batch=16,
@@ -216,7 +217,7 @@ def test_an_llm_failure_leaves_its_unit_unconstrained_and_other_errors_propagate
     from types import SimpleNamespace
 
     from tl_modular.labeling import LLMError
-    from tl_modular.training.interpretable import _simulate
+    from tl_modular.training.targets import _simulate
 
     class Sim:
         async def asimulate(self, text, contexts, signed):

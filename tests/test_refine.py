@@ -29,7 +29,8 @@ def test_refining_the_trained_text_model_lowers_held_out_kl(textlm, one_thread):
 
 
 @pytest.mark.parametrize("kwargs, message", [({"steps": 0}, "steps"), ({"positions": 0.0}, "positions"),
-                                             ({"positions": 1.5}, "positions")])
+                                             ({"positions": 1.5}, "positions"), ({"warmup": 0}, "warmup"),
+                                             ({"warmup": 2}, "warmup"), ({"warmup": 1.5}, "warmup")])
 def test_refine_rejects_bad_settings(textlm, kwargs, message):
     tokens = tlm.textlm.tokens("train", 4 * 16, 16)
     comp = tlm.compress(textlm, tokens, read="fisher", write="fisher", progress=False).truncated(rank=2)

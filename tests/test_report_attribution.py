@@ -13,7 +13,7 @@ import torch
 
 import tl_modular as tlm
 from tl_modular import cli, report
-from tl_modular.attribution import AttributionSet, aggregate, faithfulness, prune
+from tl_modular.attribution import AttributionSet, aggregate, faithfulness, feature_masks, prune
 from tl_modular.attribution.build import unsupported
 from tl_modular.compression import Compression
 from tl_modular.testing import tiny_model
@@ -57,6 +57,8 @@ def test_feature_circuits_match_the_attribution_api_on_the_reports_compression(b
     assert data["schema"] == "tl_modular.ReportAttribution" and data["skipped"] is None
     s = data["settings"]
     assert s["n_attribution"] == 4 and s["prune"] == {"node_threshold": 0.8, "edge_threshold": 0.98}
+    assert s["min_influence"] == 1e-4 and s["memory_gib"] == 1.0 and s["version"] == 2
+    assert s["errors"] == "frozen" and s["folded"] == "ablated"
     assert list(data["categories"]) == list(TASKS)
     comp = Compression.load(out / "compression", inputs.model)
     sets = AttributionSet.load(out)
@@ -65,14 +67,22 @@ def test_feature_circuits_match_the_attribution_api_on_the_reports_compression(b
     for name in TASKS:
         c = data["categories"][name]
         task = inputs.categories[name][:4]
-        graphs = tlm.attribution_graph(model, task, units=comp)
+        graphs = tlm.attribution_graph(model, task, units=comp, min_influence=1e-4)
         kept[name] = [prune(g) for g in graphs]
-        check = faithfulness(model, task, comp, kept[name], baseline="corrupted", n_random=1)
+        # every feature outside the circuit ablated, those the pruned build folded too
+        check = faithfulness(model, task, comp, feature_masks(model, kept[name], comp), baseline="corrupted",
+                             n_random=1)
         assert c["n_prompts"] == 4
         assert c["faithfulness"] == pytest.approx(check["faithfulness"], abs=1e-9)
         assert c["random"] == pytest.approx(check["random"], abs=1e-9)
         assert c["edges_kept"] == [k.n_edges for k in kept[name]]
         assert c["edges"] == [g.adjacency._nnz() for g in graphs]
+        assert c["min_influence"] == 1e-4 and c["features_folded"] == [g.info["dropped_features"] for g in graphs]
+        assert c["completeness"] == pytest.approx(max(g.completeness() for g in graphs), rel=1e-6)
+        # the estimate made before building bounds the pruned builds (and is the full graph's size)
+        full = tlm.attribution_graph(model, task[:1], units=comp)[0]
+        assert c["estimate"]["nodes"] == len(full) == c["nodes"][0] + c["features_folded"][0]
+        assert full.adjacency._nnz() <= c["estimate"]["edges"] <= 1.01 * full.adjacency._nnz()
         assert all(k < e for k, e in zip(c["edges_kept"], c["edges"], strict=True))
         assert 0 <= c["completeness"] < 1e-4              # fp32 model: incoming edges sum to the value
         # the page's lists: circuit features with share, frequency, channel and stream; the strongest edges
@@ -125,7 +135,7 @@ def test_rerun_reuses_the_stage_and_its_settings_stay_out_of_the_others_key(bund
     report.analyze(inputs, out, report.AnalyzeConfig(**{**CFG, "attribution": False}), progress=False)
     summary = _load(out, "summary.json")
     assert set(summary["reused"]) == others
-    assert summary["attribution"] == {"skipped": "off (--attribution turns it on)"}
+    assert summary["attribution"] == {"skipped": "off (--no-attribution)"}
     assert not (out / "attribution.json").exists() and not (out / "attribution_set.json").exists()
     assert "attribution" not in _load(out, "manifest.json")["stages"]
     page = report.html.page_data(out)
@@ -146,12 +156,58 @@ def test_a_damaged_or_foreign_stage_file_is_not_reused(bundled, tmp_path):
     # the stage's runner computes again on ValueError (ArtifactError is one) or OSError
     with pytest.raises(ValueError, match="other settings"):
         _load_attribution(out, _attribution_settings(report.AnalyzeConfig(**CFG, n_attribution=3)))
+    # a stage file of version 1 (full builds, error nodes recomputed, off by default) is built again
+    saved = (out / "attribution.json").read_text()
+    old = json.loads(saved)
+    old["version"] = 1
+    old["settings"] = {k: v for k, v in old["settings"].items() if k not in ("min_influence", "memory_gib", "errors")}
+    old["settings"]["version"] = 1
+    (out / "attribution.json").write_text(json.dumps(old))
+    with pytest.raises(ValueError, match="other settings"):
+        _load_attribution(out, settings)
+    (out / "attribution.json").write_text(saved)
     (out / "attribution_set.json").write_text("{not json")
     with pytest.raises(ValueError, match="attribution_set.json"):
         _load_attribution(out, settings)
     (out / "attribution_set.json").unlink()
     with pytest.raises((OSError, ValueError)):
         _load_attribution(out, settings)
+
+
+def test_over_its_memory_budget_the_stage_prunes_harder_then_skips(bundled):
+    from tl_modular.attribution.build import EDGE_BYTES, graph_size
+    from tl_modular.report.pipeline import _attribution_settings, _feature_graphs
+
+    inputs, out = bundled
+    model, task = inputs.model, inputs.categories["induction"][:2]
+    comp = Compression.load(out / "compression", model)
+    settings = _attribution_settings(report.AnalyzeConfig(**CFG))
+    size = graph_size(model, comp, task.clean.shape[1], max(len(set(p.tolist())) for p in task.positions))
+    graphs = {m: tlm.attribution_graph(model, task, units=comp, min_influence=m) for m in (1e-4, 1e-3, 1e-2, 1e-1)}
+    # what a build holds (max_edges counts it): its edges before the folded ones merge into the error nodes'
+    edges = {m: max(g.info["edges_built"] for g in gs) for m, gs in graphs.items()}
+    nnz = {m: [g.adjacency._nnz() for g in gs] for m, gs in graphs.items()}
+    assert edges[1e-3] < edges[1e-4] < size.edges
+
+    def run(n_edges):
+        gib = (size.node_bytes + EDGE_BYTES * n_edges + EDGE_BYTES - 1) / 2**30
+        return _feature_graphs(model, task, comp, {**settings, "memory_gib": gib})
+    # the estimate fits: the default pruned build; it does not, but the default build does: the same
+    for n_edges in (size.edges, edges[1e-4]):
+        got = run(n_edges)
+        assert got["min_influence"] == 1e-4 and got["edges"] == nnz[1e-4]
+        assert got["estimate"] == {"nodes": size.nodes, "edges": size.edges, "bytes": size.bytes}
+    # room for the 1e-3 build only: ten times the min_influence, the pruned graphs those of that build
+    got = run((edges[1e-3] + edges[1e-4]) // 2)
+    assert got["min_influence"] == pytest.approx(1e-3) and got["edges"] == nnz[1e-3]
+    assert [k.graph.adjacency._nnz() for k in got["kept"]] == [k.n_edges for k in got["kept"]]
+    # room for no build up to min_influence 0.1, or not even for the nodes: skipped with the reason
+    got = run(edges[1e-1] - 1)
+    assert "still passed" in got["skipped"] and "raise the budget" in got["skipped"] and "kept" not in got
+    got = _feature_graphs(model, task, comp, {**settings, "memory_gib": size.node_bytes / 2**30})
+    assert "nodes alone" in got["skipped"] and "attribution_memory" in got["skipped"]
+    with pytest.raises(ValueError, match="attribution_memory must be > 0"):
+        report.AnalyzeConfig(attribution_memory=0)
 
 
 def test_models_and_categories_the_builder_does_not_take_are_skipped_with_its_reason(tmp_path):
@@ -188,7 +244,7 @@ def test_attribution_flag_reaches_the_report(monkeypatch, tmp_path):
         seen.append(config)
         return tmp_path / "report.html"
     monkeypatch.setattr(report, "analyze", fake)
-    for flag, want in (([], False), (["--attribution"], True)):
+    for flag, want in (([], True), (["--attribution"], True), (["--no-attribution"], False)):
         assert cli.main(["analyze", "--model", "toy", "--out", str(tmp_path / "out"), "--quiet", *flag]) == 0
         assert seen[-1].attribution is want
 

@@ -54,6 +54,7 @@ _TYPED = [
     ("tl_modular.circuits", "find_circuits", {"graph": "ChannelGraph"}),
     ("tl_modular.circuits", "CircuitSet.plot", {"graph": "ChannelGraph"}),
     ("tl_modular.circuits", "CircuitSet.load", {"graph": "ChannelGraph"}),
+    ("tl_modular.circuits", "plot_circuits", {"circuits": "CircuitSet", "graph": "ChannelGraph"}),
     ("tl_modular.graph.routes", "readers", {"comp": "Compression"}),
     ("tl_modular.graph.routes", "writers", {"comp": "Compression"}),
     ("tl_modular.compression.fidelity", "fidelity", {"comp": "Compression"}),

@@ -89,9 +89,10 @@ def _parser() -> argparse.ArgumentParser:
                    help="run N data-parallel processes (torchrun on this machine: gloo on CPUs, NCCL with "
                         "--device cuda); the report equals one process's")
     a.add_argument("--no-reuse", action="store_true", help="recompute every stage even if the directory has it")
-    a.add_argument("--attribution", action="store_true",
-                   help="also build feature circuits per category (attribution graphs over the compression; "
-                        "small models: memory grows with the compression's dimensions); other stages are reused")
+    a.add_argument("--attribution", action=argparse.BooleanOptionalAction, default=True,
+                   help="feature circuits per category: pruned attribution graphs over the compression, each "
+                        "within a memory budget (on by default; --no-attribution skips the stage, reusing the "
+                        "others)")
     a.add_argument("--quiet", action="store_true")
     d = sub.add_parser("diff", parents=[debug], help="what changed between two report directories")
     d.add_argument("a")

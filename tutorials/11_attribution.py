@@ -73,7 +73,7 @@ plt.close(ax.figure)
 # ## Side by side: the same task, routes and features
 #
 # Edges are different units — a route joins two whole channels, a feature edge two directions at
-# given positions — so the count is set against each graph's own total. `tl-modular analyze --attribution`
+# given positions — so the count is set against each graph's own total. `tl-modular analyze`
 # shows the same comparison per task in the report's **Feature circuits** tab.
 
 # %%

@@ -43,7 +43,72 @@ from tl_modular.segmentation import ChannelSet, segment
 if TYPE_CHECKING:
     from tl_modular.compression import Compression
 
-__all__ = ["attribution_graph", "unsupported"]
+__all__ = ["GraphSize", "GraphTooLargeError", "attribution_graph", "graph_size", "unsupported"]
+
+#: Peak bytes per edge of a build: the emitted ``(target, source, weight)`` blocks (24 bytes), their
+#: concatenation and the coalesced sparse matrix (24 each), the sort's temporaries and the allocator's
+#: slack (measured: 103 bytes per edge built, a 12.2M-edge pruned build of the bundled text model).
+EDGE_BYTES = 128
+
+
+class GraphTooLargeError(RuntimeError):
+    """A build stopped at ``max_edges`` (before holding more): raise ``min_influence`` or give it more."""
+
+    def __init__(self, edges: int, max_edges: int) -> None:
+        super().__init__(f"the attribution graph passed max_edges={max_edges:,} edges ({edges:,} found so far): "
+                         "raise min_influence (a sparser pruned build) or max_edges")
+        self.edges, self.max_edges = edges, max_edges
+
+
+@dataclass(frozen=True)
+class GraphSize:
+    """Size of one prompt's full graph (an upper bound: zero edges are dropped, and SAE or transcoder
+    units count every feature as active) and the bytes a build holds at its peak."""
+
+    nodes: int
+    edges: int
+    d_model: int
+
+    @property
+    def node_bytes(self) -> int:
+        """The nodes' writes ``[nodes, d_model]`` in float64, held three times (the sources' writes,
+        the graph's copy and the frozen-LayerNorm inputs of one layer)."""
+        return 3 * 8 * self.nodes * self.d_model
+
+    @property
+    def bytes(self) -> int:
+        return self.node_bytes + EDGE_BYTES * self.edges
+
+
+def graph_size(model: Any, units: Any, n_pos: int, n_targets: int = 1) -> GraphSize:
+    """The size of :func:`attribution_graph`'s full graph of one ``n_pos``-token prompt whose logit
+    node reads ``n_targets`` positions, from the units' ranks alone (nothing is run): a head's
+    feature at position ``p`` reads every node up to its layer at positions ``<= p``, an MLP's
+    every node up to its attention at ``p``, the logit every node at its positions. A pruned build
+    (``min_influence``) holds the same nodes and at most these edges.
+
+    Raises:
+        TypeError / ValueError: what :func:`attribution_graph` raises for the model or units;
+            ``n_pos`` or ``n_targets`` below 1.
+    """
+    channels, comp, saes = _check(model, units)
+    if n_pos < 1 or n_targets < 1:
+        raise ValueError(f"n_pos and n_targets must be >= 1, got {n_pos} and {n_targets}")
+    cfg = model.cfg
+    upto = 1 + int(cfg.positional_embedding_type == "standard")      # nodes per position at streams <= s
+    edges = 0
+    for layer in range(cfg.n_layers):
+        heads = [c for c in channels.in_layer(layer) if c.kind == "head"]
+        ranks = [comp[c.name].write.rank if comp is not None and c.name in comp else 0 for c in heads]
+        edges += sum(ranks) * upto * n_pos * (n_pos + 1) // 2        # through the causal pattern
+        upto += sum(ranks) + len(heads) + 1                            # features, errors, the bias node
+        name = mlp_name(layer)
+        rank = (int(saes[name].cfg.d_sae) if name in saes
+                else comp[name].write.rank if comp is not None and name in comp else 0)
+        edges += rank * upto * n_pos
+        upto += rank + 2                                               # features, error, bias node
+    edges += upto * n_targets
+    return GraphSize(nodes=upto * n_pos + 1, edges=int(edges), d_model=int(cfg.d_model))
 
 
 def _is_sae(x: Any) -> bool:
@@ -173,8 +238,8 @@ def _targets(target: Any, n_pos: int, d_vocab: int) -> dict[str, list[int]]:
 
 
 def attribution_graph(model: Any, tokens: Any, units: Any, *, target: dict[str, Any] | None = None,
-                      dtype: torch.dtype = torch.float64, min_influence: float | None = None
-                      ) -> AttributionGraph | list[AttributionGraph]:
+                      dtype: torch.dtype = torch.float64, min_influence: float | None = None,
+                      max_edges: int | None = None) -> AttributionGraph | list[AttributionGraph]:
     """Attribution graph(s) of ``model`` on ``tokens`` over the write directions of ``units``.
 
     Args:
@@ -203,6 +268,10 @@ def attribution_graph(model: Any, tokens: Any, units: Any, *, target: dict[str, 
             channel's error node at its position (its write and outgoing edges move there), so
             completeness still holds. Every other edge equals the full build's bit for bit.
             ``info["dropped_features"]`` counts the folded features. ``None``: the full graph.
+        max_edges: Stop a build (of any one prompt) with :class:`GraphTooLargeError` once it has
+            found more edges than this (``info["edges_built"]``: counted before a pruned build's
+            folded edges merge), before holding them (:func:`graph_size` estimates a full
+            build's edges beforehand). ``None``: no limit.
 
     Returns:
         One :class:`AttributionGraph` for ``[pos]`` or ``[1, pos]`` tokens, else a list of them
@@ -211,7 +280,9 @@ def attribution_graph(model: Any, tokens: Any, units: Any, *, target: dict[str, 
     Raises:
         TypeError / ValueError: an unsupported model, ``units`` not a Compression, a missing or
             malformed target, tokens of the wrong shape, an SAE or transcoder the graph cannot
-            take (wrong hooks, skip connections, input normalisation), ``min_influence`` < 0.
+            take (wrong hooks, skip connections, input normalisation), ``min_influence`` < 0,
+            ``max_edges`` < 1.
+        GraphTooLargeError: a build passed ``max_edges``.
 
     >>> g = tlm.attribution_graph(model, task[0], units=comp)[0]        # doctest: +SKIP
     >>> g.completeness() < 1e-5                                          # doctest: +SKIP
@@ -224,13 +295,15 @@ def attribution_graph(model: Any, tokens: Any, units: Any, *, target: dict[str, 
     if min_influence is not None and (isinstance(min_influence, bool) or not isinstance(min_influence, (int, float))
                                       or not min_influence >= 0):
         raise ValueError(f"min_influence must be a number >= 0 (or None for the full graph), got {min_influence!r}")
+    if max_edges is not None and (isinstance(max_edges, bool) or not isinstance(max_edges, int) or max_edges < 1):
+        raise ValueError(f"max_edges must be an int >= 1 (or None for no limit), got {max_edges!r}")
     if isinstance(tokens, Task):
         task = tokens
         rows = [(task.clean[i], {"positions": task.positions[i], "answers": task.answers[i],
                                  "wrong_answers": None if task.wrong_answers is None or task.metric_kind != "logit_diff"
                                  else task.wrong_answers[i]}) for i in range(len(task))]
         graphs = [_one(model, channels, comp, saes, t, _targets(tg, len(t), model.cfg.d_vocab), dtype,
-                       min_influence)
+                       min_influence, max_edges)
                   for t, tg in rows]
         return graphs
     if not isinstance(tokens, torch.Tensor) or tokens.dtype not in (torch.long, torch.int, torch.int32) or not (
@@ -247,7 +320,7 @@ def attribution_graph(model: Any, tokens: Any, units: Any, *, target: dict[str, 
                          "'wrong_answers': [tok]} or pass a tlm.Task instead of tokens")
     rows = tokens[None] if tokens.ndim == 1 else tokens
     tg = _targets(target, rows.shape[1], model.cfg.d_vocab)
-    graphs = [_one(model, channels, comp, saes, row, tg, dtype, min_influence) for row in rows]
+    graphs = [_one(model, channels, comp, saes, row, tg, dtype, min_influence, max_edges) for row in rows]
     return graphs[0] if tokens.ndim == 1 or len(rows) == 1 else graphs
 
 
@@ -300,10 +373,14 @@ def _chunks(items: list[int]) -> list[list[int]]:
 
 
 def _sweep(jobs: list[_Job], n: int, logit: int, min_influence: float | None,
-           emit: Callable[[torch.Tensor, torch.Tensor, torch.Tensor], None], dtype: torch.dtype) -> torch.Tensor:
+           emit: Callable[[torch.Tensor, torch.Tensor, torch.Tensor], int], dtype: torch.dtype,
+           max_edges: int | None = None) -> tuple[torch.Tensor, int]:
     """Run the jobs; with ``min_influence``, from the logit backwards, skipping the targets whose
     influence on the logit (on the edges found so far, as :func:`~tl_modular.attribution.influence`
-    computes it) is below it. Returns ``[n]`` booleans: the targets whose edges were computed."""
+    computes it) is below it. ``emit`` returns the edges it kept; past ``max_edges`` of them the
+    sweep raises :class:`GraphTooLargeError`. Returns ``[n]`` booleans, the targets whose edges
+    were computed, and the number of edges emitted."""
+    found = 0
     done = torch.zeros(n, dtype=torch.bool)
     infl = torch.zeros(n, dtype=dtype)
     infl[logit] = 1.0                       # the e term of e Σ Âᵏ: the logit's weight on its own row
@@ -316,18 +393,21 @@ def _sweep(jobs: list[_Job], n: int, logit: int, min_influence: float | None,
         targets = job.targets
         if keep is not None and not keep.all():
             block, targets = block[keep], targets[keep]
-        emit(targets, job.sources, block)
+        found += emit(targets, job.sources, block)
+        if max_edges is not None and found > max_edges:
+            raise GraphTooLargeError(found, max_edges)
         done[targets] = True
         if min_influence is not None:       # pass the targets' influence on to their sources
             a = block.abs()
             weight = infl[targets] / a.sum(1).clamp_min(torch.finfo(dtype).tiny)
             infl.index_add_(0, job.sources, weight @ a)
-    return done
+    return done, found
 
 
 @torch.no_grad()
 def _one(model: Any, channels: ChannelSet, comp: Compression | None, saes: dict[str, Any], tokens: torch.Tensor,
-         target: dict[str, list[int]], dtype: torch.dtype, min_influence: float | None = None) -> AttributionGraph:
+         target: dict[str, list[int]], dtype: torch.dtype, min_influence: float | None = None,
+         max_edges: int | None = None) -> AttributionGraph:
     cfg = model.cfg
     n_layers = cfg.n_layers
     tokens = tokens.to(cfg.device)[None]
@@ -453,17 +533,22 @@ def _one(model: Any, channels: ChannelSet, comp: Compression | None, saes: dict[
     cols: list[torch.Tensor] = []
     vals: list[torch.Tensor] = []
 
-    def emit(targets: torch.Tensor, sources: torch.Tensor, block: torch.Tensor) -> None:
-        """``block[i, k]``: edge from ``sources[k]`` into ``targets[i]``; zeros dropped."""
+    def emit(targets: torch.Tensor, sources: torch.Tensor, block: torch.Tensor) -> int:
+        """``block[i, k]``: edge from ``sources[k]`` into ``targets[i]``; zeros dropped. Returns the
+        edges kept."""
         nz = block.nonzero(as_tuple=True)
         rows.append(targets[nz[0]])
         cols.append(sources[nz[1]])
         vals.append(block[nz])
+        return int(nz[0].numel())
 
-    done = _sweep(jobs, n, n - 1, min_influence, emit, dtype)
+    done, found = _sweep(jobs, n, n - 1, min_influence, emit, dtype, max_edges)
+    jobs.clear()                                               # their cached products of the sources' writes
     index = torch.stack([torch.cat(rows), torch.cat(cols)])
     values = torch.cat(vals)
-    info: dict[str, Any] = {"n_layers": n_layers, "d_model": cfg.d_model}
+    del rows[:], cols[:], vals[:]                              # the blocks, now copied: free them before coalescing
+    # edges as built, before the folded features' edges merge into their error nodes' (what max_edges counts)
+    info: dict[str, Any] = {"n_layers": n_layers, "d_model": cfg.d_model, "edges_built": found}
     if transcoders:
         info["transcoders"] = {name: {"hook_in": tc.cfg.metadata.hook_name, "hook_out": tc.cfg.metadata.hook_name_out,
                                         "architecture": tc.cfg.architecture(), "d_sae": int(tc.cfg.d_sae)}

@@ -3,8 +3,10 @@
 Every unit's write at every position is ``μ + Σ_j a_j D_j + error`` (a write side) or
 ``b_dec + Σ_f a_f W_dec[f] + error`` (an SAE on an MLP's output, or a transcoder whose ``a_f``
 encode the MLP's input). A run that
-*keeps* a set of features leaves those ``a_j`` (recomputed in the run) and every error term as
-they are, and sets every other feature to its baseline: its mean over the task's clean prompts
+*keeps* a set of features leaves those ``a_j`` as the run recomputes them, holds every error
+node (each ``error`` term, and the whole write of every head or MLP no unit covers) at its value
+in the clean run, as circuit-tracer does (``errors="recomputed"``: as the run computes them), and
+sets every other feature to its baseline: its mean over the task's clean prompts
 (positions ≥ 1; ``baseline="mean"``) or its value in the corrupted prompt (``"corrupted"``).
 Faithfulness is ``Σ(m_kept - m_ablated) / Σ(m_clean - m_ablated)`` over the prompts, the
 metric being the task's own (as in :mod:`tl_modular.circuits`). Hooks are TransformerLens
@@ -29,7 +31,7 @@ from tl_modular.segmentation import segment
 if TYPE_CHECKING:
     from tl_modular.tasks import Task
 
-__all__ = ["Baseline", "faithfulness", "feature_masks", "random_masks", "run_with_features"]
+__all__ = ["Baseline", "clean_errors", "faithfulness", "feature_masks", "random_masks", "run_with_features"]
 
 Baseline = Literal["mean", "corrupted"]
 Masks = dict[str, torch.Tensor]          # channel -> [batch, pos, rank] bool: feature kept
@@ -59,6 +61,12 @@ class _Writer:
 
     def decoder(self, like: torch.Tensor) -> torch.Tensor:
         return (self.side.decoder.T if self.side is not None else self.sae.W_dec).to(like)
+
+    def write(self, a: torch.Tensor, error: torch.Tensor) -> torch.Tensor:
+        """The channel's write from features ``a`` and an error term: ``μ + a Dᵀ + error`` (a side),
+        ``b_dec + a W_dec + error`` (an SAE or transcoder)."""
+        offset = self.side.mean if self.side is not None else self.sae.b_dec
+        return offset.to(error) + a.to(error) @ self.decoder(error) + error
 
 
 def _writers(model: Any, units: Any) -> list[_Writer]:
@@ -138,10 +146,45 @@ def _baseline(model: Any, writers: Sequence[_Writer], task: Task, baseline: Base
     raise ValueError(f"baseline must be 'mean' or 'corrupted', got {baseline!r}")
 
 
+def _head_write(model: Any, z: torch.Tensor, c: Any) -> torch.Tensor:
+    """Head ``c``'s write (without ``b_O``, the bias channel's) from the layer's ``z``."""
+    return z[:, :, c.head] @ model.blocks[c.layer].attn.W_O[c.head]
+
+
+@torch.no_grad()
+def clean_errors(model: Any, units: Any, tokens: torch.Tensor) -> dict[str, torch.Tensor]:
+    """Every head's and MLP's error node values in the run on ``tokens``: ``{channel: [batch, pos,
+    d_model]}``, the write minus what its unit reconstructs (``w - μ - a Dᵀ``, ``w - b_dec - a
+    W_dec``), or the whole write of a channel no unit covers (an error node of its own)."""
+    given = isinstance(units, list) and units and all(isinstance(w, _Writer) for w in units)
+    writers = {w.channel.name: w for w in (units if given else _writers(model, units))}
+    names = {act_name("z", c.layer) if c.kind == "head" else act_name("mlp_out", c.layer) for c in _mixers(model)}
+    names |= {w.reads for w in writers.values() if w.reads is not None}
+    _, cache = run_with_cache(model, tokens.to(model.cfg.device), names_filter=lambda n: n in names)
+    out = {}
+    for c in _mixers(model):
+        w = (_head_write(model, cache[act_name("z", c.layer)], c) if c.kind == "head"
+             else cache[act_name("mlp_out", c.layer)])
+        wr = writers.get(c.name)
+        out[c.name] = w if wr is None else w - wr.write(wr.encode(cache[wr.reads] if wr.reads is not None else w),
+                                                        torch.zeros_like(w))
+    return out
+
+
+def _mixers(model: Any) -> list[Any]:
+    return [c for c in segment(model) if c.kind in ("head", "mlp")]
+
+
 def run_with_features(model: Any, units: Any, tokens: torch.Tensor, masks: Mapping[str, torch.Tensor],
-                      base: Mapping[str, torch.Tensor]) -> torch.Tensor:
+                      base: Mapping[str, torch.Tensor], *, errors: Mapping[str, torch.Tensor] | None = None
+                      ) -> torch.Tensor:
     """Logits of ``model`` on ``tokens`` with every unit's unmasked write features set to ``base``
-    (``[batch, pos, features]``) and the masked ones (and the error terms) left as computed."""
+    (``[batch, pos, features]``) and the masked ones left as computed.
+
+    ``errors`` (from :func:`clean_errors`) holds the error nodes at those values: each covered
+    channel writes what its unit reconstructs from the features plus ``errors[channel]``, and every
+    other head and MLP writes ``errors[channel]`` (its whole write). ``None``: the error terms are
+    what the run computes (the channel's write minus its unit's reconstruction)."""
     given = isinstance(units, list) and units and all(isinstance(w, _Writer) for w in units)
     writers = units if given else _writers(model, units)
     for wr in writers:
@@ -152,6 +195,14 @@ def run_with_features(model: Any, units: Any, tokens: torch.Tensor, masks: Mappi
                 got = tuple(given[c.name].shape) if c.name in given else "nothing"
                 raise ValueError(f"{label}[{c.name!r}] must be [batch, pos, features] = {want} for these tokens and "
                                  f"units, got {got}")
+    mixers = _mixers(model)
+    if errors is not None:
+        want = (tokens.shape[0], tokens.shape[1], model.cfg.d_model)
+        bad = [c.name for c in mixers if c.name not in errors or tuple(errors[c.name].shape) != want]
+        if bad:
+            raise ValueError(f"errors must hold every head's and MLP's error term, [batch, pos, d_model] = {want} "
+                             f"(clean_errors(model, units, tokens)); {bad[0]!r} is missing or of another shape")
+    by_name = {wr.channel.name: wr for wr in writers}
     z_store: dict[int, torch.Tensor] = {}
     in_store: dict[str, torch.Tensor] = {}        # transcoders' inputs, by hook
     hooks = []
@@ -165,14 +216,17 @@ def run_with_features(model: Any, units: Any, tokens: torch.Tensor, masks: Mappi
     def edit(out: torch.Tensor, hook: Any, kind: str) -> torch.Tensor:
         layer = hook.layer()
         delta = torch.zeros_like(out)
-        for wr in writers:
-            c = wr.channel
-            if c.layer != layer or c.kind != kind:
+        for c in mixers:
+            wr = by_name.get(c.name)
+            if c.layer != layer or c.kind != kind or (wr is None and errors is None):
                 continue
-            w = z_store[layer][:, :, c.head] @ model.blocks[layer].attn.W_O[c.head] if kind == "head" else out
+            w = _head_write(model, z_store[layer], c) if kind == "head" else out
+            if wr is None:                            # an error node of its own: its clean write
+                delta = delta + errors[c.name].to(w) - w
+                continue
             cur = wr.encode(in_store[wr.reads] if wr.reads is not None else w)
             new = torch.where(masks[c.name].to(cur.device), cur, base[c.name].to(cur))
-            delta = delta + (new - cur) @ wr.decoder(w)
+            delta = delta + ((new - cur) @ wr.decoder(w) if errors is None else wr.write(new, errors[c.name].to(w)) - w)
         return out + delta
 
     hooks += [(h, save_input) for h in sorted({wr.reads for wr in writers if wr.reads is not None})]
@@ -185,11 +239,17 @@ def run_with_features(model: Any, units: Any, tokens: torch.Tensor, masks: Mappi
 
 @torch.no_grad()
 def faithfulness(model: Any, task: Task, units: Any, kept: Sequence[Pruned] | Masks, *,
-                 baseline: Baseline = "mean", inactive: Literal["keep", "ablate"] = "keep", n_random: int = 0,
+                 baseline: Baseline = "mean", inactive: Literal["keep", "ablate"] = "keep",
+                 errors: Literal["frozen", "recomputed"] = "frozen", n_random: int = 0,
                  seed: int = 0) -> dict[str, Any]:
     """Metric recovered by keeping only ``kept``'s features (one pruned graph per prompt of ``task``).
 
     Args:
+        errors: The error nodes (what each unit does not reconstruct, and every head or MLP no
+            unit covers) hold their values in the clean run (``"frozen"``, as circuit-tracer
+            does: the graph with all its features kept scores 1), or are what the intervened run
+            computes (``"recomputed"``: a channel's write minus its unit's reconstruction, so
+            uncovered channels and the residuals respond to the ablation too).
         inactive: SAE features inactive on a prompt (no nodes of its graph) are left as computed
             (``"keep"``) or set to the baseline with the other ablated features (``"ablate"``).
             Write directions are nodes at every position, so this matters for SAE units only.
@@ -200,12 +260,15 @@ def faithfulness(model: Any, task: Task, units: Any, kept: Sequence[Pruned] | Ma
     """
     if inactive not in ("keep", "ablate"):
         raise ValueError(f"inactive must be 'keep' or 'ablate', got {inactive!r}")
+    if errors not in ("frozen", "recomputed"):
+        raise ValueError(f"errors must be 'frozen' or 'recomputed', got {errors!r}")
     writers = _writers(model, units)
     masks = kept if isinstance(kept, Mapping) else feature_masks(model, kept, units)
     rows = next(iter(masks.values())).shape[0]
     if rows != len(task):
         raise ValueError(f"kept has {rows} prompts, the task {len(task)}; build one graph per prompt of the task")
     base = _baseline(model, writers, task, baseline)
+    held = clean_errors(model, writers, task.clean) if errors == "frozen" else None
     # SAE features inactive on a prompt are no nodes of its graph: "keep" leaves them as the run
     # computes them (only graph nodes are ablated), "ablate" sets them to the baseline too
     if isinstance(kept, Mapping) or inactive == "ablate":
@@ -217,7 +280,8 @@ def faithfulness(model: Any, task: Task, units: Any, kept: Sequence[Pruned] | Ma
     none = dict(outside)
 
     def metric(m: Mapping[str, torch.Tensor]) -> torch.Tensor:
-        return task.metric(run_with_features(model, writers, task.clean, m, base), per_example=True).double().cpu()
+        return task.metric(run_with_features(model, writers, task.clean, m, base, errors=held),
+                           per_example=True).double().cpu()
 
     clean = task.metric(model(task.clean.to(model.cfg.device)), per_example=True).double().cpu()
     ablated = metric(none)

@@ -33,7 +33,7 @@ __all__ = ["refine"]
 
 def refine(comp: Compression, model: Any, tokens: Int[torch.Tensor, "batch pos"], *, steps: int = 300, lr: float = 3e-3,
            batch_size: int = 8, positions: float = 0.25, attention_mask: Int[torch.Tensor, "batch pos"] | None = None,
-           seed: int = 0, progress: bool = True) -> Compression:
+           warmup: int | None = None, seed: int = 0, progress: bool = True) -> Compression:
     """A copy of ``comp`` whose kept directions are fitted end to end (see the module docs).
 
     Every side below its full rank gets a trainable encoder, decoder and mean (initialised from
@@ -51,6 +51,8 @@ def refine(comp: Compression, model: Any, tokens: Int[torch.Tensor, "batch pos"]
             train alike.
         positions: The fraction of predicted positions whose KL is taken each step (a random
             subset, an unbiased estimate): the unembedding dominates a step on a real vocabulary.
+        warmup: Steps of linear learning-rate warm-up before the cosine decay (default: 5% of
+            ``steps``, at least one).
         attention_mask: 1 for real tokens; padded positions are not predicted.
 
     Returns:
@@ -71,13 +73,17 @@ def refine(comp: Compression, model: Any, tokens: Int[torch.Tensor, "batch pos"]
         return comp
     if not 0 < positions <= 1:
         raise ValueError(f"positions must be a fraction in (0, 1], got {positions!r}")
+    if warmup is None:
+        warmup = max(1, steps // 20)
+    if isinstance(warmup, bool) or not isinstance(warmup, int) or not 1 <= warmup <= steps:
+        raise ValueError(f"warmup must be an integer number of steps in 1..steps ({steps}), got {warmup!r}")
     flat = [t for triple in params.values() for t in triple]
     # Relative steps: a tensor's scale depends on the statistic that produced it (see Args).
     opt = torch.optim.Adam([{"params": [t], "lr": lr * float(t.detach().pow(2).mean().sqrt().clamp_min(1e-8))}
                             for t in flat])
-    # warm up over the first 5% of the steps, then cosine decay to a tenth: the last steps average
-    # out the batch noise instead of jittering around the optimum
-    warm = max(1, steps // 20)
+    # warm up, then cosine decay to a tenth: the last steps average out the batch noise instead of
+    # jittering around the optimum
+    warm = warmup
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda i: min(1.0, (i + 1) / warm) * (
         0.1 + 0.45 * (1 + math.cos(math.pi * min(1.0, max(0, i - warm) / max(1, steps - warm))))))
     names = list(comp.channels)
@@ -120,7 +126,7 @@ def refine(comp: Compression, model: Any, tokens: Int[torch.Tensor, "batch pos"]
             channels[name] = replace(c, read=type(c.read)({**dict(c.read), key[5:]: new}))   # a ReadSpace
     tail = max(1, steps // 10)
     config = {**comp.config, "refined": {"steps": steps, "lr": lr, "batch_size": batch_size, "positions": positions,
-                                         "seed": seed,
+                                         "warmup": warmup, "seed": seed,
                                          "kl_first": history[0], "kl_last": sum(history[-tail:]) / tail}}
     return replace(comp, channels=channels, config=config)
 

@@ -143,28 +143,3 @@ def plot(graph: ChannelGraph, path: Path | None, *, weight: str, modules: Sequen
     if path is not None:
         save_figure(ax.figure, path)
     return ax
-
-
-# circuits is a CircuitSet, typed Any: tl_modular.circuits imports this module, and the import scan
-# counts even a TYPE_CHECKING import back as a cycle
-def plot_circuits(circuits: Any, graph: ChannelGraph, path: Path | None) -> Any:
-    """One panel per category: its circuit's routes (ports collapsed onto channels), widths by
-    score; red routes are in every category's circuit, blue ones in this category's only."""
-    plt = pyplot(path is not None)
-    layout = Layout(graph, graph.partition_nodes(io=True))
-    shared, specific = circuits.shared(), circuits.specific()
-    w, h = layout.size()
-    fig, axes = plt.subplots(len(circuits), 1, figsize=(w, h * len(circuits)), squeeze=False)
-    for ax, (name, c) in zip(axes[:, 0], circuits.items(), strict=True):
-        biggest = max((abs(c.scores[r]) for r in c.routes), default=1.0) or 1.0
-        edges = []
-        for r in c.routes:
-            color = "tab:red" if r in shared else "tab:blue" if r in specific[name] else "0.45"
-            edges.append((r[0], graph.owner(r[1]), 0.5 + 4 * abs(c.scores[r]) / biggest, color))
-        used = {n for u, v, _, _ in edges for n in (u, v)}
-        layout.draw(ax, edges, {n: "0.85" for n in used},
-                    f"{name}: {c.size} routes, faithfulness {c.faithfulness:.2f} (red: shared by all; blue: only here)")
-    fig.tight_layout()
-    if path is not None:
-        save_figure(fig, path)
-    return axes[:, 0]

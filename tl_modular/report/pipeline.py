@@ -51,13 +51,15 @@ _REPORT_ENTRIES = frozenset({"compression", "graph.json", "circuits.json", "modu
                              "report.html"})
 # Settings of the feature-circuit stage alone: outside the cache key, so switching it on or off (or
 # changing its prompt count) reuses every other stage; the stage checks them itself on reuse.
-_OWN_KEY = ("attribution", "n_attribution")
-ATTRIBUTION_VERSION = 1
+_OWN_KEY = ("attribution", "n_attribution", "attribution_memory")
+# 2: pruned builds (min_influence) within a memory budget, one prompt at a time; error nodes frozen
+ATTRIBUTION_VERSION = 2
 
 
 @dataclass(kw_only=True)
 class AnalyzeConfig:
-    """Settings of :func:`analyze` (all but ``attribution`` and ``n_attribution`` part of the cache key).
+    """Settings of :func:`analyze` (all but ``attribution``, ``n_attribution`` and ``attribution_memory``
+    part of the cache key).
 
     Attributes:
         metric: Route strengths from the next-token ``"loss"`` or the correct token's ``"logit"``
@@ -68,10 +70,13 @@ class AnalyzeConfig:
         n_boot, n_random: Bootstrap samples and random circuits per category.
         max_score_tokens: Tokens for the polysemanticity scores.
         n_label_units: How many units (modules, then the most polysemantic neurons) get labels.
-        attribution: Whether to build feature circuits per category (``--attribution``; off by
-            default: graphs over a text model's full compression can exhaust memory); the other
-            stages are reused either way.
+        attribution: Whether to build feature circuits per category (on by default;
+            ``--no-attribution`` turns it off); the other stages are reused either way.
         n_attribution: Prompts per category for the feature circuits (one attribution graph each).
+        attribution_memory: GiB one attribution graph may hold (its size is estimated before the
+            build, and a build stops at it): over it the stage prunes harder while building
+            (a larger ``min_influence``), and skips the category with the reason if that is not
+            enough.
     """
 
     metric: Literal["loss", "logit"] = "loss"
@@ -82,8 +87,9 @@ class AnalyzeConfig:
     n_random: int = 5
     max_score_tokens: int = 8192
     n_label_units: int = 24
-    attribution: bool = False
+    attribution: bool = True
     n_attribution: int = 4
+    attribution_memory: float = 1.0
 
     def __post_init__(self) -> None:
         if self.metric not in ("loss", "logit"):
@@ -91,6 +97,8 @@ class AnalyzeConfig:
         for name in ("batch_size", "budgets", "n_attribution"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if not self.attribution_memory > 0:
+            raise ValueError(f"attribution_memory must be > 0 GiB, got {self.attribution_memory!r}")
 
 
 @dataclass
@@ -455,7 +463,7 @@ def _attribution(inputs: Inputs, stages: _Stages, comp: Any, summary: dict[str, 
     files leave the report."""
     if not cfg.attribution or not inputs.categories:
         stages.forget("attribution", _ATTRIBUTION_FILES)
-        why = "off (--attribution turns it on)" if not cfg.attribution else "no circuit categories"
+        why = "off (--no-attribution)" if not cfg.attribution else "no circuit categories"
         summary["attribution"] = {"skipped": why}
         return
     settings = _attribution_settings(cfg)
@@ -476,17 +484,21 @@ def _attribution_settings(cfg: AnalyzeConfig) -> dict[str, Any]:
         return {n: params[n].default for n in names}
     return {"version": ATTRIBUTION_VERSION, "n_attribution": cfg.n_attribution, "baseline": "corrupted",
             "n_random": cfg.n_random, "prune": defaults(prune, ("node_threshold", "edge_threshold")),
-            "min_frequency": defaults(aggregate, ("min_frequency",))["min_frequency"], "units": "compression"}
+            "min_frequency": defaults(aggregate, ("min_frequency",))["min_frequency"], "units": "compression",
+            "min_influence": _MIN_INFLUENCE, "memory_gib": cfg.attribution_memory, "errors": "frozen",
+            "folded": "ablated"}
 
 
 def _attribution_stage(inputs: Inputs, comp: Any, settings: dict[str, Any], dest: Path) -> Callable[[], Any]:
-    """Per category: attribution graphs of its first ``n_attribution`` prompts over the report's
-    compression, pruned with the default thresholds, verified by intervention (the other features
-    set to their corrupted-run value, as the route circuits patch), then aggregated per category.
-    A model the builder does not support, or a category that is no task, is skipped with the
-    builder's reason."""
+    """Per category: pruned builds (``min_influence``) of attribution graphs of its first
+    ``n_attribution`` prompts over the report's compression, one prompt at a time and each within
+    the memory budget (:func:`_feature_graphs`), pruned with the default thresholds, verified by
+    intervention (every other feature, folded ones included, set to its corrupted-run value, as
+    the route circuits patch; error nodes at their clean values), then aggregated per category.
+    A model the builder does not support, a category that is no task or whose graphs do not fit
+    the budget, is skipped with the reason."""
     def run() -> dict[str, Any]:
-        from tl_modular.attribution import aggregate, attribution_graph, faithfulness, feature_name, prune
+        from tl_modular.attribution import aggregate, faithfulness, feature_masks, feature_name
         from tl_modular.attribution.build import unsupported
         from tl_modular.tasks import Task
 
@@ -503,18 +515,22 @@ def _attribution_stage(inputs: Inputs, comp: Any, settings: dict[str, Any], dest
                 continue
             start = time.perf_counter()
             sub = task[: settings["n_attribution"]]
-            graphs = attribution_graph(model, sub, units=comp)
-            kept = [prune(g, **settings["prune"]) for g in graphs]
-            check = faithfulness(model, sub, comp, kept, baseline=settings["baseline"], n_random=settings["n_random"])
+            built = _feature_graphs(model, sub, comp, settings)
+            if "skipped" in built:
+                cats[name] = built
+                continue
+            kept = built.pop("kept")
+            # as masks: every feature outside the circuit is ablated, those the pruned build folded into
+            # the error nodes too (as a full build's pruning would), and random sets draw from them all
+            check = faithfulness(model, sub, comp, feature_masks(model, kept, comp), baseline=settings["baseline"],
+                                 errors=settings["errors"], n_random=settings["n_random"])
             for k in kept:
                 for node, keep in zip(k.graph.nodes, k.nodes.tolist(), strict=True):
                     if keep and node.kind == "feature":
                         nodes[feature_name(node)] = [node.channel, node.stream]
             kept_per_task[name] = kept
             cats[name] = {"n_prompts": len(sub), "faithfulness": check["faithfulness"], "random": check["random"],
-                          "clean": check["clean"], "ablated": check["ablated"],
-                          "completeness": max(g.completeness() for g in graphs),
-                          "nodes": [len(g) for g in graphs], "edges": [int(g.adjacency._nnz()) for g in graphs],
+                          "clean": check["clean"], "ablated": check["ablated"], **built,
                           "edges_kept": [k.n_edges for k in kept], "features_kept": [len(k.features()) for k in kept],
                           "n_streams": 2 * model.cfg.n_layers + 2, "seconds": round(time.perf_counter() - start, 2)}
         if kept_per_task:
@@ -526,10 +542,87 @@ def _attribution_stage(inputs: Inputs, comp: Any, settings: dict[str, Any], dest
                                   features=[[f, _round(c.share[f]), c.frequency[f], *nodes[f]] for f in c.features],
                                   top_edges=[[s, t, _round(w), f] for s, t, w, f in c.edges[:_PAGE_EDGES]])
         elif not data["skipped"]:
-            data["skipped"] = "no category is a tlm.Task"
+            tasks = any(isinstance(t, Task) for t in inputs.categories.values())
+            data["skipped"] = "no category's graphs fit the memory budget" if tasks else "no category is a tlm.Task"
         write_json(dest / "attribution.json", data)
         return data
     return run
+
+
+_MIN_INFLUENCE = 1e-4      # the stage's pruned build: targets below this influence on the logit are skipped
+_MAX_MIN_INFLUENCE = 1e-1  # the largest it goes to fit the memory budget before skipping a category
+
+
+def _gib(n: float) -> str:
+    return f"{n / 2**30:.2f} GiB"
+
+
+def _feature_graphs(model: Any, task: Any, comp: Any, settings: dict[str, Any]) -> dict[str, Any]:
+    """Pruned attribution graphs of ``task``'s prompts, each within ``settings["memory_gib"]``.
+
+    The full graph's size is estimated first (:func:`~tl_modular.attribution.build.graph_size`,
+    from the compression's ranks and the prompt length); its nodes must fit the budget, and every
+    build stops at the edges that fill the rest of it (``max_edges``): a build stopped there is
+    done again with ten times the ``min_influence``, up to ``_MAX_MIN_INFLUENCE``. Each graph is
+    pruned as soon as it is built and only its kept edges are held (the next prompt's build never
+    sits beside a whole graph). Returns the pruned graphs (``"kept"``) with their sizes, or
+    ``{"skipped": reason}``."""
+    from tl_modular.attribution.build import EDGE_BYTES, GraphTooLargeError, graph_size
+
+    budget = int(settings["memory_gib"] * 2**30)
+    n_targets = max(len(set(torch.as_tensor(p).reshape(-1).tolist())) for p in task.positions)
+    size = graph_size(model, comp, int(task.clean.shape[1]), n_targets)
+    estimate = {"nodes": size.nodes, "edges": size.edges, "bytes": size.bytes}
+    if size.node_bytes >= budget:
+        return {"skipped": f"a graph's {size.nodes:,} nodes alone hold {_gib(size.node_bytes)}, over the "
+                           f"attribution_memory budget of {_gib(budget)}: raise it, or compress to lower ranks",
+                "estimate": estimate}
+    max_edges = (budget - size.node_bytes) // EDGE_BYTES
+    min_influence = settings["min_influence"]
+    while True:
+        try:
+            return {"min_influence": min_influence, "estimate": estimate,
+                    **_pruned_graphs(model, task, comp, settings, min_influence, max_edges)}
+        except GraphTooLargeError as e:
+            if min_influence * 10 > _MAX_MIN_INFLUENCE * (1 + 1e-9):
+                return {"skipped": f"at min_influence={min_influence:g} a graph still passed the {e.max_edges:,} "
+                                   f"edges that fit the attribution_memory budget of {_gib(budget)} (its full graph: "
+                                   f"about {size.edges:,} edges, {_gib(size.bytes)}): raise the budget",
+                        "estimate": estimate}
+            min_influence *= 10
+
+
+def _pruned_graphs(model: Any, task: Any, comp: Any, settings: dict[str, Any], min_influence: float,
+                   max_edges: int) -> dict[str, Any]:
+    """Each prompt's graph built at ``min_influence`` (stopping past ``max_edges``), its sizes
+    recorded and only its pruned part kept."""
+    from tl_modular.attribution import attribution_graph, prune
+
+    kept, sizes = [], {"completeness": 0.0, "nodes": [], "edges": [], "features_folded": []}
+    for i in range(len(task)):
+        graph = attribution_graph(model, task[i:i + 1], units=comp, min_influence=min_influence,
+                                  max_edges=max_edges)[0]
+        sizes["completeness"] = max(sizes["completeness"], graph.completeness())
+        sizes["nodes"].append(len(graph))
+        sizes["edges"].append(int(graph.adjacency._nnz()))
+        sizes["features_folded"].append(graph.info["dropped_features"])
+        kept.append(_kept_part(prune(graph, **settings["prune"])))
+        del graph
+    return {"kept": kept, **sizes}
+
+
+def _kept_part(pruned: Any) -> Any:
+    """``pruned`` over a copy of its graph holding only the kept edges (what faithfulness and
+    ``aggregate`` read of it), so a category's graphs need not stay in memory whole."""
+    from tl_modular.attribution import Pruned
+
+    g = pruned.graph
+    a = g.adjacency.coalesce()
+    index, values = a.indices()[:, pruned.edges], a.values()[pruned.edges]
+    small = replace(g, adjacency=torch.sparse_coo_tensor(index, values, a.shape, check_invariants=False).coalesce(),
+                    writes=None, info={k: v for k, v in g.info.items() if not k.startswith("_")})
+    return Pruned(graph=small, nodes=pruned.nodes, edges=torch.ones(values.numel(), dtype=torch.bool),
+                  node_influence=pruned.node_influence)
 
 
 def _load_attribution(out: Path, settings: dict[str, Any]) -> dict[str, Any]:
@@ -551,12 +644,14 @@ def _attribution_summary(data: dict[str, Any], circuits: dict[str, Any] | None) 
     cats = {}
     for name, c in data["categories"].items():
         if "skipped" in c:
-            cats[name] = {"skipped": c["skipped"]}
+            cats[name] = {"skipped": c["skipped"], "estimate": c.get("estimate")}
             continue
         r = routes.get(name)
         cats[name] = {"n_prompts": c["n_prompts"], "faithfulness": c["faithfulness"],
                       "random": mean(c["random"]), "completeness": c["completeness"],
                       "edges_kept": mean(c["edges_kept"]), "edges": mean(c["edges"]),
+                      "min_influence": c["min_influence"], "features_folded": mean(c["features_folded"]),
+                      "estimate": c["estimate"],
                       "features": c.get("circuit", {}).get("features"),
                       "circuit_edges": c.get("circuit", {}).get("edges"),
                       "routes": None if r is None else {"size": r["size"], "of": (circuits or {}).get("n_routes"),
