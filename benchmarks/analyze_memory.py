@@ -1,6 +1,6 @@
 """Peak memory of ``tl-modular analyze --model gpt2`` per stage, on a GPT-2-small-shaped random model.
 
-    python benchmarks/analyze_memory.py [--tokens 4096] [--tokenizer DIR] [--keep DIR]
+    python benchmarks/analyze_memory.py [--tokens 4096] [--cli-args "--circuits ioi"] [--tokenizer DIR] [--keep DIR]
 
 Lays out an offline hub with random GPT-2-small weights (:func:`tl_modular.testing.write_offline_gpt2_hub`)
 in a temporary ``HF_HOME``, writes a text file of English prose (the project's own docs, repeated to
@@ -8,16 +8,21 @@ in a temporary ``HF_HOME``, writes a text file of English prose (the project's o
 stage's peak is the child's resident-set high-water mark (Linux ``VmHWM``), reset through
 ``/proc/PID/clear_refs`` when the CLI announces the next stage, so it is exact (no polling); "held"
 is the resident set when the stage ends (what later stages start from). "load" is everything before
-the first stage (imports, the model, the data); "finish" what follows the last one (summary, page).
+the first stage (imports, the model, the data); the last stage's row includes what follows it (the
+summary and the page). ``--cli-args`` passes options on to ``analyze`` (``"--circuits ioi"`` adds
+the circuit and feature-circuit stages, which need categories: none run at the defaults;
+``"--circuits ioi --no-attribution"`` the circuits alone).
 """
 
 from __future__ import annotations
 
 import argparse
 import os
+import shlex
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
 
@@ -25,9 +30,44 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def _status(pid: int, key: str) -> float:
-    """``VmHWM``/``VmRSS`` of ``pid`` in GB."""
-    with open(f"/proc/{pid}/status") as f:
-        return next(int(line.split()[1]) for line in f if line.startswith(key)) / 2 ** 20
+    """``VmHWM``/``VmRSS`` of ``pid`` in GB (NaN once it has exited: a zombie has no memory lines)."""
+    try:
+        with open(f"/proc/{pid}/status") as f:
+            return next((int(line.split()[1]) for line in f if line.startswith(key)), float("nan")) / 2 ** 20
+    except FileNotFoundError:
+        return float("nan")
+
+
+class _LastPeak:
+    """Polls the child's ``VmHWM`` so the last stage has a peak: the exit status's ``ru_maxrss`` is no
+    use for it, since it also keeps the high-water marks recorded whenever a thread exited (reset by
+    nothing), and a zombie's ``/proc`` has no memory lines. The mark only rises between resets, so the
+    last poll misses at most the final ``interval`` (the interpreter's teardown, which frees)."""
+
+    def __init__(self, pid: int, interval: float = 0.2) -> None:
+        self.value = float("nan")
+        self._pid, self._interval, self._stop = pid, interval, threading.Event()
+        self._lock = threading.Lock()
+        self._thread = threading.Thread(target=self._poll, daemon=True)
+        self._thread.start()
+
+    def _poll(self) -> None:
+        while not self._stop.wait(self._interval):
+            with self._lock:   # a read between a reset and the value's would carry the old stage's mark over
+                value = _status(self._pid, "VmHWM")
+                if value == value:   # not NaN: the child still runs
+                    self.value = value
+
+    def reset(self) -> None:
+        """Start the next stage: clear the child's mark and forget the last one read."""
+        with self._lock:
+            _reset_peak(self._pid)
+            self.value = float("nan")
+
+    def stop(self) -> float:
+        self._stop.set()
+        self._thread.join()
+        return self.value
 
 
 def _reset_peak(pid: int) -> None:
@@ -50,6 +90,7 @@ def main() -> None:
     tokenizer = ROOT.parent / "shared" / "data" / "gpt2-tokenizer"
     parser.add_argument("--tokenizer", default=os.environ.get("TLM_GPT2_TOKENIZER", str(tokenizer)))
     parser.add_argument("--keep", default=None, help="write the report here (default: a temporary folder)")
+    parser.add_argument("--cli-args", default="", help='more options for analyze, e.g. "--circuits ioi"')
     args = parser.parse_args()
 
     work = Path(tempfile.mkdtemp(prefix="tlm-analyze-memory-"))
@@ -61,9 +102,10 @@ def main() -> None:
     data.write_text(_text(args.tokens), encoding="utf-8")
     out = Path(args.keep) if args.keep else work / "report"
     cmd = [sys.executable, "-m", "tl_modular", "analyze", "--model", "gpt2", "--data", str(data),
-           "--tokens", str(args.tokens), "--out", str(out)]
+           "--tokens", str(args.tokens), "--out", str(out), *shlex.split(args.cli_args)]
     start = time.perf_counter()
     child = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, text=True, bufsize=1)
+    last = _LastPeak(child.pid)
     rows: list[tuple[str, float, float, float]] = []
     stage, since = "load", start
     for line in child.stdout:
@@ -71,19 +113,21 @@ def main() -> None:
         if line.startswith("[tl-modular] ") and line.rstrip().endswith((" ...", ": reused")):
             now = time.perf_counter()
             rows.append((stage, _status(child.pid, "VmHWM"), _status(child.pid, "VmRSS"), now - since))
-            _reset_peak(child.pid)
+            last.reset()
+            print(f"[analyze_memory] {stage}: peak {rows[-1][1]:.2f} GB, held {rows[-1][2]:.2f} GB, "
+                  f"{rows[-1][3]:.0f} s", flush=True)   # also for a run stopped before its end
             stage, since = line.removeprefix("[tl-modular] ").rsplit(" ", 1)[0].rstrip(":"), now
-    # the last phase's peak: the child's high-water mark at exit (reset with the others)
-    _, wait_status, usage = os.wait4(child.pid, 0)
-    child.returncode = status = os.waitstatus_to_exitcode(wait_status)
-    rows.append(("finish", usage.ru_maxrss / 2 ** 20, float("nan"), time.perf_counter() - since))
+    status = child.wait()
+    rows.append((f"{stage} (and the page)", last.stop(), float("nan"), time.perf_counter() - since))
     if status != 0:
         sys.exit(f"analyze failed (exit status {status})")
     print(f"\n{' '.join(cmd[1:])}\n{args.tokens} tokens, {time.perf_counter() - start:.0f} s\n")
     print("| stage | peak RSS (GB) | held at its end (GB) | seconds |\n|---|---|---|---|")
+    def gb(x: float) -> str:
+        return "–" if x != x else f"{x:.2f}"
     for name, peak, held, seconds in rows:
-        print(f"| {name} | {peak:.2f} | {held:.2f} | {seconds:.0f} |")
-    print(f"| **whole run** | **{max(r[1] for r in rows):.2f}** | | |")
+        print(f"| {name} | {gb(peak)} | {gb(held)} | {seconds:.0f} |")
+    print(f"| **whole run** | **{max((r[1] for r in rows if r[1] == r[1]), default=float('nan')):.2f}** | | |")
 
 
 if __name__ == "__main__":

@@ -7,7 +7,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -23,30 +23,55 @@ if TYPE_CHECKING:      # annotations only: compression.py imports this module
 __all__ = ["fidelity", "rank_fidelity_curve"]
 
 
-def _logprobs(model: Any, tokens: torch.Tensor, starts: Sequence[int], batch_size: int, mask: torch.Tensor | None
-              ) -> Iterator[torch.Tensor]:
-    """Each batch's next-token log-probs ``[b, pos - 1, vocab]`` in turn (a list of them all would
-    hold GBs of full-vocabulary floats: 32 × 127 × 50257 fp32 is 0.8 GB)."""
-    for start in starts:
-        kwargs = {} if mask is None else {"attention_mask": mask[start:start + batch_size]}
-        with torch.no_grad():
-            logits = model(tokens[start:start + batch_size], **kwargs)
-        yield logits[:, :-1].float().log_softmax(-1)
+# Full-vocabulary floats are what a fidelity score holds most of (32 × 127 × 50257 fp32 is 0.8 GB a
+# batch at GPT-2 shape). Bounds, with the same floats as unbounded (each position's log-softmax and KL
+# term do not depend on the other rows; the batch's sums are taken over the same tensors as before):
+CLEAN_MEMORY = 1 << 30   # clean log-probs kept for every score; batches beyond are run again per score
+CHUNK_MEMORY = 1 << 26   # one temporary of the log-softmax, CE and KL of a chunk of a batch's rows
 
 
-def _ce(lp: torch.Tensor, tokens: torch.Tensor, weights: torch.Tensor, start: int, batch_size: int) -> float:
-    """One batch's summed next-token loss, weighted."""
-    nxt = tokens[start:start + batch_size, 1:]
-    return float((-lp.gather(-1, nxt[..., None])[..., 0] * weights[start:start + batch_size]).sum())
+def _logits(model: Any, tokens: torch.Tensor, start: int, batch_size: int, mask: torch.Tensor | None
+            ) -> torch.Tensor:
+    """One batch's logits ``[b, pos, vocab]``."""
+    kwargs = {} if mask is None else {"attention_mask": mask[start:start + batch_size]}
+    with torch.no_grad():
+        return model(tokens[start:start + batch_size], **kwargs)
 
 
-def _ce_sum(logprobs: Iterable[torch.Tensor], tokens: torch.Tensor, weights: torch.Tensor, starts: Sequence[int],
-            batch_size: int) -> float:
-    """Summed next-token loss over this rank's batches (``starts``), weighted."""
-    total = 0.0
-    for start, lp in zip(starts, logprobs, strict=True):
-        total += _ce(lp, tokens, weights, start, batch_size)
-    return total
+def _row_chunks(logits: torch.Tensor) -> list[slice]:
+    """Slices of the batch's rows whose next-token log-probs fit in :data:`CHUNK_MEMORY` (at least one row)."""
+    per_row = max(1, (logits.shape[1] - 1) * logits.shape[2] * 4)       # float32 log-probs
+    step = max(1, CHUNK_MEMORY // per_row)
+    return [slice(r, r + step) for r in range(0, logits.shape[0], step)]
+
+
+def _logprobs(logits: torch.Tensor, rows: slice) -> torch.Tensor:
+    """Next-token log-probs ``[rows, pos - 1, vocab]`` of some of a batch's rows."""
+    return logits[rows, :-1].float().log_softmax(-1)
+
+
+def _clean_logprobs(logits: torch.Tensor) -> torch.Tensor:
+    """The whole batch's next-token log-probs, filled chunk by chunk (no second copy of the batch)."""
+    out = torch.empty((logits.shape[0], logits.shape[1] - 1, logits.shape[2]), dtype=torch.float32,
+                      device=logits.device)
+    for rows in _row_chunks(logits):
+        out[rows] = _logprobs(logits, rows)
+    return out
+
+
+def _per_token(logits: torch.Tensor, nxt: torch.Tensor, clean: torch.Tensor | None
+               ) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Each prediction's next-token loss ``[b, pos - 1]`` and, given the clean log-probs, its KL from
+    the clean distribution; chunk by chunk of rows."""
+    loss = torch.empty(nxt.shape, dtype=torch.float32, device=logits.device)
+    kl = None if clean is None else torch.empty_like(loss)
+    for rows in _row_chunks(logits):
+        q = _logprobs(logits, rows)
+        loss[rows] = -q.gather(-1, nxt[rows, ..., None])[..., 0]
+        if kl is not None:
+            c = clean[rows]
+            kl[rows] = (c.exp() * (c - q)).sum(-1)
+    return loss, kl
 
 
 def fidelity(model: Any, comp: Compression, tokens: Int[torch.Tensor, "batch pos"], *, batch_size: int = 32,
@@ -78,24 +103,46 @@ class _Reference:
         _dist.check_consistent("fidelity", model, tokens, attention_mask, batch_size=batch_size, channels=channels)
         self.starts = _dist.batch_starts(tokens.shape[0], batch_size)      # this rank's batches
         self.total = float(self.weights.sum())
-        # the clean log-probs are kept (every score's KL needs them); the others are summed batch by batch
-        self.clean = list(_logprobs(model, self.tokens, self.starts, batch_size, self.mask))
+        # the clean log-probs are kept (every score's KL needs them) up to CLEAN_MEMORY, run again beyond
+        self.clean: list[torch.Tensor | None] = []
+        clean, held = 0.0, 0
+        for start in self.starts:
+            logits = _logits(model, self.tokens, start, batch_size, self.mask)
+            kept = None
+            if held + logits[:, 1:].numel() * 4 <= CLEAN_MEMORY:
+                kept = _clean_logprobs(logits)
+                held += kept.numel() * 4
+            self.clean.append(kept)
+            clean += self._weighted(_per_token(logits, self._next(start), None)[0], start)
+            del logits
         with comp.truncated(rank=0).applied(model, channels):
-            ablated = _ce_sum(_logprobs(model, self.tokens, self.starts, batch_size, self.mask), self.tokens,
-                              self.weights, self.starts, batch_size)
-        sums = _dist.all_reduce_sum({"clean": _ce_sum(self.clean, self.tokens, self.weights, self.starts, batch_size),
-                                     "ablated": ablated})
+            ablated = 0.0
+            for start in self.starts:
+                ablated += self._weighted(_per_token(_logits(model, self.tokens, start, batch_size, self.mask),
+                                                     self._next(start), None)[0], start)
+        sums = _dist.all_reduce_sum({"clean": clean, "ablated": ablated})
         self.clean_loss = sums["clean"] / self.total
         self.ablated_loss = sums["ablated"] / self.total
 
+    def _next(self, start: int) -> torch.Tensor:
+        return self.tokens[start:start + self.batch_size, 1:]
+
+    def _weighted(self, per_token: torch.Tensor, start: int) -> float:
+        """A batch's per-prediction values summed with the padding weights."""
+        return float((per_token * self.weights[start:start + self.batch_size]).sum())
+
     def score(self, comp: Compression) -> dict[str, float]:
-        b, w = self.batch_size, self.weights
+        b = self.batch_size
         loss, kl = 0.0, 0.0               # summed batch by batch in order: the same floats as from a list
-        with comp.applied(self.model, self.channels):
-            for s, c, q in zip(self.starts, self.clean,
-                               _logprobs(self.model, self.tokens, self.starts, b, self.mask), strict=True):
-                loss += _ce(q, self.tokens, w, s, b)
-                kl += float(((c.exp() * (c - q)).sum(-1) * w[s:s + b]).sum())
+        for start, kept in zip(self.starts, self.clean, strict=True):
+            clean = kept if kept is not None else _clean_logprobs(
+                _logits(self.model, self.tokens, start, b, self.mask))
+            with comp.applied(self.model, self.channels):
+                logits = _logits(self.model, self.tokens, start, b, self.mask)
+            token_loss, token_kl = _per_token(logits, self._next(start), clean)
+            del logits, clean
+            loss += self._weighted(token_loss, start)
+            kl += self._weighted(token_kl, start)
         sums = _dist.all_reduce_sum({"loss": loss, "kl": kl})
         loss, kl = sums["loss"] / self.total, sums["kl"] / self.total
         gap = self.ablated_loss - self.clean_loss
