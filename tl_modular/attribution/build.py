@@ -45,9 +45,10 @@ if TYPE_CHECKING:
 
 __all__ = ["GraphSize", "GraphTooLargeError", "attribution_graph", "graph_size", "unsupported"]
 
-#: Peak bytes per edge of a build: the emitted ``(target, source, weight)`` blocks (24 bytes), their
+#: Peak bytes per edge a build holds: the emitted ``(target, source, weight)`` blocks (24 bytes), their
 #: concatenation and the coalesced sparse matrix (24 each), the sort's temporaries and the allocator's
-#: slack (measured: 103 bytes per edge built, a 12.2M-edge pruned build of the bundled text model).
+#: slack (measured: 103 bytes per edge, a build of the bundled text model holding 12.2M edges, before
+#: pruned builds folded their dropped features as they go; a pruned build holds only its graph's edges).
 EDGE_BYTES = 128
 
 
@@ -55,7 +56,7 @@ class GraphTooLargeError(RuntimeError):
     """A build stopped at ``max_edges`` (before holding more): raise ``min_influence`` or give it more."""
 
     def __init__(self, edges: int, max_edges: int) -> None:
-        super().__init__(f"the attribution graph passed max_edges={max_edges:,} edges ({edges:,} found so far): "
+        super().__init__(f"the attribution graph passed max_edges={max_edges:,} edges ({edges:,} held so far): "
                          "raise min_influence (a sparser pruned build) or max_edges")
         self.edges, self.max_edges = edges, max_edges
 
@@ -266,12 +267,16 @@ def attribution_graph(model: Any, tokens: Any, units: Any, *, target: dict[str, 
             feature whose influence on the logit (:func:`~tl_modular.attribution.influence` over
             the edges found so far) is below this gets no incoming edges; it is folded into its
             channel's error node at its position (its write and outgoing edges move there), so
-            completeness still holds. Every other edge equals the full build's bit for bit.
-            ``info["dropped_features"]`` counts the folded features. ``None``: the full graph.
-        max_edges: Stop a build (of any one prompt) with :class:`GraphTooLargeError` once it has
-            found more edges than this (``info["edges_built"]``: counted before a pruned build's
-            folded edges merge), before holding them (:func:`graph_size` estimates a full
-            build's edges beforehand). ``None``: no limit.
+            completeness still holds. Every other edge equals the full build's bit for bit; an
+            error node's out-edges are sums (to ~1e-13 relative of a sum in another order). Built
+            in two passes (the first decides the kept features holding no edge, the second
+            computes their edges with the dropped features' merged as they come), so a build
+            holds no more edges than its pruned graph. ``info["dropped_features"]`` counts the
+            folded features. ``None``: the full graph.
+        max_edges: Stop a build (of any one prompt) with :class:`GraphTooLargeError` once it
+            holds more edges than this (``info["edges_built"]``: a pruned build's after its
+            dropped features' edges merged, i.e. its graph's edges), before holding them
+            (:func:`graph_size` estimates a full build's edges beforehand). ``None``: no limit.
 
     Returns:
         One :class:`AttributionGraph` for ``[pos]`` or ``[1, pos]`` tokens, else a list of them
@@ -550,11 +555,19 @@ def _one(model: Any, channels: ChannelSet, comp: Compression | None, saes: dict[
                               nodes, feature_of, bias, activation, pre_activation, dtype)
     jobs.append(_logit_job(model, target, cache, logits, vec, wpos, n, bias, activation, pre_activation, dtype))
 
+    # a pruned build in two passes: the first decides which features are kept (holding no edge), the
+    # second computes the kept targets' edges, a dropped feature's merged into its error node's as
+    # they come, so the build never holds more edges than its graph has
+    dropped = done = None
+    into = torch.arange(n)                  # where each node's out-edges go: a dropped feature's to its error node
+    if min_influence is not None:
+        done = _decide(jobs, n, n - 1, min_influence, dtype)
+        dropped = torch.tensor([nd.kind == "feature" for nd in nodes]) & ~done
+        for i in dropped.nonzero()[:, 0].tolist():
+            into[i] = error_of[(nodes[i].channel, nodes[i].position)]
     rows: list[torch.Tensor] = []
     cols: list[torch.Tensor] = []
     vals: list[torch.Tensor] = []
-    feature = torch.tensor([nd.kind == "feature" for nd in nodes])
-    into = torch.arange(n)                  # where each node's out-edges go: a dropped feature's to its error node
 
     def emit(targets: torch.Tensor, sources: torch.Tensor, block: torch.Tensor) -> int:
         """``block[i, k]``: edge from ``sources[k]`` into ``targets[i]``; zeros dropped; a dropped
@@ -568,18 +581,12 @@ def _one(model: Any, channels: ChannelSet, comp: Compression | None, saes: dict[
         vals.append(block[nz])
         return int(nz[0].numel())
 
-    dropped = done = None
-    if min_influence is not None:           # first pass: which features are kept; second: their edges, folded
-        done = _decide(jobs, n, n - 1, min_influence, dtype)
-        dropped = feature & ~done
-        for i in dropped.nonzero()[:, 0].tolist():
-            into[i] = error_of[(nodes[i].channel, nodes[i].position)]
     found = _sweep(jobs, emit, done, max_edges)
     jobs.clear()                                               # their cached products of the sources' writes
     index = torch.stack([torch.cat(rows), torch.cat(cols)])
     values = torch.cat(vals)
     del rows[:], cols[:], vals[:]                              # the blocks, now copied: free them before coalescing
-    # the edges held (what max_edges counts): a pruned build's with its dropped features' already merged
+    # the edges the build held (what max_edges counts): a pruned build's with its dropped features' merged
     info: dict[str, Any] = {"n_layers": n_layers, "d_model": cfg.d_model, "edges_built": found}
     if transcoders:
         info["transcoders"] = {name: {"hook_in": tc.cfg.metadata.hook_name, "hook_out": tc.cfg.metadata.hook_name_out,
