@@ -416,3 +416,58 @@ def _rotated_keys(model, graph, head, sources):
         x[0, p, 0] = k
         out.append(attn.apply_rotary(x, 0)[0, p, 0].detach())
     return out
+
+
+def _pruned_by_hand(full: AttributionGraph, min_influence: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """An independent pruned build from the full graph: targets decided from the logit backwards
+    by stream point (influence as a series over the edges of the kept targets), then each dropped
+    feature's column summed into its error node's and its row and column removed. Returns the kept
+    mask, the dense adjacency and the edge pattern (an edge where any folded part was one)."""
+    a = full.dense()
+    n = len(full)
+    stream = torch.tensor([nd.stream for nd in full.nodes])
+    feature = full.mask("feature")
+    infl = torch.zeros(n, dtype=a.dtype)
+    infl[full.logit] = 1.0
+    decided = torch.zeros(n, dtype=torch.bool)
+    for s in sorted(set(stream.tolist()), reverse=True):
+        t = ((stream == s) & (feature | (torch.arange(n) == full.logit)) & (infl >= min_influence)).nonzero()[:, 0]
+        decided[t] = True
+        w = a[t].abs()
+        infl += (infl[t] / w.sum(1).clamp_min(1e-300)) @ w
+    near = (infl[feature] - min_influence).abs() / min_influence
+    assert (near > 1e-6).all()                                    # no feature on the edge of the threshold
+    dropped = feature & ~decided
+    error = {(nd.channel, nd.position): i for i, nd in enumerate(full.nodes) if nd.kind == "error"}
+    into = torch.arange(n)
+    for i in dropped.nonzero()[:, 0].tolist():
+        into[i] = error[(full.nodes[i].channel, full.nodes[i].position)]
+    folded = torch.zeros_like(a).index_add_(1, into, a)
+    pattern = torch.zeros_like(a).index_add_(1, into, (a != 0).to(a.dtype)) != 0
+    keep = ~dropped
+    return keep, folded[keep][:, keep], pattern[keep][:, keep]
+
+
+@pytest.mark.parametrize("units", ["directions", "saes"])
+@pytest.mark.parametrize("min_influence", [1e-3, 1e-2])
+def test_pruned_build_holds_only_its_graph_and_equals_a_fold_by_hand(model64, small, mlp_saes, units, min_influence):
+    """A pruned build folds its dropped features as it goes (issue 23): it holds no more edges than
+    its graph, and its graph equals the full graph pruned and folded by hand."""
+    u = small if units == "directions" else [small, *mlp_saes]
+    task = toy.induction(1, seed=5)
+    full = tlm.attribution_graph(model64, task, units=u)[0]
+    pruned = tlm.attribution_graph(model64, task, units=u, min_influence=min_influence)[0]
+    keep, expect, pattern = _pruned_by_hand(full, min_influence)
+    assert [nd.name for nd in pruned.nodes] == [nd.name for nd, k in zip(full.nodes, keep.tolist(), strict=True) if k]
+    assert pruned.info["dropped_features"] == int((~keep).sum()) > 0
+    assert pruned.info["edges_built"] == pruned.adjacency._nnz() < full.adjacency._nnz()
+    idx = pruned.adjacency.indices()
+    assert torch.equal(idx, pattern.nonzero().T)                  # the same edges, zeros of folded sums kept
+    got = pruned.adjacency.values()
+    want = expect[idx[0], idx[1]]
+    error = torch.tensor([pruned.nodes[s].kind == "error" for s in idx[1].tolist()])
+    assert torch.equal(got[~error], want[~error])                # bit for bit: no sum
+    # an error node's edges are sums in another order: equal to rounding of the target's largest edge
+    scale = full.dense()[keep].abs().max(1).values[idx[0][error]]
+    assert ((got[error] - want[error]).abs() <= 1e-13 * scale).all()
+    assert pruned.completeness() < 1e-10

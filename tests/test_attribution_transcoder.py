@@ -233,6 +233,7 @@ def test_pruned_build_keeps_the_full_builds_edges_and_completeness(model, transc
     pruned = tlm.attribution_graph(model, tokens, units=units, target=TARGET, min_influence=x)
     assert 0 < pruned.info["dropped_features"] < int(feature.sum())
     assert pruned.completeness() < 1e-10
+    assert pruned.info["edges_built"] == pruned.adjacency._nnz()     # it held only its graph's edges
     # the kept features: those whose influence on the pruned graph reaches x (a lower bound of the full one)
     kept_infl = influence(pruned)
     mine = pruned.mask("feature")

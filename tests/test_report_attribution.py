@@ -57,7 +57,7 @@ def test_feature_circuits_match_the_attribution_api_on_the_reports_compression(b
     assert data["schema"] == "tl_modular.ReportAttribution" and data["skipped"] is None
     s = data["settings"]
     assert s["n_attribution"] == 4 and s["prune"] == {"node_threshold": 0.8, "edge_threshold": 0.98}
-    assert s["min_influence"] == 1e-4 and s["memory_gib"] == 1.0 and s["version"] == 2
+    assert s["min_influence"] == 1e-4 and s["memory_gib"] == 1.0 and s["version"] == 3
     assert s["errors"] == "frozen" and s["folded"] == "ablated"
     assert list(data["categories"]) == list(TASKS)
     comp = Compression.load(out / "compression", inputs.model)
@@ -184,7 +184,7 @@ def test_over_its_memory_budget_the_stage_prunes_harder_then_skips(bundled):
     settings = _attribution_settings(report.AnalyzeConfig(**CFG))
     size = graph_size(model, comp, task.clean.shape[1], max(len(set(p.tolist())) for p in task.positions))
     graphs = {m: tlm.attribution_graph(model, task, units=comp, min_influence=m) for m in (1e-4, 1e-3, 1e-2, 1e-1)}
-    # what a build holds (max_edges counts it): its edges before the folded ones merge into the error nodes'
+    # what a build holds (max_edges counts it): its graph's edges, the folded ones merged into the error nodes'
     edges = {m: max(g.info["edges_built"] for g in gs) for m, gs in graphs.items()}
     nnz = {m: [g.adjacency._nnz() for g in gs] for m, gs in graphs.items()}
     assert edges[1e-3] < edges[1e-4] < size.edges

@@ -45,9 +45,10 @@ if TYPE_CHECKING:
 
 __all__ = ["GraphSize", "GraphTooLargeError", "attribution_graph", "graph_size", "unsupported"]
 
-#: Peak bytes per edge of a build: the emitted ``(target, source, weight)`` blocks (24 bytes), their
+#: Peak bytes per edge a build holds: the emitted ``(target, source, weight)`` blocks (24 bytes), their
 #: concatenation and the coalesced sparse matrix (24 each), the sort's temporaries and the allocator's
-#: slack (measured: 103 bytes per edge built, a 12.2M-edge pruned build of the bundled text model).
+#: slack (measured: 103 bytes per edge, a build of the bundled text model holding 12.2M edges, before
+#: pruned builds folded their dropped features as they go; a pruned build holds only its graph's edges).
 EDGE_BYTES = 128
 
 
@@ -55,7 +56,7 @@ class GraphTooLargeError(RuntimeError):
     """A build stopped at ``max_edges`` (before holding more): raise ``min_influence`` or give it more."""
 
     def __init__(self, edges: int, max_edges: int) -> None:
-        super().__init__(f"the attribution graph passed max_edges={max_edges:,} edges ({edges:,} found so far): "
+        super().__init__(f"the attribution graph passed max_edges={max_edges:,} edges ({edges:,} held so far): "
                          "raise min_influence (a sparser pruned build) or max_edges")
         self.edges, self.max_edges = edges, max_edges
 
@@ -266,12 +267,16 @@ def attribution_graph(model: Any, tokens: Any, units: Any, *, target: dict[str, 
             feature whose influence on the logit (:func:`~tl_modular.attribution.influence` over
             the edges found so far) is below this gets no incoming edges; it is folded into its
             channel's error node at its position (its write and outgoing edges move there), so
-            completeness still holds. Every other edge equals the full build's bit for bit.
-            ``info["dropped_features"]`` counts the folded features. ``None``: the full graph.
-        max_edges: Stop a build (of any one prompt) with :class:`GraphTooLargeError` once it has
-            found more edges than this (``info["edges_built"]``: counted before a pruned build's
-            folded edges merge), before holding them (:func:`graph_size` estimates a full
-            build's edges beforehand). ``None``: no limit.
+            completeness still holds. Every other edge equals the full build's bit for bit; an
+            error node's out-edges are sums (to ~1e-13 relative of a sum in another order). Built
+            in two passes (the first decides the kept features holding no edge, the second
+            computes their edges with the dropped features' merged as they come), so a build
+            holds no more edges than its pruned graph. ``info["dropped_features"]`` counts the
+            folded features. ``None``: the full graph.
+        max_edges: Stop a build (of any one prompt) with :class:`GraphTooLargeError` once it
+            holds more edges than this (``info["edges_built"]``: a pruned build's after its
+            dropped features' edges merged, i.e. its graph's edges), before holding them
+            (:func:`graph_size` estimates a full build's edges beforehand). ``None``: no limit.
 
     Returns:
         One :class:`AttributionGraph` for ``[pos]`` or ``[1, pos]`` tokens, else a list of them
@@ -372,36 +377,57 @@ def _chunks(items: list[int]) -> list[list[int]]:
     return [items[i:i + _CHUNK] for i in range(0, len(items), _CHUNK)]
 
 
-def _sweep(jobs: list[_Job], n: int, logit: int, min_influence: float | None,
-           emit: Callable[[torch.Tensor, torch.Tensor, torch.Tensor], int], dtype: torch.dtype,
-           max_edges: int | None = None) -> tuple[torch.Tensor, int]:
-    """Run the jobs; with ``min_influence``, from the logit backwards, skipping the targets whose
-    influence on the logit (on the edges found so far, as :func:`~tl_modular.attribution.influence`
-    computes it) is below it. ``emit`` returns the edges it kept; past ``max_edges`` of them the
-    sweep raises :class:`GraphTooLargeError`. Returns ``[n]`` booleans, the targets whose edges
-    were computed, and the number of edges emitted."""
-    found = 0
+def _decide(jobs: list[_Job], n: int, logit: int, min_influence: float, dtype: torch.dtype) -> torch.Tensor:
+    """The first pass of a pruned build: from the logit backwards, each target's influence on the
+    logit (as :func:`~tl_modular.attribution.influence` computes it over the edges of the targets
+    decided so far) is final when the sweep reaches it; the targets below ``min_influence`` are
+    skipped. No edge is held. Returns ``[n]`` booleans, the targets kept (given incoming edges)."""
     done = torch.zeros(n, dtype=torch.bool)
     infl = torch.zeros(n, dtype=dtype)
     infl[logit] = 1.0                       # the e term of e Σ Âᵏ: the logit's weight on its own row
-    order = sorted(jobs, key=lambda j: -j.stream) if min_influence is not None else jobs
-    for job in order:
-        keep = (infl[job.targets] >= min_influence) if min_influence is not None else None
+    for job in sorted(jobs, key=lambda j: -j.stream):
+        keep = infl[job.targets] >= min_influence
+        if not keep.any():
+            continue
+        a = job.compute()[keep].abs()
+        targets = job.targets[keep]
+        done[targets] = True                # pass the targets' influence on to their sources
+        weight = infl[targets] / a.sum(1).clamp_min(torch.finfo(dtype).tiny)
+        infl.index_add_(0, job.sources, weight @ a)
+    return done
+
+
+def _sweep(jobs: list[_Job], emit: Callable[[torch.Tensor, torch.Tensor, torch.Tensor], int],
+           kept: torch.Tensor | None = None, max_edges: int | None = None) -> int:
+    """Run the jobs (only the ``kept`` targets' rows) and ``emit`` their blocks; ``emit`` returns
+    the edges it kept. Past ``max_edges`` of them the sweep raises :class:`GraphTooLargeError`.
+    Returns the number of edges emitted."""
+    found = 0
+    for job in jobs:
+        keep = kept[job.targets] if kept is not None else None
         if keep is not None and not keep.any():
             continue
-        block = job.compute()
-        targets = job.targets
+        block, targets = job.compute(), job.targets
         if keep is not None and not keep.all():
             block, targets = block[keep], targets[keep]
         found += emit(targets, job.sources, block)
         if max_edges is not None and found > max_edges:
             raise GraphTooLargeError(found, max_edges)
-        done[targets] = True
-        if min_influence is not None:       # pass the targets' influence on to their sources
-            a = block.abs()
-            weight = infl[targets] / a.sum(1).clamp_min(torch.finfo(dtype).tiny)
-            infl.index_add_(0, job.sources, weight @ a)
-    return done, found
+    return found
+
+
+def _folded(sources: torch.Tensor, block: torch.Tensor, into: torch.Tensor
+            ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``block``'s columns summed by the node each source folds ``into``: ``(sources, block,
+    present)``, ``present`` marking the edges with a nonzero part (as if each part were an edge of
+    its own, merged after zeros were dropped)."""
+    cols, inverse = torch.unique(into[sources], return_inverse=True)
+    if cols.numel() == sources.numel():
+        return into[sources], block, block != 0
+    shape = (block.shape[0], cols.numel())
+    summed = block.new_zeros(shape).index_add_(1, inverse, block)
+    present = block.new_zeros(shape).index_add_(1, inverse, (block != 0).to(block.dtype)) != 0
+    return cols, summed, present
 
 
 @torch.no_grad()
@@ -529,38 +555,51 @@ def _one(model: Any, channels: ChannelSet, comp: Compression | None, saes: dict[
                               nodes, feature_of, bias, activation, pre_activation, dtype)
     jobs.append(_logit_job(model, target, cache, logits, vec, wpos, n, bias, activation, pre_activation, dtype))
 
+    # a pruned build in two passes: the first decides which features are kept (holding no edge), the
+    # second computes the kept targets' edges, a dropped feature's merged into its error node's as
+    # they come, so the build never holds more edges than its graph has
+    dropped = done = None
+    into = torch.arange(n)                  # where each node's out-edges go: a dropped feature's to its error node
+    if min_influence is not None:
+        done = _decide(jobs, n, n - 1, min_influence, dtype)
+        dropped = torch.tensor([nd.kind == "feature" for nd in nodes]) & ~done
+        for i in dropped.nonzero()[:, 0].tolist():
+            into[i] = error_of[(nodes[i].channel, nodes[i].position)]
     rows: list[torch.Tensor] = []
     cols: list[torch.Tensor] = []
     vals: list[torch.Tensor] = []
 
     def emit(targets: torch.Tensor, sources: torch.Tensor, block: torch.Tensor) -> int:
-        """``block[i, k]``: edge from ``sources[k]`` into ``targets[i]``; zeros dropped. Returns the
-        edges kept."""
-        nz = block.nonzero(as_tuple=True)
+        """``block[i, k]``: edge from ``sources[k]`` into ``targets[i]``; zeros dropped; a dropped
+        feature's edges merged into its error node's. Returns the edges kept."""
+        present = block != 0
+        if dropped is not None:
+            sources, block, present = _folded(sources, block, into)
+        nz = present.nonzero(as_tuple=True)
         rows.append(targets[nz[0]])
         cols.append(sources[nz[1]])
         vals.append(block[nz])
         return int(nz[0].numel())
 
-    done, found = _sweep(jobs, n, n - 1, min_influence, emit, dtype, max_edges)
+    found = _sweep(jobs, emit, done, max_edges)
     jobs.clear()                                               # their cached products of the sources' writes
     index = torch.stack([torch.cat(rows), torch.cat(cols)])
     values = torch.cat(vals)
     del rows[:], cols[:], vals[:]                              # the blocks, now copied: free them before coalescing
-    # edges as built, before the folded features' edges merge into their error nodes' (what max_edges counts)
+    # the edges the build held (what max_edges counts): a pruned build's with its dropped features' merged
     info: dict[str, Any] = {"n_layers": n_layers, "d_model": cfg.d_model, "edges_built": found}
     if transcoders:
         info["transcoders"] = {name: {"hook_in": tc.cfg.metadata.hook_name, "hook_out": tc.cfg.metadata.hook_name_out,
                                         "architecture": tc.cfg.architecture(), "d_sae": int(tc.cfg.d_sae)}
             for name, tc in transcoders.items()}
     full_writes = torch.cat([vec, vec.new_zeros(1, vec.shape[1])])
-    keep = torch.ones(n, dtype=torch.bool)
-    if min_influence is not None:
+    if dropped is not None:
         info["min_influence"] = float(min_influence)
-        dropped = torch.tensor([nd.kind == "feature" for nd in nodes]) & ~done
         info["dropped_features"] = int(dropped.sum())
-        if dropped.any():
-            keep, index, full_writes = _fold(nodes, dropped, error_of, index, full_writes)
+        if dropped.any():                   # the edges are folded already; the writes and the numbering follow
+            full_writes = full_writes.clone().index_add_(0, into[dropped], full_writes[dropped])
+            keep = ~dropped
+            index = (torch.cumsum(keep.long(), 0) - 1)[index]
             nodes = [nd for nd, k in zip(nodes, keep.tolist(), strict=True) if k]
             activation, pre_activation, bias = activation[keep], pre_activation[keep], bias[keep]
             full_writes = full_writes[keep]
@@ -569,21 +608,6 @@ def _one(model: Any, channels: ChannelSet, comp: Compression | None, saes: dict[
     return AttributionGraph(nodes=nodes, adjacency=adjacency, activation=activation,
                             pre_activation=pre_activation, bias=bias, tokens=tokens[0].cpu(), target=dict(target),
                             info=info, writes=full_writes)
-
-
-def _fold(nodes: list[Node], dropped: torch.Tensor, error_of: dict[tuple[str, int], int], index: torch.Tensor,
-          writes: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Fold each dropped feature into its channel's error node at its position: its outgoing edges
-    and its write move there (so every kept target's incoming edges still sum to its value).
-    Returns the kept-node mask, the edge index renumbered over the kept nodes, and the writes."""
-    n = len(nodes)
-    into = torch.arange(n)
-    for i in dropped.nonzero()[:, 0].tolist():
-        into[i] = error_of[(nodes[i].channel, nodes[i].position)]
-    writes = writes.clone().index_add_(0, into[dropped], writes[dropped])
-    keep = ~dropped
-    renumber = torch.cumsum(keep.long(), 0) - 1
-    return keep, torch.stack([renumber[index[0]], renumber[into[index[1]]]]), writes
 
 
 def _head_jobs(model: Any, channels: ChannelSet, comp: Compression | None, sides: dict[str, Any], layer: int,

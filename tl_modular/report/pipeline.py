@@ -53,7 +53,8 @@ _REPORT_ENTRIES = frozenset({"compression", "graph.json", "circuits.json", "modu
 # changing its prompt count) reuses every other stage; the stage checks them itself on reuse.
 _OWN_KEY = ("attribution", "n_attribution", "attribution_memory")
 # 2: pruned builds (min_influence) within a memory budget, one prompt at a time; error nodes frozen
-ATTRIBUTION_VERSION = 2
+# 3: a pruned build holds only its graph's edges (folds as it goes): fewer categories retry at 1e-3
+ATTRIBUTION_VERSION = 3
 
 
 @dataclass(kw_only=True)
