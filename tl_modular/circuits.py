@@ -386,8 +386,8 @@ def mask_rows(model: Any, n_senders: int, n_pos: int, budget: int | None = None)
     size = torch.finfo(getattr(cfg, "dtype", torch.float32)).bits // 8
     # per token: each sender's write and delta, ~36 residual vectors per head that autograd keeps of
     # a pass with split inputs (the patched q/k/v inputs, their LayerNorms and projections), and the
-    # logits with their log-softmax. Calibrated on GPT-2-small shape: 4.4M floats, measured 4.2M
-    # (0.27 GB per prompt of 16 tokens).
+    # logits with their log-softmax. At GPT-2-small shape 4.4M floats (0.28 GB a prompt of 16 tokens);
+    # measured 0.24 GB a prompt in one pass of 16 (benchmarks/circuit_mask_memory.py).
     floats = cfg.d_model * (2 * n_senders + 36 * cfg.n_layers * cfg.n_heads) + 3 * cfg.d_vocab
     return max(1, int((MASK_MEMORY if budget is None else budget) // (floats * size * max(n_pos, 1))))
 
