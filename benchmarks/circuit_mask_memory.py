@@ -1,9 +1,11 @@
 """Peak memory and time of the circuit search's learnt mask (``graph.circuits``' ``search="mask"``,
 the default: forward and backward passes with every route partially patched) on a GPT-2-small-shaped
 model, ``--prompts`` prompts of ``--pos`` random tokens in batches of ``--batch`` (``analyze``'s
-32), ``--steps`` steps of the mask.
+32), ``--steps`` steps of the mask, each batch in passes of at most ``--rows`` prompts (default:
+``circuits.mask_rows``, within ``circuits.MASK_MEMORY``; ``--rows`` = ``--batch``: one pass, as
+before the bound).
 
-    python benchmarks/circuit_mask_memory.py [--prompts 32] [--batch 32] [--pos 16] [--steps 3]
+    python benchmarks/circuit_mask_memory.py [--prompts 32] [--batch 32] [--pos 16] [--steps 3] [--rows N]
 
 Prints the peak (the process's resident set from the start of the mask, Linux: VmHWM reset through
 /proc/self/clear_refs; the model, compression and graph included: the "base"), the time and a
@@ -33,6 +35,7 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=32)
     parser.add_argument("--pos", type=int, default=16)
     parser.add_argument("--steps", type=int, default=3)
+    parser.add_argument("--rows", type=int, default=None, help="prompts per pass (default: circuits.mask_rows)")
     parser.add_argument("--threads", type=int, default=1)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
@@ -65,10 +68,12 @@ def main() -> None:
     base = peak_gb()
     start = time.perf_counter()
     theta, _ = circuits._learn_mask(model, channels, cat, all_routes, clean, empty, 0.9, faithful,
-                                    steps=args.steps, batch_size=args.batch)
+                                    steps=args.steps, batch_size=args.batch, rows=args.rows)
+    rows = args.rows or circuits.mask_rows(model, len({w for w, _ in all_routes}), args.pos)
     seconds = time.perf_counter() - start
     digest = hashlib.blake2b(theta.tobytes(), digest_size=8).hexdigest()
-    print(f"{len(all_routes)} routes, {args.prompts} prompts x {args.pos} tokens, batch {args.batch}, {args.steps} "
+    print(f"{len(all_routes)} routes, {args.prompts} prompts x {args.pos} tokens, batch {args.batch} in passes of "
+          f"<= {rows}, {args.steps} "
           f"steps: {seconds:.1f} s, peak {peak_gb():.2f} GB (base {base:.2f} GB); theta digest {digest}, "
           f"sum {theta.sum():.12e}", flush=True)
 

@@ -367,9 +367,67 @@ def _patched_metric(model: Any, channels: ChannelSet, cat: _Category, routes: Se
     return np.concatenate(_dist.gather_batches(out))
 
 
+#: Bytes of activations that one forward and backward pass of the learnt mask (the circuit search's
+#: default) may keep for its backward: a step's batch of prompts runs in passes of as many prompts as
+#: fit (:func:`mask_rows`), their gradients accumulated. At GPT-2-small shape (158 senders) that is 11
+#: prompts of 16 tokens per pass: ``analyze``'s 32 prompts in 3 passes; the bundled model's batches
+#: stay one pass (bitwise the results of one pass).
+MASK_MEMORY = 3 << 30
+
+
+def mask_rows(model: Any, n_senders: int, n_pos: int, budget: int | None = None) -> int:
+    """Prompts of ``n_pos`` tokens that one pass of the learnt mask takes within ``budget`` bytes
+    (:data:`MASK_MEMORY` by default); at least one.
+
+    >>> mask_rows(gpt2_small, 158, 16)                                  # doctest: +SKIP
+    11
+    """
+    cfg = model.cfg
+    size = torch.finfo(getattr(cfg, "dtype", torch.float32)).bits // 8
+    # per token: each sender's write and delta, ~36 residual vectors per head that autograd keeps of
+    # a pass with split inputs (the patched q/k/v inputs, their LayerNorms and projections), and the
+    # logits with their log-softmax. At GPT-2-small shape 4.4M floats (0.28 GB a prompt of 16 tokens);
+    # measured 0.24 GB a prompt in one pass of 16 (benchmarks/circuit_mask_memory.py).
+    floats = cfg.d_model * (2 * n_senders + 36 * cfg.n_layers * cfg.n_heads) + 3 * cfg.d_vocab
+    return max(1, int((MASK_MEMORY if budget is None else budget) // (floats * size * max(n_pos, 1))))
+
+
+def _mask_metric(model: Any, channels: ChannelSet, cat: _Category, routes: list[Route], index: slice,
+                 keep: torch.Tensor, rows: int) -> torch.Tensor:
+    """The mean metric of the prompts ``index`` with each route patched by ``1 - keep``, differentiable
+    in ``keep``.
+
+    Within ``rows`` prompts: one pass, whose graph is the result. More: passes of at most ``rows``
+    prompts (the activations autograd keeps grow with the prompts), each backward at once; the mean
+    is the passes' sums over all prompts, and its gradient w.r.t. the amounts patched the sum of
+    theirs, weighted the same. The result carries it as ``m + g · ((1 - keep) - amount)``: the value
+    ``m`` exactly, the gradient ``-g`` w.r.t. ``keep``."""
+    device = model.cfg.device
+    senders = {w for w, _ in routes}
+
+    def run(part: slice, amount: torch.Tensor) -> torch.Tensor:
+        source = {w: cat.baseline[w][part] for w in senders}
+        logits = patch_routes(model, channels, cat.tokens[part].to(device), routes, source, amount=amount)
+        return cat.metric(logits, part).double()
+
+    n = index.stop - index.start
+    if n <= rows:
+        return run(index, (1 - keep).to(device)).mean()
+    parts = -(-n // rows)                                # as few passes as fit, of even sizes
+    amount = (1 - keep).detach().to(device).requires_grad_(True)
+    total, grad = 0.0, torch.zeros(len(routes), dtype=torch.float64)
+    for k in range(parts):
+        part = slice(index.start + k * n // parts, index.start + (k + 1) * n // parts)
+        m = run(part, amount).sum()
+        (g,) = torch.autograd.grad(m, [amount])          # only the amounts: the model's .grad stays untouched
+        total += float(m.detach()) / n
+        grad += g.double().cpu() / n
+    return total + (grad * ((1 - keep).double() - amount.detach().double().cpu())).sum()
+
+
 def _learn_mask(model: Any, channels: ChannelSet, cat: _Category, routes: list[Route], clean: np.ndarray,
                 empty: np.ndarray, target: float, faithful: Any, *, steps: int, batch_size: int,
-                check_every: int = 10, penalty: tuple[float, float] = (0.5, 30.0)
+                check_every: int = 10, penalty: tuple[float, float] = (0.5, 30.0), rows: int | None = None
                 ) -> tuple[np.ndarray, list[Route] | None]:
     """Learn which routes a circuit needs by gradient descent on a relaxed mask (edge pruning,
     Bhaskar et al. 2024): each route is patched by ``1 - sigmoid(θ)``, and θ minimises
@@ -380,22 +438,23 @@ def _learn_mask(model: Any, channels: ChannelSet, cat: _Category, routes: list[R
     final θ and the smallest verified circuit reaching ``target`` (``None`` when none did).
     Routes chosen jointly this way beat a ranking of single-route scores: on the bundled model the
     induction circuit needs 20 routes instead of 26 at faithfulness 0.9.
+
+    A step's batch runs in forward and backward passes of at most ``rows`` prompts
+    (:func:`mask_rows` by default: memory bounded by :data:`MASK_MEMORY`).
     """
     n = len(routes)
     theta = torch.full((n,), 3.0, dtype=torch.float32, requires_grad=True)
     optimizer = torch.optim.Adam([theta], lr=0.1)
     lam0, lam1 = penalty                             # per kept fraction of the routes, first and last step
     starts = list(range(0, len(cat.tokens), batch_size))
+    if rows is None:
+        rows = mask_rows(model, len({w for w, _ in routes}), cat.tokens.shape[1])
     best: list[Route] | None = None
-    device = model.cfg.device
     for step in range(steps):
         start = starts[step % len(starts)]
-        index = slice(start, start + batch_size)
-        batch = cat.tokens[index].to(device)
-        source = {w: cat.baseline[w][index] for w in {w for w, _ in routes}}
+        index = slice(start, min(start + batch_size, len(cat.tokens)))
         keep = torch.sigmoid(theta)
-        logits = patch_routes(model, channels, batch, routes, source, amount=(1 - keep).to(device))
-        m = cat.metric(logits, index).double().mean()
+        m = _mask_metric(model, channels, cat, routes, index, keep, rows)
         e, c = float(empty[index].mean()), float(clean[index].mean())
         faith = (m - e) / (c - e) if c != e else m * 0
         lam = lam0 * (lam1 / lam0) ** (step / max(steps - 1, 1))
