@@ -22,11 +22,7 @@ import hashlib
 import time
 
 import torch
-
-
-def peak_gb() -> float:
-    with open("/proc/self/status") as f:
-        return next(int(line.split()[1]) for line in f if line.startswith("VmHWM")) / 2 ** 20
+from _peak import peak_gb, reset_peak
 
 
 def main() -> None:
@@ -63,9 +59,7 @@ def main() -> None:
         m = circuits._patched_metric(model, channels, cat, [r for r in all_routes if r not in set(kept)], args.batch)
         return circuits._ratio(m - empty, clean - empty), m
 
-    with open("/proc/self/clear_refs", "w") as f:
-        f.write("5")
-    base = peak_gb()
+    base = reset_peak()
     start = time.perf_counter()
     theta, _ = circuits._learn_mask(model, channels, cat, all_routes, clean, empty, 0.9, faithful,
                                     steps=args.steps, batch_size=args.batch, rows=args.rows)

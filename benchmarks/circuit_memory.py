@@ -16,11 +16,7 @@ import argparse
 import time
 
 import torch
-
-
-def peak_gb() -> float:
-    with open("/proc/self/status") as f:
-        return next(int(line.split()[1]) for line in f if line.startswith("VmHWM")) / 2 ** 20
+from _peak import peak_gb, reset_peak
 
 
 def main() -> None:
@@ -47,9 +43,7 @@ def main() -> None:
     cat = circuits._category("all", tokens, model, channels, sorted({w for w, _ in all_routes}), writers, "mean")
     routes.PASS_MEMORY = int(args.pass_gib * 2 ** 30)
     rows = min(64, routes.rows_per_pass(model, len(writers), len(routes.readers(comp, model)), tokens.shape[1]))
-    with open("/proc/self/clear_refs", "w") as f:
-        f.write("5")
-    base = peak_gb()
+    base = reset_peak()
     start = time.perf_counter()
     scores = circuits._scores(model, channels, graph, cat, all_routes, 64, chunk=64)
     print(f"{args.prompts} prompts x 20 tokens, {rows} rows per pass: scores {tuple(scores.shape)} in "

@@ -22,11 +22,7 @@ import importlib.util
 import time
 
 import torch
-
-
-def peak_gb() -> float:
-    with open("/proc/self/status") as f:
-        return next(int(line.split()[1]) for line in f if line.startswith("VmHWM")) / 2 ** 20
+from _peak import peak_gb, reset_peak
 
 
 def _module_from(path: str):   # noqa: ANN202 - a module
@@ -62,9 +58,7 @@ def main() -> None:
     ref = None
     for name, module, (chunk, clean) in variants:
         fidelity.CHUNK_MEMORY, fidelity.CLEAN_MEMORY = chunk, clean
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")
-        base = peak_gb()
+        base = reset_peak()
         start = time.perf_counter()
         rows = module.rank_fidelity_curve(model, comp, tokens, budgets, batch_size=args.rows, progress=False)
         seconds = time.perf_counter() - start

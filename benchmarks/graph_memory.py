@@ -18,11 +18,7 @@ import argparse
 import time
 
 import torch
-
-
-def peak_gb() -> float:
-    with open("/proc/self/status") as f:
-        return next(int(line.split()[1]) for line in f if line.startswith("VmHWM")) / 2 ** 20
+from _peak import peak_gb, reset_peak
 
 
 def main() -> None:
@@ -45,9 +41,7 @@ def main() -> None:
     for name, budget in ((f"passes of {routes.rows_per_pass(model, 158, 445, 129)} row(s) (default)", default),
                          ("passes of 2 rows", 2 << 30), (f"one pass of {args.rows} rows (before)", 1 << 50)):
         routes.PASS_MEMORY = budget
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")
-        base = peak_gb()
+        base = reset_peak()
         start = time.perf_counter()
         graph = tlm.build_graph(comp, model=model, tokens=tokens, batch_size=args.rows, progress=False)
         seconds = time.perf_counter() - start
